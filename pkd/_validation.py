@@ -1,0 +1,311 @@
+"""Every check and coercion of user input lives here.
+
+Kernels trust what this module hands on: arrays are float32 or float64,
+finite (unless the caller opted out), of the documented shapes, and every
+index is in range. Errors name the argument, the layer pair and the shapes,
+and say what to do.
+
+Dtype policy (used by every public function): if every floating input is
+float32 the computation and all outputs are float32 (losses are still
+accumulated in float64); any float64 input promotes everything to float64.
+Integer, bool, complex, object and string arrays are refused with a
+``TypeError``: silently casting them would hide a bug upstream.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+Pair = tuple[int, int]
+
+
+def _describe(pair: Pair | None) -> str:
+    return "" if pair is None else f" for layer pair {tuple(pair)}"
+
+
+def check_float_array(
+    x,
+    name: str,
+    *,
+    ndims: Sequence[int] = (2, 3),
+    check_finite: bool = True,
+    pair: Pair | None = None,
+) -> np.ndarray:
+    """Return ``x`` as a float32/float64 ndarray, or raise.
+
+    Parameters
+    ----------
+    x : array_like
+        The user's array. It is not copied unless it is not an ndarray.
+    name : str
+        The argument's name, used in error messages.
+    ndims : sequence of int
+        Accepted numbers of dimensions.
+    check_finite : bool
+        Refuse NaN and Inf.
+    pair : tuple of int, optional
+        The layer pair the array belongs to, for error messages.
+    """
+    where = _describe(pair)
+    if isinstance(x, (str, bytes)) or x is None:
+        raise TypeError(f"{name}{where} must be a float array, got {type(x).__name__}")
+    if type(x).__module__.startswith("torch"):
+        raise TypeError(
+            f"{name}{where} is a torch tensor; pass `tensor.detach().cpu().numpy()` "
+            "or use pkd.torch for autograd"
+        )
+    arr = np.asarray(x)
+    if arr.dtype not in FLOAT_DTYPES:
+        hint = ""
+        if arr.dtype.kind in "iub":
+            hint = " (integer and bool arrays are refused: cast explicitly with .astype(np.float32))"
+        elif arr.dtype.kind == "f":
+            hint = " (cast to float32 or float64)"
+        raise TypeError(
+            f"{name}{where} must be float32 or float64, got dtype {arr.dtype}{hint}"
+        )
+    if arr.ndim not in ndims:
+        want = " or ".join(f"{n}-D" for n in ndims)
+        raise ValueError(f"{name}{where} must be {want}, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name}{where} is empty (shape {arr.shape})")
+    if check_finite and not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))
+        raise ValueError(
+            f"{name}{where} contains {len(bad)} NaN/Inf value(s), first at index "
+            f"{tuple(int(i) for i in bad[0])} (shape {arr.shape}); "
+            "pass check_finite=False to skip this check"
+        )
+    return arr
+
+
+def as_layers(hidden, name: str) -> list:
+    """Split hidden states into a list of per-layer arrays (not yet checked).
+
+    Accepts a list/tuple of per-layer arrays, each ``(N, d)`` or ``(B, T, d)``,
+    or one stacked array ``(L, N, d)`` / ``(L, B, T, d)``.
+    """
+    if isinstance(hidden, (list, tuple)):
+        if len(hidden) == 0:
+            raise ValueError(f"{name} is an empty sequence: pass one array per layer")
+        return list(hidden)
+    if hasattr(hidden, "shape") and hasattr(hidden, "dtype"):
+        arr = np.asarray(hidden) if not isinstance(hidden, np.ndarray) else hidden
+        if arr.ndim in (3, 4):
+            return [arr[i] for i in range(arr.shape[0])]
+        raise ValueError(
+            f"{name} must be a list of per-layer arrays or one stacked array of shape "
+            f"(L, N, d) or (L, B, T, d), got an array of shape {arr.shape}"
+        )
+    raise TypeError(
+        f"{name} must be a list/tuple of per-layer arrays or a stacked array, "
+        f"got {type(hidden).__name__}"
+    )
+
+
+def layer_at(
+    layers: list, index: int, name: str, pair: Pair, *, check_finite: bool = True
+) -> np.ndarray:
+    """Return the validated layer ``index`` of ``layers``; negative indices never wrap."""
+    if not 0 <= index < len(layers):
+        raise ValueError(
+            f"layer pair {tuple(pair)} asks for layer {index} of {name}, which has "
+            f"{len(layers)} layer(s) (valid indices 0..{len(layers) - 1})"
+        )
+    return check_float_array(
+        layers[index], f"{name}[{index}]", check_finite=check_finite, pair=pair
+    )
+
+
+def _as_index(value, what: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an int, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if value < 0:
+        raise ValueError(f"{what} must be >= 0, got {value} (negative indices do not wrap)")
+    return value
+
+
+def check_mapping(mapping) -> list[Pair]:
+    """Return the layer mapping as a list of ``(student, teacher)`` int pairs."""
+    if isinstance(mapping, (str, bytes)) or not isinstance(mapping, Sequence):
+        if isinstance(mapping, np.ndarray) and mapping.ndim == 2 and mapping.shape[1] == 2:
+            mapping = mapping.tolist()
+        else:
+            raise TypeError(
+                "layer_mapping must be a sequence of (student_layer, teacher_layer) pairs, "
+                f"got {type(mapping).__name__}"
+            )
+    if len(mapping) == 0:
+        raise ValueError("layer_mapping is empty: give at least one (student, teacher) pair")
+    pairs = []
+    for k, entry in enumerate(mapping):
+        if isinstance(entry, (str, bytes)) or not isinstance(entry, (Sequence, np.ndarray)):
+            raise TypeError(
+                f"layer_mapping[{k}] must be a (student_layer, teacher_layer) pair, got {entry!r}"
+            )
+        if len(entry) != 2:
+            raise ValueError(
+                f"layer_mapping[{k}] must have exactly 2 entries (student, teacher), got {entry!r}"
+            )
+        pairs.append(
+            (
+                _as_index(entry[0], f"layer_mapping[{k}][0] (student layer)"),
+                _as_index(entry[1], f"layer_mapping[{k}][1] (teacher layer)"),
+            )
+        )
+    return pairs
+
+
+def check_nonnegative(value, name: str) -> float:
+    """Return ``value`` as a finite float >= 0."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
+
+
+def check_positive_int(value, name: str) -> int:
+    """Return ``value`` as an int > 0."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return int(value)
+
+
+def check_layer_weights(weights, n_pairs: int) -> np.ndarray | None:
+    """Per-pair weights: one finite >= 0 value per mapped pair, not all zero."""
+    if weights is None:
+        return None
+    arr = np.asarray(weights)
+    if arr.dtype.kind not in "iuf" or arr.ndim != 1:
+        raise TypeError(
+            f"layer_weights must be a 1-D sequence of numbers, got {weights!r}"
+        )
+    if arr.shape[0] != n_pairs:
+        raise ValueError(
+            f"layer_weights has {arr.shape[0]} entries but the mapping has {n_pairs} pairs"
+        )
+    arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all() or (arr < 0).any():
+        raise ValueError(f"layer_weights must be finite and >= 0, got {arr.tolist()}")
+    if arr.sum() == 0:
+        raise ValueError("layer_weights are all zero: at least one pair must count")
+    return arr
+
+
+def as_generator(seed) -> np.random.Generator:
+    """An int, None or a ``numpy.random.Generator`` → a Generator."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)):
+        return np.random.default_rng(seed)
+    raise TypeError(f"seed must be an int, None or a numpy.random.Generator, got {seed!r}")
+
+
+def result_dtype(*arrays) -> np.dtype:
+    """float32 if every given array is float32, else float64 (``None`` entries ignored)."""
+    for a in arrays:
+        if a is not None and a.dtype == np.float64:
+            return np.dtype(np.float64)
+    return np.dtype(np.float32)
+
+
+def check_mask(mask, lead_shape: tuple, name: str = "mask") -> np.ndarray:
+    """Return a 0/1 mask of shape ``lead_shape`` as a bool array."""
+    arr = np.asarray(mask)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold 0/1 integers or bools, got dtype {arr.dtype}")
+    if arr.shape != tuple(lead_shape):
+        raise ValueError(
+            f"{name} has shape {arr.shape} but the hidden states have leading shape "
+            f"{tuple(lead_shape)}: one entry per row (2-D input) or per (batch, position) "
+            "(3-D input)"
+        )
+    if arr.dtype.kind != "b":
+        if not np.isin(arr, (0, 1)).all():
+            bad = np.unique(arr[~np.isin(arr, (0, 1))])[:5]
+            raise ValueError(f"{name} must contain only 0 and 1, found {bad.tolist()}")
+        arr = arr.astype(bool)
+    return arr
+
+
+def select_rows(
+    lead_shape: tuple, mask=None, tokens="all", *, mask_name: str = "attention_mask"
+) -> np.ndarray | None:
+    """Indices of the rows that count, into the flattened ``(N, d)`` view.
+
+    Returns ``None`` when every row counts (so callers skip the gather).
+
+    Parameters
+    ----------
+    lead_shape : tuple
+        ``(N,)`` for 2-D hidden states, ``(B, T)`` for 3-D.
+    mask : array_like, optional
+        0/1 of shape ``lead_shape``.
+    tokens : {"all", "cls"} or int
+        For 3-D input: every position, position 0 ([CLS]), or one position.
+    """
+    selected = None
+    if isinstance(tokens, str):
+        if tokens not in ("all", "cls"):
+            raise ValueError(f'tokens must be "all", "cls" or an int position, got {tokens!r}')
+        position = None if tokens == "all" else 0
+    else:
+        position = _as_index(tokens, "tokens (a sequence position)")
+    if position is not None:
+        if len(lead_shape) != 3 - 1:
+            raise ValueError(
+                f"tokens={tokens!r} selects a sequence position and needs 3-D (B, T, d) "
+                f"hidden states; got rows of leading shape {tuple(lead_shape)}"
+            )
+        if position >= lead_shape[1]:
+            raise ValueError(
+                f"tokens={tokens!r} is out of range for sequences of length {lead_shape[1]}"
+            )
+        selected = np.zeros(lead_shape, dtype=bool)
+        selected[:, position] = True
+    if mask is not None:
+        m = check_mask(mask, lead_shape, mask_name)
+        selected = m if selected is None else selected & m
+    if selected is None:
+        return None
+    rows = np.flatnonzero(selected.ravel())
+    if rows.size == 0:
+        raise ValueError(
+            f"{mask_name} and tokens={tokens!r} select no row: the loss would be 0/0"
+        )
+    if rows.size == selected.size:
+        return None
+    return rows
+
+
+def check_projection(P, d_s: int, d_t: int, name: str = "projection", pair=None,
+                     *, check_finite: bool = True) -> np.ndarray:
+    """Return ``P`` checked to be a ``(d_s, d_t)`` float matrix."""
+    P = check_float_array(P, name, ndims=(2,), check_finite=check_finite, pair=pair)
+    if P.shape != (d_s, d_t):
+        raise ValueError(
+            f"{name}{_describe(pair)} has shape {P.shape}, but the student width is {d_s} "
+            f"and the teacher width {d_t}: it must be ({d_s}, {d_t})"
+        )
+    return P
+
+
+def check_paired(student: np.ndarray, teacher: np.ndarray, pair: Pair | None,
+                 names=("student", "teacher")) -> None:
+    """Student and teacher arrays must agree on every dimension but the last."""
+    if student.ndim != teacher.ndim or student.shape[:-1] != teacher.shape[:-1]:
+        raise ValueError(
+            f"{names[0]} and {names[1]}{_describe(pair)} disagree on rows: shapes "
+            f"{student.shape} and {teacher.shape} must match in every dimension but the "
+            "last (hidden width)"
+        )
