@@ -238,6 +238,15 @@ def check_mask(mask, lead_shape: tuple, name: str = "mask") -> np.ndarray:
     return arr
 
 
+def check_tokens(tokens) -> int | None:
+    """``"all"`` → None, ``"cls"`` → 0, an int position → itself (>= 0)."""
+    if isinstance(tokens, str):
+        if tokens not in ("all", "cls"):
+            raise ValueError(f'tokens must be "all", "cls" or an int position, got {tokens!r}')
+        return None if tokens == "all" else 0
+    return _as_index(tokens, "tokens (a sequence position)")
+
+
 def select_rows(
     lead_shape: tuple, mask=None, tokens="all", *, mask_name: str = "attention_mask"
 ) -> np.ndarray | None:
@@ -255,14 +264,9 @@ def select_rows(
         For 3-D input: every position, position 0 ([CLS]), or one position.
     """
     selected = None
-    if isinstance(tokens, str):
-        if tokens not in ("all", "cls"):
-            raise ValueError(f'tokens must be "all", "cls" or an int position, got {tokens!r}')
-        position = None if tokens == "all" else 0
-    else:
-        position = _as_index(tokens, "tokens (a sequence position)")
+    position = check_tokens(tokens)
     if position is not None:
-        if len(lead_shape) != 3 - 1:
+        if len(lead_shape) != 2:
             raise ValueError(
                 f"tokens={tokens!r} selects a sequence position and needs 3-D (B, T, d) "
                 f"hidden states; got rows of leading shape {tuple(lead_shape)}"
@@ -309,3 +313,72 @@ def check_paired(student: np.ndarray, teacher: np.ndarray, pair: Pair | None,
             f"{student.shape} and {teacher.shape} must match in every dimension but the "
             "last (hidden width)"
         )
+
+
+def check_int(value, name: str) -> int:
+    """Return ``value`` as an int of any sign (bools are refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def check_increasing_indices(indices, name: str, size: int) -> list[int]:
+    """Return ``indices`` as a non-empty, strictly increasing list of ints in ``0..size-1``."""
+    if isinstance(indices, (str, bytes)) or not isinstance(indices, (Sequence, np.ndarray)):
+        raise TypeError(
+            f"{name} must be a sequence of int indices, got {type(indices).__name__}"
+        )
+    if isinstance(indices, np.ndarray) and indices.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got an array of shape {indices.shape}")
+    if len(indices) == 0:
+        raise ValueError(f"{name} is empty: give at least one index")
+    out = [_as_index(v, f"{name}[{k}]") for k, v in enumerate(indices)]
+    for k, v in enumerate(out):
+        if v >= size:
+            raise ValueError(
+                f"{name}[{k}] = {v} is out of range: valid indices are 0..{size - 1}"
+            )
+        if k and v <= out[k - 1]:
+            raise ValueError(
+                f"{name} must be strictly increasing, got {out[k - 1]} then {v} "
+                f"at positions {k - 1} and {k}"
+            )
+    return out
+
+
+def explain_nonfinite(named_arrays, pair: Pair | None = None, rows=None) -> None:
+    """Raise the ValueError that explains a non-finite loss.
+
+    The fused kernels sum every residual they read, so a NaN/Inf in any value
+    that takes part in the loss (a selected row of S or T, or any entry of P)
+    makes the loss non-finite; checking only then costs nothing on good input.
+    Rows a mask leaves out are never read, so padding may hold anything.
+
+    Parameters
+    ----------
+    named_arrays : sequence of (name, array, row_indexed)
+        ``row_indexed`` arrays are checked on ``rows`` only (their first axis,
+        after flattening to 2-D); others are checked whole.
+    pair : tuple, optional
+    rows : int array or None
+    """
+    where = _describe(pair)
+    for name, array, row_indexed in named_arrays:
+        if array is None:
+            continue
+        view = array.reshape(-1, array.shape[-1])
+        if row_indexed and rows is not None:
+            view = view[rows]
+        finite = np.isfinite(view)
+        if not finite.all():
+            r, c = np.argwhere(~finite)[0]
+            r = int(rows[r]) if (row_indexed and rows is not None) else int(r)
+            raise ValueError(
+                f"{name}{where} contains {int((~finite).sum())} NaN/Inf value(s) in the rows "
+                f"that count, first at flattened row {r}, column {int(c)} (shape "
+                f"{array.shape}); pass check_finite=False to get the non-finite result instead"
+            )
+    raise ValueError(
+        f"the loss{where} overflowed although every input is finite: values are too large "
+        "for the dtype (rescale the hidden states, or use float64)"
+    )

@@ -1,0 +1,264 @@
+"""The projected MSE of one layer pair, its normalized variant, and their gradients.
+
+Notation (DESIGN.md §1): student rows ``S`` (N × d_s), teacher rows ``T``
+(N × d_t), optional projection ``P`` (d_s × d_t), ``Y = S P``, selected rows
+``w`` (0/1, ``n_w`` of them)::
+
+    MSE:         ℓ = Σ_i w_i ‖y_i − t_i‖² / (n_w d_t)
+    normalized:  ℓ = Σ_i w_i ‖u_i − v_i‖² / n_w,  u = y/max(‖y‖, ε), v = t/max(‖t‖, ε)
+    backward:    ∂ℓ/∂P = Sᵀ G,   ∂ℓ/∂S = G Pᵀ  (= G without a projection)
+
+How one pair is computed (``pair_loss_and_grad``): the selected student rows
+are gathered (only when a mask drops rows, so masked rows cost no GEMM work),
+``Y = S P`` goes to BLAS, one fused Numba pass turns Y into G in place while
+summing the loss in float64, and two more GEMMs give the gradients. Without a
+projection there is no GEMM at all: one pass reads S and T and writes ∂ℓ/∂S.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _validation as V
+from .kernels import mse as mse_kernels
+from .kernels import normalized as normalized_kernels
+
+# Below this many elements in the fused pass the serial twin is used.
+# Measured on the 2-core reference machine (see README, "Performance").
+PARALLEL_MIN_ELEMENTS = 1 << 62
+
+_KERNELS = {
+    # (normalize, projected) -> (serial, parallel)
+    (False, True): (mse_kernels.mse_compact_serial, mse_kernels.mse_compact_parallel),
+    (False, False): (mse_kernels.mse_direct_serial, mse_kernels.mse_direct_parallel),
+    (True, True): (
+        normalized_kernels.normalized_compact_serial,
+        normalized_kernels.normalized_compact_parallel,
+    ),
+    (True, False): (
+        normalized_kernels.normalized_direct_serial,
+        normalized_kernels.normalized_direct_parallel,
+    ),
+}
+
+
+def _pick(normalize: bool, projected: bool, n_elements: int):
+    serial, parallel = _KERNELS[(normalize, projected)]
+    return parallel if n_elements >= PARALLEL_MIN_ELEMENTS else serial
+
+
+class Workspace:
+    """Scratch buffers reused across the pairs of one call (never across calls)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict = {}
+
+    def get(self, tag: str, shape: tuple, dtype) -> np.ndarray:
+        key = (tag, shape, np.dtype(dtype))
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = np.empty(shape, dtype=dtype)
+        return buf
+
+
+def pair_loss_and_grad(
+    student: np.ndarray,
+    teacher: np.ndarray,
+    projection: np.ndarray | None,
+    rows: np.ndarray | None,
+    *,
+    normalize: bool,
+    coef: float = 1.0,
+    grad_student: np.ndarray | None = None,
+    accumulate_student: bool = False,
+    grad_projection: np.ndarray | None = None,
+    accumulate_projection: bool = False,
+    workspace: Workspace | None = None,
+) -> float:
+    """Loss of one pair, and ``coef`` times its gradients written into the given outputs.
+
+    Trusts its inputs (validated by the caller): C-contiguous arrays of one
+    float dtype, ``rows`` sorted in-range indices or ``None`` for all rows.
+
+    Parameters
+    ----------
+    student : (N, d_s) array
+    teacher : (N, d_t) array
+    projection : (d_s, d_t) array or None
+        ``None`` means Y = S (then d_s == d_t).
+    rows : (n_w,) int64 array or None
+        Selected rows; ``None`` selects all N.
+    normalize : bool
+        PKD's normalized loss instead of the MSE.
+    coef : float
+        Weight of this pair in the caller's total loss; scales the gradients only.
+    grad_student : (N, d_s) array or None
+        Receives ``coef·∂ℓ/∂S`` (assigned, or added with ``accumulate_student``).
+        Rows not selected are not touched: the caller zero-fills them.
+    grad_projection : (d_s, d_t) array or None
+        Receives ``coef·∂ℓ/∂P`` (assigned, or added with ``accumulate_projection``).
+    workspace : Workspace, optional
+        Scratch buffers shared by the pairs of one call.
+
+    Returns
+    -------
+    float
+        The pair's loss ℓ (not multiplied by ``coef``), accumulated in float64.
+    """
+    workspace = workspace or Workspace()
+    dtype = student.dtype
+    n_total, width_t = teacher.shape
+    n_selected = n_total if rows is None else rows.shape[0]
+    teacher_rows = np.arange(n_total, dtype=np.int64) if rows is None else rows
+    if normalize:
+        grad_scale = np.float64(2.0 * coef / n_selected)
+    else:
+        grad_scale = dtype.type(2.0 * coef / (n_selected * width_t))
+    row_loss = np.empty(n_selected, dtype=np.float64)
+    run = _pick(normalize, projection is not None, n_selected * width_t)
+
+    if projection is None:
+        if grad_student is None:
+            out = workspace.get("grad", student.shape, dtype)
+            accumulate_student = False
+        else:
+            out = grad_student
+        run(student, teacher, teacher_rows, grad_scale, out, accumulate_student, row_loss)
+    else:
+        selected = student if rows is None else np.take(
+            student, rows, axis=0, out=workspace.get("gather", (n_selected, student.shape[1]),
+                                                     dtype))
+        y = workspace.get("y", (n_selected, width_t), dtype)
+        np.matmul(selected, projection, out=y)
+        run(y, teacher, teacher_rows, grad_scale, row_loss)  # y now holds G
+        if grad_projection is not None:
+            if accumulate_projection:
+                grad_projection += selected.T @ y
+            else:
+                np.matmul(selected.T, y, out=grad_projection)
+        if grad_student is not None:
+            _backward_student(y, projection, rows, grad_student, accumulate_student,
+                              selected, workspace)
+
+    denominator = n_selected if normalize else n_selected * width_t
+    return float(row_loss.sum() / denominator)
+
+
+def _backward_student(grad_y, projection, rows, grad_student, accumulate, selected, workspace):
+    """∂ℓ/∂S = G Pᵀ, scattered back to the selected rows."""
+    if rows is None and not accumulate:
+        np.matmul(grad_y, projection.T, out=grad_student)
+        return
+    if rows is None:
+        grad_student += grad_y @ projection.T
+        return
+    # The gathered copy of S is no longer needed: reuse it for G Pᵀ.
+    np.matmul(grad_y, projection.T, out=selected)
+    if accumulate:
+        grad_student[rows] += selected
+    else:
+        grad_student[rows] = selected
+
+
+def _prepare(student, teacher, projection, mask, tokens):
+    """Validate the functional API's arguments; return flattened, same-dtype arrays."""
+    # Finiteness is checked after the kernel, at no cost (see V.explain_nonfinite).
+    student = V.check_float_array(student, "student", check_finite=False)
+    teacher = V.check_float_array(teacher, "teacher", check_finite=False)
+    V.check_paired(student, teacher, None)
+    d_s, d_t = student.shape[-1], teacher.shape[-1]
+    if projection is None:
+        if d_s != d_t:
+            raise ValueError(
+                f"student width {d_s} differs from teacher width {d_t} (shapes "
+                f"{student.shape} and {teacher.shape}): pass a projection of shape ({d_s}, {d_t})"
+            )
+    else:
+        projection = V.check_projection(projection, d_s, d_t, check_finite=False)
+    rows = V.select_rows(student.shape[:-1], mask, tokens, mask_name="mask")
+    dtype = V.result_dtype(student, teacher, projection)
+    s2 = np.ascontiguousarray(student.reshape(-1, d_s), dtype=dtype)
+    t2 = np.ascontiguousarray(teacher.reshape(-1, d_t), dtype=dtype)
+    p = None if projection is None else np.ascontiguousarray(projection, dtype=dtype)
+    return student.shape, s2, t2, p, rows
+
+
+def projected_mse(
+    student,
+    teacher,
+    projection=None,
+    *,
+    mask=None,
+    tokens="all",
+    normalize: bool = False,
+    check_finite: bool = True,
+) -> float:
+    """Loss of one layer pair: ``ℓ = Σ w‖y − t‖²/(n_w d_t)`` with ``Y = S P`` (DESIGN §1).
+
+    Parameters
+    ----------
+    student : (N, d_s) or (B, T, d_s) array of float32/float64
+    teacher : (N, d_t) or (B, T, d_t) array, same leading shape
+    projection : (d_s, d_t) array, optional
+        Required when d_s != d_t; without it Y = S.
+    mask : (N,) or (B, T) array of 0/1 or bool, optional
+        Rows that count; the others contribute nothing.
+    tokens : {"all", "cls"} or int
+        For 3-D input, which positions count ("cls" = position 0).
+    normalize : bool
+        PKD's normalized loss ``Σ w‖u − v‖²/n_w`` on L2-normalised rows.
+    check_finite : bool
+        Raise ``ValueError`` when a NaN/Inf takes part in the loss (default).
+        The check costs nothing on finite input: the kernel's loss is
+        non-finite exactly when a value it reads is, and only then are the
+        inputs searched to name the culprit. Rows the mask leaves out are
+        never read, so padding may hold anything.
+
+    Returns
+    -------
+    float
+        The loss, accumulated in float64.
+    """
+    _, s2, t2, p, rows = _prepare(student, teacher, projection, mask, tokens)
+    loss = pair_loss_and_grad(s2, t2, p, rows, normalize=normalize)
+    _check_result(loss, check_finite, s2, t2, p, rows)
+    return loss
+
+
+def _check_result(loss, check_finite, s2, t2, p, rows):
+    if check_finite and not np.isfinite(loss):
+        V.explain_nonfinite([("student", s2, True), ("teacher", t2, True),
+                             ("projection", p, False)], None, rows)
+
+
+def projected_mse_grad(
+    student,
+    teacher,
+    projection=None,
+    *,
+    mask=None,
+    tokens="all",
+    normalize: bool = False,
+    check_finite: bool = True,
+) -> tuple[float, np.ndarray, np.ndarray | None]:
+    """Loss of one layer pair and its gradients.
+
+    Same arguments as :func:`projected_mse`.
+
+    Returns
+    -------
+    loss : float
+    grad_student : array of the student's shape and the common dtype
+        ∂ℓ/∂S; zero on rows that do not count.
+    grad_projection : (d_s, d_t) array or None
+        ∂ℓ/∂P, ``None`` without a projection.
+    """
+    shape, s2, t2, p, rows = _prepare(student, teacher, projection, mask, tokens)
+    grad_student = (np.empty if rows is None else np.zeros)(s2.shape, dtype=s2.dtype)
+    grad_projection = None if p is None else np.empty(p.shape, dtype=p.dtype)
+    loss = pair_loss_and_grad(
+        s2, t2, p, rows, normalize=normalize,
+        grad_student=grad_student, grad_projection=grad_projection,
+    )
+    _check_result(loss, check_finite, s2, t2, p, rows)
+    return loss, grad_student.reshape(shape), grad_projection
