@@ -63,7 +63,8 @@ def check_float_array(
     if arr.dtype not in FLOAT_DTYPES:
         hint = ""
         if arr.dtype.kind in "iub":
-            hint = " (integer and bool arrays are refused: cast explicitly with .astype(np.float32))"
+            hint = (" (integer and bool arrays are refused: "
+                    "cast explicitly with .astype(np.float32))")
         elif arr.dtype.kind == "f":
             hint = " (cast to float32 or float64)"
         raise TypeError(
