@@ -117,6 +117,21 @@ def pair_loss_and_grad(
     row_loss = np.empty(n_selected, dtype=np.float64)
     run = _pick(normalize, projection is not None, n_selected * width_t)
 
+    # Non-finite input is reported by the caller (V.explain_nonfinite), not by
+    # BLAS warnings.
+    with np.errstate(invalid="ignore", over="ignore"):
+        _run_pair(student, teacher, projection, rows, teacher_rows, grad_scale, row_loss, run,
+                  grad_student, accumulate_student, grad_projection, accumulate_projection,
+                  workspace)
+    denominator = n_selected if normalize else n_selected * width_t
+    return float(row_loss.sum() / denominator)
+
+
+def _run_pair(student, teacher, projection, rows, teacher_rows, grad_scale, row_loss, run,
+              grad_student, accumulate_student, grad_projection, accumulate_projection,
+              workspace):
+    dtype = student.dtype
+    n_selected, width_t = row_loss.shape[0], teacher.shape[1]
     if projection is None:
         if grad_student is None:
             out = workspace.get("grad", student.shape, dtype)
@@ -139,9 +154,6 @@ def pair_loss_and_grad(
         if grad_student is not None:
             _backward_student(y, projection, rows, grad_student, accumulate_student,
                               selected, workspace)
-
-    denominator = n_selected if normalize else n_selected * width_t
-    return float(row_loss.sum() / denominator)
 
 
 def _backward_student(grad_y, projection, rows, grad_student, accumulate, selected, workspace):

@@ -1,7 +1,11 @@
 import os
+import sys
 
 import matplotlib
 
 # Tests never need a display.
 os.environ.setdefault("MPLBACKEND", "Agg")
 matplotlib.use("Agg")
+
+# tests/reference.py and tests/naive.py are imported as plain modules.
+sys.path.insert(0, os.path.dirname(__file__))

@@ -4,3 +4,70 @@ Each kernel in ``pkd/kernels`` has a twin here that the tests compare against.
 """
 
 import numpy as np
+
+
+def optimal_mapping(cost, student_layers=None):
+    """Brute force for ``pkd.mapping.optimal``: try every strictly increasing teacher tuple.
+
+    Returns ``(pairs, total)``; ``pairs`` is ``None`` when no tuple has a finite
+    total. ``itertools.combinations`` yields tuples in lexicographic order and
+    only a strictly smaller total replaces the best, so ties go to the
+    lexicographically smallest teacher sequence.
+    """
+    import itertools
+
+    cost = np.asarray(cost, dtype=np.float64)
+    n_s, n_t = cost.shape
+    rows = list(range(n_s)) if student_layers is None else list(student_layers)
+    best, best_total = None, np.inf
+    for teachers in itertools.combinations(range(n_t), len(rows)):
+        total = 0.0
+        for r, t in zip(rows, teachers, strict=True):
+            total += cost[r, t]
+        if total < best_total:
+            best, best_total = list(zip(rows, teachers, strict=True)), total
+    return best, best_total
+
+
+# --- pkd/kernels/mse.py and pkd/kernels/normalized.py -------------------------------------
+
+
+def mse_compact(y, teacher, teacher_rows, grad_scale):
+    """Twin of mse_compact: returns (G, row_loss) instead of writing in place."""
+    grad = np.empty_like(y)
+    row_loss = np.zeros(y.shape[0])
+    for i in range(y.shape[0]):
+        for j in range(y.shape[1]):
+            r = y[i, j] - teacher[teacher_rows[i], j]
+            row_loss[i] += float(r) * float(r)
+            grad[i, j] = grad_scale * r
+    return grad, row_loss
+
+
+def mse_direct(student, teacher, rows, grad_scale):
+    """Twin of mse_direct: returns (grad on the selected rows, zeros elsewhere; row_loss)."""
+    grad = np.zeros_like(student)
+    row_loss = np.zeros(len(rows))
+    for k, i in enumerate(rows):
+        for j in range(student.shape[1]):
+            r = student[i, j] - teacher[i, j]
+            row_loss[k] += float(r) * float(r)
+            grad[i, j] = grad_scale * r
+    return grad, row_loss
+
+
+def normalized_row(y_row, t_row, grad_scale, eps=1e-12):
+    """Twin of the normalized row: (‖u − v‖², grad_scale·∂/∂y) with math on Python floats."""
+    y = [float(v) for v in y_row]
+    t = [float(v) for v in t_row]
+    y_norm = sum(v * v for v in y) ** 0.5
+    t_norm = sum(v * v for v in t) ** 0.5
+    u = [v / max(y_norm, eps) for v in y]
+    v = [x / max(t_norm, eps) for x in t]
+    loss = sum((a - b) ** 2 for a, b in zip(u, v, strict=True))
+    cosine = sum(a * b for a, b in zip(u, v, strict=True))
+    if y_norm > eps:
+        grad = [grad_scale * (cosine * a - b) / y_norm for a, b in zip(u, v, strict=True)]
+    else:
+        grad = [grad_scale * (a - b) / eps for a, b in zip(u, v, strict=True)]
+    return loss, np.array(grad)

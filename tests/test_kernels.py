@@ -1,0 +1,89 @@
+"""Every fused kernel against its loop twin in tests/naive.py, serial and parallel."""
+
+import numpy as np
+import pytest
+
+import naive
+from pkd.kernels import mse, normalized
+
+DTYPES = [np.float32, np.float64]
+TOL = {np.float32: 2e-6, np.float64: 1e-13}
+
+
+def _data(dtype, n=23, d=7, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.standard_normal((n, d)).astype(dtype)
+    teacher = rng.standard_normal((n, d)).astype(dtype)
+    rows = np.sort(rng.choice(n, size=n // 2 + 1, replace=False)).astype(np.int64)
+    return y, teacher, rows
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", ["serial", "parallel"])
+def test_mse_compact_matches_twin(dtype, variant):
+    y, teacher, rows = _data(dtype)
+    y = y[: len(rows)].copy()
+    scale = dtype(0.37)
+    expected_grad, expected_loss = naive.mse_compact(y, teacher, rows, scale)
+    row_loss = np.empty(len(rows))
+    getattr(mse, f"mse_compact_{variant}")(y, teacher, rows, scale, row_loss)
+    np.testing.assert_allclose(row_loss, expected_loss, rtol=TOL[dtype])
+    np.testing.assert_array_equal(y, expected_grad)  # same float ops, same rounding
+    assert y.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", ["serial", "parallel"])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_mse_direct_matches_twin(dtype, variant, accumulate):
+    student, teacher, rows = _data(dtype, seed=1)
+    scale = dtype(0.5)
+    expected_grad, expected_loss = naive.mse_direct(student, teacher, rows, scale)
+    out = np.full_like(student, 2.0) if accumulate else np.zeros_like(student)
+    row_loss = np.empty(len(rows))
+    getattr(mse, f"mse_direct_{variant}")(student, teacher, rows, scale, out, accumulate,
+                                           row_loss)
+    base = 2.0 if accumulate else 0.0
+    np.testing.assert_allclose(out[rows], base + expected_grad[rows], rtol=TOL[dtype])
+    untouched = np.setdiff1d(np.arange(len(student)), rows)
+    np.testing.assert_array_equal(out[untouched], base)
+    np.testing.assert_allclose(row_loss, expected_loss, rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", ["serial", "parallel"])
+def test_normalized_compact_matches_twin(dtype, variant):
+    y, teacher, rows = _data(dtype, seed=2)
+    y = y[: len(rows)].copy()
+    y[1] = 0.0  # a zero row takes the ‖y‖ ≤ ε branch
+    teacher[rows[2]] = 0.0  # a zero teacher row
+    expected = [naive.normalized_row(y[i], teacher[rows[i]], 0.25) for i in range(len(rows))]
+    row_loss = np.empty(len(rows))
+    getattr(normalized, f"normalized_compact_{variant}")(y, teacher, rows, 0.25, row_loss)
+    np.testing.assert_allclose(row_loss, [e[0] for e in expected], rtol=TOL[dtype])
+    np.testing.assert_allclose(y, np.array([e[1] for e in expected]), rtol=TOL[dtype] * 10,
+                               atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_normalized_direct_matches_twin(dtype):
+    student, teacher, rows = _data(dtype, seed=3)
+    out = np.ones_like(student)
+    row_loss = np.empty(len(rows))
+    normalized.normalized_direct_serial(student, teacher, rows, 2.0, out, True, row_loss)
+    for k, i in enumerate(rows):
+        loss, grad = naive.normalized_row(student[i], teacher[i], 2.0)
+        assert row_loss[k] == pytest.approx(loss, rel=TOL[dtype])
+        np.testing.assert_allclose(out[i], 1.0 + grad, rtol=TOL[dtype] * 10)
+
+
+def test_serial_and_parallel_twins_are_bit_identical():
+    y, teacher, rows = _data(np.float32, n=301, d=33, seed=4)
+    y = y[: len(rows)]
+    results = []
+    for run in (mse.mse_compact_serial, mse.mse_compact_parallel):
+        buf, row_loss = y.copy(), np.empty(len(rows))
+        run(buf, teacher, rows, np.float32(0.1), row_loss)
+        results.append((buf, row_loss))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])

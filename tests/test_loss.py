@@ -1,0 +1,280 @@
+"""projected_mse / projected_mse_grad against three witnesses: reference, finite differences,
+torch autograd."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pkd
+import reference
+
+DTYPES = [np.float32, np.float64]
+RTOL = {np.float32: 2e-5, np.float64: 1e-10}
+
+
+def _problem(dtype, n=40, d_s=6, d_t=9, seed=0, projected=True, three_d=False):
+    rng = np.random.default_rng(seed)
+    lead = (4, n // 4) if three_d else (n,)
+    width_s = d_s if projected else d_t
+    S = rng.standard_normal((*lead, width_s)).astype(dtype)
+    T = rng.standard_normal((*lead, d_t)).astype(dtype)
+    P = (rng.standard_normal((d_s, d_t)) / np.sqrt(d_s)).astype(dtype) if projected else None
+    mask = rng.random(lead) < 0.7
+    mask.flat[0] = True
+    return S, T, P, mask
+
+
+def _reference(S, T, P, mask, normalize):
+    fn = reference.normalized_loss if normalize else reference.projected_mse
+    w = None if mask is None else mask.reshape(-1).astype(float)
+    loss, dS, dP = fn(S.reshape(-1, S.shape[-1]), T.reshape(-1, T.shape[-1]), P, w)
+    return loss, dS.reshape(S.shape), dP
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("projected", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("three_d", [False, True])
+def test_matches_reference(dtype, normalize, projected, masked, three_d):
+    S, T, P, mask = _problem(dtype, projected=projected, three_d=three_d)
+    mask = mask if masked else None
+    loss, dS, dP = pkd.projected_mse_grad(S, T, P, mask=mask, normalize=normalize)
+    ref_loss, ref_dS, ref_dP = _reference(S, T, P, mask, normalize)
+    assert loss == pytest.approx(ref_loss, rel=RTOL[dtype])
+    assert dS.dtype == dtype and dS.shape == S.shape
+    scale = np.abs(ref_dS).max()
+    np.testing.assert_allclose(dS, ref_dS, rtol=RTOL[dtype], atol=RTOL[dtype] * scale)
+    if projected:
+        assert dP.dtype == dtype
+        np.testing.assert_allclose(dP, ref_dP, rtol=RTOL[dtype],
+                                   atol=RTOL[dtype] * np.abs(ref_dP).max())
+    else:
+        assert dP is None
+    assert pkd.projected_mse(S, T, P, mask=mask, normalize=normalize) == pytest.approx(
+        loss, rel=1e-12)
+
+
+def _finite_difference(f, x, eps=1e-6):
+    grad = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        old = x[index]
+        x[index] = old + eps
+        up = f()
+        x[index] = old - eps
+        down = f()
+        x[index] = old
+        grad[index] = (up - down) / (2 * eps)
+    return grad
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradients_match_finite_differences(normalize, masked):
+    S, T, P, mask = _problem(np.float64, n=12, d_s=3, d_t=5, three_d=True)
+    mask = mask if masked else None
+    _, dS, dP = pkd.projected_mse_grad(S, T, P, mask=mask, normalize=normalize)
+
+    def f():
+        return pkd.projected_mse(S, T, P, mask=mask, normalize=normalize)
+
+    np.testing.assert_allclose(dS, _finite_difference(f, S), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(dP, _finite_difference(f, P), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_matches_torch_autograd(dtype, normalize, masked):
+    torch = pytest.importorskip("torch")
+    S, T, P, mask = _problem(dtype, three_d=True)
+    mask = mask if masked else np.ones(mask.shape, dtype=bool)
+    loss, dS, dP = pkd.projected_mse_grad(S, T, P, mask=mask if masked else None,
+                                          normalize=normalize)
+    s = torch.tensor(S, requires_grad=True)
+    p = torch.tensor(P, requires_grad=True)
+    t = torch.tensor(T)
+    w = torch.tensor(mask, dtype=s.dtype)
+    y = s @ p
+    if normalize:
+        u = torch.nn.functional.normalize(y, dim=-1, eps=1e-12)
+        v = torch.nn.functional.normalize(t, dim=-1, eps=1e-12)
+        per_row = ((u - v) ** 2).sum(-1)
+        expected = (per_row * w).sum() / w.sum()
+    else:
+        per_row = ((y - t) ** 2).mean(-1)
+        expected = (per_row * w).sum() / w.sum()
+    expected.backward()
+    rtol = 1e-4 if dtype == np.float32 else 1e-10
+    assert loss == pytest.approx(expected.item(), rel=rtol)
+    np.testing.assert_allclose(dS, s.grad.numpy(), rtol=rtol, atol=rtol * float(s.grad.abs().max()))
+    np.testing.assert_allclose(dP, p.grad.numpy(), rtol=rtol, atol=rtol * float(p.grad.abs().max()))
+
+
+def test_normalized_zero_rows_are_finite_and_follow_design():
+    S = np.zeros((3, 4))
+    S[1] = [1.0, 2.0, 0.0, 0.0]
+    T = np.ones((3, 4))
+    T[2] = 0.0
+    loss, dS, _ = pkd.projected_mse_grad(S, T, None, normalize=True)
+    ref_loss, ref_dS, _ = reference.normalized_loss(S, T)
+    assert np.isfinite(loss) and np.isfinite(dS).all()
+    assert loss == pytest.approx(ref_loss, rel=1e-14)
+    np.testing.assert_allclose(dS, ref_dS, rtol=1e-14)
+    # ‖y‖ ≤ ε: G = (2/n_w)(u − v)/ε with u = 0, v = t/‖t‖
+    np.testing.assert_allclose(dS[0], (2 / 3) * (0 - T[0] / 2.0) / 1e-12)
+
+
+def test_identical_inputs_give_zero_and_zero_gradient():
+    S, T, P, _ = _problem(np.float64, projected=False)
+    loss, dS, _ = pkd.projected_mse_grad(T, T)
+    assert loss == 0.0 and not dS.any()
+    assert pkd.projected_mse(T, T, normalize=True) == 0.0
+
+
+def test_masked_rows_are_never_read():
+    S, T, P, mask = _problem(np.float64)
+    S2, T2 = S.copy(), T.copy()
+    S2[~mask] = np.nan
+    T2[~mask] = 1e300
+    loss, dS, dP = pkd.projected_mse_grad(S2, T2, P, mask=mask)
+    ref = pkd.projected_mse_grad(S, T, P, mask=mask)
+    assert loss == ref[0]
+    np.testing.assert_array_equal(dS[mask], ref[1][mask])
+    assert not dS[~mask].any()
+    np.testing.assert_array_equal(dP, ref[2])
+
+
+def test_non_contiguous_inputs():
+    S, T, P, _ = _problem(np.float64, n=20, d_s=9, d_t=9)
+    S_view = np.asfortranarray(S)[::1]
+    T_strided = np.repeat(T, 2, axis=0)[::2]
+    P_t = np.ascontiguousarray(P.T).T
+    got = pkd.projected_mse_grad(S_view, T_strided, P_t)
+    want = pkd.projected_mse_grad(S, T, P)
+    assert got[0] == pytest.approx(want[0], rel=1e-14)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-13)
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-13)
+
+
+def test_dtype_promotion_rule():
+    S, T, P, _ = _problem(np.float32)
+    _, dS, dP = pkd.projected_mse_grad(S, T.astype(np.float64), P)
+    assert dS.dtype == np.float64 and dP.dtype == np.float64
+    _, dS, dP = pkd.projected_mse_grad(S, T, P)
+    assert dS.dtype == np.float32 and dP.dtype == np.float32
+
+
+def test_float32_loss_of_200k_rows_is_accurate():
+    rng = np.random.default_rng(7)
+    S = rng.standard_normal((200_000, 8)).astype(np.float32)
+    T = rng.standard_normal((200_000, 8)).astype(np.float32)
+    got = pkd.projected_mse(S, T)
+    want = reference.projected_mse(S, T)[0]
+    assert abs(got - want) / want < 1e-6
+
+
+def test_calls_are_bit_identical():
+    S, T, P, mask = _problem(np.float32, n=400, d_s=16, d_t=32)
+    first = pkd.projected_mse_grad(S, T, P, mask=mask, normalize=True)
+    second = pkd.projected_mse_grad(S, T, P, mask=mask, normalize=True)
+    assert first[0] == second[0]
+    np.testing.assert_array_equal(first[1], second[1])
+    np.testing.assert_array_equal(first[2], second[2])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 30),
+    d_s=st.integers(1, 6),
+    d_t=st.integers(1, 6),
+    dtype=st.sampled_from(DTYPES),
+    normalize=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_matches_reference(n, d_s, d_t, dtype, normalize, seed):
+    rng = np.random.default_rng(seed)
+    S = rng.standard_normal((n, d_s)).astype(dtype)
+    T = rng.standard_normal((n, d_t)).astype(dtype)
+    P = rng.standard_normal((d_s, d_t)).astype(dtype)
+    mask = rng.random(n) < 0.6
+    mask[rng.integers(n)] = True
+    loss, dS, dP = pkd.projected_mse_grad(S, T, P, mask=mask, normalize=normalize)
+    ref_loss, ref_dS, ref_dP = _reference(S, T, P, mask, normalize)
+    tol = 1e-4 if dtype == np.float32 else 1e-9
+    assert loss == pytest.approx(ref_loss, rel=tol, abs=tol)
+    np.testing.assert_allclose(dS, ref_dS, rtol=tol, atol=tol * (1 + np.abs(ref_dS).max()))
+    np.testing.assert_allclose(dP, ref_dP, rtol=tol, atol=tol * (1 + np.abs(ref_dP).max()))
+
+
+# --- bad input --------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("student", "teacher", "projection", "error", "match"),
+    [
+        (np.ones((4, 3)), np.ones((4, 5)), None, ValueError, "pass a projection"),
+        (np.ones((4, 3)), np.ones((4, 5)), np.ones((5, 3)), ValueError, r"must be \(3, 5\)"),
+        (np.ones((4, 3)), np.ones((5, 3)), None, ValueError, "disagree on rows"),
+        (np.ones((2, 2, 3)), np.ones((4, 3)), None, ValueError, "disagree on rows"),
+        (np.ones(4), np.ones(4), None, ValueError, "must be 2-D or 3-D"),
+        (np.ones((0, 3)), np.ones((0, 3)), None, ValueError, "empty"),
+        (np.ones((4, 3), dtype=int), np.ones((4, 3)), None, TypeError, "int64"),
+        (np.ones((4, 3), dtype=bool), np.ones((4, 3)), None, TypeError, "bool"),
+        (np.array([["a"]]), np.ones((1, 1)), None, TypeError, "float32 or float64"),
+        (np.ones((4, 3), dtype=object), np.ones((4, 3)), None, TypeError, "object"),
+        ("abc", np.ones((4, 3)), None, TypeError, "str"),
+        (np.ones((4, 3), dtype=np.float16), np.ones((4, 3)), None, TypeError, "float16"),
+    ],
+)
+def test_bad_input(student, teacher, projection, error, match):
+    with pytest.raises(error, match=match):
+        pkd.projected_mse_grad(student, teacher, projection)
+
+
+@pytest.mark.parametrize("where", ["student", "teacher", "projection"])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_non_finite_input_is_named(where, value, normalize):
+    S, T, P, _ = _problem(np.float64)
+    {"student": S, "teacher": T, "projection": P}[where][1, 2] = value
+    with pytest.raises(ValueError, match=f"{where} contains 1 NaN/Inf"):
+        pkd.projected_mse_grad(S, T, P, normalize=normalize)
+    loss, _, _ = pkd.projected_mse_grad(S, T, P, normalize=normalize, check_finite=False)
+    assert not np.isfinite(loss)
+
+
+def test_overflow_is_reported():
+    S = np.full((2, 2), 3e38, dtype=np.float32)
+    with pytest.raises(ValueError, match="overflowed"):
+        pkd.projected_mse(S, -S)
+
+
+@pytest.mark.parametrize(
+    ("mask", "match"),
+    [
+        (np.ones(3), "has shape"),
+        (np.zeros(4), "select no row"),
+        (np.array([0, 1, 2, 1]), "only 0 and 1"),
+        (np.array(["a", "b", "c", "d"]), "0/1 integers or bools"),
+    ],
+)
+def test_bad_mask(mask, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        pkd.projected_mse(np.ones((4, 3)), np.zeros((4, 3)), mask=mask)
+
+
+def test_tokens_selection_for_3d():
+    S, T, _, mask = _problem(np.float64, projected=False, three_d=True)
+    cls = pkd.projected_mse(S, T, tokens="cls")
+    assert cls == pytest.approx(reference.projected_mse(S[:, 0], T[:, 0])[0], rel=1e-14)
+    third = pkd.projected_mse(S, T, tokens=3)
+    assert third == pytest.approx(reference.projected_mse(S[:, 3], T[:, 3])[0], rel=1e-14)
+    with pytest.raises(ValueError, match="out of range"):
+        pkd.projected_mse(S, T, tokens=S.shape[1])
+    with pytest.raises(ValueError, match="needs 3-D"):
+        pkd.projected_mse(S[0], T[0], tokens="cls")
+    with pytest.raises(ValueError, match='"all", "cls"'):
+        pkd.projected_mse(S, T, tokens="first")
+    with pytest.raises(ValueError, match=">= 0"):
+        pkd.projected_mse(S, T, tokens=-1)
