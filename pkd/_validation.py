@@ -383,3 +383,95 @@ def explain_nonfinite(named_arrays, pair: Pair | None = None, rows=None) -> None
         f"the loss{where} overflowed although every input is finite: values are too large "
         "for the dtype (rescale the hidden states, or use float64)"
     )
+
+
+def check_fraction(value, name: str) -> float:
+    """Return ``value`` as a float in [0, 1] (e.g. the KD weight α)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number in [0, 1], got {value!r}")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+def check_positive(value, name: str) -> float:
+    """Return ``value`` as a finite float > 0 (e.g. the temperature τ)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number > 0, got {value!r}")
+    value = float(value)
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return value
+
+
+def check_logits(x, name: str) -> np.ndarray:
+    """Return ``x`` as a ``(B, C)`` float array of logits, C >= 2, or raise.
+
+    −inf is accepted (a class with probability exactly 0); NaN and +inf are
+    refused, and so is a row with no finite logit (its softmax is undefined).
+    """
+    arr = check_float_array(x, name, ndims=(2,), check_finite=False)
+    if arr.shape[1] < 2:
+        raise ValueError(
+            f"{name} has shape {arr.shape}: a softmax needs at least 2 classes (columns); "
+            "for a single-logit binary classifier pass np.stack([np.zeros_like(z), z], axis=1)"
+        )
+    bad = np.isnan(arr) | (arr == np.inf)
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{name} contains {int(bad.sum())} NaN/+inf value(s), first at index {index} "
+            f"(shape {arr.shape}); logits must be finite or -inf"
+        )
+    dead = ~np.isfinite(arr).any(axis=1)
+    if dead.any():
+        row = int(np.flatnonzero(dead)[0])
+        raise ValueError(
+            f"{name} row {row} has no finite logit (shape {arr.shape}): every class has "
+            "probability 0 and the softmax is undefined"
+        )
+    return arr
+
+
+def check_labels(labels, n_examples: int, n_classes: int, name: str = "labels") -> np.ndarray:
+    """Return class labels as a ``(B,)`` int64 array with values in ``[0, C)``, or raise."""
+    if isinstance(labels, (str, bytes)) or labels is None:
+        raise TypeError(f"{name} must be a 1-D array of int class indices, got {labels!r}")
+    if type(labels).__module__.startswith("torch"):
+        raise TypeError(f"{name} is a torch tensor; pass `tensor.detach().cpu().numpy()`")
+    arr = np.asarray(labels)
+    if arr.dtype.kind == "b":
+        raise TypeError(
+            f"{name} must hold int class indices, got dtype bool: cast explicitly with "
+            ".astype(np.int64) if True/False really are classes 1/0"
+        )
+    if arr.dtype.kind == "f":
+        raise TypeError(
+            f"{name} must hold int class indices, got dtype {arr.dtype}: float labels are "
+            "refused (cast with .astype(np.int64) after checking they are whole numbers; "
+            "soft targets go in teacher_logits)"
+        )
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold int class indices, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        hint = ""
+        if arr.ndim == 2 and arr.shape == (n_examples, n_classes):
+            hint = " (one-hot labels? pass labels.argmax(axis=1))"
+        raise ValueError(
+            f"{name} must be 1-D with one class index per example, got shape {arr.shape}{hint}"
+        )
+    if arr.shape[0] != n_examples:
+        raise ValueError(
+            f"{name} has {arr.shape[0]} entries but the logits have {n_examples} examples "
+            "(rows): one label per example"
+        )
+    out_of_range = (arr < 0) | (arr >= n_classes)
+    if out_of_range.any():
+        k = int(np.flatnonzero(out_of_range)[0])
+        raise ValueError(
+            f"{name}[{k}] = {int(arr[k])} is out of range: the logits have {n_classes} "
+            f"classes, so labels must be in 0..{n_classes - 1} ({int(out_of_range.sum())} "
+            "bad label(s))"
+        )
+    return np.ascontiguousarray(arr, dtype=np.int64)

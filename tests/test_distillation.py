@@ -1,0 +1,419 @@
+"""ProgressiveDistillation: the seed's behaviours, gradients against three witnesses,
+per-pair options, and every bad input."""
+
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pkd
+import reference
+from pkd import ProgressiveDistillation
+
+DTYPES = [np.float32, np.float64]
+RTOL = {np.float32: 3e-5, np.float64: 1e-10}
+
+
+def _layers(n_layers, lead, width, dtype=np.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((*lead, width)).astype(dtype) for _ in range(n_layers)]
+
+
+def _flat(layers):
+    return [a.reshape(-1, a.shape[-1]).astype(np.float64) for a in layers]
+
+
+# --- the seed's own behaviours ----------------------------------------------------------
+
+def test_default_config_is_the_seeds():
+    cfg = ProgressiveDistillation()
+    assert cfg.layer_mapping == [(0, 2), (1, 5), (2, 8), (3, 11)]
+    assert cfg.hidden_weight == 1.0
+    assert cfg.projection is None
+    assert cfg.layer_mapping == pkd.mapping.uniform(4, 12)
+
+
+def test_identical_inputs_give_zero_and_different_inputs_positive():
+    teacher = _layers(12, (10,), 8)
+    student = [teacher[t] for _, t in ProgressiveDistillation().layer_mapping]
+    assert ProgressiveDistillation().hidden_state_loss(student, teacher) == 0.0
+    other = _layers(4, (10,), 8, seed=1)
+    assert ProgressiveDistillation().hidden_state_loss(other, teacher) > 0.0
+
+
+def test_with_weight_scales_the_loss_exactly():
+    student, teacher = _layers(4, (10,), 8), _layers(12, (10,), 8, seed=1)
+    base = ProgressiveDistillation().loss_and_grad(student, teacher)
+    scaled = ProgressiveDistillation().with_weight(2.5).loss_and_grad(student, teacher)
+    assert scaled.loss == 2.5 * base.loss
+    np.testing.assert_array_equal(scaled.layer_losses, base.layer_losses)
+    np.testing.assert_allclose(scaled.grad_student[0], 2.5 * base.grad_student[0], rtol=1e-15)
+
+
+def test_builders_return_copies():
+    cfg = ProgressiveDistillation()
+    assert cfg.with_weight(3.0).hidden_weight == 3.0 and cfg.hidden_weight == 1.0
+    assert cfg.with_projection(4, 6, seed=0).projection.shape == (4, 6)
+    assert cfg.projection is None
+
+
+def test_projection_shape_dtype_and_loss_with_projection():
+    cfg = ProgressiveDistillation().with_projection(6, 9, seed=3)
+    assert cfg.projection.shape == (6, 9) and cfg.projection.dtype == np.float32
+    assert cfg.with_projection(6, 9, seed=3, dtype=np.float64).projection.dtype == np.float64
+    student, teacher = _layers(4, (7,), 6), _layers(12, (7,), 9, seed=1)
+    loss = cfg.hidden_state_loss(student, teacher)
+    want = reference.hidden_loss(_flat(student), _flat(teacher), cfg.layer_mapping,
+                                 cfg.projection.astype(np.float64))[0]
+    assert loss == pytest.approx(want, rel=1e-12)
+
+
+def test_seed_skipping_is_an_error_or_a_warning():
+    student, teacher = _layers(4, (5,), 6), _layers(12, (5,), 8, seed=1)
+    cfg = ProgressiveDistillation([(0, 2), (1, 5)])
+    with pytest.raises(ValueError, match=r"layer pair \(0, 2\).*width 6 differs.*with_projection"):
+        cfg.hidden_state_loss(student, teacher)
+    mixed = [np.ones((5, 8)), *student[1:]]
+    with pytest.warns(pkd.SkippedPairWarning, match=r"\(1, 5\)"):
+        loss = cfg.hidden_state_loss(mixed, teacher, skip_invalid=True)
+    assert loss == pytest.approx(reference.projected_mse(mixed[0], teacher[2])[0])
+    with pytest.warns(pkd.SkippedPairWarning):
+        result = cfg.loss_and_grad(mixed, teacher, skip_invalid=True)
+    assert result.skipped == [(1, 5)] and np.isnan(result.layer_losses[1])
+    with pytest.warns(pkd.SkippedPairWarning):
+        assert cfg.hidden_state_loss(student, teacher, skip_invalid=True) == 0.0
+
+
+def test_xavier_statistics_and_reproducibility():
+    d_s, d_t = 300, 500
+    P = pkd.xavier_uniform(d_s, d_t, seed=11, dtype=np.float64)
+    bound = np.sqrt(6 / (d_s + d_t))
+    assert np.abs(P).max() <= bound
+    assert np.abs(P).max() > 0.99 * bound
+    assert abs(P.mean()) < 4 * bound / np.sqrt(3 * P.size)
+    assert P.var() == pytest.approx(bound**2 / 3, rel=0.02)
+    np.testing.assert_array_equal(P, pkd.xavier_uniform(d_s, d_t, seed=11, dtype=np.float64))
+    assert not np.array_equal(P, pkd.xavier_uniform(d_s, d_t, seed=12, dtype=np.float64))
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    a = ProgressiveDistillation().with_projection(8, 16, seed=rng_a).projection
+    b = ProgressiveDistillation().with_projection(8, 16, seed=rng_b).projection
+    np.testing.assert_array_equal(a, b)
+
+
+# --- gradients: reference, finite differences, torch ------------------------------------
+
+CASES = [
+    # (mapping, d_s, d_t, shared, normalize, project)
+    ([(0, 1), (1, 3), (2, 5)], 4, 6, True, False, "auto"),
+    ([(0, 1), (1, 3), (2, 5)], 4, 6, True, True, "auto"),
+    ([(0, 1), (1, 3), (0, 4)], 4, 6, False, False, "auto"),
+    ([(0, 1), (2, 3)], 5, 5, True, False, "always"),
+    ([(0, 1), (2, 3)], 5, 5, True, True, "auto"),
+]
+
+
+def _case(case, dtype, masked, three_d, seed=0):
+    mapping, d_s, d_t, shared, normalize, project = case
+    lead = (3, 4) if three_d else (12,)
+    student = _layers(3, lead, d_s, dtype, seed)
+    teacher = _layers(6, lead, d_t, dtype, seed + 1)
+    cfg = ProgressiveDistillation(mapping, hidden_weight=1.7, normalize=normalize,
+                                  layer_weights=[1.0, 2.0, 0.5][: len(mapping)],
+                                  project=project)
+    cfg = cfg.with_projection(d_s, d_t, seed=seed, dtype=dtype, shared=shared)
+    rng = np.random.default_rng(seed + 2)
+    mask = (rng.random(lead) < 0.6) if masked else None
+    if mask is not None:
+        mask.flat[0] = True
+    return cfg, student, teacher, mask
+
+
+def _reference_for(cfg, student, teacher, mask):
+    projection = cfg.projection
+    projection = ({k: v.astype(np.float64) for k, v in projection.items()}
+                  if isinstance(projection, dict) else projection.astype(np.float64))
+    w = None if mask is None else mask.reshape(-1).astype(float)
+    return reference.hidden_loss(_flat(student), _flat(teacher), cfg.layer_mapping, projection,
+                                 hidden_weight=cfg.hidden_weight,
+                                 layer_weights=cfg.layer_weights, normalize=cfg.normalize,
+                                 project=cfg.project, w=w)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("three_d", [False, True])
+def test_matches_reference(case, dtype, masked, three_d):
+    cfg, student, teacher, mask = _case(case, dtype, masked, three_d)
+    result = cfg.loss_and_grad(student, teacher, attention_mask=mask)
+    loss, layer_losses, grads_s, grad_p = _reference_for(cfg, student, teacher, mask)
+    tol = RTOL[dtype]
+    assert result.loss == pytest.approx(loss, rel=tol)
+    np.testing.assert_allclose(result.layer_losses, layer_losses, rtol=tol)
+    for got, want, layer in zip(result.grad_student, grads_s, student, strict=True):
+        if want is None:
+            assert got is None
+            continue
+        assert got.shape == layer.shape and got.dtype == dtype
+        np.testing.assert_allclose(got.reshape(-1, got.shape[-1]), want, rtol=tol,
+                                   atol=tol * np.abs(want).max())
+    if isinstance(grad_p, dict):
+        assert set(result.grad_projection) == set(grad_p)
+        for pair, want in grad_p.items():
+            np.testing.assert_allclose(result.grad_projection[pair], want, rtol=tol,
+                                       atol=tol * (np.abs(want).max() + 1e-30))
+    else:
+        assert result.grad_projection.dtype == dtype
+        np.testing.assert_allclose(result.grad_projection, grad_p, rtol=tol,
+                                   atol=tol * (np.abs(grad_p).max() + 1e-30))
+    assert cfg.hidden_state_loss(student, teacher, attention_mask=mask) == pytest.approx(
+        result.loss, rel=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gradients_match_finite_differences(case):
+    cfg, student, teacher, mask = _case(case, np.float64, masked=True, three_d=True)
+    result = cfg.loss_and_grad(student, teacher, attention_mask=mask)
+
+    def loss():
+        return cfg.hidden_state_loss(student, teacher, attention_mask=mask)
+
+    eps = 1e-6
+    rng = np.random.default_rng(0)
+    params = [(f"student[{i}]", student[i], result.grad_student[i])
+              for i in range(len(student)) if result.grad_student[i] is not None]
+    if isinstance(cfg.projection, dict):
+        params += [(f"P{k}", cfg.projection[k], result.grad_projection[k]) for k in cfg.projection]
+    else:
+        params.append(("P", cfg.projection, result.grad_projection))
+    for name, array, grad in params:
+        for _ in range(6):
+            index = tuple(rng.integers(n) for n in array.shape)
+            old = array[index]
+            array[index] = old + eps
+            up = loss()
+            array[index] = old - eps
+            down = loss()
+            array[index] = old
+            assert grad[index] == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-9), name
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_torch_autograd(case, dtype):
+    torch = pytest.importorskip("torch")
+    functional = torch.nn.functional
+    cfg, student, teacher, mask = _case(case, dtype, masked=True, three_d=True)
+    result = cfg.loss_and_grad(student, teacher, attention_mask=mask)
+    s_t = [torch.tensor(a, requires_grad=True) for a in student]
+    t_t = [torch.tensor(a) for a in teacher]
+    if isinstance(cfg.projection, dict):
+        p_t = {k: torch.tensor(v, requires_grad=True) for k, v in cfg.projection.items()}
+    else:
+        shared = torch.tensor(cfg.projection, requires_grad=True)
+        p_t = {k: shared for k in cfg.layer_mapping}
+    w = torch.tensor(mask, dtype=s_t[0].dtype)
+    omega = cfg.layer_weights
+    total = 0.0
+    for k, (s, t) in enumerate(cfg.layer_mapping):
+        y = s_t[s]
+        if cfg.project == "always" or y.shape[-1] != t_t[t].shape[-1]:
+            y = y @ p_t[(s, t)]
+        if cfg.normalize:
+            diff = functional.normalize(y, dim=-1) - functional.normalize(t_t[t], dim=-1)
+            per_row = (diff**2).sum(-1)
+        else:
+            per_row = ((y - t_t[t]) ** 2).mean(-1)
+        total = total + omega[k] * (per_row * w).sum() / w.sum()
+    total = cfg.hidden_weight * total / omega.sum()
+    total.backward()
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    assert result.loss == pytest.approx(total.item(), rel=tol)
+    for i, tensor in enumerate(s_t):
+        if tensor.grad is None:
+            assert result.grad_student[i] is None
+            continue
+        np.testing.assert_allclose(result.grad_student[i], tensor.grad.numpy(), rtol=tol,
+                                   atol=tol * float(tensor.grad.abs().max()))
+    if isinstance(cfg.projection, dict):
+        for k, tensor in p_t.items():
+            np.testing.assert_allclose(result.grad_projection[k], tensor.grad.numpy(), rtol=tol,
+                                       atol=tol * float(tensor.grad.abs().max()))
+    elif shared.grad is not None:
+        np.testing.assert_allclose(result.grad_projection, shared.grad.numpy(), rtol=tol,
+                                   atol=tol * float(shared.grad.abs().max()))
+
+
+def test_student_layer_mapped_twice_accumulates():
+    student, teacher = _layers(2, (9,), 4), _layers(4, (9,), 4, seed=1)
+    both = ProgressiveDistillation([(0, 1), (0, 3)]).loss_and_grad(student, teacher)
+    one = ProgressiveDistillation([(0, 1)]).loss_and_grad(student, teacher)
+    other = ProgressiveDistillation([(0, 3)]).loss_and_grad(student, teacher)
+    np.testing.assert_allclose(both.grad_student[0],
+                               (one.grad_student[0] + other.grad_student[0]) / 2, rtol=1e-14)
+    assert both.grad_student[1] is None
+
+
+def test_auto_projection_skips_equal_widths_and_always_applies_it():
+    student = [np.ones((3, 4)), np.ones((3, 6))]
+    teacher = _layers(2, (3,), 6, seed=2)
+    cfg = ProgressiveDistillation([(0, 0), (1, 1)]).with_projection(4, 6, seed=0)
+    result = cfg.loss_and_grad(student, teacher)  # pair (1, 1): 6 == 6, no projection
+    want = reference.projected_mse(student[1], teacher[1])[0]
+    assert result.layer_losses[1] == pytest.approx(want, rel=1e-12)
+    with pytest.raises(ValueError, match=r"\(1, 1\).*must be \(6, 6\)"):
+        ProgressiveDistillation([(0, 0), (1, 1)], project="always",
+                                projection=cfg.projection).loss_and_grad(student, teacher)
+
+
+def test_stacked_arrays_equal_lists():
+    student, teacher = _layers(4, (2, 3), 5), _layers(12, (2, 3), 5, seed=1)
+    cfg = ProgressiveDistillation()
+    a = cfg.loss_and_grad(student, teacher)
+    b = cfg.loss_and_grad(np.stack(student), np.stack(teacher))
+    assert a.loss == b.loss
+    np.testing.assert_array_equal(a.grad_student[3], b.grad_student[3])
+
+
+def test_tokens_cls_uses_position_zero_only():
+    student, teacher = _layers(4, (3, 5), 6), _layers(12, (3, 5), 6, seed=1)
+    cfg = ProgressiveDistillation(tokens="cls")
+    result = cfg.loss_and_grad(student, teacher)
+    want = ProgressiveDistillation().loss_and_grad([a[:, :1] for a in student],
+                                                  [a[:, :1] for a in teacher])
+    assert result.loss == pytest.approx(want.loss, rel=1e-14)
+    assert not result.grad_student[0][:, 1:].any()
+    np.testing.assert_allclose(result.grad_student[0][:, :1], want.grad_student[0], rtol=1e-14)
+
+
+def test_padding_contributes_nothing():
+    student, teacher = _layers(4, (2, 5), 6), _layers(12, (2, 5), 6, seed=1)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    cfg = ProgressiveDistillation()
+    result = cfg.loss_and_grad(student, teacher, attention_mask=mask)
+    for layer in student:
+        layer[0, 3:] = 1e6
+    again = cfg.loss_and_grad(student, teacher, attention_mask=mask)
+    assert again.loss == result.loss
+    assert not again.grad_student[0][0, 3:].any()
+
+
+def test_per_pair_projections_each_get_their_own_gradient():
+    cfg = ProgressiveDistillation([(0, 1), (1, 2)]).with_projection(3, 5, seed=0, shared=False)
+    assert set(cfg.projection) == {(0, 1), (1, 2)}
+    assert not np.array_equal(cfg.projection[(0, 1)], cfg.projection[(1, 2)])
+    student, teacher = _layers(2, (8,), 3), _layers(3, (8,), 5, seed=1)
+    result = cfg.loss_and_grad(student, teacher)
+    assert set(result.grad_projection) == {(0, 1), (1, 2)}
+    only_first = ProgressiveDistillation([(0, 1)], projection=cfg.projection[(0, 1)])
+    np.testing.assert_allclose(result.grad_projection[(0, 1)],
+                               only_first.loss_and_grad(student, teacher).grad_projection / 2,
+                               rtol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n_s=st.integers(1, 3), n_t=st.integers(1, 4), n=st.integers(1, 9),
+    d_s=st.integers(1, 4), d_t=st.integers(1, 4), dtype=st.sampled_from(DTYPES),
+    normalize=st.booleans(), shared=st.booleans(), seed=st.integers(0, 1000),
+)
+def test_property_matches_reference(n_s, n_t, n, d_s, d_t, dtype, normalize, shared, seed):
+    rng = np.random.default_rng(seed)
+    mapping = sorted({(int(rng.integers(n_s)), int(rng.integers(n_t))) for _ in range(3)})
+    student = _layers(n_s, (n,), d_s, dtype, seed)
+    teacher = _layers(n_t, (n,), d_t, dtype, seed + 1)
+    mask = rng.random(n) < 0.7
+    mask[0] = True
+    cfg = ProgressiveDistillation(mapping, normalize=normalize, project="always")
+    cfg = cfg.with_projection(d_s, d_t, seed=seed, dtype=dtype, shared=shared)
+    result = cfg.loss_and_grad(student, teacher, attention_mask=mask)
+    loss, _, grads_s, _ = _reference_for(cfg, student, teacher, mask)
+    tol = 1e-4 if dtype == np.float32 else 1e-9
+    assert result.loss == pytest.approx(loss, rel=tol, abs=tol)
+    for got, want in zip(result.grad_student, grads_s, strict=True):
+        if want is not None:
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol * (1 + np.abs(want).max()))
+
+
+# --- bad input --------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"layer_mapping": [(0, -1)]}, ValueError, "negative indices do not wrap"),
+        ({"layer_mapping": [(0, 1, 2)]}, ValueError, "exactly 2 entries"),
+        ({"layer_mapping": [5]}, TypeError, "must be a .student_layer, teacher_layer. pair"),
+        ({"layer_mapping": [(0.5, 1)]}, TypeError, "must be an int"),
+        ({"layer_mapping": [(True, 1)]}, TypeError, "must be an int"),
+        ({"layer_mapping": []}, ValueError, "empty"),
+        ({"layer_mapping": "0:1"}, TypeError, "sequence of"),
+        ({"hidden_weight": float("nan")}, ValueError, "finite and >= 0"),
+        ({"hidden_weight": -1.0}, ValueError, "finite and >= 0"),
+        ({"layer_weights": [1.0]}, ValueError, "has 1 entries but the mapping has 4"),
+        ({"layer_weights": [0, 0, 0, 0]}, ValueError, "all zero"),
+        ({"layer_weights": [1, -1, 1, 1]}, ValueError, "finite and >= 0"),
+        ({"project": "sometimes"}, ValueError, "auto"),
+        ({"tokens": "first"}, ValueError, "tokens"),
+        ({"normalize": "yes"}, TypeError, "bool"),
+    ],
+)
+def test_bad_configuration(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ProgressiveDistillation(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda c: c.with_weight(float("inf")), ValueError, "finite"),
+        (lambda c: c.with_weight(-0.5), ValueError, ">= 0"),
+        (lambda c: c.with_projection(0, 4), ValueError, "student_dim must be > 0"),
+        (lambda c: c.with_projection(4, -2), ValueError, "teacher_dim must be > 0"),
+        (lambda c: c.with_projection(4, 2.5), TypeError, "teacher_dim"),
+        (lambda c: c.with_projection(4, 4, seed="x"), TypeError, "seed"),
+        (lambda c: c.with_projection(4, 4, dtype=np.int32), TypeError, "dtype"),
+    ],
+)
+def test_bad_builder_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call(ProgressiveDistillation())
+
+
+def test_bad_hidden_states():
+    cfg = ProgressiveDistillation([(0, 1)])
+    good_s, good_t = _layers(1, (4,), 3), _layers(2, (4,), 3)
+    with pytest.raises(ValueError, match=r"\(0, 1\) asks for layer 1 of teacher_hidden, which has"):
+        cfg.loss_and_grad(good_s, good_t[:1])
+    with pytest.raises(ValueError, match=r"student_hidden and teacher_hidden for layer pair"):
+        cfg.loss_and_grad(good_s, [good_t[0], np.ones((5, 3))])
+    with pytest.raises(TypeError, match=r"student_hidden\[0\] for layer pair \(0, 1\).*int64"):
+        cfg.loss_and_grad([np.ones((4, 3), dtype=int)], good_t)
+    with pytest.raises(ValueError, match="empty sequence"):
+        cfg.loss_and_grad([], good_t)
+    with pytest.raises(ValueError, match="stacked array"):
+        cfg.loss_and_grad(np.ones((4, 3)), good_t)
+    bad = [good_t[0], good_t[1].copy()]
+    bad[1][2, 1] = np.inf
+    with pytest.raises(ValueError, match=r"teacher_hidden\[1\] for layer pair \(0, 1\) contains"):
+        cfg.loss_and_grad(good_s, bad)
+    with pytest.raises(ValueError, match="has shape"):
+        cfg.loss_and_grad(good_s, good_t, attention_mask=np.ones(3))
+    wrong = ProgressiveDistillation([(0, 1)], projection=np.ones((2, 3)), project="always")
+    with pytest.raises(ValueError, match=r"projection for layer pair \(0, 1\) has shape \(2, 3\)"):
+        wrong.loss_and_grad(good_s, good_t)
+
+
+def test_per_pair_projection_needs_unique_pairs():
+    with pytest.raises(ValueError, match="repeats a pair"):
+        ProgressiveDistillation([(0, 1), (0, 1)]).with_projection(2, 3, shared=False)
+    with pytest.raises(ValueError, match="missing"):
+        ProgressiveDistillation([(0, 1)], projection={(0, 2): np.ones((2, 3))})
+
+
+def test_no_warning_without_skipping():
+    student, teacher = _layers(4, (5,), 6), _layers(12, (5,), 6, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ProgressiveDistillation().loss_and_grad(student, teacher, skip_invalid=True)
