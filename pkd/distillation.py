@@ -321,7 +321,7 @@ class ProgressiveDistillation:
         return student, teacher, projection
 
     def _run(self, student_hidden, teacher_hidden, attention_mask, tokens, skip_invalid,
-             check_finite, *, need_grad):
+             check_finite, *, need_grad, student_grads=True):
         student_layers = V.as_layers(student_hidden, "student_hidden")
         teacher_layers = V.as_layers(teacher_hidden, "teacher_hidden")
         tokens = self.tokens if tokens is None else tokens
@@ -366,16 +366,16 @@ class ProgressiveDistillation:
             p = None if projection is None else np.ascontiguousarray(projection, dtype=dtype)
             g_s = g_p = None
             accumulate_s = accumulate_p = False
-            if need_grad:
+            if need_grad and student_grads:
                 accumulate_s = grad_student[s] is not None
                 if not accumulate_s:
                     grad_student[s] = np.zeros(s2.shape, dtype=dtype)
                 g_s = grad_student[s]
-                if p is not None:
-                    key = "shared" if self.shared_projection else pair
-                    g_p = grad_projection if self.shared_projection else grad_projection[pair]
-                    accumulate_p = key in touched_projection
-                    touched_projection.add(key)
+            if need_grad and p is not None:
+                key = "shared" if self.shared_projection else pair
+                g_p = grad_projection if self.shared_projection else grad_projection[pair]
+                accumulate_p = key in touched_projection
+                touched_projection.add(key)
             layer_losses[k] = pair_loss_and_grad(
                 s2, t2, p, rows, normalize=self.normalize, coef=coef,
                 grad_student=g_s, accumulate_student=accumulate_s,

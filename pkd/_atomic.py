@@ -1,0 +1,142 @@
+"""Atomic file writes: a file either appears whole or not at all.
+
+Every file pkd writes (dumps, figures, JSON, CSV) goes through here. The data
+is written to a hidden temporary file in the *same directory* as the target
+(so the final rename never crosses a file system), flushed to disk, and then
+moved over the target with :func:`os.replace`, which is atomic on POSIX and
+Windows. If the writer raises, the temporary file is removed and the target is
+left exactly as it was (absent, or its previous content).
+
+The temporary name keeps the target's suffix (``.out.png.k3j2.tmp.png``) so
+writers that pick a format from the extension (``matplotlib.savefig``) still
+work when handed the temporary path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+def _default_mode(target: Path) -> int:
+    """Permission bits the final file should get (``mkstemp`` creates 0600)."""
+    try:
+        return target.stat().st_mode & 0o7777  # keep an overwritten file's mode
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _fsync_path(path: Path, *, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if directory:  # not every platform can open a directory; durability is best effort
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path; on success it is renamed over ``path``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file to create or replace. Its directory must exist.
+
+    Yields
+    ------
+    pathlib.Path
+        An (empty, already created) temporary file next to ``path`` with the
+        same suffix. Write the whole content to it inside the ``with`` block.
+
+    Raises
+    ------
+    IsADirectoryError
+        ``path`` is an existing directory.
+    FileNotFoundError
+        The directory of ``path`` does not exist.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"cannot write {target}: it is a directory, give a file name")
+    parent = target.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(
+            f"cannot write {target}: directory {parent} does not exist (create it first)"
+        )
+    fd, tmp_name = tempfile.mkstemp(
+        dir=parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}"
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        _fsync_path(tmp)
+        os.chmod(tmp, _default_mode(target))
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_path(parent, directory=True)
+
+
+def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:
+    """Call ``writer(tmp_path)`` and atomically move the result to ``path``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file to create or replace.
+    writer : callable
+        Called once with a temporary :class:`pathlib.Path` (same directory and
+        suffix as ``path``); it must write the complete file there, e.g.
+        ``lambda p: fig.savefig(p, dpi=150)``. If it raises, nothing is left
+        behind and the exception propagates.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    with atomic_path(path) as tmp:
+        writer(tmp)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
+    """``open()`` for writing, atomically: the file appears only if the block succeeds.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file to create or replace.
+    mode : {"w", "wb", "wt"}
+        Text or binary write mode.
+    **open_kwargs
+        Passed to :func:`open` (``encoding``, ``newline``, ...).
+
+    Examples
+    --------
+    >>> with atomic_open("report.json", encoding="utf-8") as f:  # doctest: +SKIP
+    ...     json.dump(result, f)
+    """
+    if mode not in ("w", "wb", "wt"):
+        raise ValueError(f'mode must be "w", "wt" or "wb", got {mode!r}')
+    with atomic_path(path) as tmp, open(tmp, mode, **open_kwargs) as f:
+        yield f

@@ -1,0 +1,378 @@
+"""``pkd bench``: speed as ratios measured in one process.
+
+For every case (variant × dtype × N × (d_s, d_t)) each contender runs once to
+warm up and then ``repeats`` times, interleaved round by round (so a burst of
+machine noise hits every contender alike); the figure kept is the median.
+Contenders:
+
+- ``pkd``: the call being measured (loss and every gradient);
+- ``gemm``: the GEMMs the computation cannot avoid, alone, into preallocated
+  outputs in the same BLAS (for the projected loss: S·P, Sᵀ·G, G·Pᵀ over all N
+  rows): the physical limit;
+- ``numpy``: the plain NumPy version a user would write, in the input dtype;
+- ``torch``: torch CPU autograd of the same loss (when torch is installed).
+
+Peak extra memory of the pkd call is measured with ``tracemalloc`` (NumPy
+reports its buffers to it) in a separate, untimed call, and compared with the
+budget ``1.2 × (one N×d_t buffer + the gradient outputs)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+GRID_N = (256, 512, 4096, 16384)
+GRID_SHAPES = ((128, 256), (312, 768), (384, 768), (768, 768))
+VARIANTS = ("plain", "masked", "normalized+masked", "4 pairs shared", "alignment")
+QUICK_N = (512, 4096)
+QUICK_SHAPES = ((128, 256), (384, 768))
+KEEP_FRACTION = 0.8
+
+
+@dataclass
+class Row:
+    variant: str
+    dtype: str
+    n_rows: int
+    d_s: int
+    d_t: int
+    pkd_ms: float
+    gemm_ms: float
+    numpy_ms: float | None
+    torch_ms: float | None
+    peak_mb: float | None
+    budget_mb: float | None
+
+    @property
+    def vs_gemm(self) -> float:
+        return self.pkd_ms / self.gemm_ms
+
+    def speedup(self, other: float | None) -> float | None:
+        return None if other is None else other / self.pkd_ms
+
+
+def machine_header() -> dict:
+    """CPU, threads (Numba and BLAS) and library versions."""
+    import numba
+    from threadpoolctl import threadpool_info
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    blas = [
+        {k: info.get(k) for k in ("internal_api", "version", "num_threads", "architecture",
+                                  "threading_layer")}
+        for info in threadpool_info() if info.get("user_api") == "blas"
+    ]
+    header = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "numba_threads": numba.get_num_threads(),
+        "blas": blas,
+    }
+    try:
+        import torch
+
+        header["torch"] = torch.__version__
+        header["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        header["torch"] = None
+    return header
+
+
+def _median_times(contenders: dict[str, Callable | None], repeats: int) -> dict[str, float]:
+    """Warm every contender up, then time them round-robin; medians in seconds."""
+    live = {name: fn for name, fn in contenders.items() if fn is not None}
+    for fn in live.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in live}
+    for _ in range(repeats):
+        for name, fn in live.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _peak_bytes(fn: Callable) -> int:
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+# --- the cases ------------------------------------------------------------------------
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def _case_arrays(n, d_s, d_t, dtype, n_layers=1, seed=0):
+    rng = np.random.default_rng(seed)
+    student = [rng.standard_normal((n, d_s), dtype=np.float32).astype(dtype, copy=False)
+               for _ in range(n_layers)]
+    teacher = [rng.standard_normal((n, d_t), dtype=np.float32).astype(dtype, copy=False)
+               for _ in range(n_layers)]
+    bound = np.sqrt(6.0 / (d_s + d_t))
+    projection = rng.uniform(-bound, bound, (d_s, d_t)).astype(dtype)
+    mask = rng.random(n) < KEEP_FRACTION
+    return student, teacher, projection, mask
+
+
+def _gemms(student, projection, n_pairs=1):
+    """The three GEMMs of the projected loss, per pair, into preallocated outputs."""
+    S = student[0]
+    n, d_t = S.shape[0], projection.shape[1]
+    y = np.empty((n, d_t), dtype=S.dtype)
+    grad_p = np.empty_like(projection)
+    grad_s = np.empty_like(S)
+
+    def run():
+        for k in range(n_pairs):
+            np.matmul(student[k], projection, out=y)
+            np.matmul(student[k].T, y, out=grad_p)
+            np.matmul(y, projection.T, out=grad_s)
+
+    return run
+
+
+def _numpy_pair(S, T, P, w, normalize):
+    """The plain NumPy version of one pair's loss and gradients, in the input dtype."""
+    Y = S @ P
+    n_w = w.sum() if w is not None else S.shape[0]
+    if normalize:
+        y_norm = np.sqrt((Y * Y).sum(1, keepdims=True))
+        U = Y / np.maximum(y_norm, 1e-12)
+        V = T / np.maximum(np.sqrt((T * T).sum(1, keepdims=True)), 1e-12)
+        per_row = ((U - V) ** 2).sum(1)
+        cosine = (U * V).sum(1, keepdims=True)
+        G = (cosine * U - V) / np.maximum(y_norm, 1e-12) * (2.0 / n_w)
+    else:
+        R = Y - T
+        per_row = (R * R).sum(1) / T.shape[1]
+        G = R * (2.0 / (n_w * T.shape[1]))
+    if w is not None:
+        per_row = per_row * w
+        G = G * w[:, None]
+    loss = per_row.sum() / n_w
+    return loss, G @ P.T, S.T @ G
+
+
+def _torch_pair(torch, S, T, P, w, normalize):
+    s = torch.from_numpy(S).requires_grad_(True)
+    p = torch.from_numpy(P).requires_grad_(True)
+    t = torch.from_numpy(T)
+    weights = None if w is None else torch.from_numpy(w.astype(S.dtype))
+
+    def run():
+        s.grad = p.grad = None
+        y = s @ p
+        if normalize:
+            diff = (torch.nn.functional.normalize(y, dim=-1)
+                    - torch.nn.functional.normalize(t, dim=-1))
+            per_row = (diff * diff).sum(-1)
+        else:
+            per_row = ((y - t) ** 2).mean(-1)
+        if weights is None:
+            loss = per_row.mean()
+        else:
+            loss = (per_row * weights).sum() / weights.sum()
+        loss.backward()
+        return loss
+
+    return run
+
+
+def bench_case(variant, n, d_s, d_t, dtype, repeats) -> Row:
+    """Measure one case; see the module docstring."""
+    import pkd
+
+    torch = _torch()
+    dtype = np.dtype(dtype)
+    n_pairs = 4 if variant == "4 pairs shared" else 1
+    student, teacher, P, mask = _case_arrays(n, d_s, d_t, dtype, n_layers=n_pairs)
+    S, T = student[0], teacher[0]
+    masked = variant in ("masked", "normalized+masked")
+    normalize = variant == "normalized+masked"
+    w = mask.astype(dtype) if masked else None
+    budget = (n * d_t + n * d_s * n_pairs + d_s * d_t) * dtype.itemsize * 1.2
+
+    if variant == "alignment":
+        return _bench_alignment(n, d_s, d_t, dtype, repeats)
+    if variant == "4 pairs shared":
+        cfg = pkd.ProgressiveDistillation([(k, k) for k in range(4)], projection=P)
+
+        def ours():
+            return cfg.loss_and_grad(student, teacher)
+
+        def numpy_version():
+            return [_numpy_pair(student[k], teacher[k], P, None, False) for k in range(4)]
+
+        torch_version = None
+        if torch is not None:
+            runs = [_torch_pair(torch, student[k], teacher[k], P, None, False) for k in range(4)]
+
+            def torch_version():
+                for run in runs:
+                    run()
+    else:
+        def ours():
+            return pkd.projected_mse_grad(S, T, P, mask=mask if masked else None,
+                                          normalize=normalize)
+
+        def numpy_version():
+            return _numpy_pair(S, T, P, w, normalize)
+
+        torch_version = None if torch is None else _torch_pair(torch, S, T, P, w, normalize)
+
+    times = _median_times({"pkd": ours, "gemm": _gemms(student, P, n_pairs),
+                           "numpy": numpy_version, "torch": torch_version}, repeats)
+    peak = _peak_bytes(ours)
+    return Row(variant, dtype.name, n, d_s, d_t, times["pkd"] * 1e3, times["gemm"] * 1e3,
+               times["numpy"] * 1e3, times["torch"] * 1e3 if "torch" in times else None,
+               peak / 2**20, budget / 2**20)
+
+
+def _bench_alignment(n, d_s, d_t, dtype, repeats) -> Row:
+    """AlignmentStats accumulation (one student, one teacher layer) vs its GEMMs."""
+    from .alignment import AlignmentStats
+
+    student, teacher, _, _ = _case_arrays(n, d_s, d_t, dtype)
+    S, T = student[0], teacher[0]
+    gram_s = np.empty((d_s, d_s), dtype=dtype)
+    gram_t = np.empty((d_t, d_t), dtype=dtype)
+    cross = np.empty((d_s, d_t), dtype=dtype)
+
+    def gemms():
+        np.matmul(S.T, S, out=gram_s)
+        np.matmul(T.T, T, out=gram_t)
+        np.matmul(S.T, T, out=cross)
+
+    def ours():
+        return AlignmentStats.from_arrays([S], [T])
+
+    def numpy_version():
+        S64, T64 = S.astype(np.float64), T.astype(np.float64)
+        return S64.T @ S64, T64.T @ T64, S64.T @ T64, S64.sum(0), T64.sum(0)
+
+    times = _median_times({"pkd": ours, "gemm": gemms, "numpy": numpy_version}, repeats)
+    return Row("alignment", np.dtype(dtype).name, n, d_s, d_t, times["pkd"] * 1e3,
+               times["gemm"] * 1e3, times["numpy"] * 1e3, None, _peak_bytes(ours) / 2**20,
+               None)
+
+
+def startup_times(repeats: int = 3) -> dict:
+    """Import time, first call with a warm cache, first call with a cold cache (subprocesses)."""
+    import tempfile
+
+    first_call = (
+        "import time; t=time.perf_counter(); import numpy as np, pkd; "
+        "r=np.random.default_rng(0); S=r.standard_normal((64,32),dtype=np.float32); "
+        "T=r.standard_normal((64,48),dtype=np.float32); "
+        "c=pkd.ProgressiveDistillation([(0,0)]).with_projection(32,48,seed=0); "
+        "c.loss_and_grad([S],[T]); print(time.perf_counter()-t)"
+    )
+    import_only = "import time; t=time.perf_counter(); import pkd; print(time.perf_counter()-t)"
+
+    def run(code, env=None):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, check=True)
+        return float(out.stdout.strip().splitlines()[-1])
+
+    run(first_call)  # make sure the on-disk cache is warm
+    result = {
+        "import_s": statistics.median(run(import_only) for _ in range(repeats)),
+        "first_call_warm_s": statistics.median(run(first_call) for _ in range(repeats)),
+    }
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        result["first_call_cold_s"] = run(first_call, env)
+    return result
+
+
+def run_bench(*, quick: bool = False, dtypes=("float32", "float64"), variants=VARIANTS,
+              repeats: int = 5, progress: bool = True, out=sys.stdout) -> dict:
+    """Run the benchmark grid; print a table as it goes; return everything as a dict."""
+    from tqdm.auto import tqdm
+
+    grid_n = QUICK_N if quick else GRID_N
+    shapes = QUICK_SHAPES if quick else GRID_SHAPES
+    dtypes = ("float32",) if quick else dtypes
+    header = machine_header()
+    print(_format_header(header), file=out)
+    cases = [(v, n, ds, dt, dtype) for dtype in dtypes for v in variants
+             for ds, dt in shapes for n in grid_n]
+    rows = []
+    print(_format_row(None), file=out)
+    for case in tqdm(cases, desc="bench", disable=not progress, leave=False):
+        row = bench_case(*case, repeats=repeats)
+        rows.append(row)
+        print(_format_row(row), file=out, flush=True)
+    startup = startup_times()
+    print(f"\nimport pkd: {startup['import_s']:.2f} s; first loss_and_grad in a fresh process: "
+          f"{startup['first_call_warm_s']:.2f} s (warm cache), "
+          f"{startup['first_call_cold_s']:.2f} s (cold: compiling)", file=out)
+    return {"header": header, "rows": [asdict(r) | {"vs_gemm": r.vs_gemm} for r in rows],
+            "startup": startup, "repeats": repeats, "quick": quick}
+
+
+def _format_header(header: dict) -> str:
+    blas = ", ".join(f"{b['internal_api']} {b['version']} ({b['architecture']}, "
+                     f"{b['num_threads']} threads)" for b in header["blas"])
+    torch = (f"torch {header['torch']} ({header['torch_threads']} threads)"
+             if header["torch"] else "torch not installed")
+    return (f"machine: {header['cpu']}, {header['cores']} cores\n"
+            f"numpy {header['numpy']}, numba {header['numba']} "
+            f"({header['numba_threads']} threads), BLAS: {blas}; {torch}\n"
+            "ratios: pkd time / GEMMs-alone time (lower is better, 1.00 = the physical limit);"
+            " numpy/pkd and torch/pkd speed-ups (higher is better); medians")
+
+
+def _format_row(row: Row | None) -> str:
+    if row is None:
+        return (f"{'variant':<18}{'dtype':<8}{'N':>6} {'d_s×d_t':>9} {'pkd ms':>9} "
+                f"{'×gemm':>6} {'numpy/pkd':>9} {'torch/pkd':>9} {'peak MB':>8} {'budget':>7}")
+
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    return (f"{row.variant:<18}{row.dtype:<8}{row.n_rows:>6} {row.d_s:>4}×{row.d_t:<4} "
+            f"{row.pkd_ms:>9.3f} {row.vs_gemm:>6.2f} {fmt(row.speedup(row.numpy_ms), '>9.2f')} "
+            f"{fmt(row.speedup(row.torch_ms), '>9.2f')} {fmt(row.peak_mb, '>8.1f')} "
+            f"{fmt(row.budget_mb, '>7.1f')}")
+
+
+def write_json(result: dict, path) -> None:
+    """Write the benchmark result atomically."""
+    from ._atomic import atomic_open
+
+    with atomic_open(path, "w") as f:
+        json.dump(result, f, indent=2)

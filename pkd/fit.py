@@ -1,0 +1,396 @@
+"""Fitting a projection P on fixed hidden states: closed form, or gradient steps.
+
+The objective is the hidden-state loss of :class:`~pkd.ProgressiveDistillation`
+with every pair going through the projection (``project="always"``):
+
+- shared projection: the mean over pairs of ℓ_k(P) (one P for all pairs);
+- per-pair projections: each ℓ_k(P_k) on its own.
+
+``method="closed_form"`` (MSE only) solves the normal equations from the
+Gram statistics of :class:`~pkd.AlignmentStats`: ``(G + ρI) P = C`` per pair,
+or with G and C summed over pairs for a shared projection; the solution is the
+minimum-norm least-squares one, robust to rank-deficient hidden states (see
+``AlignmentStats.projection``).
+
+``method="adam" | "sgd"`` take ``steps`` gradient steps from a Xavier
+initialisation. Minibatches go through the fused kernels
+(:func:`pkd.loss.pair_loss_and_grad`). Full-batch steps of the plain MSE use
+the algebra instead (DESIGN.md §4): the loss and ∂ℓ/∂P depend on the data only
+through G, C and q, so each step costs O(d_s²·d_t) whatever the number of
+rows; the result is the same up to rounding (tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _validation as V
+from .distillation import ProgressiveDistillation, xavier_uniform
+
+Pair = tuple[int, int]
+
+METHODS = ("closed_form", "adam", "sgd")
+DEFAULT_LR = {"adam": 1e-2, "sgd": None}
+
+
+@dataclass
+class FitResult:
+    """Result of :func:`fit_projection`.
+
+    Attributes
+    ----------
+    projection : (d_s, d_t) array or None
+        The fitted shared projection (``shared=True``).
+    projections : dict {pair: (d_s, d_t) array} or None
+        The fitted per-pair projections (``shared=False``).
+    history : (steps, n_pairs) float64 array
+        Per-pair loss ℓ_k at each step (before the step's update), on the
+        step's batch; one row, the final losses, for the closed form.
+    layer_losses : (n_pairs,) float64 array
+        Final per-pair losses over all selected rows.
+    mapping : list of (int, int)
+    method : str
+    initial : array, dict or None
+        The starting point of gradient methods (Xavier), for comparisons.
+    """
+
+    projection: np.ndarray | None
+    projections: dict | None
+    history: np.ndarray
+    layer_losses: np.ndarray
+    mapping: list
+    method: str
+    initial: np.ndarray | dict | None = None
+    settings: dict = field(default_factory=dict)
+
+    def projection_for(self, pair: Pair) -> np.ndarray:
+        """The projection used by ``pair`` (shared or its own)."""
+        if self.projections is None:
+            return self.projection
+        return self.projections[tuple(pair)]
+
+    def config(self, **kwargs) -> ProgressiveDistillation:
+        """A :class:`ProgressiveDistillation` holding the fitted projection(s)."""
+        projection = self.projection if self.projections is None else self.projections
+        return ProgressiveDistillation(self.mapping, projection=projection, project="always",
+                                       **kwargs)
+
+
+def fit_projection(
+    student_hidden,
+    teacher_hidden,
+    mapping,
+    *,
+    method: str = "closed_form",
+    shared: bool = True,
+    ridge: float = 0.0,
+    steps: int = 500,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    seed=None,
+    normalize: bool = False,
+    attention_mask=None,
+    tokens="all",
+    dtype=None,
+    callback: Callable[[int, np.ndarray], None] | None = None,
+    progress: bool = False,
+) -> FitResult:
+    """Fit the projection(s) that map student layers onto their teacher layers.
+
+    Parameters
+    ----------
+    student_hidden, teacher_hidden : list of arrays or one stacked array
+        Per-layer hidden states, each ``(N, d)`` or ``(B, T, d)``.
+    mapping : sequence of (int, int)
+        The layer pairs to align.
+    method : {"closed_form", "adam", "sgd"}
+    shared : bool
+        One projection for all pairs, or one per pair.
+    ridge : float
+        ρ >= 0 added to G in the closed form; for gradient methods, an L2
+        penalty ``ρ‖P‖_F² / (n_w d_t)`` per pair, the same objective.
+    steps : int
+        Gradient steps (ignored by the closed form).
+    lr : float, optional
+        Learning rate. Default 1e-2 for Adam; for SGD on the MSE,
+        ``1/L`` with L the largest curvature of the objective (computed from
+        the Gram statistics); SGD on the normalized loss needs an explicit lr.
+    batch_size : int, optional
+        Rows per minibatch (sampled without replacement, epoch by epoch, from
+        the selected rows); ``None`` for full-batch steps.
+    seed : int or numpy.random.Generator, optional
+        Seeds the Xavier initialisation and the minibatch order.
+    normalize : bool
+        Fit PKD's normalized loss (gradient methods only).
+    attention_mask : (N,) or (B, T) array, optional
+    tokens : {"all", "cls"} or int
+    dtype : float32 or float64, optional
+        Dtype of the projection(s); default that of the hidden states.
+    callback : callable(step, layer_losses), optional
+        Called after every gradient step with the step's per-pair losses.
+    progress : bool
+        Show a tqdm progress bar.
+
+    Returns
+    -------
+    FitResult
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    mapping = V.check_mapping(mapping)
+    ridge = V.check_nonnegative(ridge, "ridge")
+    if not shared and len(set(mapping)) != len(mapping):
+        raise ValueError(f"per-pair projections need distinct pairs, got {mapping}")
+    student_layers = V.as_layers(student_hidden, "student_hidden")
+    teacher_layers = V.as_layers(teacher_hidden, "teacher_hidden")
+    data = _FitData(student_layers, teacher_layers, mapping, attention_mask, tokens)
+    dtype = np.dtype(dtype) if dtype is not None else data.dtype
+    if dtype not in V.FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    settings = {"method": method, "shared": shared, "ridge": ridge, "normalize": normalize,
+                "tokens": tokens}
+
+    if method == "closed_form":
+        if normalize:
+            raise ValueError(
+                "the closed form exists for the MSE only: use method='adam' or 'sgd' "
+                "with normalize=True"
+            )
+        solution = _closed_form(data, shared, ridge, dtype)
+        losses = data.exact_losses(solution, shared)
+        return _result(solution, shared, losses[None, :], losses, mapping, method, None,
+                       settings)
+
+    steps = V.check_positive_int(steps, "steps")
+    if batch_size is not None:
+        batch_size = V.check_positive_int(batch_size, "batch_size")
+    rng = V.as_generator(seed)
+    d_s, d_t = data.widths
+    if shared:
+        initial = xavier_uniform(d_s, d_t, seed=rng, dtype=dtype)
+    else:
+        initial = {pair: xavier_uniform(d_s, d_t, seed=rng, dtype=dtype) for pair in mapping}
+    lr = _default_lr(method, lr, normalize, data, shared, ridge)
+    settings.update(steps=steps, lr=lr, batch_size=batch_size)
+    solution, history = _descend(data, initial, method, steps, lr, batch_size, rng, normalize,
+                                 ridge, shared, callback, progress)
+    losses = data.exact_losses(solution, shared, normalize=normalize)
+    return _result(solution, shared, history, losses, mapping, method, initial, settings)
+
+
+def _result(solution, shared, history, losses, mapping, method, initial, settings):
+    return FitResult(
+        projection=solution if shared else None,
+        projections=None if shared else solution,
+        history=np.asarray(history, dtype=np.float64),
+        layer_losses=losses,
+        mapping=list(mapping),
+        method=method,
+        initial=initial,
+        settings=settings,
+    )
+
+
+class _FitData:
+    """The mapped layers, flattened to rows, with the selected row indices."""
+
+    def __init__(self, student_layers, teacher_layers, mapping, attention_mask, tokens):
+        self.mapping = mapping
+        self.student: dict[int, np.ndarray] = {}
+        self.teacher: dict[int, np.ndarray] = {}
+        lead = None
+        for pair in mapping:
+            s, t = pair
+            student = V.layer_at(student_layers, s, "student_hidden", pair)
+            teacher = V.layer_at(teacher_layers, t, "teacher_hidden", pair)
+            V.check_paired(student, teacher, pair, names=("student_hidden", "teacher_hidden"))
+            if lead is not None and student.shape[:-1] != lead:
+                raise ValueError(
+                    f"layer pair {pair} has leading shape {student.shape[:-1]} but earlier "
+                    f"pairs have {lead}: all layers must hold the same rows"
+                )
+            lead = student.shape[:-1]
+            self.student[s], self.teacher[t] = student, teacher
+        widths_s = {a.shape[-1] for a in self.student.values()}
+        widths_t = {a.shape[-1] for a in self.teacher.values()}
+        if len(widths_s) > 1 or len(widths_t) > 1:
+            raise ValueError(
+                f"fitting one projection shape needs equal widths per side; student widths "
+                f"{sorted(widths_s)}, teacher widths {sorted(widths_t)}"
+            )
+        self.widths = (widths_s.pop(), widths_t.pop())
+        self.dtype = V.result_dtype(*self.student.values(), *self.teacher.values())
+        self.student = {k: np.ascontiguousarray(a.reshape(-1, a.shape[-1]), dtype=self.dtype)
+                        for k, a in self.student.items()}
+        self.teacher = {k: np.ascontiguousarray(a.reshape(-1, a.shape[-1]), dtype=self.dtype)
+                        for k, a in self.teacher.items()}
+        self.rows = V.select_rows(lead, attention_mask, tokens)
+        self.n_rows = int(np.prod(lead)) if self.rows is None else len(self.rows)
+        self._stats = None
+
+    @property
+    def stats(self):
+        """AlignmentStats of the mapped layers (computed once, on first use)."""
+        if self._stats is None:
+            from .alignment import AlignmentStats
+
+            s_keys, t_keys = sorted(self.student), sorted(self.teacher)
+            mask = None
+            if self.rows is not None:
+                n = next(iter(self.student.values())).shape[0]
+                mask = np.zeros(n, dtype=bool)
+                mask[self.rows] = True
+            self._stats = AlignmentStats.from_arrays(
+                [self.student[k] for k in s_keys], [self.teacher[k] for k in t_keys], mask=mask
+            )
+            self._s_index = {k: i for i, k in enumerate(s_keys)}
+            self._t_index = {k: i for i, k in enumerate(t_keys)}
+        return self._stats
+
+    def gram(self, pair):
+        """(G_s, C_st, q_t) of a pair, float64, from the statistics."""
+        stats = self.stats
+        s, t = self._s_index[pair[0]], self._t_index[pair[1]]
+        return stats.gram(s), stats.cross(s, t), stats.teacher_energy(t)
+
+    def exact_losses(self, solution, shared, normalize=False) -> np.ndarray:
+        """Per-pair losses of ``solution`` over all selected rows (fused kernels)."""
+        from .loss import pair_loss_and_grad
+
+        losses = np.empty(len(self.mapping))
+        for k, pair in enumerate(self.mapping):
+            P = solution if shared else solution[pair]
+            P = np.ascontiguousarray(P, dtype=self.dtype)
+            losses[k] = pair_loss_and_grad(self.student[pair[0]], self.teacher[pair[1]], P,
+                                           self.rows, normalize=normalize)
+        return losses
+
+
+def _closed_form(data: _FitData, shared: bool, ridge: float, dtype):
+    from .alignment import solve_projection
+
+    if shared:
+        G = sum(data.gram(pair)[0] for pair in data.mapping)
+        C = sum(data.gram(pair)[1] for pair in data.mapping)
+        return solve_projection(G, C, ridge).astype(dtype)
+    return {pair: solve_projection(*data.gram(pair)[:2], ridge).astype(dtype)
+            for pair in data.mapping}
+
+
+def _default_lr(method, lr, normalize, data, shared, ridge):
+    if lr is not None:
+        lr = float(lr)
+        if not np.isfinite(lr) or lr <= 0:
+            raise ValueError(f"lr must be finite and > 0, got {lr}")
+        return lr
+    if method == "adam":
+        return DEFAULT_LR["adam"]
+    if normalize:
+        raise ValueError("SGD on the normalized loss needs an explicit lr")
+    # ∂ℓ/∂P = 2(G P − C)/(n_w d_t): curvature 2 λ_max(G)/(n_w d_t) per pair.
+    n_w, d_t = data.n_rows, data.widths[1]
+    if shared:
+        grams = [sum(data.gram(pair)[0] for pair in data.mapping) / len(data.mapping)]
+    else:
+        grams = [data.gram(pair)[0] for pair in data.mapping]
+    top = max(np.linalg.eigvalsh(G)[-1] for G in grams) + ridge
+    return float(n_w * d_t / (2.0 * top))
+
+
+def _descend(data, initial, method, steps, lr, batch_size, rng, normalize, ridge, shared,
+             callback, progress):
+    from tqdm.auto import tqdm
+
+    mapping = data.mapping
+    keys = ["shared"] if shared else list(mapping)
+    params = {k: (initial if shared else initial[k]).astype(np.float64) for k in keys}
+    moments = {k: (np.zeros_like(p), np.zeros_like(p)) for k, p in params.items()}
+    use_gram = batch_size is None and not normalize
+    all_rows = (np.arange(data.n_rows) if data.rows is None else data.rows)
+    order, cursor = None, 0
+    history = np.empty((steps, len(mapping)))
+    bar = tqdm(range(steps), desc=f"fit ({method})", disable=not progress, leave=False)
+    for step in bar:
+        if use_gram:
+            losses, grads = _gram_step(data, params, shared, ridge)
+        else:
+            if batch_size is None:
+                rows = all_rows
+            else:
+                if order is None or cursor + batch_size > len(order):
+                    order, cursor = rng.permutation(all_rows), 0
+                rows = np.sort(order[cursor:cursor + batch_size])
+                cursor += batch_size
+            losses, grads = _kernel_step(data, params, rows, shared, normalize, ridge)
+        history[step] = losses
+        for k in keys:
+            _update(method, params[k], grads[k], moments[k], lr, step + 1)
+        if callback is not None:
+            callback(step, losses.copy())
+        if progress:
+            bar.set_postfix(loss=f"{losses.mean():.4g}")
+    dtype = initial.dtype if shared else next(iter(initial.values())).dtype
+    solution = (params["shared"].astype(dtype) if shared
+                else {k: params[k].astype(dtype) for k in keys})
+    return solution, history
+
+
+def _gram_step(data, params, shared, ridge):
+    """Per-pair losses and gradients from (G, C, q): no pass over the rows."""
+    n_w, d_t = data.n_rows, data.widths[1]
+    scale = 1.0 / (n_w * d_t)
+    losses = np.empty(len(data.mapping))
+    grads = {k: np.zeros_like(p) for k, p in params.items()}
+    coef = 1.0 / len(data.mapping) if shared else 1.0
+    for k, pair in enumerate(data.mapping):
+        G, C, q = data.gram(pair)
+        key = "shared" if shared else pair
+        P = params[key]
+        GP = G @ P
+        losses[k] = scale * (np.sum(P * GP) - 2.0 * np.sum(P * C) + q)
+        grads[key] += coef * 2.0 * scale * (GP - C + ridge * P)
+        losses[k] = max(losses[k], 0.0)
+    return losses, grads
+
+
+def _kernel_step(data, params, rows, shared, normalize, ridge):
+    """Per-pair losses and gradients on ``rows`` through the fused kernels."""
+    from .loss import Workspace, pair_loss_and_grad
+
+    d_t = data.widths[1]
+    losses = np.empty(len(data.mapping))
+    grads = {}
+    coef = 1.0 / len(data.mapping) if shared else 1.0
+    workspace = Workspace()
+    batch_rows = None if len(rows) == data.n_rows and data.rows is None else rows
+    for k, pair in enumerate(data.mapping):
+        key = "shared" if shared else pair
+        P = params[key].astype(data.dtype)
+        grad = np.empty_like(P)
+        losses[k] = pair_loss_and_grad(
+            data.student[pair[0]], data.teacher[pair[1]], P, batch_rows, normalize=normalize,
+            coef=coef, grad_projection=grad, workspace=workspace,
+        )
+        grad = grad.astype(np.float64)
+        if ridge:
+            grad += coef * 2.0 * ridge * params[key] / (len(rows) * d_t)
+        grads[key] = grads[key] + grad if key in grads else grad
+    return losses, grads
+
+
+def _update(method, param, grad, moments, lr, t, beta1=0.9, beta2=0.999, eps=1e-8):
+    """One in-place SGD or Adam (Kingma & Ba 2015, bias-corrected) update, float64."""
+    if method == "sgd":
+        param -= lr * grad
+        return
+    m, v = moments
+    m *= beta1
+    m += (1 - beta1) * grad
+    v *= beta2
+    v += (1 - beta2) * grad * grad
+    m_hat = m / (1 - beta1**t)
+    v_hat = v / (1 - beta2**t)
+    param -= lr * m_hat / (np.sqrt(v_hat) + eps)
