@@ -552,14 +552,15 @@ class Dump:
 # Loading.
 
 
-def _layer_keys(path: Path, entries: Mapping[str, tuple]) -> tuple[bool, list[str], list[str]]:
+def _layer_keys(path: Path, entries: Mapping[str, tuple],
+                mask_key: str = MASK_KEY) -> tuple[bool, list[str], list[str]]:
     """Decide stacked vs per-layer; return (stacked, layer keys in order, extra keys)."""
     per_layer: dict[int, str] = {}
     extra = []
     for key in entries:
         m = _LAYER_KEY.fullmatch(key)
         if m is None:
-            if key not in (STACKED_KEY, MASK_KEY, NPZ_METADATA_KEY):
+            if key not in (STACKED_KEY, mask_key, NPZ_METADATA_KEY):
                 extra.append(key)
             continue
         suffix = m.group(1)
@@ -635,33 +636,33 @@ def _build_layers(source, stacked: bool, keys: list[str]):
     return tuple(layers), lead
 
 
-def _read_mask(source, lead: tuple[int, ...]) -> np.ndarray | None:
-    if MASK_KEY not in source.entries:
+def _read_mask(source, lead: tuple[int, ...], mask_key: str = MASK_KEY) -> np.ndarray | None:
+    if mask_key not in source.entries:
         return None
     path = source.path
-    shape, stored = source.entries[MASK_KEY]
+    shape, stored = source.entries[mask_key]
     if isinstance(stored, str):
         if stored not in _ST_MASK:
-            raise DumpError(f"{path}: key {MASK_KEY!r} has dtype {stored}; it must hold 0/1")
+            raise DumpError(f"{path}: key {mask_key!r} has dtype {stored}; it must hold 0/1")
     elif stored.hasobject:
         raise DumpError(
-            f"{path}: key {MASK_KEY!r} is an object array; refusing to unpickle: loading a "
+            f"{path}: key {mask_key!r} is an object array; refusing to unpickle: loading a "
             "dump must never run code"
         )
     if shape != tuple(lead):  # check before reading: the mask could be anything
         raise DumpError(
-            f"{path}: key {MASK_KEY!r} has shape {shape} but the hidden states have leading "
+            f"{path}: key {mask_key!r} has shape {shape} but the hidden states have leading "
             f"shape {tuple(lead)}: one entry per (batch, position) for (B, T, d) layers, "
             "per row for (N, d) layers"
         )
-    raw = source.get(MASK_KEY, ()) if source.format == "safetensors" else source.load(MASK_KEY)
+    raw = source.get(mask_key, ()) if source.format == "safetensors" else source.load(mask_key)
     try:
-        return check_mask(raw, lead, f"{path}: key {MASK_KEY!r}")
+        return check_mask(raw, lead, f"{path}: key {mask_key!r}")
     except (TypeError, ValueError) as exc:
         raise DumpError(str(exc)) from exc
 
 
-def load_dump(path: str | os.PathLike) -> Dump:
+def load_dump(path: str | os.PathLike, *, mask_key: str = MASK_KEY) -> Dump:
     """Open a hidden-state dump (``.safetensors`` or ``.npz``) and validate its layout.
 
     Only headers and the mask are read here; layer data is read on demand
@@ -670,6 +671,9 @@ def load_dump(path: str | os.PathLike) -> Dump:
     Parameters
     ----------
     path : str or os.PathLike
+    mask_key : str
+        The key holding the attention mask (default ``"attention_mask"``); a
+        dump without that key has no mask.
 
     Returns
     -------
@@ -699,9 +703,9 @@ def load_dump(path: str | os.PathLike) -> Dump:
         raise DumpError(f"{path} is a directory, not a dump file")
     source = _SafetensorsSource(path) if fmt == "safetensors" else _NpzSource(path)
     try:
-        stacked, keys, extra = _layer_keys(path, source.entries)
+        stacked, keys, extra = _layer_keys(path, source.entries, mask_key)
         layers, lead = _build_layers(source, stacked, keys)
-        mask = _read_mask(source, lead)
+        mask = _read_mask(source, lead, mask_key)
     except BaseException:
         source.close()
         raise

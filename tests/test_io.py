@@ -805,3 +805,14 @@ def test_atomic_refuses_directory_target(tmp_path):
     with pytest.raises(IsADirectoryError):
         with atomic_path(tmp_path):
             pass
+
+
+def test_mask_key_selects_another_key(tmp_path):
+    path = tmp_path / "d.npz"
+    layers = [np.ones((2, 3, 4), dtype=np.float32)]
+    mask = np.array([[1, 1, 0], [1, 0, 0]], dtype=np.uint8)
+    np.savez(path, **{"hidden_states.0": layers[0], "padding": mask})
+    dump = load_dump(path, mask_key="padding")
+    np.testing.assert_array_equal(dump.attention_mask, mask.astype(bool))
+    assert "padding" not in dump.extra_keys
+    assert load_dump(path).attention_mask is None
