@@ -1,0 +1,458 @@
+"""PyTorch bridge: pkd's fused kernels behind ``torch.autograd`` (optional; needs torch).
+
+``import pkd`` never imports this module (nor torch); import it explicitly::
+
+    import pkd.torch
+
+Two entry points, same math and names as DESIGN.md §1:
+
+- :func:`projected_mse` — the loss of one layer pair as a differentiable
+  scalar tensor (a ``torch.autograd.Function``).
+- :class:`PKDHiddenLoss` — an ``nn.Module`` built from a
+  :class:`pkd.ProgressiveDistillation`, holding the projection(s) as
+  ``nn.Parameter`` and returning ``L_hidden = λ Σ_k ω_k ℓ_k / Σ_k ω_k`` for lists
+  of hidden states (HF ``hidden_states`` style).
+
+How it runs: the forward pass calls :func:`pkd.loss.pair_loss_and_grad`
+once per pair, which computes the loss *and*, for the inputs that need it,
+the gradients (the fused kernel produces ∂ℓ/∂Y anyway, so the backward GEMMs
+run while the data is hot). The gradients are saved for backward, which only
+scales them by the incoming scalar. When nothing requires grad (or under
+``torch.no_grad()``) only the loss is computed. Saving the gradients costs
+one student-sized and one projection-sized buffer per pair until backward.
+
+Memory: the kernels read and write torch's own memory through NumPy views
+(``Tensor.numpy()``); contiguous CPU tensors are never copied. Non-contiguous
+tensors are made contiguous first (one copy, recorded by autograd).
+
+What is supported, and what is refused with a clear error:
+
+- CPU tensors of float32 or float64, all tensors of one pair in one dtype
+  (torch does not promote in a matmul either). Other devices (CUDA, MPS,
+  meta), sparse layouts, float16/bfloat16 and integer tensors → ``TypeError``.
+- The teacher gets no gradient: a teacher that requires grad (with grad mode
+  on) → ``ValueError`` (pass ``teacher.detach()`` or compute it under
+  ``torch.no_grad()``). Likewise for a mask that requires grad.
+- Double backward is not supported: ``create_graph=True`` through a pkd.torch
+  loss raises ``RuntimeError`` (the backward is ``once_differentiable``).
+- NaN/Inf in a value that takes part in the loss → ``ValueError`` naming the
+  tensor, as in :func:`pkd.projected_mse` (``check_finite=False`` to opt out).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch  # absolute import: the real torch, never this module (pkd.torch)
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from . import _validation as V
+from . import loss as _loss
+from .distillation import ProgressiveDistillation
+
+__all__ = ["PKDHiddenLoss", "projected_mse"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+# -- validation of torch inputs (the array-level checks are reused from pkd._validation) ----
+
+
+def _where(pair) -> str:
+    return "" if pair is None else f" for layer pair {tuple(pair)}"
+
+
+def _check_tensor(x, name: str, pair=None) -> torch.Tensor:
+    """A strided CPU float32/float64 tensor, or a clear TypeError."""
+    where = _where(pair)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"{name}{where} must be a torch.Tensor, got {type(x).__name__}; wrap NumPy "
+            "arrays with torch.from_numpy(...) or use pkd.projected_mse for NumPy input"
+        )
+    if x.device.type != "cpu":
+        raise TypeError(
+            f"{name}{where} is on device {x.device}: pkd's kernels run on the CPU only; "
+            f"move it with .cpu() (and the result back), or use a torch loss on {x.device.type}"
+        )
+    if x.layout != torch.strided:
+        raise TypeError(f"{name}{where} has layout {x.layout}: pass a dense tensor (.to_dense())")
+    if x.dtype not in _FLOAT_DTYPES:
+        hint = " (cast with .float())" if x.dtype.is_floating_point else ""
+        raise TypeError(f"{name}{where} must be float32 or float64, got {x.dtype}{hint}")
+    return x
+
+
+def _view(x: torch.Tensor) -> np.ndarray:
+    """NumPy view of a CPU tensor's memory (no copy; autograd is bypassed on purpose)."""
+    return x.detach().numpy()
+
+
+def _check_same_dtype(named, pair=None) -> None:
+    dtypes = {name: x.dtype for name, x in named if x is not None}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{name} {dtype}" for name, dtype in dtypes.items())
+        raise TypeError(
+            f"mixed dtypes{_where(pair)}: {listed}; cast them to one dtype "
+            "(e.g. module.double() or tensor.float())"
+        )
+
+
+def _refuse_grad(x, name: str, what: str, pair=None) -> None:
+    if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{name}{_where(pair)} requires grad, but {what}; pass {name}.detach() "
+            "(or compute it under torch.no_grad())"
+        )
+
+
+def _mask_array(mask, name: str):
+    """A mask given as a tensor or array → something pkd._validation.check_mask accepts."""
+    if mask is None or not isinstance(mask, torch.Tensor):
+        return mask
+    if mask.device.type != "cpu":
+        raise TypeError(f"{name} is on device {mask.device}: pass {name}.cpu()")
+    _refuse_grad(mask, name, "a mask is not differentiable")
+    if mask.dtype.is_floating_point and mask.dtype not in _FLOAT_DTYPES:
+        mask = mask.float()  # half-precision 0/1 is exact in float32; numpy lacks bfloat16
+    return mask.detach().numpy()
+
+
+def _pair_arrays(student, teacher, projection, names, pair):
+    """Check one pair's tensors; return NumPy views (student, teacher, projection or None)."""
+    student = _check_tensor(student, names[0], pair)
+    teacher = _check_tensor(teacher, names[1], pair)
+    if projection is not None:
+        projection = _check_tensor(projection, names[2], pair)
+    _check_same_dtype(zip(names, (student, teacher, projection), strict=True), pair)
+    _refuse_grad(teacher, names[1], "pkd.torch gives the teacher no gradient", pair)
+    s = V.check_float_array(_view(student), names[0], check_finite=False, pair=pair)
+    t = V.check_float_array(_view(teacher), names[1], check_finite=False, pair=pair)
+    V.check_paired(s, t, pair, names=names[:2])
+    p = None
+    if projection is not None:
+        p = V.check_projection(_view(projection), s.shape[-1], t.shape[-1], names[2], pair,
+                               check_finite=False)
+    return s, t, p
+
+
+# -- the autograd Function ---------------------------------------------------------------
+
+
+class _PairLoss(torch.autograd.Function):
+    """ℓ of one pair; forward also computes the gradients the inputs need, backward scales them.
+
+    Inputs are validated by the caller: contiguous CPU tensors of one float
+    dtype, ``rows`` sorted int64 indices or None, ``options`` =
+    (normalize, want_grad, check_finite, names, pair).
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, projection, rows, options):
+        normalize, want_grad, check_finite, names, pair = options
+        d_s, d_t = student.shape[-1], teacher.shape[-1]
+        s2 = _view(student).reshape(-1, d_s)
+        t2 = _view(teacher).reshape(-1, d_t)
+        p = None if projection is None else _view(projection)
+        # Inside forward grad mode is off, so the caller says whether a graph is being built.
+        need_student = want_grad and ctx.needs_input_grad[0]
+        need_projection = want_grad and projection is not None and ctx.needs_input_grad[2]
+        grad_student = grad_projection = None
+        if need_student:
+            # The kernels leave rows outside the mask untouched: zero them only then.
+            alloc = torch.empty if rows is None else torch.zeros
+            grad_student = alloc(student.shape, dtype=student.dtype)
+        if need_projection:
+            grad_projection = torch.empty(projection.shape, dtype=projection.dtype)
+        loss = _loss.pair_loss_and_grad(
+            s2, t2, p, rows, normalize=normalize,
+            grad_student=None if grad_student is None else _view(grad_student).reshape(-1, d_s),
+            grad_projection=None if grad_projection is None else _view(grad_projection),
+        )
+        if check_finite and not np.isfinite(loss):
+            V.explain_nonfinite([(names[0], s2, True), (names[1], t2, True),
+                                 (names[2], p, False)], pair, rows)
+        ctx.save_for_backward(grad_student, grad_projection)
+        return torch.tensor(loss, dtype=student.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        # once_differentiable alone would return gradients without a graph when
+        # grad_output does not require grad, so a later double backward would
+        # silently treat them as constants: refuse create_graph=True up front.
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "pkd.torch does not support double backward (create_graph=True): its "
+                "gradients come from hand-written kernels, not from differentiable torch ops"
+            )
+        return _scaled_gradients(ctx, grad_output)
+
+
+@once_differentiable
+def _scaled_gradients(ctx, grad_output):
+    grad_student, grad_projection = ctx.saved_tensors
+    # Out of place: the saved buffers must survive a retain_graph=True second backward.
+    d_student = None if grad_student is None else grad_student * grad_output
+    d_projection = None if grad_projection is None else grad_projection * grad_output
+    return d_student, None, d_projection, None, None
+
+
+def _apply(student, teacher, projection, rows, *, normalize, check_finite, names, pair):
+    """Run one validated pair through the autograd Function."""
+    options = (bool(normalize), torch.is_grad_enabled(), bool(check_finite), names, pair)
+    projection = None if projection is None else projection.contiguous()
+    return _PairLoss.apply(student.contiguous(), teacher.contiguous(), projection, rows,
+                           options)
+
+
+def projected_mse(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    projection: torch.Tensor | None = None,
+    *,
+    mask=None,
+    tokens="all",
+    normalize: bool = False,
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """Differentiable loss of one layer pair, ``ℓ = Σ_i w_i ‖y_i − t_i‖² / (n_w d_t)``, Y = S P.
+
+    The torch twin of :func:`pkd.projected_mse`: gradients flow to ``student``
+    and ``projection`` (whichever require grad), computed by pkd's kernels.
+
+    Parameters
+    ----------
+    student : (N, d_s) or (B, T, d_s) tensor, float32 or float64, on the CPU
+    teacher : (N, d_t) or (B, T, d_t) tensor, same dtype and leading shape
+        Gets no gradient: it must not require grad (pass ``teacher.detach()``).
+    projection : (d_s, d_t) tensor, optional
+        Required when d_s != d_t; without it Y = S.
+    mask : (N,) or (B, T) tensor or array of 0/1 or bool, optional
+        Rows (tokens) that count, e.g. an HF ``attention_mask``.
+    tokens : {"all", "cls"} or int
+        For 3-D input, which positions count ("cls" = position 0).
+    normalize : bool
+        PKD's normalized loss ``Σ w‖u − v‖²/n_w`` on L2-normalised rows.
+    check_finite : bool
+        Raise ``ValueError`` when a NaN/Inf takes part in the loss (default).
+
+    Returns
+    -------
+    () tensor
+        The loss, accumulated in float64 and returned in the inputs' dtype.
+
+    Raises
+    ------
+    TypeError
+        A non-CPU, sparse, non-float32/float64 tensor, or mixed dtypes.
+    ValueError
+        Shapes that do not pair up, a teacher or mask that requires grad,
+        a mask selecting nothing, or NaN/Inf.
+    """
+    names = ("student", "teacher", "projection")
+    s, t, _ = _pair_arrays(student, teacher, projection, names, None)
+    if projection is None and s.shape[-1] != t.shape[-1]:
+        raise ValueError(
+            f"student width {s.shape[-1]} differs from teacher width {t.shape[-1]} (shapes "
+            f"{s.shape} and {t.shape}): pass a projection of shape ({s.shape[-1]}, "
+            f"{t.shape[-1]})"
+        )
+    rows = V.select_rows(s.shape[:-1], _mask_array(mask, "mask"), tokens, mask_name="mask")
+    return _apply(student, teacher, projection, rows, normalize=normalize,
+                  check_finite=check_finite, names=names, pair=None)
+
+
+# -- the module ------------------------------------------------------------------------
+
+
+def _as_layers(hidden, name: str) -> list:
+    """A list/tuple of per-layer tensors, or one stacked (L, N, d) / (L, B, T, d) tensor."""
+    if isinstance(hidden, (list, tuple)):
+        if len(hidden) == 0:
+            raise ValueError(f"{name} is an empty sequence: pass one tensor per layer")
+        return list(hidden)
+    if isinstance(hidden, torch.Tensor):
+        if hidden.dim() in (3, 4):
+            return list(hidden.unbind(0))  # views, so gradients reach the stacked tensor
+        raise ValueError(
+            f"{name} must be a list of per-layer tensors or one stacked tensor of shape "
+            f"(L, N, d) or (L, B, T, d), got a tensor of shape {tuple(hidden.shape)}"
+        )
+    raise TypeError(
+        f"{name} must be a list/tuple of per-layer tensors (e.g. an HF `hidden_states` "
+        f"tuple) or a stacked tensor, got {type(hidden).__name__}"
+    )
+
+
+def _pair_key(pair) -> str:
+    return f"{pair[0]}_{pair[1]}"
+
+
+class PKDHiddenLoss(nn.Module):
+    """``L_hidden = λ Σ_k ω_k ℓ_k / Σ_k ω_k`` as an ``nn.Module`` (DESIGN.md §1).
+
+    Built from a :class:`pkd.ProgressiveDistillation`, whose meaning it keeps:
+    layer mapping, λ (``hidden_weight``), ω_k (``layer_weights``),
+    ``normalize``, the ``project`` rule ("auto": a pair goes through the
+    projection only when its widths differ; "always") and ``tokens``. The
+    configuration's projection is *copied* into trainable parameters:
+
+    - shared projection → ``self.projection``, an ``nn.Parameter`` (d_s, d_t);
+    - per-pair projections → ``self.projections``, an ``nn.ParameterDict``
+      keyed ``"s_t"`` (e.g. ``"0_2"``); :meth:`projection_for` looks one up
+      by pair.
+
+    Optimise them with the student's parameters, e.g.
+    ``torch.optim.Adam([*student.parameters(), *criterion.parameters()])``.
+    Every pair is computed by pkd's kernels through the autograd Function of
+    :func:`projected_mse`, so gradients reach the student's hidden states and
+    the projection(s).
+
+    Parameters
+    ----------
+    config : ProgressiveDistillation
+
+    Examples
+    --------
+    >>> import torch, pkd, pkd.torch
+    >>> config = pkd.ProgressiveDistillation([(1, 2), (2, 4)]).with_projection(8, 16, seed=0)
+    >>> criterion = pkd.torch.PKDHiddenLoss(config)
+    >>> student = [torch.randn(2, 5, 8, requires_grad=True) for _ in range(3)]
+    >>> teacher = [torch.randn(2, 5, 16) for _ in range(5)]
+    >>> loss = criterion(student, teacher, attention_mask=torch.ones(2, 5, dtype=torch.long))
+    >>> loss.backward()
+    >>> criterion.projection.grad.shape
+    torch.Size([8, 16])
+    """
+
+    def __init__(self, config: ProgressiveDistillation) -> None:
+        super().__init__()
+        if not isinstance(config, ProgressiveDistillation):
+            raise TypeError(
+                f"config must be a pkd.ProgressiveDistillation, got {type(config).__name__}"
+            )
+        self.layer_mapping: list = list(config.layer_mapping)
+        self.hidden_weight = float(config.hidden_weight)
+        self.layer_weights = (None if config.layer_weights is None
+                              else [float(w) for w in config.layer_weights])
+        self.normalize = bool(config.normalize)
+        self.project = config.project
+        self.tokens = config.tokens
+        self.register_parameter("projection", None)
+        self.projections = None
+        if config.projection is not None and config.shared_projection:
+            self.projection = nn.Parameter(torch.tensor(config.projection))  # a copy
+        elif config.projection is not None:
+            self.projections = nn.ParameterDict({
+                _pair_key(pair): nn.Parameter(torch.tensor(p))
+                for pair, p in config.projection.items()
+            })
+
+    def projection_for(self, pair) -> nn.Parameter | None:
+        """The projection parameter pair ``(s, t)`` uses when its widths call for one."""
+        pair = tuple(pair)
+        if pair not in self.layer_mapping:
+            raise ValueError(f"layer pair {pair} is not in the mapping {self.layer_mapping}")
+        if self.projections is not None:
+            return self.projections[_pair_key(pair)]
+        return self.projection
+
+    def to_config(self) -> ProgressiveDistillation:
+        """A :class:`pkd.ProgressiveDistillation` holding copies of the current projection(s).
+
+        For the NumPy side of pkd (spectra, fitting, saving) after training.
+        """
+        def as_array(parameter):
+            return parameter.detach().cpu().numpy().copy()
+
+        if self.projections is not None:
+            projection = {pair: as_array(self.projections[_pair_key(pair)])
+                          for pair in self.layer_mapping}
+        else:
+            projection = None if self.projection is None else as_array(self.projection)
+        return ProgressiveDistillation(
+            self.layer_mapping, hidden_weight=self.hidden_weight, projection=projection,
+            normalize=self.normalize, layer_weights=self.layer_weights, project=self.project,
+            tokens=self.tokens,
+        )
+
+    def extra_repr(self) -> str:
+        text = f"layer_mapping={self.layer_mapping}, hidden_weight={self.hidden_weight}"
+        if self.normalize:
+            text += ", normalize=True"
+        if self.layer_weights is not None:
+            text += f", layer_weights={self.layer_weights}"
+        if self.project != "auto":
+            text += f", project={self.project!r}"
+        if self.tokens != "all":
+            text += f", tokens={self.tokens!r}"
+        return text
+
+    def forward(self, student_hidden, teacher_hidden, attention_mask=None, *, tokens=None,
+                check_finite: bool = True) -> torch.Tensor:
+        """``L_hidden`` over the mapped pairs, differentiable w.r.t. student and projection(s).
+
+        Parameters
+        ----------
+        student_hidden, teacher_hidden : list/tuple of tensors, or one stacked tensor
+            Per-layer hidden states, each ``(N, d)`` or ``(B, T, d)`` (an HF
+            ``hidden_states`` tuple has the embeddings at index 0: the mapping
+            indexes this sequence as given). Or one ``(L, N, d)`` /
+            ``(L, B, T, d)`` tensor. CPU, float32/float64; the teacher's must
+            not require grad.
+        attention_mask : (N,) or (B, T) tensor or array of 0/1 or bool, optional
+            Rows (tokens) that count; padding gets no loss and no gradient.
+        tokens : {"all", "cls"} or int, optional
+            Overrides the configuration's token selection.
+        check_finite : bool
+            Refuse NaN/Inf in the values that take part (default).
+
+        Returns
+        -------
+        () tensor
+            ``L_hidden``, in the hidden states' dtype.
+        """
+        student_layers = _as_layers(student_hidden, "student_hidden")
+        teacher_layers = _as_layers(teacher_hidden, "teacher_hidden")
+        tokens = self.tokens if tokens is None else tokens
+        mask = _mask_array(attention_mask, "attention_mask")
+        weights = self.layer_weights or [1.0] * len(self.layer_mapping)
+        total_weight = sum(weights)
+        rows_cache: dict = {}
+        total = None
+        for k, pair in enumerate(self.layer_mapping):
+            student, teacher, projection, names = self._plan_pair(
+                pair, student_layers, teacher_layers)
+            lead = tuple(student.shape[:-1])
+            if lead not in rows_cache:
+                rows_cache[lead] = V.select_rows(lead, mask, tokens)
+            layer_loss = _apply(student, teacher, projection, rows_cache[lead],
+                                normalize=self.normalize, check_finite=check_finite,
+                                names=names, pair=pair)
+            term = (self.hidden_weight * weights[k] / total_weight) * layer_loss
+            total = term if total is None else total + term
+        return total
+
+    def _plan_pair(self, pair, student_layers, teacher_layers):
+        """Check one pair; return (student, teacher, projection or None, names)."""
+        s, t = pair
+        for layers, index, name in ((student_layers, s, "student_hidden"),
+                                    (teacher_layers, t, "teacher_hidden")):
+            if not 0 <= index < len(layers):
+                V.layer_at(layers, index, name, pair)  # raises the shared out-of-range error
+        projection = self.projection_for(pair)
+        names = (f"student_hidden[{s}]", f"teacher_hidden[{t}]",
+                 "projection" if self.projections is None else f"projections[{_pair_key(pair)!r}]")
+        student, teacher = student_layers[s], teacher_layers[t]
+        s_arr, t_arr, _ = _pair_arrays(student, teacher, None, names, pair)
+        d_s, d_t = s_arr.shape[-1], t_arr.shape[-1]
+        if projection is None or (self.project == "auto" and d_s == d_t):
+            if d_s != d_t:
+                raise ValueError(
+                    f"layer pair {pair}: student width {d_s} differs from teacher width {d_t} "
+                    f"(shapes {s_arr.shape} and {t_arr.shape}) and the configuration has no "
+                    f"projection; build it with config.with_projection({d_s}, {d_t})"
+                )
+            return student, teacher, None, names
+        _pair_arrays(student, teacher, projection, names, pair)  # dtype and shape of P
+        return student, teacher, projection, names
