@@ -12,13 +12,20 @@ from .distillation import (
     SkippedPairWarning,
     xavier_uniform,
 )
+from .fit import FitResult, fit_projection
 from .loss import projected_mse, projected_mse_grad
+from .objective import PKDObjective, PKDResult, logit_loss_and_grad
 from .spectrum import Spectrum, spectrum, xavier_mp_edges
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FitResult",
     "HiddenLossResult",
+    "PKDObjective",
+    "PKDResult",
+    "fit_projection",
+    "logit_loss_and_grad",
     "Spectrum",
     "mapping",
     "spectrum",

@@ -475,3 +475,48 @@ def check_labels(labels, n_examples: int, n_classes: int, name: str = "labels") 
             "bad label(s))"
         )
     return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def check_layer_index(value, count: int, name: str, side: str) -> int:
+    """Return ``value`` as an index into ``count`` layers (negative indices never wrap)."""
+    index = _as_index(value, f"{name} ({side} layer)")
+    if index >= count:
+        raise ValueError(
+            f"{name}={index} is out of range: there are {count} {side} layer(s) "
+            f"(valid indices 0..{count - 1})"
+        )
+    return index
+
+
+def check_finite_rows(values: np.ndarray, name: str, selected=None, *,
+                      block_rows: int = 4096) -> None:
+    """Refuse NaN/Inf in the rows of ``values`` that count, a block of rows at a time.
+
+    Temporaries are bounded by ``block_rows`` rows, so checking a large dump does
+    not add memory that grows with its length. Rows ``selected`` leaves out are
+    not read (padding may hold anything).
+
+    Parameters
+    ----------
+    values : ndarray, shape (N, d)
+        Hidden states with rows flattened.
+    name : str
+        The argument's name, for the message.
+    selected : ndarray of bool, shape (N,), optional
+        The rows that count; ``None``: all.
+    block_rows : int
+    """
+    n_rows = values.shape[0]
+    for start in range(0, n_rows, block_rows):
+        stop = min(start + block_rows, n_rows)
+        rows = None if selected is None else start + np.flatnonzero(selected[start:stop])
+        block = values[start:stop] if rows is None else values[rows]
+        finite = np.isfinite(block)
+        if not finite.all():
+            r, c = np.argwhere(~finite)[0]
+            r = start + int(r) if rows is None else int(rows[r])
+            raise ValueError(
+                f"{name} contains NaN/Inf in the rows that count, first at flattened row {r}, "
+                f"column {int(c)} (flattened shape {values.shape}); fix the input, mask the "
+                "row out, or pass check_finite=False"
+            )

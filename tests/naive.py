@@ -71,3 +71,48 @@ def normalized_row(y_row, t_row, grad_scale, eps=1e-12):
     else:
         grad = [grad_scale * (a - b) / eps for a, b in zip(u, v, strict=True)]
     return loss, np.array(grad)
+
+
+# --- pkd/kernels/softmax.py -----------------------------------------------------------------
+
+
+def logit_loss_grad(student, teacher, labels, tau, ce_coef, kd_coef):
+    """Twin of logit_loss_grad: returns (grad, ce_rows, kl_rows), one example at a time.
+
+    Math on Python floats: log_softmax(x)_c = x_c − m − log Σ_k exp(x_k − m), m = max x.
+    """
+    import math
+
+    def log_softmax(values):
+        m = max(values)
+        log_sum = math.log(sum(math.exp(v - m) for v in values))
+        return [v - m - log_sum for v in values]
+
+    grad = np.empty_like(student)
+    ce_rows = np.zeros(student.shape[0])
+    kl_rows = np.zeros(student.shape[0])
+    for i in range(student.shape[0]):
+        z_s = [float(v) for v in student[i]]
+        z_t = [float(v) for v in teacher[i]]
+        log_p = log_softmax(z_s)
+        log_p_s = log_softmax([v / tau for v in z_s])
+        log_p_t = log_softmax([v / tau for v in z_t])
+        ce_rows[i] = -log_p[labels[i]]
+        for c in range(len(z_s)):
+            p_t = math.exp(log_p_t[c])
+            if p_t > 0:
+                kl_rows[i] += p_t * (log_p_t[c] - log_p_s[c])
+            onehot = 1.0 if c == labels[i] else 0.0
+            grad[i, c] = (ce_coef * (math.exp(log_p[c]) - onehot)
+                          + kd_coef * (math.exp(log_p_s[c]) - p_t))
+    return grad, ce_rows, kl_rows
+
+
+def fill_shifted_transposed(values, rows, shift, out, column_sums):
+    """Twin of ``pkd.kernels.gram.fill_shifted_transposed``: gather, shift, transpose, sum."""
+    for j in range(values.shape[1]):
+        total = 0.0
+        for i, r in enumerate(rows):
+            out[j, i] = float(values[r, j]) - shift[j]
+            total += out[j, i]
+        column_sums[j] += total

@@ -103,3 +103,91 @@ def hidden_loss(student_layers, teacher_layers, mapping, projection=None, *, hid
             else:
                 grad_p += coef * dP
     return total, np.array(losses), grads_s, grad_p
+
+
+# --- full PKD objective (logit part) ---------------------------------------------------
+
+
+def reference_log_softmax(z):
+    """log softmax of each row: z − max − log Σ exp(z − max) (max-shifted, so stable)."""
+    z = np.asarray(z, dtype=np.float64)
+    shifted = z - z.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def reference_cross_entropy(z_s, labels):
+    """CE = mean_i −log softmax(z_s,i)[y_i]."""
+    log_p = reference_log_softmax(z_s)
+    return -np.mean(log_p[np.arange(len(labels)), labels])
+
+
+def reference_kd_kl(z_s, z_t, tau):
+    """KL = mean_i Σ_c p_t (log p_t − log p_s), p = softmax(z/τ); p_t = 0 terms are 0."""
+    log_p_s = reference_log_softmax(np.asarray(z_s, dtype=np.float64) / tau)
+    log_p_t = reference_log_softmax(np.asarray(z_t, dtype=np.float64) / tau)
+    p_t = np.exp(log_p_t)
+    terms = np.zeros_like(p_t)
+    mass = p_t > 0
+    terms[mass] = p_t[mass] * (log_p_t[mass] - log_p_s[mass])
+    return terms.sum(axis=1).mean()
+
+
+def reference_logit_grad(z_s, z_t, labels, alpha, tau):
+    """∂L/∂z_s = (1 − α)(softmax(z_s) − onehot(y))/B + α τ (softmax(z_s/τ) − softmax(z_t/τ))/B."""
+    z_s = np.asarray(z_s, dtype=np.float64)
+    B, C = z_s.shape
+    onehot = np.eye(C)[labels]
+    p = np.exp(reference_log_softmax(z_s))
+    p_s = np.exp(reference_log_softmax(z_s / tau))
+    p_t = np.exp(reference_log_softmax(np.asarray(z_t, dtype=np.float64) / tau))
+    return (1 - alpha) * (p - onehot) / B + alpha * tau * (p_s - p_t) / B
+
+
+# --- alignment statistics (DESIGN §1) -------------------------------------------------------
+
+
+def reference_gram_stats(student_layers, teacher_layers, w=None):
+    """G_s = SᵀWS, H_t = TᵀWT, C_st = SᵀWT, a_s = Sᵀw, b_t = Tᵀw, q_t = Σ w‖t‖², n_w.
+
+    Layers are (N, d) arrays; returns a dict of lists (``C`` is a list of lists [s][t]).
+    """
+    S = [np.asarray(x, dtype=np.float64) for x in student_layers]
+    T = [np.asarray(x, dtype=np.float64) for x in teacher_layers]
+    w = np.ones(S[0].shape[0]) if w is None else np.asarray(w, dtype=np.float64)
+    return {
+        "G": [x.T @ (w[:, None] * x) for x in S],
+        "H": [y.T @ (w[:, None] * y) for y in T],
+        "C": [[x.T @ (w[:, None] * y) for y in T] for x in S],
+        "a": [x.T @ w for x in S],
+        "b": [y.T @ w for y in T],
+        "q": [np.sum(w * np.sum(y * y, axis=1)) for y in T],
+        "n_w": w.sum(),
+    }
+
+
+def reference_cka(S, T, w=None):
+    """Linear CKA ‖ŜᵀWT̂‖_F² / (‖ŜᵀWŜ‖_F ‖T̂ᵀWT̂‖_F) with explicitly centred float64 rows."""
+    S = np.asarray(S, dtype=np.float64)
+    T = np.asarray(T, dtype=np.float64)
+    w = np.ones(S.shape[0]) if w is None else np.asarray(w, dtype=np.float64)
+    S_c = S - (w @ S) / w.sum()
+    T_c = T - (w @ T) / w.sum()
+    cross = S_c.T @ (w[:, None] * T_c)
+    gram_s = S_c.T @ (w[:, None] * S_c)
+    gram_t = T_c.T @ (w[:, None] * T_c)
+    return np.sum(cross**2) / (np.linalg.norm(gram_s) * np.linalg.norm(gram_t))
+
+
+def reference_min_mse(S, T, w=None):
+    """min_P Σ w_i ‖Pᵀs_i − t_i‖² / (n_w d_t) by numpy.linalg.lstsq(rcond=None) on √w-scaled rows.
+
+    Returns ``(min_mse, P)``; ``P`` is the minimum-norm solution, and the MSE is
+    computed from the residual rows directly.
+    """
+    S = np.asarray(S, dtype=np.float64)
+    T = np.asarray(T, dtype=np.float64)
+    w = np.ones(S.shape[0]) if w is None else np.asarray(w, dtype=np.float64)
+    root = np.sqrt(w)[:, None]
+    P = np.linalg.lstsq(root * S, root * T, rcond=None)[0]
+    residual = S @ P - T
+    return np.sum(w * np.sum(residual**2, axis=1)) / (w.sum() * T.shape[1]), P

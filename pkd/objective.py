@@ -1,0 +1,306 @@
+"""The full PKD objective: cross-entropy, temperature-scaled KD and the hidden-state loss.
+
+DESIGN.md §1, for B examples, C classes, temperature τ and labels y::
+
+    L = (1 − α) · CE(z_s, y) + α · τ² · KL(softmax(z_t/τ) ‖ softmax(z_s/τ)) + L_hidden
+
+    CE = mean_i −log softmax(z_s,i)[y_i]
+    KL = mean_i Σ_c p_t,ic (log p_t,ic − log p_s,ic),   p^τ = softmax(z/τ)
+    ∂L/∂z_s = (1 − α)(softmax(z_s) − onehot(y))/B + α τ (softmax(z_s/τ) − softmax(z_t/τ))/B
+
+``L_hidden`` is :class:`~pkd.distillation.ProgressiveDistillation`'s loss
+(already weighted by its ``hidden_weight`` λ, β of the paper). The teacher's
+logits get no gradient. The logit part is one fused Numba pass over the
+``(B, C)`` logits (:mod:`pkd.kernels.softmax`); the hidden part is computed by
+the configuration itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from . import _validation as V
+from .distillation import HiddenLossResult, ProgressiveDistillation
+from .kernels import softmax as softmax_kernels
+
+# From this many logits (B·C) on, the parallel twin of the fused pass is used.
+# On the 2-core reference machine it has not yet been measured to pay off
+# (B·C is small next to the hidden states, and the pass costs ~25 ns per
+# logit, mostly its three exp), so the serial twin is always used; lower this
+# once `pkd bench` shows a gain.
+PARALLEL_MIN_ELEMENTS = 1 << 62
+
+
+@dataclass
+class PKDResult:
+    """Loss and gradients of :meth:`PKDObjective.loss_and_grad`.
+
+    ``loss == (1 - alpha) * parts["ce"] + alpha * temperature ** 2 * parts["kd"]
+    + parts["hidden"]`` holds exactly (that is how it is computed), and
+    ``weighted_parts`` holds the three terms of that sum.
+
+    Attributes
+    ----------
+    loss : float
+        The total L.
+    parts : dict of str to float
+        The raw values: ``"ce"`` = CE, ``"kd"`` = the KL (before α·τ²),
+        ``"hidden"`` = L_hidden (already weighted by λ; 0 without a hidden part).
+    weighted_parts : dict of str to float
+        The contributions to ``loss``: ``"ce"`` = (1 − α)·CE, ``"kd"`` = α·τ²·KL,
+        ``"hidden"`` = L_hidden.
+    grad_logits : (B, C) array
+        ∂L/∂z_s, in the logits' common dtype (float64 if either is float64).
+    grad_student : list of arrays or None
+        ∂L/∂(student layer l), as in :class:`~pkd.HiddenLossResult`; ``None``
+        without a hidden part.
+    grad_projection : array, dict or None
+        ∂L/∂P: one array for a shared projection, ``{pair: array}`` for
+        per-pair projections; ``None`` without a projection or a hidden part.
+    layer_losses : (n_pairs,) float64 array or None
+        The unweighted ℓ_k of each mapped pair; ``None`` without a hidden part.
+    hidden_result : HiddenLossResult or None
+        The hidden part's full result (pairs, skipped pairs, ...).
+    """
+
+    loss: float
+    parts: dict
+    weighted_parts: dict
+    grad_logits: np.ndarray
+    grad_student: list | None = None
+    grad_projection: np.ndarray | dict | None = None
+    layer_losses: np.ndarray | None = None
+    hidden_result: HiddenLossResult | None = None
+
+
+def _check_hyperparameters(alpha, temperature) -> tuple[float, float]:
+    return (V.check_fraction(alpha, "alpha"),
+            V.check_positive(temperature, "temperature"))
+
+
+def _prepare_logits(student_logits, teacher_logits, labels):
+    """Validate the logit inputs; return same-dtype C-contiguous logits and int64 labels."""
+    student = V.check_logits(student_logits, "student_logits")
+    teacher = V.check_logits(teacher_logits, "teacher_logits")
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student_logits has shape {student.shape} but teacher_logits has shape "
+            f"{teacher.shape}: both must be (B, C) with the same examples and classes"
+        )
+    labels = V.check_labels(labels, student.shape[0], student.shape[1])
+    dtype = V.result_dtype(student, teacher)
+    return (np.ascontiguousarray(student, dtype=dtype),
+            np.ascontiguousarray(teacher, dtype=dtype), labels)
+
+
+def _logit_part(student, teacher, labels, alpha, temperature):
+    """(CE, KL, ∂/∂z_s of (1 − α)CE + ατ²KL) from validated inputs."""
+    n_examples = student.shape[0]
+    grad = np.empty_like(student)
+    ce_rows = np.empty(n_examples, dtype=np.float64)
+    kl_rows = np.empty(n_examples, dtype=np.float64)
+    if student.size >= PARALLEL_MIN_ELEMENTS:
+        run = softmax_kernels.logit_loss_grad_parallel
+        n_chunks = max(1, min(numba.get_num_threads(), n_examples))
+    else:
+        run, n_chunks = softmax_kernels.logit_loss_grad_serial, 1
+    scratch = np.empty((n_chunks, 3, student.shape[1]), dtype=np.float64)
+    run(student, teacher, labels, 1.0 / temperature, (1.0 - alpha) / n_examples,
+        alpha * temperature / n_examples, grad, ce_rows, kl_rows, scratch)
+    ce = float(ce_rows.sum() / n_examples)
+    kd = float(kl_rows.sum() / n_examples)
+    if not (np.isfinite(ce) and np.isfinite(kd)):
+        _explain_infinite(student, teacher, labels, ce_rows, kl_rows)
+    return ce, kd, grad
+
+
+def _explain_infinite(student, teacher, labels, ce_rows, kl_rows):
+    """Raise the ValueError that says which example made CE or KL infinite."""
+    bad_ce = np.flatnonzero(~np.isfinite(ce_rows))
+    if bad_ce.size:
+        i = int(bad_ce[0])
+        raise ValueError(
+            f"the cross-entropy is infinite: student_logits[{i}, {int(labels[i])}] (the "
+            f"label's logit) is {student[i, labels[i]]} while the row's largest is "
+            f"{student[i].max()} ({bad_ce.size} such example(s)); the label must have "
+            "probability > 0 (no -inf logit, and a finite logit range)"
+        )
+    i = int(np.flatnonzero(~np.isfinite(kl_rows))[0])
+    raise ValueError(
+        f"the KD term is infinite for example {i}: student_logits[{i}] gives probability 0 "
+        "to a class the teacher gives probability > 0 (a -inf student logit, or a logit "
+        f"range too large for the dtype; shapes {student.shape} and {teacher.shape})"
+    )
+
+
+def logit_loss_and_grad(student_logits, teacher_logits, labels, *, alpha: float,
+                        temperature: float) -> tuple[float, float, np.ndarray]:
+    """The logit part of the PKD objective: CE, KL, and ∂/∂z_s of (1 − α)·CE + α·τ²·KL.
+
+    ``alpha=0`` is plain cross-entropy training ("CE only"), ``alpha=1`` pure
+    logit distillation.
+
+    Parameters
+    ----------
+    student_logits : (B, C) array of float32/float64
+        z_s. Entries may be −inf (probability 0), never NaN or +inf.
+    teacher_logits : (B, C) array of float32/float64
+        z_t (no gradient).
+    labels : (B,) array of int
+        Class indices in ``0..C-1``.
+    alpha : float in [0, 1]
+        Weight of the KD term.
+    temperature : float > 0
+        τ.
+
+    Returns
+    -------
+    ce : float
+        CE = mean_i −log softmax(z_s,i)[y_i], accumulated in float64.
+    kd : float
+        KL = mean_i KL(softmax(z_t,i/τ) ‖ softmax(z_s,i/τ)), unweighted.
+    grad_logits : (B, C) array
+        ∂/∂z_s of ``(1 − alpha)·ce + alpha·temperature²·kd``, in the logits'
+        common dtype.
+    """
+    alpha, temperature = _check_hyperparameters(alpha, temperature)
+    student, teacher, labels = _prepare_logits(student_logits, teacher_logits, labels)
+    return _logit_part(student, teacher, labels, alpha, temperature)
+
+
+class PKDObjective:
+    """The full PKD objective ``(1 − α)·CE + α·τ²·KL + L_hidden`` with its gradients.
+
+    Parameters
+    ----------
+    alpha : float in [0, 1]
+        Weight of the KD term; CE gets ``1 − alpha``. Default 0.7 (the paper).
+    temperature : float > 0
+        τ. Default 10 (the paper).
+    hidden : ProgressiveDistillation or None
+        The hidden-state loss (its ``hidden_weight`` is β of the paper).
+        ``None`` gives logit-only KD.
+
+    Examples
+    --------
+    >>> import numpy as np, pkd
+    >>> from pkd.objective import PKDObjective
+    >>> hidden = pkd.ProgressiveDistillation([(0, 1), (1, 3)]).with_projection(8, 16, seed=0)
+    >>> objective = PKDObjective(alpha=0.7, temperature=10.0, hidden=hidden)
+    >>> rng = np.random.default_rng(0)
+    >>> z_s, z_t = rng.standard_normal((2, 4, 3))
+    >>> labels = np.array([0, 2, 1, 1])
+    >>> student = [rng.standard_normal((4, 5, 8)) for _ in range(2)]
+    >>> teacher = [rng.standard_normal((4, 5, 16)) for _ in range(4)]
+    >>> result = objective.loss_and_grad(z_s, z_t, labels, student, teacher)
+    >>> sorted(result.parts), result.grad_logits.shape, result.grad_projection.shape
+    (['ce', 'hidden', 'kd'], (4, 3), (8, 16))
+    """
+
+    def __init__(self, alpha: float = 0.7, temperature: float = 10.0,
+                 hidden: ProgressiveDistillation | None = None) -> None:
+        self.alpha, self.temperature = _check_hyperparameters(alpha, temperature)
+        if hidden is not None and not isinstance(hidden, ProgressiveDistillation):
+            raise TypeError(
+                f"hidden must be a pkd.ProgressiveDistillation or None (logit-only KD), "
+                f"got {type(hidden).__name__}"
+            )
+        self.hidden = hidden
+
+    def __repr__(self) -> str:
+        return (f"PKDObjective(alpha={self.alpha}, temperature={self.temperature}, "
+                f"hidden={self.hidden!r})")
+
+    def loss_and_grad(self, student_logits, teacher_logits, labels, student_hidden=None,
+                      teacher_hidden=None, *, attention_mask=None, tokens=None,
+                      skip_invalid: bool = False, check_finite: bool = True) -> PKDResult:
+        """The total loss, its parts, and the gradients for the student.
+
+        Parameters
+        ----------
+        student_logits, teacher_logits : (B, C) arrays of float32/float64
+            z_s and z_t; −inf entries mean probability 0, NaN/+inf are refused.
+        labels : (B,) array of int
+            Class indices in ``0..C-1``.
+        student_hidden, teacher_hidden : list of arrays, stacked array, or None
+            Per-layer hidden states for the hidden part, each ``(B, T, d)`` or
+            ``(B, d)`` (one row per example); see
+            :meth:`ProgressiveDistillation.loss_and_grad`. When both are
+            ``None`` (or ``hidden`` is ``None``) the hidden part is 0. Passing
+            them to an objective without ``hidden`` raises (they would be
+            ignored).
+        attention_mask : (B, T) or (B,) array of 0/1 or bool, optional
+            Tokens that count in the hidden part (the logits are per example).
+        tokens, skip_invalid, check_finite
+            Passed to :meth:`ProgressiveDistillation.loss_and_grad`.
+
+        Returns
+        -------
+        PKDResult
+        """
+        student, teacher, labels = _prepare_logits(student_logits, teacher_logits, labels)
+        hidden_result = self._hidden_part(student.shape[0], student_hidden, teacher_hidden,
+                                          attention_mask, tokens, skip_invalid, check_finite)
+        ce, kd, grad_logits = _logit_part(student, teacher, labels, self.alpha,
+                                          self.temperature)
+        hidden = 0.0 if hidden_result is None else hidden_result.loss
+        weighted = {
+            "ce": (1 - self.alpha) * ce,
+            "kd": self.alpha * self.temperature ** 2 * kd,
+            "hidden": hidden,
+        }
+        return PKDResult(
+            loss=weighted["ce"] + weighted["kd"] + weighted["hidden"],
+            parts={"ce": ce, "kd": kd, "hidden": hidden},
+            weighted_parts=weighted,
+            grad_logits=grad_logits,
+            grad_student=None if hidden_result is None else hidden_result.grad_student,
+            grad_projection=None if hidden_result is None else hidden_result.grad_projection,
+            layer_losses=None if hidden_result is None else hidden_result.layer_losses,
+            hidden_result=hidden_result,
+        )
+
+    def _hidden_part(self, n_examples, student_hidden, teacher_hidden, attention_mask,
+                     tokens, skip_invalid, check_finite) -> HiddenLossResult | None:
+        given = (student_hidden is not None, teacher_hidden is not None)
+        if given == (False, False):
+            return None
+        if given != (True, True):
+            missing = "teacher_hidden" if given[0] else "student_hidden"
+            raise ValueError(
+                f"{missing} is None but the other hidden states were given: pass both "
+                "(for the hidden-state loss) or neither (logit-only)"
+            )
+        if self.hidden is None:
+            raise ValueError(
+                "student_hidden and teacher_hidden were given but this PKDObjective has no "
+                "hidden-state part (hidden=None), so they would be ignored: pass "
+                "hidden=ProgressiveDistillation(...) or leave them out"
+            )
+        student_layers = V.as_layers(student_hidden, "student_hidden")
+        teacher_layers = V.as_layers(teacher_hidden, "teacher_hidden")
+        self._check_batch(n_examples, student_layers, "student_hidden", 0)
+        self._check_batch(n_examples, teacher_layers, "teacher_hidden", 1)
+        return self.hidden.loss_and_grad(
+            student_layers, teacher_layers, attention_mask=attention_mask, tokens=tokens,
+            skip_invalid=skip_invalid, check_finite=check_finite,
+        )
+
+    def _check_batch(self, n_examples, layers, name, side) -> None:
+        """Mapped layers must hold one example per logit row: (B, T, d) or (B, d)."""
+        for pair in self.hidden.layer_mapping:
+            index = pair[side]
+            if not 0 <= index < len(layers):
+                continue  # the hidden part names the bad index (or skips it if asked)
+            shape = np.shape(layers[index])
+            if len(shape) not in (2, 3) or shape[0] == n_examples:
+                continue  # other ranks are refused by the hidden part
+            layout = ("(B, T, d)" if len(shape) == 3 else
+                      "(B, d), one row per example (token-level states go in 3-D as (B, T, d))")
+            raise ValueError(
+                f"{name}[{index}] (layer pair {pair}) has shape {shape} but the logits have "
+                f"B={n_examples} examples: hidden states must be {layout} with B={n_examples}"
+            )
