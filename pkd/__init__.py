@@ -6,6 +6,7 @@ and the analysis needed to choose a layer mapping. See README.md.
 """
 
 from . import mapping
+from .alignment import AlignmentStats, solve_projection
 from .distillation import (
     HiddenLossResult,
     ProgressiveDistillation,
@@ -20,6 +21,7 @@ from .spectrum import Spectrum, spectrum, xavier_mp_edges
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlignmentStats",
     "FitResult",
     "HiddenLossResult",
     "PKDObjective",
@@ -34,5 +36,6 @@ __all__ = [
     "SkippedPairWarning",
     "projected_mse",
     "projected_mse_grad",
+    "solve_projection",
     "xavier_uniform",
 ]

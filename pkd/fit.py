@@ -230,6 +230,7 @@ class _FitData:
         self.rows = V.select_rows(lead, attention_mask, tokens)
         self.n_rows = int(np.prod(lead)) if self.rows is None else len(self.rows)
         self._stats = None
+        self._grams: dict = {}
 
     @property
     def stats(self):
@@ -251,10 +252,13 @@ class _FitData:
         return self._stats
 
     def gram(self, pair):
-        """(G_s, C_st, q_t) of a pair, float64, from the statistics."""
-        stats = self.stats
-        s, t = self._s_index[pair[0]], self._t_index[pair[1]]
-        return stats.gram(s), stats.cross(s, t), stats.teacher_energy(t)
+        """(G_s, C_st, q_t) of a pair, float64, from the statistics (cached)."""
+        if pair not in self._grams:
+            stats = self.stats
+            s, t = self._s_index[pair[0]], self._t_index[pair[1]]
+            self._grams[pair] = (stats.student_gram(s), stats.cross_gram(s, t),
+                                 stats.teacher_sq_norm(t))
+        return self._grams[pair]
 
     def exact_losses(self, solution, shared, normalize=False) -> np.ndarray:
         """Per-pair losses of ``solution`` over all selected rows (fused kernels)."""

@@ -1,0 +1,429 @@
+"""The ``pkd`` command: ``demo``, ``analyze``, ``fit``, ``bench``.
+
+Every command validates its inputs before writing anything, computes
+everything, and only then writes its outputs, each atomically (temp file +
+rename): an error never leaves partial outputs behind, and inputs are never
+modified. Progress bars go to stderr; tables to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+class CommandError(Exception):
+    """A user-facing error: printed as ``pkd <command>: error: ...``, exit status 2."""
+
+
+# --- shared helpers -----------------------------------------------------------------
+
+
+def _out_dir(path: str) -> Path:
+    """Create ``path`` if needed and check that it is a writable directory."""
+    import os
+
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CommandError(f"cannot create output directory {out}: {error.strerror}") from None
+    if not out.is_dir():
+        raise CommandError(f"--out {out} exists and is not a directory")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise CommandError(f"output directory {out} is not writable")
+    return out
+
+
+def _load_pair(student_path: str, teacher_path: str, mask_key: str):
+    """Open both dumps and check they describe the same rows; return (s, t, mask)."""
+    from .io import load_dump
+
+    try:
+        student = load_dump(student_path, mask_key=mask_key)
+        teacher = load_dump(teacher_path, mask_key=mask_key)
+    except FileNotFoundError as error:
+        raise CommandError(str(error)) from None
+    if student.lead_shape != teacher.lead_shape:
+        raise CommandError(
+            f"the dumps disagree on rows: {student_path} has leading shape "
+            f"{student.lead_shape}, {teacher_path} has {teacher.lead_shape}; both must hold "
+            "the hidden states of the same inputs"
+        )
+    masks = [m for m in (student.attention_mask, teacher.attention_mask) if m is not None]
+    if len(masks) == 2 and not np.array_equal(*masks):
+        n_diff = int((masks[0] != masks[1]).sum())
+        raise CommandError(
+            f"the dumps' {mask_key!r} masks differ at {n_diff} position(s): "
+            f"{student_path} and {teacher_path} must come from the same batch"
+        )
+    return student, teacher, (masks[0] if masks else None)
+
+
+def _parse_mapping_arg(text: str, n_s: int, n_t: int, cost=None):
+    from . import mapping
+
+    if text.strip().lower() == "optimal":
+        if cost is None:
+            raise CommandError("--mapping optimal needs the alignment statistics")
+        return mapping.optimal(cost)
+    try:
+        return mapping.parse_mapping(text, n_s, n_t)
+    except (ValueError, TypeError) as error:
+        raise CommandError(f"--mapping {text!r}: {error}") from None
+
+
+def _strategies(n_s: int, n_t: int, cost) -> dict:
+    """uniform / PKD-Skip / PKD-Last / optimal, where they exist for these sizes."""
+    from . import mapping
+
+    found = {}
+    for name, build in (("uniform", mapping.uniform), ("skip", mapping.skip),
+                        ("last", mapping.last)):
+        try:
+            found[name] = build(n_s, n_t)
+        except ValueError:
+            continue
+    found["optimal"] = mapping.optimal(cost)
+    return found
+
+
+def _stream_stats(student, teacher, mask, chunk_rows: int, scheduler: str | None):
+    """One pass over both dumps; the statistics of every (student, teacher) layer pair."""
+    from tqdm.auto import tqdm
+
+    from .alignment import AlignmentStats
+
+    if scheduler is not None:
+        return AlignmentStats.from_dumps_dask(student, teacher, chunk_rows=chunk_rows,
+                                              scheduler=scheduler, mask=mask)
+    stats = None
+    flat_mask = None if mask is None else mask.reshape(-1)
+    total = student.n_rows
+    with tqdm(total=total, desc="streaming", unit="rows", file=sys.stderr,
+              disable=None) as bar:
+        chunks = zip(student.iter_chunks(chunk_rows), teacher.iter_chunks(chunk_rows),
+                     strict=True)
+        for (start, stop, s_chunk), (_, _, t_chunk) in chunks:
+            rows_mask = None if flat_mask is None else flat_mask[start:stop]
+            if rows_mask is not None and not rows_mask.any():
+                bar.update(stop - start)
+                continue
+            part = AlignmentStats.from_arrays(s_chunk, t_chunk, mask=rows_mask,
+                                              chunk_rows=chunk_rows)
+            stats = part if stats is None else stats.merge(part)
+            bar.update(stop - start)
+    if stats is None:
+        raise CommandError("the attention mask selects no row: nothing to analyze")
+    return stats
+
+
+def _write_outputs(files: dict) -> None:
+    """Write every prepared output atomically; ``files`` maps path → writer(tmp_path)."""
+    from ._atomic import atomic_write
+
+    for path, writer in files.items():
+        atomic_write(path, writer)
+
+
+def _json_writer(payload):
+    def write(tmp):
+        Path(tmp).write_text(json.dumps(payload, indent=2) + "\n")
+    return write
+
+
+def _figure_writer(fig, dpi=120):
+    def write(tmp):
+        fig.savefig(tmp, dpi=dpi)
+    return write
+
+
+# --- pkd analyze --------------------------------------------------------------------
+
+
+def cmd_analyze(args) -> None:
+    from . import plots
+    from .mapping import parse_mapping  # noqa: F401  (validated through _parse_mapping_arg)
+    from .spectrum import spectrum, xavier_mp_edges
+
+    out = _out_dir(args.out)
+    student, teacher, mask = _load_pair(args.student, args.teacher, args.mask_key)
+    n_s, n_t = student.n_layers, teacher.n_layers
+    stats = _stream_stats(student, teacher, mask, args.chunk_rows, args.scheduler)
+    min_mse = stats.min_mse(ridge=args.ridge)
+    relative = stats.relative_min_mse(ridge=args.ridge)
+    cka = stats.cka()
+    strategies = _strategies(n_s, n_t, relative)
+    chosen_name = args.mapping.strip().lower()
+    if chosen_name not in strategies:
+        strategies["custom"] = _parse_mapping_arg(args.mapping, n_s, n_t, relative)
+        chosen_name = "custom"
+    chosen = strategies[chosen_name]
+
+    table = []
+    for name, pairs in strategies.items():
+        table.append({
+            "strategy": name,
+            "pairs": [list(p) for p in pairs],
+            "sum_min_mse": float(sum(min_mse[p] for p in pairs)),
+            "sum_relative_min_mse": float(sum(relative[p] for p in pairs)),
+            "mean_cka": float(np.mean([cka[p] for p in pairs])),
+        })
+
+    spectra, widths = {}, (student.width(0), teacher.width(0))
+    for pair in chosen[:3]:
+        spectra[f"closed form s{pair[0]}→t{pair[1]}"] = stats.projection(*pair, ridge=args.ridge)
+    from .distillation import xavier_uniform
+
+    d_s, d_t = stats.student_widths[chosen[0][0]], stats.teacher_widths[chosen[0][1]]
+    spectra["Xavier init"] = xavier_uniform(d_s, d_t, seed=0)
+    label = "relative best-reachable loss (min-MSE / var(teacher), 1 − R²)"
+    figures = {
+        out / "alignment.png": plots.alignment_heatmap(
+            relative, mappings=strategies, value_label=label,
+            title="Best-reachable loss of a linear projection per layer pair"),
+        out / "cka.png": plots.alignment_heatmap(
+            cka, mappings=strategies, value_label="linear CKA (1 = same representation)",
+            title="Linear CKA per layer pair"),
+        out / "spectra.png": plots.projection_spectrum(
+            spectra, mp_edges=xavier_mp_edges(d_s, d_t),
+            title=f"Projection spectra ({d_s}→{d_t}), mapping '{chosen_name}'"),
+    }
+    summary = {
+        "student_dump": str(args.student), "teacher_dump": str(args.teacher),
+        "rows": int(stats.n_rows), "n_student_layers": n_s, "n_teacher_layers": n_t,
+        "student_widths": list(map(int, stats.student_widths)),
+        "teacher_widths": list(map(int, stats.teacher_widths)),
+        "ridge": args.ridge, "chosen_mapping": chosen_name, "strategies": table,
+        "optimal_mapping": [list(p) for p in strategies["optimal"]],
+        "min_mse": min_mse.tolist(), "relative_min_mse": relative.tolist(), "cka": cka.tolist(),
+        "chosen_spectrum": {k: spectrum(v).summary() for k, v in spectra.items()},
+    }
+
+    def write_csv(tmp):
+        lines = ["student_layer,teacher_layer,min_mse,relative_min_mse,cka"]
+        for s in range(n_s):
+            for t in range(n_t):
+                lines.append(f"{s},{t},{min_mse[s, t]:.9g},{relative[s, t]:.9g},{cka[s, t]:.9g}")
+        Path(tmp).write_text("\n".join(lines) + "\n")
+
+    files = {path: _figure_writer(fig) for path, fig in figures.items()}
+    files[out / "summary.json"] = _json_writer(summary)
+    files[out / "summary.csv"] = write_csv
+    _write_outputs(files)
+
+    print(f"{stats.n_rows} rows, {n_s} student × {n_t} teacher layers "
+          f"(widths {widths[0]} → {widths[1]}), ridge {args.ridge}")
+    print(f"{'strategy':<9} {'Σ min-MSE':>11} {'Σ relative':>11} {'mean CKA':>9}  pairs")
+    for row in table:
+        pairs = ",".join(f"{s}:{t}" for s, t in row["pairs"])
+        print(f"{row['strategy']:<9} {row['sum_min_mse']:>11.4g} "
+              f"{row['sum_relative_min_mse']:>11.4g} {row['mean_cka']:>9.3f}  {pairs}")
+    optimal = ",".join(f"{s}:{t}" for s, t in strategies["optimal"])
+    print(f"optimal mapping (by relative best-reachable loss): {optimal}")
+    print(f"wrote {', '.join(sorted(p.name for p in files))} to {out}/")
+
+
+# --- pkd fit ------------------------------------------------------------------------
+
+
+def cmd_fit(args) -> None:
+    from . import plots
+    from .fit import fit_projection
+    from .spectrum import xavier_mp_edges
+
+    out = _out_dir(args.out)
+    student, teacher, mask = _load_pair(args.student, args.teacher, args.mask_key)
+    n_s, n_t = student.n_layers, teacher.n_layers
+    if args.mapping.strip().lower() == "optimal":
+        stats = _stream_stats(student, teacher, mask, args.chunk_rows, None)
+        mapping = _parse_mapping_arg("optimal", n_s, n_t, stats.relative_min_mse(args.ridge))
+    else:
+        mapping = _parse_mapping_arg(args.mapping, n_s, n_t)
+    used_s = sorted({s for s, _ in mapping})
+    used_t = sorted({t for _, t in mapping})
+    student_layers = [np.asarray(student.layers[i]) if i in used_s else None
+                      for i in range(n_s)]
+    teacher_layers = [np.asarray(teacher.layers[i]) if i in used_t else None
+                      for i in range(n_t)]
+    common = {"shared": args.shared, "ridge": args.ridge, "attention_mask": mask,
+              "tokens": args.tokens}
+    try:
+        result = fit_projection(student_layers, teacher_layers, mapping, method=args.method,
+                                steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                                seed=args.seed, normalize=args.normalize, progress=True,
+                                **common)
+        floor = None
+        if not args.normalize:
+            per_pair = fit_projection(student_layers, teacher_layers, mapping,
+                                      method="closed_form", **(common | {"shared": False}))
+            floor = per_pair.layer_losses
+            best = (result if args.method == "closed_form" else
+                    fit_projection(student_layers, teacher_layers, mapping,
+                                   method="closed_form", **common))
+    except (ValueError, TypeError) as error:
+        raise CommandError(str(error)) from None
+
+    first = mapping[0]
+    d_s, d_t = result.projection_for(first).shape
+    spectra = {}
+    if result.initial is not None:
+        initial = result.initial if args.shared else result.initial[first]
+        spectra["Xavier init"] = initial
+    label = "fitted" if args.shared else f"fitted s{first[0]}→t{first[1]}"
+    spectra[f"{label} ({args.method})"] = result.projection_for(first)
+    if floor is not None and args.method != "closed_form":
+        spectra["closed form"] = best.projection_for(first)
+    loss_name = "normalized loss" if args.normalize else "MSE"
+    figures = {
+        out / "layer_losses.png": plots.layer_losses(
+            result.history, labels=mapping, floor=floor, loss_label=loss_name,
+            title=f"Per-pair alignment loss ({args.method})"),
+        out / "spectra.png": plots.projection_spectrum(
+            spectra, mp_edges=xavier_mp_edges(d_s, d_t),
+            title=f"Projection spectrum ({d_s}→{d_t})"),
+    }
+    metadata = {"mapping": json.dumps([list(p) for p in mapping]),
+                "settings": json.dumps(result.settings, default=str),
+                "student_dump": str(args.student), "teacher_dump": str(args.teacher)}
+    tensors = ({"projection": result.projection} if args.shared else
+               {f"projection.{s}_{t}": p for (s, t), p in result.projections.items()})
+
+    def write_projection(tmp):
+        from safetensors.numpy import save_file
+
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
+                  metadata=metadata)
+
+    files = {path: _figure_writer(fig) for path, fig in figures.items()}
+    files[out / "projection.safetensors"] = write_projection
+    _write_outputs(files)
+
+    print(f"{args.method} fit of {'a shared projection' if args.shared else 'per-pair projections'}"
+          f" ({d_s}→{d_t}) on {mapping}")
+    print(f"{'pair':<10} {loss_name:>12} {'closed-form floor':>18}")
+    for k, pair in enumerate(mapping):
+        floor_text = "-" if floor is None else f"{floor[k]:.6g}"
+        print(f"{pair[0]}→{pair[1]:<7} {result.layer_losses[k]:>12.6g} {floor_text:>18}")
+    print(f"wrote {', '.join(sorted(p.name for p in files))} to {out}/")
+
+
+# --- pkd bench ----------------------------------------------------------------------
+
+
+def cmd_bench(args) -> None:
+    from .bench import VARIANTS, run_bench, write_json
+
+    variants = VARIANTS if not args.variant else tuple(args.variant)
+    for v in variants:
+        if v not in VARIANTS:
+            raise CommandError(f"--variant {v!r}: choose from {', '.join(VARIANTS)}")
+    result = run_bench(quick=args.quick, dtypes=tuple(args.dtype), variants=variants,
+                       repeats=args.repeats)
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+
+
+# --- pkd demo -----------------------------------------------------------------------
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    out = _out_dir(args.out)
+    try:
+        run_demo(out=out, seed=args.seed, quick=args.quick)
+    except ImportError as error:  # scikit-learn lives in the `demo` extra
+        raise CommandError(f"{error} (install it with: pip install 'pkd[demo]')") from None
+
+
+# --- the parser ---------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pkd", description="Patient Knowledge Distillation on the CPU.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="distil a 12-layer teacher into a 4-layer student "
+                                       "on scikit-learn's digits and draw every figure")
+    demo.add_argument("--out", default="pkd-demo", help="output directory (default pkd-demo/)")
+    demo.add_argument("--seed", type=int, default=0, help="base random seed")
+    demo.add_argument("--quick", action="store_true", help="fewer steps and seeds (~30 s)")
+    demo.set_defaults(run=cmd_demo)
+
+    def dumps(p):
+        p.add_argument("student", help="student dump (.safetensors or .npz)")
+        p.add_argument("teacher", help="teacher dump (.safetensors or .npz)")
+        p.add_argument("--mask-key", default="attention_mask",
+                       help="key of the attention mask in the dumps (default attention_mask)")
+        p.add_argument("--ridge", type=float, default=0.0, help="ridge ρ >= 0 (default 0)")
+        p.add_argument("--chunk-rows", type=int, default=4096,
+                       help="rows per streamed chunk (default 4096)")
+        p.add_argument("--out", required=True, help="output directory")
+
+    analyze = sub.add_parser("analyze", help="alignment of every layer pair, from two dumps")
+    dumps(analyze)
+    analyze.add_argument("--mapping", default="optimal",
+                         help='uniform, skip, last, optimal (default) or pairs "0:2,1:5"')
+    analyze.add_argument("--scheduler", default=None,
+                         help="address of a dask.distributed scheduler (optional)")
+    analyze.set_defaults(run=cmd_analyze)
+
+    fit = sub.add_parser("fit", help="fit the projection(s) of a layer mapping on two dumps")
+    dumps(fit)
+    fit.add_argument("--mapping", required=True,
+                     help='uniform, skip, last, optimal or pairs "0:2,1:5"')
+    fit.add_argument("--method", choices=("closed_form", "adam", "sgd"), default="closed_form")
+    fit.add_argument("--steps", type=int, default=500)
+    fit.add_argument("--lr", type=float, default=None)
+    fit.add_argument("--batch-size", type=int, default=None)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--tokens", default="all", help='"all", "cls" or a position')
+    group = fit.add_mutually_exclusive_group()
+    group.add_argument("--shared", dest="shared", action="store_true", default=True,
+                       help="one projection for all pairs (default)")
+    group.add_argument("--per-pair", dest="shared", action="store_false",
+                       help="one projection per pair")
+    fit.add_argument("--normalize", action="store_true", help="PKD's normalized loss")
+    fit.set_defaults(run=cmd_fit)
+
+    bench = sub.add_parser("bench", help="speed as ratios: vs GEMMs alone, NumPy, torch")
+    bench.add_argument("--quick", action="store_true", help="a subset, under a minute")
+    bench.add_argument("--json", default=None, help="also write every figure to this file")
+    bench.add_argument("--repeats", type=int, default=5, help="timed runs per case (>= 5)")
+    bench.add_argument("--dtype", action="append", choices=("float32", "float64"),
+                       default=None)
+    bench.add_argument("--variant", action="append", default=None)
+    bench.set_defaults(run=cmd_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "dtype", None) is None and args.command == "bench":
+        args.dtype = ["float32", "float64"]
+    if args.command == "fit" and args.tokens not in ("all", "cls"):
+        try:
+            args.tokens = int(args.tokens)
+        except ValueError:
+            parser.error(f'--tokens must be "all", "cls" or an int, got {args.tokens!r}')
+    try:
+        args.run(args)
+    except CommandError as error:
+        print(f"pkd {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # a DumpError or a validation error: name it, no traceback
+        print(f"pkd {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
