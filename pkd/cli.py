@@ -24,18 +24,23 @@ class CommandError(Exception):
 
 
 def _out_dir(path: str) -> Path:
-    """Create ``path`` if needed and check that it is a writable directory."""
+    """Check that ``path`` is (or can be created as) a writable directory.
+
+    Nothing is created here: the directory appears only when the outputs are
+    written, so a command that fails leaves nothing behind.
+    """
     import os
 
     out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CommandError(f"cannot create output directory {out}: {error.strerror}") from None
-    if not out.is_dir():
+    if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out} exists and is not a directory")
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise CommandError(f"output directory {out} is not writable")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CommandError(f"cannot create output directory {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CommandError(f"output directory {out} is not writable ({parent} is read-only)")
     return out
 
 
@@ -101,23 +106,20 @@ def _stream_stats(student, teacher, mask, chunk_rows: int, scheduler: str | None
     if scheduler is not None:
         return AlignmentStats.from_dumps_dask(student, teacher, chunk_rows=chunk_rows,
                                               scheduler=scheduler, mask=mask)
-    stats = None
+    stats = AlignmentStats(chunk_rows=chunk_rows)
     flat_mask = None if mask is None else mask.reshape(-1)
-    total = student.n_rows
-    with tqdm(total=total, desc="streaming", unit="rows", file=sys.stderr,
+    seen_rows = False
+    with tqdm(total=student.n_rows, desc="streaming", unit="rows", file=sys.stderr,
               disable=None) as bar:
         chunks = zip(student.iter_chunks(chunk_rows), teacher.iter_chunks(chunk_rows),
                      strict=True)
         for (start, stop, s_chunk), (_, _, t_chunk) in chunks:
             rows_mask = None if flat_mask is None else flat_mask[start:stop]
-            if rows_mask is not None and not rows_mask.any():
-                bar.update(stop - start)
-                continue
-            part = AlignmentStats.from_arrays(s_chunk, t_chunk, mask=rows_mask,
-                                              chunk_rows=chunk_rows)
-            stats = part if stats is None else stats.merge(part)
+            if rows_mask is None or rows_mask.any():  # a chunk of padding only is skipped
+                stats.update(s_chunk, t_chunk, mask=rows_mask)
+                seen_rows = True
             bar.update(stop - start)
-    if stats is None:
+    if not seen_rows:
         raise CommandError("the attention mask selects no row: nothing to analyze")
     return stats
 
@@ -126,6 +128,11 @@ def _write_outputs(files: dict) -> None:
     """Write every prepared output atomically; ``files`` maps path → writer(tmp_path)."""
     from ._atomic import atomic_write
 
+    for path in {Path(p).parent for p in files}:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CommandError(f"cannot create output directory {path}: {error}") from None
     for path, writer in files.items():
         atomic_write(path, writer)
 
@@ -181,7 +188,7 @@ def cmd_analyze(args) -> None:
 
     d_s, d_t = stats.student_widths[chosen[0][0]], stats.teacher_widths[chosen[0][1]]
     spectra["Xavier init"] = xavier_uniform(d_s, d_t, seed=0)
-    label = "relative best-reachable loss (min-MSE / var(teacher), 1 − R²)"
+    label = "1 − R² = min-MSE / teacher variance"
     figures = {
         out / "alignment.png": plots.alignment_heatmap(
             relative, mappings=strategies, value_label=label,
@@ -305,10 +312,19 @@ def cmd_fit(args) -> None:
 
     print(f"{args.method} fit of {'a shared projection' if args.shared else 'per-pair projections'}"
           f" ({d_s}→{d_t}) on {mapping}")
-    print(f"{'pair':<10} {loss_name:>12} {'closed-form floor':>18}")
+    shared_best = floor is not None and args.shared and args.method != "closed_form"
+    print(f"{'pair':<10} {loss_name:>12} {'closed-form floor':>18}"
+          + (f" {'shared closed form':>19}" if shared_best else ""))
     for k, pair in enumerate(mapping):
         floor_text = "-" if floor is None else f"{floor[k]:.6g}"
-        print(f"{pair[0]}→{pair[1]:<7} {result.layer_losses[k]:>12.6g} {floor_text:>18}")
+        line = f"{pair[0]}→{pair[1]:<7} {result.layer_losses[k]:>12.6g} {floor_text:>18}"
+        if shared_best:
+            line += f" {best.layer_losses[k]:>19.6g}"
+        print(line)
+    if floor is not None:
+        print("closed-form floor: the best any projection reaches for the pair alone"
+              + ("; shared closed form: the best one shared projection reaches" if shared_best
+                 else ""))
     print(f"wrote {', '.join(sorted(p.name for p in files))} to {out}/")
 
 

@@ -335,7 +335,7 @@ def _descend(data, initial, method, steps, lr, batch_size, rng, normalize, ridge
         if callback is not None:
             callback(step, losses.copy())
         if progress:
-            bar.set_postfix(loss=f"{losses.mean():.4g}")
+            bar.set_postfix(loss=f"{losses.mean():.4g}", refresh=False)
     dtype = initial.dtype if shared else next(iter(initial.values())).dtype
     solution = (params["shared"].astype(dtype) if shared
                 else {k: params[k].astype(dtype) for k in keys})
