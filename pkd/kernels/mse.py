@@ -58,5 +58,5 @@ def _mse_direct(student, teacher, rows, grad_scale, grad_student, accumulate, ro
         row_loss[k] = acc
 
 
-mse_compact_serial, mse_compact_parallel = twins(_mse_compact)
-mse_direct_serial, mse_direct_parallel = twins(_mse_direct)
+mse_compact_serial, mse_compact_parallel = twins(_mse_compact, reassociate=True)
+mse_direct_serial, mse_direct_parallel = twins(_mse_direct, reassociate=True)

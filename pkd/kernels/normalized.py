@@ -22,7 +22,7 @@ from ._jit import kernel, twins
 EPS = 1e-12
 
 
-@kernel
+@kernel(reassociate=True)
 def _normalized_row(y_row, t_row, grad_scale, out_row, accumulate):
     """One row: returns ‖u − v‖², writes (or adds) grad_scale·∂ℓ/∂y into out_row."""
     width = y_row.shape[0]
@@ -80,5 +80,7 @@ def _normalized_direct(student, teacher, rows, grad_scale, grad_student, accumul
                                       accumulate)
 
 
-normalized_compact_serial, normalized_compact_parallel = twins(_normalized_compact)
-normalized_direct_serial, normalized_direct_parallel = twins(_normalized_direct)
+normalized_compact_serial, normalized_compact_parallel = twins(_normalized_compact,
+                                                               reassociate=True)
+normalized_direct_serial, normalized_direct_parallel = twins(_normalized_direct,
+                                                             reassociate=True)
