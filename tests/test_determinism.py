@@ -1,0 +1,58 @@
+"""Results do not depend on the thread count, nor on which twin (serial/parallel) runs."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = r"""
+import hashlib, sys
+import numpy as np
+import pkd
+import pkd.loss
+import pkd.objective
+
+if sys.argv[1] == "parallel":  # force the parallel twins of every fused kernel
+    pkd.loss.PARALLEL_MIN_ELEMENTS = 0
+rng = np.random.default_rng(0)
+student = [rng.standard_normal((6, 50, 24), dtype=np.float32) for _ in range(3)]
+teacher = [rng.standard_normal((6, 50, 40), dtype=np.float32) for _ in range(6)]
+mask = rng.random((6, 50)) < 0.8
+digest = hashlib.sha256()
+for normalize in (False, True):
+    cfg = pkd.ProgressiveDistillation([(0, 1), (1, 3), (2, 5), (0, 4)], normalize=normalize)
+    cfg = cfg.with_projection(24, 40, seed=1)
+    result = cfg.loss_and_grad(student, teacher, attention_mask=mask)
+    digest.update(np.float64(result.loss).tobytes())
+    digest.update(result.grad_projection.tobytes())
+    for grad in result.grad_student:
+        digest.update(grad.tobytes())
+objective = pkd.PKDObjective(hidden=cfg)
+logits = rng.standard_normal((6, 10), dtype=np.float32)
+out = objective.loss_and_grad(logits, logits[::-1].copy(), np.arange(6) % 10,
+                              student, teacher, attention_mask=mask)
+digest.update(np.float64(out.loss).tobytes())
+digest.update(out.grad_logits.tobytes())
+stats = pkd.AlignmentStats.from_arrays(student, teacher, mask=mask, chunk_rows=64)
+digest.update(stats.min_mse().tobytes())
+digest.update(stats.cka().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def _run(threads: int, twin: str) -> str:
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
+    out = subprocess.run([sys.executable, "-c", SCRIPT, twin], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to run 2 threads")
+def test_bit_identical_with_one_and_two_threads_and_both_twins():
+    results = {(threads, twin): _run(threads, twin)
+               for threads in (1, 2) for twin in ("serial", "parallel")}
+    assert len(set(results.values())) == 1, results
+    assert len(hashlib.sha256(b"").hexdigest()) == len(results[(1, "serial")])
