@@ -7,7 +7,6 @@ BIN    := $(VENV)/bin
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
 
 # Stamp files record which extras are installed, so re-runs are fast.
 $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
