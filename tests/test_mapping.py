@@ -3,12 +3,12 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
-import naive
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import naive
 from pkd.mapping import (
     MAPPINGS,
     last,
