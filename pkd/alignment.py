@@ -510,6 +510,109 @@ class AlignmentStats:
             raise ValueError("chunks is empty: there is nothing to accumulate")
         return stats
 
+    @classmethod
+    def from_dask(cls, student_layers, teacher_layers, mask=None, *,
+                  chunk_rows: int = DEFAULT_CHUNK_ROWS, split_every: int = 4,
+                  scheduler=None) -> AlignmentStats:
+        """Statistics of hidden states held in dask arrays, computed on a Dask scheduler.
+
+        Each row block gets its statistics (:meth:`from_arrays`, pkd's kernels)
+        in its own task; the blocks' statistics are merged in a tree of fixed
+        fan-in, in row order, so the result does not depend on the scheduler
+        or the number of workers. It equals :meth:`from_arrays` on the same
+        rows up to rounding (~1e-15 relative). Needs the ``pkd[dask]`` extra.
+
+        Parameters
+        ----------
+        student_layers, teacher_layers : list of dask.array.Array, or one stacked dask array
+            As in :meth:`update`, as dask arrays: each ``(N, d)`` or ``(B, T, d)``
+            (or stacked ``(L, N, d)`` / ``(L, B, T, d)``), float32 or float64,
+            with known chunk sizes. Blocks are row blocks of the first student
+            layer (for 3-D input: its batch chunks, whole sequences); layers
+            chunked differently are rechunked to them, and the width is
+            rechunked to one chunk. Each block emits the full statistics
+            (``Σd_s·Σd_t + Σd_s² + Σd_t²`` float64 values), so make row chunks
+            large next to that: tens of thousands of rows for BERT-size models.
+        mask : array_like or dask.array.Array, optional
+            0/1 of shape ``(N,)`` / ``(B, T)``. A numpy mask is checked here and
+            blocks it leaves empty get no task; a dask mask is checked in the
+            tasks. ``None``: every row counts.
+        chunk_rows : int
+            Rows per accumulation step inside a task (see ``__init__``).
+        split_every : int
+            Fan-in (>= 2) of the merge tree; a merge task holds this many
+            statistics plus two working copies.
+        scheduler : None, str, or distributed.Client
+            ``None``: dask's default (the active ``distributed.Client`` if any,
+            else threads); a scheduler name (``"threads"``, ``"processes"``,
+            ``"synchronous"``); a ``distributed.Client``; or a scheduler address
+            (``"tcp://host:8786"``: a Client is connected, and closed at the end).
+        Raises
+        ------
+        TypeError, ValueError
+            As :meth:`update`, before any work for what the client can see
+            (layer types, dtypes, shapes, a numpy mask); errors raised in a
+            task (non-finite values, a dask mask that is not 0/1) keep their
+            type and name the rows of the block. A mask that selects no row.
+        ImportError
+            dask is not installed.
+        """
+        from ._dask import from_dask
+
+        data = from_dask(student_layers, teacher_layers, mask, chunk_rows=chunk_rows,
+                         split_every=split_every, scheduler=scheduler)
+        return cls.from_dict(data, chunk_rows=chunk_rows)
+
+    @classmethod
+    def from_dumps_dask(cls, student, teacher, *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                        scheduler=None, mask=None, task_rows: int | None = None,
+                        split_every: int = 4) -> AlignmentStats:
+        """Statistics of two dumps, read and reduced by Dask workers (``pkd analyze --scheduler``).
+
+        Only file paths, row ranges and mask slices are sent: each task opens
+        both dumps by path, streams its ``task_rows`` rows ``chunk_rows`` at a
+        time (memory per task: one chunk of every layer plus the statistics)
+        and returns their statistics; they are merged as in :meth:`from_dask`.
+        **The dumps must be readable under the same absolute path on every
+        worker** (a shared filesystem); a worker that cannot find them, or sees
+        a different file, raises an error naming its host. Needs ``pkd[dask]``.
+
+        Parameters
+        ----------
+        student, teacher : pkd.io.Dump
+            Opened with :func:`pkd.io.load_dump`; ``.safetensors`` only (a
+            ``.npz`` layer can only be read whole, by every task).
+        chunk_rows : int
+            Rows read and accumulated at a time inside a task.
+        scheduler : None, str, or distributed.Client
+            As in :meth:`from_dask`; ``pkd analyze --scheduler ADDRESS`` passes
+            the address.
+        mask : array_like, optional
+            0/1 of the dumps' leading shape ``(B, T)`` / ``(N,)`` (e.g.
+            ``student.attention_mask``). ``None``: every row counts (the dumps'
+            own masks are not applied).
+        task_rows : int, optional
+            Rows per task. Default: the smallest multiple of ``chunk_rows``
+            with which a task reads at least 8× the values it emits.
+        split_every : int
+            As in :meth:`from_dask`.
+
+        Raises
+        ------
+        TypeError, ValueError
+            Before any work: arguments that are not dumps, a ``.npz`` dump,
+            dumps of different leading shapes, a bad mask. From the tasks
+            (same type, naming the rows): NaN/Inf in the rows that count, a
+            dump missing on a worker (``FileNotFoundError``) or different from
+            the client's. A mask that selects no row; an address where no
+            scheduler answers.
+        """
+        from ._dask import from_dumps
+
+        data = from_dumps(student, teacher, chunk_rows=chunk_rows, scheduler=scheduler,
+                          mask=mask, task_rows=task_rows, split_every=split_every)
+        return cls.from_dict(data, chunk_rows=chunk_rows)
+
     # ------------------------------------------------------------------ combining
 
     def copy(self) -> AlignmentStats:

@@ -435,7 +435,7 @@ def main(argv=None) -> int:
     except CommandError as error:
         print(f"pkd {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except ValueError as error:  # a DumpError or a validation error: name it, no traceback
+    except (ValueError, OSError) as error:  # DumpError, validation, files: no traceback
         print(f"pkd {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
