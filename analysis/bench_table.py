@@ -1,0 +1,305 @@
+"""The benchmark table and figure: pkd's speed as ratios, from one ``pkd bench`` run.
+
+Runs :func:`pkd.bench.run_bench` (the benchmark behind ``pkd bench``) over
+its grid (variant × dtype × N rows × (d_s, d_t)) and writes, into
+``analysis/results/bench/``:
+
+- ``bench.json``: every measurement, the machine (CPU, BLAS, threads) and
+  the start-up times;
+- ``bench.md``: the table: per case, pkd's time, its ratio to the GEMMs it
+  cannot avoid (×GEMM; 1.00 is the physical limit), its speed-up over the
+  plain NumPy version and over torch autograd, and its peak extra memory
+  against the budget;
+- ``ratio_vs_n.png``: ×GEMM against N per variant (top row) and the torch
+  speed-up (bottom row), one column per dtype.
+
+The full grid takes many minutes: run it on a quiet machine. ``--from-json``
+rebuilds the table and the figure from an existing ``bench.json`` (or the
+output of ``pkd bench --json``) without measuring anything.
+
+Run (from the repository root):
+
+    .venv/bin/python analysis/bench_table.py                     # full grid, many minutes
+    .venv/bin/python analysis/bench_table.py --quick             # a subset, about a minute,
+                                                                 # into results/bench-quick/
+    .venv/bin/python analysis/bench_table.py --from-json analysis/results/bench/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from _common import output_dir, write_json, write_text
+
+NAME = "bench"
+REQUIRED = ("variant", "dtype", "n_rows", "d_s", "d_t", "pkd_ms", "gemm_ms", "numpy_ms",
+            "torch_ms", "peak_mb", "budget_mb")
+
+
+def load_result(path: Path) -> dict:
+    """Read a benchmark JSON and check it has the rows this script needs."""
+    try:
+        result = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SystemExit(f"--from-json {path}: no such file") from None
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"--from-json {path}: not valid JSON ({error})") from None
+    rows = result.get("rows") if isinstance(result, dict) else None
+    if not isinstance(rows, list) or not rows:
+        raise SystemExit(f"--from-json {path}: expected an object with a non-empty 'rows' "
+                         "list (the output of pkd bench --json or of this script)")
+    for k, row in enumerate(rows):
+        missing = [key for key in REQUIRED if key not in row]
+        if missing:
+            raise SystemExit(f"--from-json {path}: rows[{k}] lacks {', '.join(missing)}")
+        if not (row["pkd_ms"] > 0 and row["gemm_ms"] > 0):
+            raise SystemExit(f"--from-json {path}: rows[{k}] has non-positive times")
+    return result
+
+
+def _ratio(numerator, denominator):
+    return None if numerator is None or denominator is None else numerator / denominator
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _geomean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def _groups(rows: list[dict]) -> dict:
+    """``{(variant, dtype): [rows]}`` in the order the rows first appear."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault((row["variant"], row["dtype"]), []).append(row)
+    return groups
+
+
+def _machine_lines(header: dict) -> list[str]:
+    if not header:
+        return ["- machine: not recorded"]
+    blas = ", ".join(f"{b.get('internal_api')} {b.get('version')} ({b.get('architecture')}, "
+                     f"{b.get('num_threads')} threads)" for b in header.get("blas", []))
+    torch = (f"torch {header['torch']} ({header.get('torch_threads')} threads)"
+             if header.get("torch") else "torch not installed")
+    return [
+        f"- machine: {header.get('cpu')}, {header.get('cores')} cores",
+        f"- numpy {header.get('numpy')}, numba {header.get('numba')} "
+        f"({header.get('numba_threads')} threads), BLAS: {blas or 'unknown'}; {torch}",
+    ]
+
+
+def markdown(result: dict) -> str:
+    """bench.md: how to read it, a summary per variant and dtype, then every case."""
+    rows = result["rows"]
+    lines = [
+        "# pkd benchmark",
+        "",
+        *_machine_lines(result.get("header", {})),
+        f"- {result.get('repeats', '?')} timed runs per case after a warm-up, contenders "
+        "interleaved, medians; " + ("--quick subset." if result.get("quick") else "full grid."),
+        "",
+        "How to read it: **×GEMM** = pkd's time / the time of the GEMMs the computation "
+        "cannot avoid, alone, in the same BLAS (for the projected loss S·P, Sᵀ·G, G·Pᵀ; for "
+        "`alignment` SᵀS, TᵀT, SᵀT): 1.00 is the physical limit, lower is better. "
+        "**NumPy/pkd** and **torch/pkd** are speed-ups over the plain NumPy version and "
+        "torch CPU autograd (higher is better). **peak / budget**: pkd's peak extra memory "
+        "(tracemalloc) against 1.2 × (one N×d_t buffer + the gradient outputs).",
+        "",
+        "## Summary per variant and dtype",
+        "",
+        "| variant | dtype | cases | ×GEMM median | ×GEMM worst | NumPy/pkd (geomean) "
+        "| torch/pkd (geomean) | peak within budget |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (variant, dtype), group in _groups(rows).items():
+        ratios = [r["pkd_ms"] / r["gemm_ms"] for r in group]
+        numpy_up = _geomean(_ratio(r["numpy_ms"], r["pkd_ms"]) for r in group)
+        torch_up = _geomean(_ratio(r["torch_ms"], r["pkd_ms"]) for r in group)
+        budgeted = [r for r in group if r["peak_mb"] is not None and r["budget_mb"] is not None]
+        within = (f"{sum(r['peak_mb'] <= r['budget_mb'] for r in budgeted)} of {len(budgeted)}"
+                  if budgeted else "–")
+        lines.append(f"| {variant} | {dtype} | {len(group)} | {np.median(ratios):.2f} "
+                     f"| {max(ratios):.2f} | {_fmt(numpy_up, '.2f')} | {_fmt(torch_up, '.2f')} "
+                     f"| {within} |")
+    lines += [
+        "",
+        "![pkd time / GEMM time against N](ratio_vs_n.png)",
+        "",
+        "## Every case",
+        "",
+        "| variant | dtype | N | d_s×d_t | pkd ms | ×GEMM | NumPy/pkd | torch/pkd "
+        "| peak / budget MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        memory = (f"{_fmt(r['peak_mb'], '.1f')} / {_fmt(r['budget_mb'], '.1f')}"
+                  if r["peak_mb"] is not None else "–")
+        lines.append(
+            f"| {r['variant']} | {r['dtype']} | {r['n_rows']} | {r['d_s']}×{r['d_t']} "
+            f"| {r['pkd_ms']:.3f} | {r['pkd_ms'] / r['gemm_ms']:.2f} "
+            f"| {_fmt(_ratio(r['numpy_ms'], r['pkd_ms']), '.2f')} "
+            f"| {_fmt(_ratio(r['torch_ms'], r['pkd_ms']), '.2f')} | {memory} |"
+        )
+    startup = result.get("startup")
+    if startup:
+        lines += [
+            "",
+            f"Start-up: `import pkd` {startup['import_s']:.2f} s; first `loss_and_grad` in a "
+            f"fresh process {startup['first_call_warm_s']:.2f} s with Numba's on-disk cache "
+            f"warm, {startup['first_call_cold_s']:.2f} s cold (compiling).",
+        ]
+    lines += ["", "Rerun: `.venv/bin/python analysis/bench_table.py` (measures; many minutes) "
+              "or `--from-json analysis/results/bench/bench.json` (redraws only).", ""]
+    return "\n".join(lines)
+
+
+def _series(group: list[dict], value) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per N: the median, min and max of ``value(row)`` over the shapes (None skipped)."""
+    by_n: dict = {}
+    for row in group:
+        v = value(row)
+        if v is not None:
+            by_n.setdefault(row["n_rows"], []).append(v)
+    ns = np.array(sorted(by_n), dtype=float)
+    values = [np.array(by_n[int(n)]) for n in ns]
+    return (ns, np.array([np.median(v) for v in values]),
+            np.array([v.min() for v in values]), np.array([v.max() for v in values]))
+
+
+def _reference(ax, y: float, text: str, colour, above: bool = True) -> None:
+    """A dashed horizontal reference line, labelled in the panel (not in the legend)."""
+    ax.axhline(y, color=colour, linestyle="--", linewidth=1.0)
+    ax.annotate(text, (1.0, y), xycoords=("axes fraction", "data"),
+                xytext=(-4, 2 if above else -2), textcoords="offset points", ha="right",
+                va="bottom" if above else "top", fontsize="x-small", color=colour)
+
+
+def _plain_log_label(y: float, _=None) -> str:
+    """Labels 1, 2, 3, 5 × 10^k on a log axis as plain numbers; other ticks unlabelled."""
+    if y <= 0:
+        return ""
+    leading = round(y / 10 ** math.floor(math.log10(y)), 6)
+    return f"{y:g}" if leading in (1, 2, 3, 5) else ""
+
+
+def build_figure(result: dict):
+    """×GEMM (top) and torch/pkd (bottom) against N; one line per variant, one column per dtype."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    rows = result["rows"]
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    colours = {v: f"C{k}" for k, v in enumerate(variants)}
+    has_torch = any(r["torch_ms"] is not None for r in rows)
+    n_rows = 2 if has_torch else 1
+    fig = Figure(figsize=(max(5.2 * len(dtypes) + 0.6, 8.0), 4.0 * n_rows + 1.1),
+                 layout="constrained")
+    axes = np.atleast_2d(fig.subplots(n_rows, len(dtypes), squeeze=False, sharex=True))
+    shapes = sorted({(r["d_s"], r["d_t"]) for r in rows})
+    groups = _groups(rows)
+    panels = [("×GEMM", lambda r: r["pkd_ms"] / r["gemm_ms"])]
+    if has_torch:
+        panels.append(("torch/pkd", lambda r: _ratio(r["torch_ms"], r["pkd_ms"])))
+
+    for col, dtype in enumerate(dtypes):
+        for row_index, (kind, value) in enumerate(panels):
+            ax = axes[row_index, col]
+            for variant in variants:
+                group = groups.get((variant, dtype))
+                if not group:
+                    continue
+                ns, mid, lo, hi = _series(group, value)
+                if ns.size == 0:
+                    continue
+                ax.fill_between(ns, lo, hi, color=colours[variant], alpha=0.15, linewidth=0)
+                ax.plot(ns, mid, marker="o", markersize=4, color=colours[variant],
+                        label=variant)
+            ax.set_xscale("log")
+            ax.set_xticks(sorted({r["n_rows"] for r in rows}))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.grid(True, alpha=0.3)
+            if kind == "×GEMM":
+                _reference(ax, 1.0, "1.00: the GEMMs alone", "black", above=False)
+                _reference(ax, 1.10, "1.10: 10% over them", "0.45")
+                ax.set_ylabel("pkd time / GEMM time (lower = better)")
+                ax.set_title(f"{dtype}: pkd vs the GEMMs it needs", fontsize="medium")
+                ax.set_ylim(bottom=min(0.95, ax.get_ylim()[0]))
+                if ax.get_ylim()[1] > 3.0:  # an outlier would flatten 1.0 vs 1.1: log scale
+                    ax.set_yscale("log")
+                    ax.set_ylim(bottom=min(0.9, 0.9 * ax.dataLim.y0))
+                    ax.yaxis.set_major_formatter(FuncFormatter(_plain_log_label))
+                    ax.yaxis.set_minor_formatter(FuncFormatter(_plain_log_label))
+            else:
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(FuncFormatter(_plain_log_label))
+                ax.yaxis.set_minor_formatter(FuncFormatter(_plain_log_label))
+                _reference(ax, 1.0, "1: as fast as torch", "black")
+                ax.set_ylabel("torch time / pkd time (higher = better)")
+                ax.set_title(f"{dtype}: speed-up over torch CPU autograd", fontsize="medium")
+            if row_index == n_rows - 1:
+                ax.set_xlabel("N rows (log scale)")
+            ax.tick_params(labelbottom=True)
+    handles: dict = {}
+    for ax in axes.flat:  # one legend for all panels, each variant once
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+               ncols=min(len(handles), 5 if len(dtypes) > 1 else 3), frameon=False,
+               fontsize="small",
+               title="variant", title_fontsize="small")
+    shape_text = ", ".join(f"{a}×{b}" for a, b in shapes)
+    fig.suptitle(f"pkd benchmark: lines are the median over the (d_s × d_t) shapes\n"
+                 f"{shape_text}; bands their min–max", fontsize="medium")
+    return fig
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="pkd bench --quick's subset (writes to bench-quick/)")
+    parser.add_argument("--from-json", default=None, metavar="PATH",
+                        help="rebuild bench.md and ratio_vs_n.png from this JSON; no timing")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default analysis/results/bench)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (>= 5)")
+    parser.add_argument("--dtype", action="append", choices=("float32", "float64"),
+                        default=None, help="repeat to measure several (default both)")
+    parser.add_argument("--variant", action="append", default=None,
+                        help="repeat to measure several (default all)")
+    args = parser.parse_args(argv)
+    out = output_dir(NAME, args.out, args.quick)
+    json_path = out / "bench.json"
+    if args.from_json is not None:
+        result = load_result(Path(args.from_json))
+        if Path(args.from_json).resolve() != json_path.resolve():
+            write_json(json_path, result)  # the results directory stays self-contained
+    else:
+        from pkd.bench import VARIANTS, run_bench
+
+        variants = tuple(args.variant) if args.variant else VARIANTS
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            parser.error(f"--variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
+        result = run_bench(quick=args.quick, dtypes=tuple(args.dtype or ("float32", "float64")),
+                           variants=variants, repeats=args.repeats)
+        write_json(json_path, result)
+    from pkd import plots
+
+    written = [json_path, write_text(out / "bench.md", markdown(result)),
+               plots.save_figure(build_figure(result), out / "ratio_vs_n.png")]
+    print("wrote:\n" + "\n".join(f"  {p}" for p in written))
+    return result
+
+
+if __name__ == "__main__":
+    main()
