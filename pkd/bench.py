@@ -100,18 +100,35 @@ def machine_header() -> dict:
     return header
 
 
-def _median_times(contenders: dict[str, Callable | None], repeats: int) -> dict[str, float]:
-    """Warm every contender up, then time them round-robin; medians in seconds."""
-    live = {name: fn for name, fn in contenders.items() if fn is not None}
-    for fn in live.values():
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in live}
-    for _ in range(repeats):
-        for name, fn in live.items():
-            start = time.perf_counter()
+def _median_times(groups: list[dict[str, Callable | None]], repeats: int) -> dict[str, float]:
+    """Median seconds of every contender.
+
+    Contenders within a group share one thread pool (numpy's OpenBLAS) and are
+    timed round-robin, so a burst of machine noise hits them alike. Groups
+    that use another pool (torch's OpenMP threads, scipy's own OpenBLAS) are
+    timed in their own block after a pause: on 2 cores, a pool that is still
+    spinning after its last call starves the next one (measured here: a 0.6 ms
+    GEMM took 3 ms right after a torch call).
+    """
+    medians: dict[str, float] = {}
+    for group in groups:
+        live = {name: fn for name, fn in group.items() if fn is not None}
+        if not live:
+            continue
+        time.sleep(_COOL_DOWN_S)
+        for fn in live.values():
             fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+        samples: dict[str, list[float]] = {name: [] for name in live}
+        for _ in range(repeats):
+            for name, fn in live.items():
+                start = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - start)
+        medians.update({name: statistics.median(values) for name, values in samples.items()})
+    return medians
+
+
+_COOL_DOWN_S = 0.2
 
 
 def _peak_bytes(fn: Callable) -> int:
@@ -253,8 +270,8 @@ def bench_case(variant, n, d_s, d_t, dtype, repeats) -> Row:
 
         torch_version = None if torch is None else _torch_pair(torch, S, T, P, w, normalize)
 
-    times = _median_times({"pkd": ours, "gemm": _gemms(student, P, n_pairs),
-                           "numpy": numpy_version, "torch": torch_version}, repeats)
+    times = _median_times([{"pkd": ours, "gemm": _gemms(student, P, n_pairs),
+                            "numpy": numpy_version}, {"torch": torch_version}], repeats)
     peak = _peak_bytes(ours)
     return Row(variant, dtype.name, n, d_s, d_t, times["pkd"] * 1e3, times["gemm"] * 1e3,
                times["numpy"] * 1e3, times["torch"] * 1e3 if "torch" in times else None,
@@ -262,28 +279,35 @@ def bench_case(variant, n, d_s, d_t, dtype, repeats) -> Row:
 
 
 def _bench_alignment(n, d_s, d_t, dtype, repeats) -> Row:
-    """AlignmentStats accumulation (one student, one teacher layer) vs its GEMMs."""
+    """AlignmentStats accumulation (one student, one teacher layer) vs its GEMMs.
+
+    The accumulation runs float64 BLAS (scipy's dsyrk for SᵀS and TᵀT, dgemm
+    for SᵀT) on float64 copies of each chunk, for accuracy (see
+    pkd/kernels/gram.py); its physical limit is those same three float64 calls
+    on the whole data, in the same BLAS. The NumPy contender is what a user
+    would write: cast to float64 and three matmuls.
+    """
+    from scipy.linalg import blas
+
     from .alignment import AlignmentStats
 
     student, teacher, _, _ = _case_arrays(n, d_s, d_t, dtype)
     S, T = student[0], teacher[0]
-    gram_s = np.empty((d_s, d_s), dtype=dtype)
-    gram_t = np.empty((d_t, d_t), dtype=dtype)
-    cross = np.empty((d_s, d_t), dtype=dtype)
+    S64, T64 = np.asfortranarray(S, dtype=np.float64), np.asfortranarray(T, dtype=np.float64)
 
     def gemms():
-        np.matmul(S.T, S, out=gram_s)
-        np.matmul(T.T, T, out=gram_t)
-        np.matmul(S.T, T, out=cross)
+        blas.dsyrk(1.0, S64, trans=1)
+        blas.dsyrk(1.0, T64, trans=1)
+        blas.dgemm(1.0, S64, T64, trans_a=1)
 
     def ours():
         return AlignmentStats.from_arrays([S], [T])
 
     def numpy_version():
-        S64, T64 = S.astype(np.float64), T.astype(np.float64)
-        return S64.T @ S64, T64.T @ T64, S64.T @ T64, S64.sum(0), T64.sum(0)
+        s64, t64 = S.astype(np.float64), T.astype(np.float64)
+        return s64.T @ s64, t64.T @ t64, s64.T @ t64, s64.sum(0), t64.sum(0)
 
-    times = _median_times({"pkd": ours, "gemm": gemms, "numpy": numpy_version}, repeats)
+    times = _median_times([{"pkd": ours, "gemm": gemms}, {"numpy": numpy_version}], repeats)
     return Row("alignment", np.dtype(dtype).name, n, d_s, d_t, times["pkd"] * 1e3,
                times["gemm"] * 1e3, times["numpy"] * 1e3, None, _peak_bytes(ours) / 2**20,
                None)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _validation as V
-from .loss import Workspace, pair_loss_and_grad
+from .loss import pair_loss_and_grad, thread_workspace
 
 Pair = tuple[int, int]
 
@@ -350,7 +350,7 @@ class ProgressiveDistillation:
         grad_projection = self._empty_projection_grads(dtype) if need_grad else None
         touched_projection: set = set()
         rows_cache: dict = {}
-        workspace = Workspace()
+        workspace = thread_workspace()
         loss = 0.0
 
         for k, (student, teacher, projection) in planned.items():

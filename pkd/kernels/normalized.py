@@ -22,42 +22,27 @@ from ._jit import kernel, twins
 EPS = 1e-12
 
 
-@kernel(reassociate=True)
-def _normalized_row(y_row, t_row, grad_scale, out_row, accumulate):
-    """One row: returns ‖u − v‖², writes (or adds) grad_scale·∂ℓ/∂y into out_row."""
-    width = y_row.shape[0]
-    y_sq = 0.0
-    t_sq = 0.0
-    dot = 0.0
-    for j in range(width):
-        yj = np.float64(y_row[j])
-        tj = np.float64(t_row[j])
-        y_sq += yj * yj
-        t_sq += tj * tj
-        dot += yj * tj
+@kernel
+def _row_coefficients(y_sq, t_sq, dot, grad_scale):
+    """From ‖y‖², ‖t‖², y·t: (1/max(‖y‖,ε), 1/max(‖t‖,ε), u-coefficient, v-coefficient).
+
+    The gradient row is ``u_coef·y − v_coef·t``: ``grad_scale·((u·v)u − v)/‖y‖`` when
+    ‖y‖ > ε, ``grad_scale·(u − v)/ε`` otherwise.
+    """
     y_norm = math.sqrt(y_sq)
     y_den = max(y_norm, EPS)
     t_den = max(math.sqrt(t_sq), EPS)
-    cosine = dot / (y_den * t_den)  # u·v
+    inv_y = 1.0 / y_den
+    inv_t = 1.0 / t_den
+    cosine = dot * inv_y * inv_t  # u·v
     if y_norm > EPS:
-        u_coef = grad_scale * cosine / (y_den * y_norm)
-        v_coef = grad_scale / (t_den * y_norm)
-    else:
-        u_coef = grad_scale / (y_den * EPS)
-        v_coef = grad_scale / (t_den * EPS)
-    loss = 0.0
-    for j in range(width):
-        yj = np.float64(y_row[j])
-        tj = np.float64(t_row[j])
-        diff = yj / y_den - tj / t_den
-        loss += diff * diff
-        g = u_coef * yj - v_coef * tj
-        if accumulate:
-            out_row[j] += g
-        else:
-            out_row[j] = g
-    return loss
+        return inv_y, inv_t, grad_scale * cosine / (y_den * y_norm), grad_scale / (t_den * y_norm)
+    return inv_y, inv_t, grad_scale / (y_den * EPS), grad_scale / (t_den * EPS)
 
+
+# The two kernels index the 2-D arrays directly (no per-row helper taking views):
+# with one base array for the load and the store of Y, LLVM vectorises the loops,
+# 2.5× faster than the same code behind a row function (0.6 vs 1.6 ns/element).
 
 
 def _normalized_compact(y, teacher, teacher_rows, grad_scale, row_loss):
@@ -68,16 +53,53 @@ def _normalized_compact(y, teacher, teacher_rows, grad_scale, row_loss):
     """
     n_rows, width = y.shape
     for i in prange(n_rows):
-        t_row = teacher[teacher_rows[i]]
-        row_loss[i] = _normalized_row(y[i], t_row, grad_scale, y[i], False)
+        r = teacher_rows[i]
+        y_sq = 0.0
+        t_sq = 0.0
+        dot = 0.0
+        for j in range(width):
+            yj = np.float64(y[i, j])
+            tj = np.float64(teacher[r, j])
+            y_sq += yj * yj
+            t_sq += tj * tj
+            dot += yj * tj
+        inv_y, inv_t, u_coef, v_coef = _row_coefficients(y_sq, t_sq, dot, grad_scale)
+        loss = 0.0
+        for j in range(width):
+            yj = np.float64(y[i, j])
+            tj = np.float64(teacher[r, j])
+            diff = yj * inv_y - tj * inv_t
+            loss += diff * diff
+            y[i, j] = u_coef * yj - v_coef * tj
+        row_loss[i] = loss
 
 
 def _normalized_direct(student, teacher, rows, grad_scale, grad_student, accumulate, row_loss):
     """No projection: rows ``rows`` of student vs teacher, ∂ℓ/∂S into grad_student."""
+    width = student.shape[1]
     for k in prange(rows.shape[0]):
         i = rows[k]
-        row_loss[k] = _normalized_row(student[i], teacher[i], grad_scale, grad_student[i],
-                                      accumulate)
+        y_sq = 0.0
+        t_sq = 0.0
+        dot = 0.0
+        for j in range(width):
+            yj = np.float64(student[i, j])
+            tj = np.float64(teacher[i, j])
+            y_sq += yj * yj
+            t_sq += tj * tj
+            dot += yj * tj
+        inv_y, inv_t, u_coef, v_coef = _row_coefficients(y_sq, t_sq, dot, grad_scale)
+        loss = 0.0
+        for j in range(width):
+            yj = np.float64(student[i, j])
+            tj = np.float64(teacher[i, j])
+            diff = yj * inv_y - tj * inv_t
+            loss += diff * diff
+            if accumulate:
+                grad_student[i, j] += u_coef * yj - v_coef * tj
+            else:
+                grad_student[i, j] = u_coef * yj - v_coef * tj
+        row_loss[k] = loss
 
 
 normalized_compact_serial, normalized_compact_parallel = twins(_normalized_compact,
