@@ -156,6 +156,21 @@ def markdown(result: dict) -> str:
             f"fresh process {startup['first_call_warm_s']:.2f} s with Numba's on-disk cache "
             f"warm, {startup['first_call_cold_s']:.2f} s cold (compiling).",
         ]
+    matrix = result.get("alignment_6x12")
+    if matrix:
+        lines += [
+            "",
+            f"Layer-mapping workload ({matrix['n_student']} student × {matrix['n_teacher']} "
+            f"teacher layers, N = {matrix['n_rows']}, {matrix['d_s']} → {matrix['d_t']}, "
+            f"float32): the accumulation of `AlignmentStats` takes "
+            f"{matrix['accumulate_s']:.2f} s, {matrix['accumulate_vs_gemm']:.2f}× its float64 "
+            f"GEMMs alone ({matrix['gemm_s']:.2f} s); the whole `min_mse` matrix then takes "
+            f"{matrix['min_mse_s']:.2f} s, against {matrix['lstsq_72_s']:.1f} s for "
+            f"{matrix['n_student'] * matrix['n_teacher']} `scipy.linalg.lstsq` fits "
+            f"({matrix['lstsq_vs_min_mse']:.0f}× faster).",
+        ]
+    if result.get("notes"):
+        lines += ["", f"Note: {result['notes']}."]
     lines += ["", "Rerun: `.venv/bin/python analysis/bench_table.py` (measures; many minutes) "
               "or `--from-json analysis/results/bench/bench.json` (redraws only).", ""]
     return "\n".join(lines)

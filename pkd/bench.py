@@ -34,7 +34,8 @@ import numpy as np
 
 GRID_N = (256, 512, 4096, 16384)
 GRID_SHAPES = ((128, 256), (312, 768), (384, 768), (768, 768))
-VARIANTS = ("plain", "masked", "normalized+masked", "4 pairs shared", "alignment")
+VARIANTS = ("plain", "masked", "normalized+masked", "4 pairs shared", "alignment",
+            "torch bridge")
 QUICK_N = (512, 4096)
 QUICK_SHAPES = ((128, 256), (384, 768))
 KEEP_FRACTION = 0.8
@@ -244,8 +245,12 @@ def bench_case(variant, n, d_s, d_t, dtype, repeats) -> Row:
 
     if variant == "alignment":
         return _bench_alignment(n, d_s, d_t, dtype, repeats)
+    if variant == "torch bridge":
+        return _bench_torch_bridge(torch, S, T, P, dtype, budget, repeats)
     if variant == "4 pairs shared":
-        cfg = pkd.ProgressiveDistillation([(k, k) for k in range(4)], projection=P)
+        # "always": with d_s == d_t the seed's rule would skip the projection.
+        cfg = pkd.ProgressiveDistillation([(k, k) for k in range(4)], projection=P,
+                                          project="always")
 
         def ours():
             return cfg.loss_and_grad(student, teacher)
@@ -276,6 +281,77 @@ def bench_case(variant, n, d_s, d_t, dtype, repeats) -> Row:
     return Row(variant, dtype.name, n, d_s, d_t, times["pkd"] * 1e3, times["gemm"] * 1e3,
                times["numpy"] * 1e3, times["torch"] * 1e3 if "torch" in times else None,
                peak / 2**20, budget / 2**20)
+
+
+def _bench_torch_bridge(torch, S, T, P, dtype, budget, repeats) -> Row:
+    """``pkd.torch.projected_mse`` forward + backward vs torch's own, on the same tensors."""
+    import pkd.torch as pkd_torch
+
+    s = torch.from_numpy(S).requires_grad_(True)
+    p = torch.from_numpy(P).requires_grad_(True)
+    t = torch.from_numpy(T)
+
+    def ours():
+        s.grad = p.grad = None
+        pkd_torch.projected_mse(s, t, p).backward()
+
+    def numpy_version():
+        return _numpy_pair(S, T, P, None, False)
+
+    times = _median_times([{"pkd": ours, "gemm": _gemms([S], P), "numpy": numpy_version},
+                           {"torch": _torch_pair(torch, S, T, P, None, False)}], repeats)
+    n, d_s = S.shape
+    return Row("torch bridge", dtype.name, n, d_s, T.shape[1], times["pkd"] * 1e3,
+               times["gemm"] * 1e3, times["numpy"] * 1e3, times["torch"] * 1e3,
+               _peak_bytes(ours) / 2**20, budget / 2**20)
+
+
+def bench_alignment_matrix(n=20_000, n_s=6, n_t=12, d_s=384, d_t=768, repeats=3,
+                           out=sys.stdout) -> dict:
+    """The layer-mapping workload: statistics of 6 × 12 layer pairs, then ``min_mse``.
+
+    Reports the accumulation against its BLAS calls alone (float64 dsyrk per
+    layer and one dgemm for every cross block, the calls the accumulation
+    makes, in scipy's BLAS), and the ``min_mse`` matrix from the statistics
+    against fitting each of the n_s·n_t pairs with ``scipy.linalg.lstsq``.
+    """
+    import scipy.linalg
+    from scipy.linalg import blas
+
+    from .alignment import AlignmentStats
+
+    rng = np.random.default_rng(0)
+    student = [rng.standard_normal((n, d_s), dtype=np.float32) for _ in range(n_s)]
+    teacher = [rng.standard_normal((n, d_t), dtype=np.float32) for _ in range(n_t)]
+    s64 = [np.asfortranarray(a, dtype=np.float64) for a in student]
+    t64 = [np.asfortranarray(a, dtype=np.float64) for a in teacher]
+    all_s = np.asfortranarray(np.hstack(s64))
+    all_t = np.asfortranarray(np.hstack(t64))
+
+    def gemms():
+        for a in s64 + t64:
+            blas.dsyrk(1.0, a, trans=1)
+        blas.dgemm(1.0, all_s, all_t, trans_a=1)
+
+    stats = AlignmentStats.from_arrays(student, teacher)
+    times = _median_times([{"accumulate": lambda: AlignmentStats.from_arrays(student, teacher),
+                            "gemm": gemms, "min_mse": stats.min_mse}], repeats)
+    start = time.perf_counter()
+    for S in student:
+        for T in teacher:
+            scipy.linalg.lstsq(S, T)
+    lstsq_s = time.perf_counter() - start
+    result = {"n_rows": n, "n_student": n_s, "n_teacher": n_t, "d_s": d_s, "d_t": d_t,
+              "accumulate_s": times["accumulate"], "gemm_s": times["gemm"],
+              "accumulate_vs_gemm": times["accumulate"] / times["gemm"],
+              "min_mse_s": times["min_mse"], "lstsq_72_s": lstsq_s,
+              "lstsq_vs_min_mse": lstsq_s / times["min_mse"]}
+    print(f"\nalignment, {n_s}×{n_t} layers, N={n}, {d_s}→{d_t}, float32: accumulation "
+          f"{result['accumulate_s']:.2f} s = {result['accumulate_vs_gemm']:.2f}× its float64 "
+          f"GEMMs alone ({result['gemm_s']:.2f} s); min_mse matrix {result['min_mse_s']:.2f} s "
+          f"vs {n_s * n_t} scipy.linalg.lstsq fits {lstsq_s:.1f} s "
+          f"({result['lstsq_vs_min_mse']:.0f}× faster)", file=out)
+    return result
 
 
 def _bench_alignment(n, d_s, d_t, dtype, repeats) -> Row:
@@ -352,6 +428,8 @@ def run_bench(*, quick: bool = False, dtypes=("float32", "float64"), variants=VA
     dtypes = ("float32",) if quick else dtypes
     header = machine_header()
     print(_format_header(header), file=out)
+    if _torch() is None:
+        variants = tuple(v for v in variants if v != "torch bridge")
     cases = [(v, n, ds, dt, dtype) for dtype in dtypes for v in variants
              for ds, dt in shapes for n in grid_n]
     rows = []
@@ -360,12 +438,15 @@ def run_bench(*, quick: bool = False, dtypes=("float32", "float64"), variants=VA
         row = bench_case(*case, repeats=repeats)
         rows.append(row)
         print(_format_row(row), file=out, flush=True)
+    extra = {}
+    if not quick and "alignment" in variants:
+        extra["alignment_6x12"] = bench_alignment_matrix(out=out)
     startup = startup_times()
     print(f"\nimport pkd: {startup['import_s']:.2f} s; first loss_and_grad in a fresh process: "
           f"{startup['first_call_warm_s']:.2f} s (warm cache), "
           f"{startup['first_call_cold_s']:.2f} s (cold: compiling)", file=out)
     return {"header": header, "rows": [asdict(r) | {"vs_gemm": r.vs_gemm} for r in rows],
-            "startup": startup, "repeats": repeats, "quick": quick}
+            "startup": startup, "repeats": repeats, "quick": quick} | extra
 
 
 def _format_header(header: dict) -> str:

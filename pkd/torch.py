@@ -160,10 +160,12 @@ class _PairLoss(torch.autograd.Function):
         grad_student = grad_projection = None
         if need_student:
             # The kernels leave rows outside the mask untouched: zero them only then.
-            alloc = torch.empty if rows is None else torch.zeros
-            grad_student = alloc(student.shape, dtype=student.dtype)
+            # Buffers come from NumPy: torch.zeros would fill them with torch's OpenMP
+            # threads, which then spin against OpenBLAS's on a 2-core machine.
+            alloc = np.empty if rows is None else np.zeros
+            grad_student = torch.from_numpy(alloc(student.shape, dtype=s2.dtype))
         if need_projection:
-            grad_projection = torch.empty(projection.shape, dtype=projection.dtype)
+            grad_projection = torch.from_numpy(np.empty(projection.shape, dtype=p.dtype))
         loss = _loss.pair_loss_and_grad(
             s2, t2, p, rows, normalize=normalize,
             grad_student=None if grad_student is None else _view(grad_student).reshape(-1, d_s),
@@ -191,10 +193,25 @@ class _PairLoss(torch.autograd.Function):
 @once_differentiable
 def _scaled_gradients(ctx, grad_output):
     grad_student, grad_projection = ctx.saved_tensors
-    # Out of place: the saved buffers must survive a retain_graph=True second backward.
-    d_student = None if grad_student is None else grad_student * grad_output
-    d_projection = None if grad_projection is None else grad_projection * grad_output
-    return d_student, None, d_projection, None, None
+    return _scale(grad_student, grad_output), None, _scale(grad_projection, grad_output), None, None
+
+
+def _scale(saved, grad_output):
+    """``saved · grad_output`` without touching the saved buffer.
+
+    The usual ``loss.backward()`` passes exactly 1: the saved tensor is returned
+    as is. Autograd never writes into an incoming gradient that something else
+    still references (ctx holds it), so a retain_graph=True second backward
+    sees it intact. Otherwise the product is taken out of place in NumPy, one
+    thread, rather than by torch's OpenMP pool (which would then spin against
+    OpenBLAS's threads).
+    """
+    if saved is None:
+        return None
+    factor = float(grad_output)
+    if factor == 1.0:
+        return saved
+    return torch.from_numpy(saved.numpy() * saved.numpy().dtype.type(factor))
 
 
 def _apply(student, teacher, projection, rows, *, normalize, check_finite, names, pair):
