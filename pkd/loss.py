@@ -286,10 +286,18 @@ def projected_mse_grad(
     tokens="all",
     normalize: bool = False,
     check_finite: bool = True,
+    out: tuple | None = None,
 ) -> tuple[float, np.ndarray, np.ndarray | None]:
     """Loss of one layer pair and its gradients.
 
-    Same arguments as :func:`projected_mse`.
+    Same arguments as :func:`projected_mse`, and:
+
+    out : (grad_student, grad_projection), optional
+        Arrays to write the gradients into (``grad_projection`` is ``None``
+        without a projection): C-contiguous, the student's shape and
+        ``(d_s, d_t)``, in the computation's dtype. A training loop that
+        reuses them saves allocating (and page-faulting) fresh gradients at
+        every step.
 
     Returns
     -------
@@ -300,11 +308,40 @@ def projected_mse_grad(
         ∂ℓ/∂P, ``None`` without a projection.
     """
     shape, s2, t2, p, rows = _prepare(student, teacher, projection, mask, tokens)
-    grad_student = (np.empty if rows is None else np.zeros)(s2.shape, dtype=s2.dtype)
-    grad_projection = None if p is None else np.empty(p.shape, dtype=p.dtype)
+    if out is None:
+        grad_student = (np.empty if rows is None else np.zeros)(s2.shape, dtype=s2.dtype)
+        grad_projection = None if p is None else np.empty(p.shape, dtype=p.dtype)
+    else:
+        grad_student, grad_projection = _check_out(out, shape, s2.dtype, p)
+        if rows is not None:
+            grad_student.fill(0)  # rows that do not count get exactly zero
     loss = pair_loss_and_grad(
         s2, t2, p, rows, normalize=normalize,
-        grad_student=grad_student, grad_projection=grad_projection,
+        grad_student=grad_student.reshape(s2.shape), grad_projection=grad_projection,
     )
     _check_result(loss, check_finite, s2, t2, p, rows)
-    return loss, grad_student.reshape(shape), grad_projection
+    return loss, (grad_student if out is not None else grad_student.reshape(shape)), \
+        grad_projection
+
+
+def _check_out(out, shape, dtype, projection):
+    """Validate the ``out`` buffers of :func:`projected_mse_grad`."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError("out must be a (grad_student, grad_projection) pair")
+    wanted = (("out[0] (grad_student)", tuple(shape)),
+              ("out[1] (grad_projection)", None if projection is None else projection.shape))
+    for array, (name, want) in zip(out, wanted, strict=True):
+        if want is None:
+            if array is not None:
+                raise ValueError(f"{name} must be None without a projection")
+            continue
+        if not isinstance(array, np.ndarray) or array.shape != want or array.dtype != dtype \
+                or not array.flags.c_contiguous or not array.flags.writeable:
+            got = (f"{type(array).__name__}" if not isinstance(array, np.ndarray) else
+                   f"shape {array.shape}, dtype {array.dtype}, "
+                   f"C-contiguous {array.flags.c_contiguous}")
+            raise ValueError(
+                f"{name} must be a writable C-contiguous array of shape {want} and dtype "
+                f"{dtype}; got {got}"
+            )
+    return out[0], out[1]

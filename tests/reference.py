@@ -191,3 +191,25 @@ def reference_min_mse(S, T, w=None):
     P = np.linalg.lstsq(root * S, root * T, rcond=None)[0]
     residual = S @ P - T
     return np.sum(w * np.sum(residual**2, axis=1)) / (w.sum() * T.shape[1]), P
+
+
+# --- central finite differences (the second witness of every gradient) -------------------
+
+
+def central_difference(loss, array, index, eps=1e-6):
+    """(loss(x + eps·e_index) − loss(x − eps·e_index)) / (2 eps), perturbing ``array`` in place."""
+    saved = array[index]
+    array[index] = saved + eps
+    up = loss()
+    array[index] = saved - eps
+    down = loss()
+    array[index] = saved
+    return (up - down) / (2 * eps)
+
+
+def finite_difference(loss, array, eps=1e-6):
+    """Central differences of ``loss()`` with respect to every entry of ``array``."""
+    grad = np.zeros_like(array)
+    for index in np.ndindex(array.shape):
+        grad[index] = central_difference(loss, array, index, eps)
+    return grad

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import reference
 from pkd.demo import run_demo
 from pkd.demo.data import load_split
 from pkd.demo.experiment import (
@@ -40,18 +41,7 @@ def _random_mlp(seed=0, n_in=5, width=6, n_blocks=3, n_classes=4) -> ResidualMLP
     return model
 
 
-def _finite_difference(loss, array, eps=1e-6) -> np.ndarray:
-    """Central differences of ``loss()`` with respect to every entry of ``array`` (in place)."""
-    grad = np.zeros_like(array)
-    for index in np.ndindex(array.shape):
-        saved = array[index]
-        array[index] = saved + eps
-        up = loss()
-        array[index] = saved - eps
-        down = loss()
-        array[index] = saved
-        grad[index] = (up - down) / (2 * eps)
-    return grad
+_finite_difference = reference.finite_difference
 
 
 # --------------------------------------------------------------------------- the MLP

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import reference
+
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -151,14 +153,9 @@ def test_pkd_training_step_backward_matches_finite_differences():
     eps = 1e-6
     for analytic, weight in [*zip(grads, layers, strict=True), (grad_w_out, w_out)]:
         for index in [(0, 0), (1, 3), (weight.shape[0] - 1, weight.shape[1] - 1)]:
-            saved = weight[index]
-            weight[index] = saved + eps
-            up = total_loss()
-            weight[index] = saved - eps
-            down = total_loss()
-            weight[index] = saved
-            np.testing.assert_allclose(analytic[index], (up - down) / (2 * eps),
-                                       rtol=1e-5, atol=1e-8)
+            np.testing.assert_allclose(
+                analytic[index], reference.central_difference(total_loss, weight, index, eps),
+                rtol=1e-5, atol=1e-8)
 
 
 # --------------------------------------------------------------------------- analysis

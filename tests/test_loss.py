@@ -56,17 +56,7 @@ def test_matches_reference(dtype, normalize, projected, masked, three_d):
         loss, rel=1e-12)
 
 
-def _finite_difference(f, x, eps=1e-6):
-    grad = np.zeros_like(x)
-    for index in np.ndindex(x.shape):
-        old = x[index]
-        x[index] = old + eps
-        up = f()
-        x[index] = old - eps
-        down = f()
-        x[index] = old
-        grad[index] = (up - down) / (2 * eps)
-    return grad
+_finite_difference = reference.finite_difference
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -278,3 +268,31 @@ def test_tokens_selection_for_3d():
         pkd.projected_mse(S, T, tokens="first")
     with pytest.raises(ValueError, match=">= 0"):
         pkd.projected_mse(S, T, tokens=-1)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_out_buffers_are_written_and_returned(masked):
+    S, T, P, mask = _problem(np.float32, three_d=True)
+    mask = mask if masked else None
+    grad_s = np.full(S.shape, 7.0, dtype=np.float32)
+    grad_p = np.full(P.shape, 7.0, dtype=np.float32)
+    loss, dS, dP = pkd.projected_mse_grad(S, T, P, mask=mask, out=(grad_s, grad_p))
+    want = pkd.projected_mse_grad(S, T, P, mask=mask)
+    assert dS is grad_s and dP is grad_p and loss == want[0]
+    np.testing.assert_array_equal(grad_s, want[1])
+    np.testing.assert_array_equal(grad_p, want[2])
+
+
+def test_bad_out_buffers():
+    S, T, P, _ = _problem(np.float32)
+    good_s, good_p = np.empty_like(S), np.empty_like(P)
+    with pytest.raises(ValueError, match=r"out\[0\] \(grad_student\).*dtype float32"):
+        pkd.projected_mse_grad(S, T, P, out=(good_s.astype(np.float64), good_p))
+    with pytest.raises(ValueError, match=r"out\[1\] \(grad_projection\)"):
+        pkd.projected_mse_grad(S, T, P, out=(good_s, np.empty((2, 2), dtype=np.float32)))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        pkd.projected_mse_grad(S, T, P, out=(np.empty(S.shape[::-1], np.float32).T, good_p))
+    with pytest.raises(ValueError, match="must be None without a projection"):
+        pkd.projected_mse_grad(T, T, out=(np.empty_like(T), good_p))
+    with pytest.raises(TypeError, match="pair"):
+        pkd.projected_mse_grad(S, T, P, out=good_s)

@@ -89,17 +89,7 @@ def test_parallel_path_gives_identical_results(monkeypatch):
     np.testing.assert_array_equal(serial[2], parallel[2])
 
 
-def _finite_difference(f, x, eps=1e-6):
-    grad = np.zeros_like(x)
-    for index in np.ndindex(x.shape):
-        old = x[index]
-        x[index] = old + eps
-        up = f()
-        x[index] = old - eps
-        down = f()
-        x[index] = old
-        grad[index] = (up - down) / (2 * eps)
-    return grad
+_finite_difference = reference.finite_difference
 
 
 @pytest.mark.parametrize(("alpha", "tau"), [(0.7, 10.0), (0.0, 2.0), (1.0, 0.5), (0.4, 1.0)])

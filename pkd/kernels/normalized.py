@@ -22,6 +22,21 @@ from ._jit import kernel, twins
 EPS = 1e-12
 
 
+@kernel(reassociate=True)
+def _row_sums(y, i, teacher, r):
+    """(‖y_i‖², ‖t_r‖², y_i·t_r) in float64; reads only, so it vectorises as a helper."""
+    y_sq = 0.0
+    t_sq = 0.0
+    dot = 0.0
+    for j in range(y.shape[1]):
+        yj = np.float64(y[i, j])
+        tj = np.float64(teacher[r, j])
+        y_sq += yj * yj
+        t_sq += tj * tj
+        dot += yj * tj
+    return y_sq, t_sq, dot
+
+
 @kernel
 def _row_coefficients(y_sq, t_sq, dot, grad_scale):
     """From ‖y‖², ‖t‖², y·t: (1/max(‖y‖,ε), 1/max(‖t‖,ε), u-coefficient, v-coefficient).
@@ -54,16 +69,8 @@ def _normalized_compact(y, teacher, teacher_rows, grad_scale, row_loss):
     n_rows, width = y.shape
     for i in prange(n_rows):
         r = teacher_rows[i]
-        y_sq = 0.0
-        t_sq = 0.0
-        dot = 0.0
-        for j in range(width):
-            yj = np.float64(y[i, j])
-            tj = np.float64(teacher[r, j])
-            y_sq += yj * yj
-            t_sq += tj * tj
-            dot += yj * tj
-        inv_y, inv_t, u_coef, v_coef = _row_coefficients(y_sq, t_sq, dot, grad_scale)
+        inv_y, inv_t, u_coef, v_coef = _row_coefficients(*_row_sums(y, i, teacher, r),
+                                                          grad_scale)
         loss = 0.0
         for j in range(width):
             yj = np.float64(y[i, j])
@@ -79,16 +86,8 @@ def _normalized_direct(student, teacher, rows, grad_scale, grad_student, accumul
     width = student.shape[1]
     for k in prange(rows.shape[0]):
         i = rows[k]
-        y_sq = 0.0
-        t_sq = 0.0
-        dot = 0.0
-        for j in range(width):
-            yj = np.float64(student[i, j])
-            tj = np.float64(teacher[i, j])
-            y_sq += yj * yj
-            t_sq += tj * tj
-            dot += yj * tj
-        inv_y, inv_t, u_coef, v_coef = _row_coefficients(y_sq, t_sq, dot, grad_scale)
+        inv_y, inv_t, u_coef, v_coef = _row_coefficients(*_row_sums(student, i, teacher, i),
+                                                          grad_scale)
         loss = 0.0
         for j in range(width):
             yj = np.float64(student[i, j])
