@@ -46,19 +46,17 @@ import numpy as np
 from _common import output_dir, write_json, write_text
 
 from pkd import mapping as mappings
+from pkd.demo import experiment
 from pkd.demo.data import load_split
 from pkd.demo.experiment import (
     LABELS,
     Settings,
     TeacherOutputs,
     accuracy,
-    batch_schedule,
     run_seed,
     train_student,
     train_teacher,
 )
-from pkd.demo.mlp import ResidualMLP
-from pkd.distillation import xavier_uniform
 from pkd.objective import logit_loss_and_grad
 
 NAME = "mapping_study"
@@ -84,19 +82,11 @@ def _fresh(seed: np.random.SeedSequence) -> np.random.SeedSequence:
 def seed_material(seed: np.random.SeedSequence, data, settings: Settings):
     """The common initial student, Xavier projection and minibatches of one seed.
 
-    Derived exactly as :func:`pkd.demo.experiment.run_seed` derives them (its
-    first three children of ``seed``); :func:`study_seed` checks that they agree.
+    Derived exactly as :func:`pkd.demo.experiment.run_seed` derives them (from
+    a fresh copy of ``seed``, which stays untouched); :func:`study_seed` checks
+    that they agree.
     """
-    init_seed, projection_seed, batch_seed = _fresh(seed).spawn(3)
-    init = ResidualMLP(data.n_features, settings.student_width, settings.student_blocks,
-                       data.n_classes, seed=np.random.default_rng(init_seed),
-                       dtype=settings.dtype)
-    projection = xavier_uniform(settings.student_width, settings.teacher_width,
-                                seed=np.random.default_rng(projection_seed),
-                                dtype=settings.dtype)
-    schedule = batch_schedule(len(data.y_train), settings.batch_size, settings.student_steps,
-                              np.random.default_rng(batch_seed))
-    return init, projection, schedule
+    return experiment.seed_material(_fresh(seed), data, settings)
 
 
 def test_nll(model, data) -> float:

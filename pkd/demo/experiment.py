@@ -300,9 +300,12 @@ def choose_optimal(stats: AlignmentStats, n_student: int) -> list:
     return mappings.optimal(cost, student_layers=list(range(n_student - 1)))
 
 
-def run_seed(seed_index: int, seed: np.random.SeedSequence, data: Digits,
-             teacher: TeacherOutputs, settings: Settings, progress=None) -> SeedOutcome:
-    """The five student runs of one seed (CE first: the optimal mapping needs it)."""
+def seed_material(seed: np.random.SeedSequence, data: Digits, settings: Settings):
+    """The initial student, Xavier projection and minibatches every run of a seed shares.
+
+    Spawns the first three children of ``seed`` (pass a fresh copy to derive
+    them again without disturbing ``seed``).
+    """
     init_seed, projection_seed, batch_seed = seed.spawn(3)
     init = ResidualMLP(data.n_features, settings.student_width, settings.student_blocks,
                        data.n_classes, seed=np.random.default_rng(init_seed),
@@ -312,6 +315,13 @@ def run_seed(seed_index: int, seed: np.random.SeedSequence, data: Digits,
                                 dtype=settings.dtype)
     schedule = batch_schedule(len(data.y_train), settings.batch_size, settings.student_steps,
                               np.random.default_rng(batch_seed))
+    return init, projection, schedule
+
+
+def run_seed(seed_index: int, seed: np.random.SeedSequence, data: Digits,
+             teacher: TeacherOutputs, settings: Settings, progress=None) -> SeedOutcome:
+    """The five student runs of one seed (CE first: the optimal mapping needs it)."""
+    init, projection, schedule = seed_material(seed, data, settings)
     outcome = SeedOutcome(seed_index=seed_index)
     common = {"seed_index": seed_index, "progress": progress}
 
