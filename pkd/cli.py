@@ -154,7 +154,6 @@ def _figure_writer(fig, dpi=120):
 
 def cmd_analyze(args) -> None:
     from . import plots
-    from .mapping import parse_mapping  # noqa: F401  (validated through _parse_mapping_arg)
     from .spectrum import spectrum, xavier_mp_edges
 
     out = _out_dir(args.out)
