@@ -97,6 +97,13 @@ def xavier_uniform(student_dim: int, teacher_dim: int, *, seed=None,
     return rng.uniform(-bound, bound, size=(d_s, d_t)).astype(dtype)
 
 
+def _flat(cache: dict, key, layer: np.ndarray, dtype) -> np.ndarray:
+    """``layer`` as a C-contiguous ``(rows, width)`` array of ``dtype``, once per key."""
+    if key not in cache:
+        cache[key] = np.ascontiguousarray(layer.reshape(-1, layer.shape[-1]), dtype=dtype)
+    return cache[key]
+
+
 class ProgressiveDistillation:
     """Matches student hidden states to teacher hidden states at selected layers.
 
@@ -350,6 +357,7 @@ class ProgressiveDistillation:
         grad_projection = self._empty_projection_grads(dtype) if need_grad else None
         touched_projection: set = set()
         rows_cache: dict = {}
+        flat: dict = {}  # a layer mapped twice is flattened (and cast, if at all) once
         workspace = thread_workspace()
         loss = 0.0
 
@@ -361,8 +369,8 @@ class ProgressiveDistillation:
                 rows_cache[lead] = V.select_rows(lead, attention_mask, tokens)
             rows = rows_cache[lead]
             coef = self.hidden_weight * weights[k] / total_weight if total_weight > 0 else 0.0
-            s2 = np.ascontiguousarray(student.reshape(-1, student.shape[-1]), dtype=dtype)
-            t2 = np.ascontiguousarray(teacher.reshape(-1, teacher.shape[-1]), dtype=dtype)
+            s2 = _flat(flat, ("student", s), student, dtype)
+            t2 = _flat(flat, ("teacher", pair[1]), teacher, dtype)
             p = None if projection is None else np.ascontiguousarray(projection, dtype=dtype)
             g_s = g_p = None
             accumulate_s = accumulate_p = False

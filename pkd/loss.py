@@ -187,10 +187,10 @@ def _run_pair(student, teacher, projection, rows, teacher_rows, grad_scale, row_
                 np.matmul(selected.T, y, out=grad_projection)
         if grad_student is not None:
             _backward_student(y, projection, rows, grad_student, accumulate_student,
-                              selected, workspace)
+                              selected)
 
 
-def _backward_student(grad_y, projection, rows, grad_student, accumulate, selected, workspace):
+def _backward_student(grad_y, projection, rows, grad_student, accumulate, selected):
     """∂ℓ/∂S = G Pᵀ, scattered back to the selected rows."""
     if rows is None and not accumulate:
         np.matmul(grad_y, projection.T, out=grad_student)

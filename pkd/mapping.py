@@ -87,7 +87,7 @@ def skip(n_s: int, n_t: int) -> list[Pair]:
     """
     n_s, n_t = _check_counts(n_s, n_t, "skip (PKD-Skip)")
     _check_not_single(n_s, "skip (PKD-Skip)")
-    return [(m, (m + 1) * n_t // n_s - 1) for m in range(n_s - 1)]
+    return uniform(n_s, n_t)[:-1]  # uniform's pairs, the last student layer left out
 
 
 def last(n_s: int, n_t: int) -> list[Pair]:
