@@ -174,6 +174,58 @@ def test_calls_are_bit_identical():
     np.testing.assert_array_equal(first[2], second[2])
 
 
+@pytest.fixture
+def row_blocks(monkeypatch):
+    """Force the row-blocked projected pass, 64 rows a block (see pkd.loss.block_rows)."""
+    monkeypatch.setattr(pkd.loss, "BLOCK_MAX_STUDENT_BYTES", 1 << 30)
+    monkeypatch.setattr(pkd.loss, "BLOCK_MIN_Y_BYTES", 0)
+    monkeypatch.setattr(pkd.loss, "BLOCK_BYTES", 1)
+
+
+def test_block_rows_regime():
+    # float32, d_s = 128, 16 MiB of Y: blocks of 1 MiB of G; wider, float64 or smaller: one block
+    assert pkd.loss.block_rows(16384, 128, 256, 4) == 1024
+    assert pkd.loss.block_rows(16384, 128, 768, 4) == 320
+    assert pkd.loss.block_rows(16384, 312, 768, 4) == 16384
+    assert pkd.loss.block_rows(16384, 128, 256, 8) == 16384
+    assert pkd.loss.block_rows(4096, 128, 256, 4) == 4096
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_row_blocked_pass_matches_reference(row_blocks, dtype, normalize, masked):
+    # 300 rows: four full blocks of 64 and a ragged one
+    S, T, P, mask = _problem(dtype, n=300, d_s=5, d_t=7)
+    mask = mask if masked else None
+    assert pkd.loss.block_rows(300, 5, 7, np.dtype(dtype).itemsize) == 64
+    loss, dS, dP = pkd.projected_mse_grad(S, T, P, mask=mask, normalize=normalize)
+    ref_loss, ref_dS, ref_dP = _reference(S, T, P, mask, normalize)
+    assert loss == pytest.approx(ref_loss, rel=RTOL[dtype])
+    np.testing.assert_allclose(dS, ref_dS, rtol=RTOL[dtype],
+                               atol=RTOL[dtype] * np.abs(ref_dS).max())
+    np.testing.assert_allclose(dP, ref_dP, rtol=RTOL[dtype],
+                               atol=RTOL[dtype] * np.abs(ref_dP).max())
+    if masked:
+        assert not dS[~mask].any()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_row_blocked_pass_accumulates_a_layer_mapped_twice(row_blocks, masked):
+    S, T, P, mask = _problem(np.float64, n=300, d_s=5, d_t=7)
+    T2 = T[::-1].copy()
+    mask = mask if masked else None
+    cfg = pkd.ProgressiveDistillation([(0, 0), (0, 1)], projection=P)
+    got = cfg.loss_and_grad([S], [T, T2], attention_mask=mask)
+    w = None if mask is None else mask.astype(float)
+    parts = [reference.projected_mse(S, t, P, w) for t in (T, T2)]
+    assert got.loss == pytest.approx((parts[0][0] + parts[1][0]) / 2, rel=1e-12)
+    np.testing.assert_allclose(got.grad_student[0], (parts[0][1] + parts[1][1]) / 2,
+                               rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(got.grad_projection, (parts[0][2] + parts[1][2]) / 2,
+                               rtol=1e-10, atol=1e-14)
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     n=st.integers(1, 30),
