@@ -69,8 +69,6 @@ import numbers
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
-import scipy.linalg
-from scipy.linalg import blas
 
 from ._validation import (
     as_layers,
@@ -83,7 +81,6 @@ from ._validation import (
     check_positive_int,
     check_projection,
 )
-from .kernels.gram import fill_shifted_transposed
 
 __all__ = ["AlignmentStats", "DEFAULT_CUTOFF"]
 
@@ -125,6 +122,8 @@ class _Solver:
     """
 
     def __init__(self, gram: np.ndarray, ridge: float, cutoff: float):
+        import scipy.linalg
+
         if ridge > 0:
             eigenvalues, vectors = scipy.linalg.eigh(gram, driver="evd")
             eigenvalues = np.maximum(eigenvalues, 0.0)  # -tiny from rounding: G is PSD
@@ -412,6 +411,8 @@ class AlignmentStats:
         )
 
     def _fill(self, layers, offsets, shift, sums, rows, buffer) -> None:
+        from .kernels.gram import fill_shifted_transposed
+
         transposed = buffer.T  # (Σd, m), C-contiguous: row j is feature j
         for k, values in enumerate(layers):
             lo, hi = offsets[k], offsets[k + 1]
@@ -426,6 +427,8 @@ class AlignmentStats:
             shift[lo:hi] = (sums[lo:hi] / rows.size).astype(values.dtype)
 
     def _add_rows(self, students, teachers, rows) -> None:
+        from scipy.linalg import blas
+
         xs, xt = self._scratch_buffers(rows.size)
         if self._n_rows == 0:
             self._set_shift(students, self._student_offsets, self._student_shift, rows, xs)
@@ -884,6 +887,8 @@ class AlignmentStats:
         block = self._block("student", s)
         c = self._student_shift[block]
         u = self._student_sum[block] + float(self._n_rows) * c
+        from scipy.linalg import blas
+
         z = blas.dgemm(1.0, basis, self._cross[block].T, trans_a=True, trans_b=True)
         left = blas.dgemm(1.0, basis, np.column_stack([u, c]), trans_a=True)
         right = np.asfortranarray(np.vstack([self._teacher_shift, self._teacher_sum]))
@@ -960,6 +965,8 @@ class AlignmentStats:
         -------
         ndarray, shape (n_s, n_t), float64
         """
+        from scipy.linalg import blas
+
         ridge = check_nonnegative(ridge, "ridge")
         cutoff = _check_cutoff(cutoff)
         self._require_rows()

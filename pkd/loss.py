@@ -17,36 +17,40 @@ projection there is no GEMM at all: one pass reads S and T and writes ∂ℓ/∂
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
 import numpy as np
 
 from . import _validation as V
-from .kernels import mse as mse_kernels
-from .kernels import normalized as normalized_kernels
 
 # Below this many elements in the fused pass the serial twin is used.
 # Measured on the 2-core reference machine (see README, "Performance").
 PARALLEL_MIN_ELEMENTS = 1 << 62
 
-_KERNELS = {
-    # (normalize, projected) -> (serial, parallel)
-    (False, True): (mse_kernels.mse_compact_serial, mse_kernels.mse_compact_parallel),
-    (False, False): (mse_kernels.mse_direct_serial, mse_kernels.mse_direct_parallel),
-    (True, True): (
-        normalized_kernels.normalized_compact_serial,
-        normalized_kernels.normalized_compact_parallel,
-    ),
-    (True, False): (
-        normalized_kernels.normalized_direct_serial,
-        normalized_kernels.normalized_direct_parallel,
-    ),
-}
+
+@functools.cache
+def _kernel_table() -> dict:
+    """(normalize, projected) -> (serial, parallel) kernels.
+
+    Imported on first use, so that ``import pkd`` imports neither numba nor
+    scipy (0.5 s of a 1.1 s import on the reference machine).
+    """
+    from .kernels import mse, normalized
+
+    return {
+        (False, True): (mse.mse_compact_serial, mse.mse_compact_parallel),
+        (False, False): (mse.mse_direct_serial, mse.mse_direct_parallel),
+        (True, True): (normalized.normalized_compact_serial,
+                       normalized.normalized_compact_parallel),
+        (True, False): (normalized.normalized_direct_serial,
+                        normalized.normalized_direct_parallel),
+    }
 
 
 def _pick(normalize: bool, projected: bool, n_elements: int):
-    serial, parallel = _KERNELS[(normalize, projected)]
+    serial, parallel = _kernel_table()[(normalize, projected)]
     return parallel if n_elements >= PARALLEL_MIN_ELEMENTS else serial
 
 

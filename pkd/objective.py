@@ -19,12 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 
 from . import _validation as V
 from .distillation import HiddenLossResult, ProgressiveDistillation
-from .kernels import softmax as softmax_kernels
 
 # From this many logits (B·C) on, the parallel twin of the fused pass is used.
 # On the 2-core reference machine it has not yet been measured to pay off
@@ -99,6 +97,10 @@ def _prepare_logits(student_logits, teacher_logits, labels):
 def _logit_part(student, teacher, labels, alpha, temperature):
     """(CE, KL, ∂/∂z_s of (1 − α)CE + ατ²KL) from validated inputs."""
     n_examples = student.shape[0]
+    import numba
+
+    from .kernels import softmax as softmax_kernels
+
     grad = np.empty_like(student)
     ce_rows = np.empty(n_examples, dtype=np.float64)
     kl_rows = np.empty(n_examples, dtype=np.float64)

@@ -18,7 +18,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 
 from ._validation import check_float_array, check_positive_int
 
@@ -109,6 +108,8 @@ def spectrum(P) -> Spectrum:
     """
     P = check_float_array(P, "P", ndims=(2,))
     P64 = P.astype(np.float64)
+    import scipy.linalg  # on use: `import pkd` imports neither scipy nor numba
+
     sv = scipy.linalg.svdvals(P64, check_finite=False)  # descending
     sv.setflags(write=False)
     sigma_max, sigma_min = float(sv[0]), float(sv[-1])
