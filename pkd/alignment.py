@@ -884,11 +884,11 @@ class AlignmentStats:
         eigh: alternating numpy's and scipy's OpenBLAS thread pools leaves one
         spinning while the other works, measured 2× slower).
         """
+        from scipy.linalg import blas
+
         block = self._block("student", s)
         c = self._student_shift[block]
         u = self._student_sum[block] + float(self._n_rows) * c
-        from scipy.linalg import blas
-
         z = blas.dgemm(1.0, basis, self._cross[block].T, trans_a=True, trans_b=True)
         left = blas.dgemm(1.0, basis, np.column_stack([u, c]), trans_a=True)
         right = np.asfortranarray(np.vstack([self._teacher_shift, self._teacher_sum]))

@@ -376,9 +376,8 @@ class ProgressiveDistillation:
         dtype = V.result_dtype(*arrays) if arrays else np.dtype(np.float32)
         total_weight = float(sum(weights[k] for k in planned))
         layer_losses = np.full(len(pairs), np.nan)
-        grad_student = [None] * len(student_layers)
-        if need_grad and student_grads:
-            grad_student = _student_gradient_buffers(planned, pairs, len(student_layers), dtype)
+        grad_student = (_student_gradient_buffers(planned, pairs, len(student_layers), dtype)
+                        if need_grad and student_grads else [None] * len(student_layers))
         written: set = set()  # student layers whose gradient holds a first pair's values
         grad_projection = self._empty_projection_grads(dtype) if need_grad else None
         touched_projection: set = set()

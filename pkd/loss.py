@@ -202,21 +202,20 @@ def _run_pair(student, teacher, projection, rows, teacher_rows, grad_scale, row_
                               workspace)
         return
     # Row blocks: G_b Pᵀ is taken while the block of G is still in cache (see block_rows).
+    # The gathered S is still needed by Sᵀ G after the loop, so G_b Pᵀ of masked rows
+    # goes through a block-sized scratch instead.
     scratch = workspace.get("grad_block", (block, student.shape[1]), dtype)
     for start in range(0, n_selected, block):
         stop = min(start + block, n_selected)
         y_block = y[start:stop]
         np.matmul(selected[start:stop], projection, out=y_block)
         run(y_block, teacher, teacher_rows[start:stop], grad_scale, row_loss[start:stop])
-        target = slice(start, stop) if rows is None else rows[start:stop]
-        if rows is None and not accumulate_student:
-            np.matmul(y_block, projection.T, out=grad_student[start:stop])
-            continue
-        g = np.matmul(y_block, projection.T, out=scratch[:stop - start])
-        if accumulate_student:
-            grad_student[target] += g
+        if rows is None:
+            _backward_student(y_block, projection, None, grad_student[start:stop],
+                              accumulate_student, None, workspace)
         else:
-            grad_student[target] = g
+            _backward_student(y_block, projection, rows[start:stop], grad_student,
+                              accumulate_student, scratch[:stop - start], workspace)
     _backward_projection(selected, y, grad_projection, accumulate_projection, workspace)
 
 
@@ -255,7 +254,11 @@ def _backward_projection(selected, grad_y, grad_projection, accumulate, workspac
 
 
 def _backward_student(grad_y, projection, rows, grad_student, accumulate, selected, workspace):
-    """∂ℓ/∂S = G Pᵀ, scattered back to the selected rows."""
+    """∂ℓ/∂S = G Pᵀ, scattered back to the selected rows.
+
+    With ``rows``, ``selected`` (the gathered S, no longer needed, or a scratch
+    of the same shape) receives G Pᵀ before the scatter.
+    """
     if rows is None and not accumulate:
         np.matmul(grad_y, projection.T, out=grad_student)
         return
@@ -263,7 +266,6 @@ def _backward_student(grad_y, projection, rows, grad_student, accumulate, select
         product = workspace.get("gather", grad_student.shape, grad_student.dtype)
         np.add(grad_student, np.matmul(grad_y, projection.T, out=product), out=grad_student)
         return
-    # The gathered copy of S is no longer needed: reuse it for G Pᵀ.
     np.matmul(grad_y, projection.T, out=selected)
     if accumulate:
         grad_student[rows] += selected

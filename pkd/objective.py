@@ -96,11 +96,11 @@ def _prepare_logits(student_logits, teacher_logits, labels):
 
 def _logit_part(student, teacher, labels, alpha, temperature):
     """(CE, KL, ∂/∂z_s of (1 − α)CE + ατ²KL) from validated inputs."""
-    n_examples = student.shape[0]
-    import numba
+    import numba  # on use: `import pkd` imports neither numba nor scipy
 
     from .kernels import softmax as softmax_kernels
 
+    n_examples = student.shape[0]
     grad = np.empty_like(student)
     ce_rows = np.empty(n_examples, dtype=np.float64)
     kl_rows = np.empty(n_examples, dtype=np.float64)

@@ -106,10 +106,10 @@ def spectrum(P) -> Spectrum:
     -------
     Spectrum
     """
-    P = check_float_array(P, "P", ndims=(2,))
-    P64 = P.astype(np.float64)
     import scipy.linalg  # on use: `import pkd` imports neither scipy nor numba
 
+    P = check_float_array(P, "P", ndims=(2,))
+    P64 = P.astype(np.float64)
     sv = scipy.linalg.svdvals(P64, check_finite=False)  # descending
     sv.setflags(write=False)
     sigma_max, sigma_min = float(sv[0]), float(sv[-1])
