@@ -401,9 +401,7 @@ class ProgressiveDistillation:
             accumulate_s = accumulate_p = False
             if need_grad and student_grads:
                 g_s = grad_student[s]
-                accumulate_s = s in written
-                if not accumulate_s and rows is not None:
-                    g_s.fill(0)  # rows that do not count get exactly zero
+                accumulate_s = s in written  # the first pair assigns, rows not counted → 0
                 written.add(s)
             if need_grad and p is not None:
                 key = "shared" if self.shared_projection else pair

@@ -159,11 +159,10 @@ class _PairLoss(torch.autograd.Function):
         need_projection = want_grad and projection is not None and ctx.needs_input_grad[2]
         grad_student = grad_projection = None
         if need_student:
-            # The kernels leave rows outside the mask untouched: zero them only then.
-            # Buffers come from NumPy: torch.zeros would fill them with torch's OpenMP
-            # threads, which then spin against OpenBLAS's on a 2-core machine.
-            alloc = np.empty if rows is None else np.zeros
-            grad_student = torch.from_numpy(alloc(student.shape, dtype=s2.dtype))
+            # The buffer comes from NumPy (the kernels write every row, zeros outside the
+            # mask): torch.empty/zeros would first-touch it with torch's OpenMP threads,
+            # which then spin against OpenBLAS's on a 2-core machine.
+            grad_student = torch.from_numpy(np.empty(student.shape, dtype=s2.dtype))
         if need_projection:
             grad_projection = torch.from_numpy(np.empty(projection.shape, dtype=p.dtype))
         loss = _loss.pair_loss_and_grad(

@@ -56,6 +56,17 @@ def mse_direct(student, teacher, rows, grad_scale):
     return grad, row_loss
 
 
+def scatter_rows(values, rows, out, accumulate):
+    """Twin of ``pkd.kernels.rows.scatter_rows``: returns the new ``out`` (a copy)."""
+    result = out.copy()
+    if not accumulate:
+        result[:] = 0
+    for k, i in enumerate(rows):
+        for j in range(out.shape[1]):
+            result[i, j] = result[i, j] + values[k, j] if accumulate else values[k, j]
+    return result
+
+
 def normalized_row(y_row, t_row, grad_scale, eps=1e-12):
     """Twin of the normalized row: (‖u − v‖², grad_scale·∂/∂y) with math on Python floats."""
     y = [float(v) for v in y_row]

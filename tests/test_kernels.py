@@ -5,6 +5,7 @@ import pytest
 
 import naive
 from pkd.kernels import mse, normalized
+from pkd.kernels import rows as row_kernels
 
 DTYPES = [np.float32, np.float64]
 TOL = {np.float32: 2e-6, np.float64: 1e-13}
@@ -87,3 +88,18 @@ def test_serial_and_parallel_twins_are_bit_identical():
         results.append((buf, row_loss))
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("which", ["some", "first and last", "one", "all"])
+def test_scatter_rows_matches_twin(dtype, accumulate, which):
+    values, _, rows = _data(dtype, n=29, d=5, seed=6)
+    rows = {"some": rows, "first and last": np.array([0, 28]), "one": np.array([13]),
+            "all": np.arange(29)}[which].astype(np.int64)
+    values = values[: len(rows)].copy()
+    out = np.random.default_rng(7).standard_normal((29, 5)).astype(dtype)  # stale values
+    expected = naive.scatter_rows(values, rows, out, accumulate)
+    row_kernels.scatter_rows(values, rows, out, accumulate)
+    np.testing.assert_array_equal(out, expected)  # copies and one add per element: exact
+    assert out.dtype == dtype

@@ -323,16 +323,25 @@ def test_tokens_selection_for_3d():
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_out_buffers_are_written_and_returned(masked):
-    S, T, P, mask = _problem(np.float32, three_d=True)
+@pytest.mark.parametrize("projected", [True, False])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_out_buffers_are_written_and_returned(masked, projected, normalize):
+    S, T, P, mask = _problem(np.float32, three_d=True, projected=projected)
     mask = mask if masked else None
+    # Stale values: every element must be overwritten, masked rows with exact zeros.
     grad_s = np.full(S.shape, 7.0, dtype=np.float32)
-    grad_p = np.full(P.shape, 7.0, dtype=np.float32)
-    loss, dS, dP = pkd.projected_mse_grad(S, T, P, mask=mask, out=(grad_s, grad_p))
-    want = pkd.projected_mse_grad(S, T, P, mask=mask)
+    grad_p = np.full(P.shape, 7.0, dtype=np.float32) if projected else None
+    loss, dS, dP = pkd.projected_mse_grad(S, T, P, mask=mask, normalize=normalize,
+                                          out=(grad_s, grad_p))
+    want = pkd.projected_mse_grad(S, T, P, mask=mask, normalize=normalize)
     assert dS is grad_s and dP is grad_p and loss == want[0]
     np.testing.assert_array_equal(grad_s, want[1])
-    np.testing.assert_array_equal(grad_p, want[2])
+    if projected:
+        np.testing.assert_array_equal(grad_p, want[2])
+    ref_loss, ref_dS, _ = _reference(S, T, P, mask, normalize)
+    np.testing.assert_allclose(grad_s, ref_dS, rtol=1e-4, atol=1e-7)
+    if masked:
+        assert not grad_s[~mask].any()
 
 
 def test_bad_out_buffers():
