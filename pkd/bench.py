@@ -1,8 +1,10 @@
 """``pkd bench``: speed as ratios measured in one process.
 
 For every case (variant × dtype × N × (d_s, d_t)) each contender runs once to
-warm up and then ``repeats`` times, interleaved round by round (so a burst of
-machine noise hits every contender alike); the figure kept is the median.
+warm up and then ``repeats`` times, interleaved call by call with the
+contenders that share its thread pool (so a burst of machine noise hits them
+alike) and in rounds alternating with the others (see ``_median_times``); the
+figure kept is the median.
 Contenders:
 
 - ``pkd``: the call being measured (loss and every gradient);
@@ -101,7 +103,8 @@ def machine_header() -> dict:
     return header
 
 
-def _median_times(groups: list[dict[str, Callable | None]], repeats: int) -> dict[str, float]:
+def _median_times(groups: list[dict[str, Callable | None]], repeats: int,
+                  rounds: int = 3) -> dict[str, float]:
     """Median seconds of every contender.
 
     Contenders within a group share one thread pool (numpy's OpenBLAS) and are
@@ -110,26 +113,37 @@ def _median_times(groups: list[dict[str, Callable | None]], repeats: int) -> dic
     timed in their own block after a pause: on 2 cores, a pool that is still
     spinning after its last call starves the next one (measured here: a 0.6 ms
     GEMM took 3 ms right after a torch call).
+
+    The ``repeats`` runs are split into ``rounds`` that alternate the groups
+    (A B A B A B), so that the groups are not measured in two separate stretches
+    of time: on the shared reference VM the speed drifts by 10–30% over seconds,
+    and one block of torch runs against one block of pkd runs read 0.84–0.99× for
+    three 4-pair cases at N = 256 that the previous full run had read 1.23–1.32×. Each
+    round warms its contenders up after the pause (a first call wakes the pool),
+    except those that take over 50 ms, for which waking up is noise-level.
     """
-    medians: dict[str, float] = {}
-    for group in groups:
-        live = {name: fn for name, fn in group.items() if fn is not None}
-        if not live:
-            continue
-        time.sleep(_COOL_DOWN_S)
-        for fn in live.values():
-            fn()
-        samples: dict[str, list[float]] = {name: [] for name in live}
-        for _ in range(repeats):
-            for name, fn in live.items():
-                start = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - start)
-        medians.update({name: statistics.median(values) for name, values in samples.items()})
-    return medians
+    live_groups = [{name: fn for name, fn in group.items() if fn is not None}
+                   for group in groups]
+    live_groups = [group for group in live_groups if group]
+    samples: dict[str, list[float]] = {name: [] for group in live_groups for name in group}
+    rounds = max(1, min(rounds, repeats))
+    for r in range(rounds):
+        runs = repeats // rounds + (r < repeats % rounds)
+        for group in live_groups:
+            time.sleep(_COOL_DOWN_S)
+            for name, fn in group.items():
+                if r == 0 or statistics.median(samples[name]) < _WARM_UP_BELOW_S:
+                    fn()
+            for _ in range(runs):
+                for name, fn in group.items():
+                    start = time.perf_counter()
+                    fn()
+                    samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 _COOL_DOWN_S = 0.2
+_WARM_UP_BELOW_S = 0.05
 
 
 def _peak_bytes(fn: Callable) -> int:

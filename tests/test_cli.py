@@ -4,6 +4,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -165,6 +166,32 @@ def test_bench_case_measures_every_contender(variant):
     if variant != "alignment":
         pytest.importorskip("torch")
         assert row.torch_ms > 0
+
+
+def test_bench_alternates_thread_pool_groups_in_rounds(monkeypatch):
+    from pkd import bench
+
+    monkeypatch.setattr(bench, "_COOL_DOWN_S", 0.0)
+    calls = []
+
+    def contender(name, seconds=0.0):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+        return run
+
+    groups = [{"pkd": contender("pkd"), "gemm": contender("gemm"), "none": None},
+              {"torch": contender("torch"), "slow": contender("slow", 0.06)}]
+    medians = bench._median_times(groups, repeats=5, rounds=3)
+    assert set(medians) == {"pkd", "gemm", "torch", "slow"}
+    assert medians["slow"] >= 0.06 > medians["pkd"]
+    # 5 timed runs each, split 2 + 2 + 1 over three rounds that alternate the two groups;
+    # a warm-up per round, except for "slow" after its first round.
+    assert calls.count("pkd") == 5 + 3 and calls.count("slow") == 5 + 1
+    blocks = [name in ("pkd", "gemm") for name in calls]
+    switches = sum(a != b for a, b in zip(blocks, blocks[1:], strict=False))
+    assert switches == 5 and blocks[0]
+    assert calls[:6] == ["pkd", "gemm", "pkd", "gemm", "pkd", "gemm"]  # warm-up, 2 rounds
 
 
 def test_bench_rejects_unknown_variant(capsys):
