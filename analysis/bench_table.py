@@ -104,7 +104,10 @@ def markdown(result: dict) -> str:
         "",
         *_machine_lines(result.get("header", {})),
         f"- {result.get('repeats', '?')} timed runs per case after a warm-up, contenders "
-        "interleaved, medians; " + ("--quick subset." if result.get("quick") else "full grid."),
+        "sharing a thread pool interleaved call by call"
+        + (f", other pools in separate blocks alternated in {result['rounds']} rounds"
+           if "rounds" in result else "")
+        + ", medians; " + ("--quick subset." if result.get("quick") else "full grid."),
         "",
         "How to read it: **×GEMM** = pkd's time / the time of the GEMMs the computation "
         "cannot avoid, alone, in the same BLAS (for the projected loss S·P, Sᵀ·G, G·Pᵀ; for "

@@ -104,7 +104,7 @@ def machine_header() -> dict:
 
 
 def _median_times(groups: list[dict[str, Callable | None]], repeats: int,
-                  rounds: int = 3) -> dict[str, float]:
+                  rounds: int | None = None) -> dict[str, float]:
     """Median seconds of every contender.
 
     Contenders within a group share one thread pool (numpy's OpenBLAS) and are
@@ -126,7 +126,7 @@ def _median_times(groups: list[dict[str, Callable | None]], repeats: int,
                    for group in groups]
     live_groups = [group for group in live_groups if group]
     samples: dict[str, list[float]] = {name: [] for group in live_groups for name in group}
-    rounds = max(1, min(rounds, repeats))
+    rounds = max(1, min(ROUNDS if rounds is None else rounds, repeats))
     for r in range(rounds):
         runs = repeats // rounds + (r < repeats % rounds)
         for group in live_groups:
@@ -143,6 +143,7 @@ def _median_times(groups: list[dict[str, Callable | None]], repeats: int,
 
 
 _COOL_DOWN_S = 0.2
+ROUNDS = 3
 _WARM_UP_BELOW_S = 0.05
 
 
@@ -460,7 +461,7 @@ def run_bench(*, quick: bool = False, dtypes=("float32", "float64"), variants=VA
           f"{startup['first_call_warm_s']:.2f} s (warm cache), "
           f"{startup['first_call_cold_s']:.2f} s (cold: compiling)", file=out)
     return {"header": header, "rows": [asdict(r) | {"vs_gemm": r.vs_gemm} for r in rows],
-            "startup": startup, "repeats": repeats, "quick": quick} | extra
+            "startup": startup, "repeats": repeats, "rounds": ROUNDS, "quick": quick} | extra
 
 
 def _format_header(header: dict) -> str:
