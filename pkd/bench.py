@@ -114,13 +114,14 @@ def _median_times(groups: list[dict[str, Callable | None]], repeats: int,
     spinning after its last call starves the next one (measured here: a 0.6 ms
     GEMM took 3 ms right after a torch call).
 
-    The ``repeats`` runs are split into ``rounds`` that alternate the groups
-    (A B A B A B), so that the groups are not measured in two separate stretches
-    of time: on the shared reference VM the speed drifts by 10–30% over seconds,
-    and one block of torch runs against one block of pkd runs read 0.84–0.99× for
-    three 4-pair cases at N = 256 that the previous full run had read 1.23–1.32×. Each
-    round warms its contenders up after the pause (a first call wakes the pool),
-    except those that take over 50 ms, for which waking up is noise-level.
+    The ``repeats`` runs are split into ``rounds`` (``ROUNDS`` by default) that
+    alternate the groups (A B A B A B), so that the groups are not measured in
+    two separate stretches of time: on the shared reference VM the speed drifts
+    by 10–30% over seconds, and one block of torch runs against one block of
+    pkd runs read 0.84–0.99× for three 4-pair cases at N = 256 that the
+    previous full run had read 1.23–1.32×. Each round warms its contenders up
+    after the pause (a first call wakes the pool), except those that take over
+    50 ms, for which waking up is noise-level.
     """
     live_groups = [{name: fn for name, fn in group.items() if fn is not None}
                    for group in groups]
