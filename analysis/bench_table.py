@@ -103,9 +103,9 @@ def markdown(result: dict) -> str:
         "# pkd benchmark",
         "",
         *_machine_lines(result.get("header", {})),
-        f"- {result.get('repeats', '?')} timed runs per case after a warm-up, contenders "
-        "sharing a thread pool interleaved call by call"
-        + (f", other pools in separate blocks alternated in {result['rounds']} rounds"
+        f"- {result.get('repeats', '?')} timed runs per case after a warm-up, pkd and the "
+        "GEMMs interleaved call by call"
+        + (f", NumPy and torch in separate blocks, alternated in {result['rounds']} rounds"
            if "rounds" in result else "")
         + ", medians; " + ("--quick subset." if result.get("quick") else "full grid."),
         "",

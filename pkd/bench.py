@@ -1,10 +1,10 @@
 """``pkd bench``: speed as ratios measured in one process.
 
 For every case (variant × dtype × N × (d_s, d_t)) each contender runs once to
-warm up and then ``repeats`` times, interleaved call by call with the
-contenders that share its thread pool (so a burst of machine noise hits them
-alike) and in rounds alternating with the others (see ``_median_times``); the
-figure kept is the median.
+warm up and then ``repeats`` times: pkd and the GEMMs interleaved call by
+call (so a burst of machine noise hits them alike), the NumPy and torch
+versions in blocks of their own, the blocks alternated in rounds (see
+``_median_times``); the figure kept is the median.
 Contenders:
 
 - ``pkd``: the call being measured (loss and every gradient);
@@ -107,12 +107,16 @@ def _median_times(groups: list[dict[str, Callable | None]], repeats: int,
                   rounds: int | None = None) -> dict[str, float]:
     """Median seconds of every contender.
 
-    Contenders within a group share one thread pool (numpy's OpenBLAS) and are
-    timed round-robin, so a burst of machine noise hits them alike. Groups
-    that use another pool (torch's OpenMP threads, scipy's own OpenBLAS) are
-    timed in their own block after a pause: on 2 cores, a pool that is still
-    spinning after its last call starves the next one (measured here: a 0.6 ms
-    GEMM took 3 ms right after a torch call).
+    Contenders within a group are timed round-robin, so a burst of machine
+    noise hits them alike: pkd and the GEMMs alone, which share numpy's
+    OpenBLAS. Groups that use another pool (torch's OpenMP threads, scipy's
+    own OpenBLAS) are timed in their own block after a pause: on 2 cores, a
+    pool that is still spinning after its last call starves the next one
+    (measured here: a 0.6 ms GEMM took 3 ms right after a torch call). The
+    NumPy version gets its own block too: its N×d_t temporaries flush the L2
+    cache, so in the round-robin pkd (run after it) found its inputs cold
+    while the GEMMs (run after pkd) found S and P warm. At N = 256, 128 × 256
+    float32 masked that read 1.21× the GEMMs against 1.09× without it.
 
     The ``repeats`` runs are split into ``rounds`` (``ROUNDS`` by default) that
     alternate the groups (A B A B A B), so that the groups are not measured in
@@ -291,8 +295,8 @@ def bench_case(variant, n, d_s, d_t, dtype, repeats) -> Row:
 
         torch_version = None if torch is None else _torch_pair(torch, S, T, P, w, normalize)
 
-    times = _median_times([{"pkd": ours, "gemm": _gemms(student, P, n_pairs),
-                            "numpy": numpy_version}, {"torch": torch_version}], repeats)
+    times = _median_times([{"pkd": ours, "gemm": _gemms(student, P, n_pairs)},
+                           {"numpy": numpy_version}, {"torch": torch_version}], repeats)
     peak = _peak_bytes(ours)
     return Row(variant, dtype.name, n, d_s, d_t, times["pkd"] * 1e3, times["gemm"] * 1e3,
                times["numpy"] * 1e3, times["torch"] * 1e3 if "torch" in times else None,
@@ -314,7 +318,7 @@ def _bench_torch_bridge(torch, S, T, P, dtype, budget, repeats) -> Row:
     def numpy_version():
         return _numpy_pair(S, T, P, None, False)
 
-    times = _median_times([{"pkd": ours, "gemm": _gemms([S], P), "numpy": numpy_version},
+    times = _median_times([{"pkd": ours, "gemm": _gemms([S], P)}, {"numpy": numpy_version},
                            {"torch": _torch_pair(torch, S, T, P, None, False)}], repeats)
     n, d_s = S.shape
     return Row("torch bridge", dtype.name, n, d_s, T.shape[1], times["pkd"] * 1e3,
