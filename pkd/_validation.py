@@ -308,6 +308,40 @@ def check_projection(P, d_s: int, d_t: int, name: str = "projection", pair=None,
     return P
 
 
+def check_output(array, name: str, shape: tuple, dtype, pair: Pair | None = None) -> np.ndarray:
+    """An ``out=`` buffer: a writable C-contiguous ndarray of ``shape`` and ``dtype``."""
+    if isinstance(array, np.ndarray) and array.shape == tuple(shape) and array.dtype == dtype \
+            and array.flags.c_contiguous and array.flags.writeable:
+        return array
+    got = (type(array).__name__ if not isinstance(array, np.ndarray) else
+           f"shape {array.shape}, dtype {array.dtype}, C-contiguous "
+           f"{array.flags.c_contiguous}, writable {array.flags.writeable}")
+    raise ValueError(
+        f"{name}{_describe(pair)} must be a writable C-contiguous array of shape "
+        f"{tuple(shape)} and dtype {np.dtype(dtype)}; got {got}"
+    )
+
+
+def check_no_overlap(outputs, inputs) -> None:
+    """``out=`` buffers must not share memory with an input or with each other.
+
+    The kernels read the inputs while they write the outputs, so an overlap
+    would silently give wrong gradients. ``outputs`` and ``inputs`` are
+    ``(name, array or None)`` pairs.
+    """
+    outputs = [(name, a) for name, a in outputs if a is not None]
+    inputs = [(name, a) for name, a in inputs if a is not None]
+    for i, (name, out) in enumerate(outputs):
+        others = inputs + outputs[i + 1:]
+        for other_name, other in others:
+            if np.may_share_memory(out, other):
+                raise ValueError(
+                    f"{name} shares memory with {other_name}: out= buffers must be "
+                    "separate arrays (e.g. the gradients of an earlier call), not views "
+                    "of an input or of each other"
+                )
+
+
 def check_paired(student: np.ndarray, teacher: np.ndarray, pair: Pair | None,
                  names=("student", "teacher")) -> None:
     """Student and teacher arrays must agree on every dimension but the last."""

@@ -216,9 +216,15 @@ class AlignmentStats:
 
     Examples
     --------
-    >>> stats = AlignmentStats.from_arrays(student_hidden, teacher_hidden, mask)
-    >>> stats.relative_min_mse()          # (n_s, n_t): 1 − R² of the best projection
-    >>> P = stats.projection(2, 5)        # closed form for student 2 → teacher 5
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> student_hidden = [rng.standard_normal((200, 8)) for _ in range(3)]
+    >>> teacher_hidden = [rng.standard_normal((200, 16)) for _ in range(6)]
+    >>> stats = AlignmentStats.from_arrays(student_hidden, teacher_hidden)
+    >>> stats.relative_min_mse().shape    # (n_s, n_t): 1 − R² of the best projection
+    (3, 6)
+    >>> stats.projection(2, 5).shape      # closed form for student 2 → teacher 5
+    (8, 16)
     """
 
     def __init__(self, student_widths=None, teacher_widths=None, *,

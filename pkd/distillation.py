@@ -99,7 +99,7 @@ def xavier_uniform(student_dim: int, teacher_dim: int, *, seed=None,
 
 
 def _student_gradient_buffers(planned: dict, pairs, n_layers: int, dtype) -> list:
-    """Uninitialised ``(rows, d_s)`` gradients of the mapped student layers, ``None`` elsewhere.
+    """Uninitialised gradients of the mapped student layers (their shapes), ``None`` elsewhere.
 
     They are views of one allocation: separate multi-MiB arrays freed together
     make glibc hand the memory back to the kernel, and every call then paid a
@@ -109,14 +109,32 @@ def _student_gradient_buffers(planned: dict, pairs, n_layers: int, dtype) -> lis
     """
     shapes = {}
     for k, (student, _, _) in planned.items():
-        s = pairs[k][0]
-        shapes.setdefault(s, (math.prod(student.shape[:-1]), student.shape[-1]))
+        shapes.setdefault(pairs[k][0], student.shape)
     block = np.empty(sum(math.prod(shape) for shape in shapes.values()), dtype=dtype)
     grads, offset = [None] * n_layers, 0
     for s, shape in sorted(shapes.items()):
         size = math.prod(shape)
         grads[s] = block[offset:offset + size].reshape(shape)
         offset += size
+    return grads
+
+
+def _reused_student_gradients(out: HiddenLossResult, planned: dict, pairs, n_layers: int,
+                              dtype) -> list:
+    """The student gradients of ``out`` that this call writes, checked; ``None`` elsewhere."""
+    given = out.grad_student
+    if not isinstance(given, (list, tuple)) or len(given) != n_layers:
+        count = len(given) if isinstance(given, (list, tuple)) else type(given).__name__
+        raise ValueError(
+            f"out.grad_student must hold one entry per student layer ({n_layers}), got "
+            f"{count}: pass the result of a call on hidden states of the same layout"
+        )
+    grads = [None] * n_layers
+    for k, (student, _, _) in planned.items():
+        s = pairs[k][0]
+        if grads[s] is None:
+            grads[s] = V.check_output(given[s], f"out.grad_student[{s}]", student.shape, dtype,
+                                      pair=pairs[k])
     return grads
 
 
@@ -271,8 +289,8 @@ class ProgressiveDistillation:
                          skip_invalid, check_finite, need_grad=False).loss
 
     def loss_and_grad(self, student_hidden, teacher_hidden, *, attention_mask=None,
-                      tokens=None, skip_invalid: bool = False,
-                      check_finite: bool = True) -> HiddenLossResult:
+                      tokens=None, skip_invalid: bool = False, check_finite: bool = True,
+                      out: HiddenLossResult | None = None) -> HiddenLossResult:
         """``L_hidden`` and its gradients with respect to every student layer and P.
 
         Parameters
@@ -290,13 +308,41 @@ class ProgressiveDistillation:
             Skip (with a warning) pairs the seed would skip, instead of raising.
         check_finite : bool
             Refuse NaN/Inf (default).
+        out : HiddenLossResult, optional
+            The result of an earlier call on hidden states of the same shapes
+            and dtype (a training loop's previous step). Its gradient arrays
+            are overwritten, and ``out`` itself is updated and returned,
+            instead of allocating new ones: a loop that passes its last result
+            back allocates no gradients. Arrays that do not fit (shape, dtype,
+            C order) or that share memory with an input raise ``ValueError``.
 
         Returns
         -------
         HiddenLossResult
+            A new result, or ``out`` updated.
+
+        Examples
+        --------
+        A training loop that reuses its gradient arrays:
+
+        >>> import numpy as np, pkd
+        >>> cfg = pkd.ProgressiveDistillation([(0, 1)]).with_projection(8, 16, seed=0)
+        >>> rng = np.random.default_rng(0)
+        >>> result = None
+        >>> for step in range(3):
+        ...     student = [rng.standard_normal((32, 8))]
+        ...     teacher = [rng.standard_normal((32, 16)) for _ in range(2)]
+        ...     result = cfg.loss_and_grad(student, teacher, out=result)
+        >>> result.grad_student[0].shape
+        (32, 8)
         """
+        if out is not None and not isinstance(out, HiddenLossResult):
+            raise TypeError(
+                f"out must be a HiddenLossResult (the result of an earlier loss_and_grad "
+                f"call) or None, got {type(out).__name__}"
+            )
         return self._run(student_hidden, teacher_hidden, attention_mask, tokens,
-                         skip_invalid, check_finite, need_grad=True)
+                         skip_invalid, check_finite, need_grad=True, out=out)
 
     # -- internals -----------------------------------------------------------------
 
@@ -351,7 +397,7 @@ class ProgressiveDistillation:
         return student, teacher, projection
 
     def _run(self, student_hidden, teacher_hidden, attention_mask, tokens, skip_invalid,
-             check_finite, *, need_grad, student_grads=True):
+             check_finite, *, need_grad, out=None):
         student_layers = V.as_layers(student_hidden, "student_hidden")
         teacher_layers = V.as_layers(teacher_hidden, "teacher_hidden")
         tokens = self.tokens if tokens is None else tokens
@@ -376,10 +422,19 @@ class ProgressiveDistillation:
         dtype = V.result_dtype(*arrays) if arrays else np.dtype(np.float32)
         total_weight = float(sum(weights[k] for k in planned))
         layer_losses = np.full(len(pairs), np.nan)
-        grad_student = (_student_gradient_buffers(planned, pairs, len(student_layers), dtype)
-                        if need_grad and student_grads else [None] * len(student_layers))
+        n_layers = len(student_layers)
+        if not need_grad:
+            grad_student, grad_projection = [None] * n_layers, None
+        elif out is None:
+            grad_student = _student_gradient_buffers(planned, pairs, n_layers, dtype)
+            grad_projection = self._projection_grads(dtype)
+        else:
+            grad_student = _reused_student_gradients(out, planned, pairs, n_layers, dtype)
+            grad_projection = self._reused_projection_grads(out, dtype)
+            self._check_out_overlap(planned, grad_student, grad_projection)
+        returned = grad_student  # the caller's arrays, in the layers' own shapes
+        grad_student = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grad_student]
         written: set = set()  # student layers whose gradient holds a first pair's values
-        grad_projection = self._empty_projection_grads(dtype) if need_grad else None
         touched_projection: set = set()
         rows_cache: dict = {}
         flat: dict = {}  # a layer mapped twice is flattened (and cast, if at all) once
@@ -399,7 +454,7 @@ class ProgressiveDistillation:
             p = None if projection is None else np.ascontiguousarray(projection, dtype=dtype)
             g_s = g_p = None
             accumulate_s = accumulate_p = False
-            if need_grad and student_grads:
+            if need_grad:
                 g_s = grad_student[s]
                 accumulate_s = s in written  # the first pair assigns, rows not counted → 0
                 written.add(s)
@@ -421,18 +476,65 @@ class ProgressiveDistillation:
             loss += coef * layer_losses[k]
 
         if need_grad:
-            for index, grad in enumerate(grad_student):
-                if grad is not None:
-                    grad_student[index] = grad.reshape(np.shape(student_layers[index]))
-        return HiddenLossResult(
-            loss=float(loss), layer_losses=layer_losses, pairs=list(pairs),
-            grad_student=grad_student, grad_projection=grad_projection, skipped=skipped,
-        )
+            self._zero_untouched(grad_projection, touched_projection)
+        fields = dict(loss=float(loss), layer_losses=layer_losses, pairs=list(pairs),
+                      grad_student=returned, grad_projection=grad_projection, skipped=skipped)
+        if out is None:
+            return HiddenLossResult(**fields)
+        for name, value in fields.items():
+            setattr(out, name, value)
+        return out
 
-    def _empty_projection_grads(self, dtype):
-        """Zero gradients shaped like the projection(s), in the computation dtype."""
+    def _projection_grads(self, dtype):
+        """Uninitialised gradients shaped like the projection(s), in the computation dtype."""
         if self.projection is None:
             return None
         if self.shared_projection:
-            return np.zeros(self.projection.shape, dtype=dtype)
-        return {pair: np.zeros(p.shape, dtype=dtype) for pair, p in self.projection.items()}
+            return np.empty(self.projection.shape, dtype=dtype)
+        return {pair: np.empty(p.shape, dtype=dtype) for pair, p in self.projection.items()}
+
+    def _reused_projection_grads(self, out: HiddenLossResult, dtype):
+        """The projection gradients of ``out``, checked against this configuration."""
+        if self.projection is None:
+            return None
+        given = out.grad_projection
+        if self.shared_projection:
+            return V.check_output(given, "out.grad_projection", self.projection.shape, dtype)
+        if not isinstance(given, dict):
+            raise ValueError(
+                f"out.grad_projection must be a dict {{pair: array}} for per-pair "
+                f"projections, got {type(given).__name__}"
+            )
+        return {pair: V.check_output(given.get(pair), f"out.grad_projection[{pair}]",
+                                     p.shape, dtype, pair=pair)
+                for pair, p in self.projection.items()}
+
+    def _check_out_overlap(self, planned, grad_student, grad_projection) -> None:
+        """Reused gradients must not alias an input the kernels read."""
+        outputs = [(f"out.grad_student[{s}]", g) for s, g in enumerate(grad_student)]
+        if isinstance(grad_projection, dict):
+            outputs += [(f"out.grad_projection[{pair}]", g) for pair, g in grad_projection.items()]
+        else:
+            outputs.append(("out.grad_projection", grad_projection))
+        inputs, seen = [], set()
+        for k, arrays in planned.items():
+            pair = self.layer_mapping[k]
+            names = (f"student_hidden[{pair[0]}]", f"teacher_hidden[{pair[1]}]", "projection")
+            for name, array in zip(names, arrays, strict=True):
+                if array is not None and id(array) not in seen:
+                    seen.add(id(array))
+                    inputs.append((name, array))
+        V.check_no_overlap(outputs, inputs)
+
+    @staticmethod
+    def _zero_untouched(grad_projection, touched: set) -> None:
+        """Projection gradients no pair wrote (no pair goes through them) are zero."""
+        if grad_projection is None:
+            return
+        if not isinstance(grad_projection, dict):
+            if "shared" not in touched:
+                grad_projection.fill(0)
+            return
+        for pair, grad in grad_projection.items():
+            if pair not in touched:
+                grad.fill(0)

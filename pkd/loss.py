@@ -392,7 +392,7 @@ def projected_mse_grad(
         grad_student = np.empty(s2.shape, dtype=s2.dtype)  # rows that do not count get 0
         grad_projection = None if p is None else np.empty(p.shape, dtype=p.dtype)
     else:
-        grad_student, grad_projection = _check_out(out, shape, s2.dtype, p)
+        grad_student, grad_projection = _check_out(out, shape, s2.dtype, s2, t2, p)
     loss = pair_loss_and_grad(
         s2, t2, p, rows, normalize=normalize,
         grad_student=grad_student.reshape(s2.shape), grad_projection=grad_projection,
@@ -402,24 +402,19 @@ def projected_mse_grad(
         grad_projection
 
 
-def _check_out(out, shape, dtype, projection):
+def _check_out(out, shape, dtype, student, teacher, projection):
     """Validate the ``out`` buffers of :func:`projected_mse_grad`."""
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise TypeError("out must be a (grad_student, grad_projection) pair")
-    wanted = (("out[0] (grad_student)", tuple(shape)),
-              ("out[1] (grad_projection)", None if projection is None else projection.shape))
-    for array, (name, want) in zip(out, wanted, strict=True):
-        if want is None:
-            if array is not None:
-                raise ValueError(f"{name} must be None without a projection")
-            continue
-        if not isinstance(array, np.ndarray) or array.shape != want or array.dtype != dtype \
-                or not array.flags.c_contiguous or not array.flags.writeable:
-            got = (f"{type(array).__name__}" if not isinstance(array, np.ndarray) else
-                   f"shape {array.shape}, dtype {array.dtype}, "
-                   f"C-contiguous {array.flags.c_contiguous}")
-            raise ValueError(
-                f"{name} must be a writable C-contiguous array of shape {want} and dtype "
-                f"{dtype}; got {got}"
-            )
-    return out[0], out[1]
+    grad_student = V.check_output(out[0], "out[0] (grad_student)", shape, dtype)
+    if projection is None:
+        if out[1] is not None:
+            raise ValueError("out[1] (grad_projection) must be None without a projection")
+        grad_projection = None
+    else:
+        grad_projection = V.check_output(out[1], "out[1] (grad_projection)", projection.shape,
+                                         dtype)
+    V.check_no_overlap(
+        [("out[0] (grad_student)", grad_student), ("out[1] (grad_projection)", grad_projection)],
+        [("student", student), ("teacher", teacher), ("projection", projection)])
+    return grad_student, grad_projection

@@ -94,14 +94,14 @@ def _prepare_logits(student_logits, teacher_logits, labels):
             np.ascontiguousarray(teacher, dtype=dtype), labels)
 
 
-def _logit_part(student, teacher, labels, alpha, temperature):
-    """(CE, KL, ∂/∂z_s of (1 − α)CE + ατ²KL) from validated inputs."""
+def _logit_part(student, teacher, labels, alpha, temperature, grad=None):
+    """(CE, KL, ∂/∂z_s of (1 − α)CE + ατ²KL) from validated inputs, into ``grad`` if given."""
     import numba  # on use: `import pkd` imports neither numba nor scipy
 
     from .kernels import softmax as softmax_kernels
 
     n_examples = student.shape[0]
-    grad = np.empty_like(student)
+    grad = np.empty_like(student) if grad is None else grad
     ce_rows = np.empty(n_examples, dtype=np.float64)
     kl_rows = np.empty(n_examples, dtype=np.float64)
     if student.size >= PARALLEL_MIN_ELEMENTS:
@@ -218,7 +218,8 @@ class PKDObjective:
 
     def loss_and_grad(self, student_logits, teacher_logits, labels, student_hidden=None,
                       teacher_hidden=None, *, attention_mask=None, tokens=None,
-                      skip_invalid: bool = False, check_finite: bool = True) -> PKDResult:
+                      skip_invalid: bool = False, check_finite: bool = True,
+                      out: PKDResult | None = None) -> PKDResult:
         """The total loss, its parts, and the gradients for the student.
 
         Parameters
@@ -238,23 +239,42 @@ class PKDObjective:
             Tokens that count in the hidden part (the logits are per example).
         tokens, skip_invalid, check_finite
             Passed to :meth:`ProgressiveDistillation.loss_and_grad`.
+        out : PKDResult, optional
+            The result of an earlier call on inputs of the same shapes and
+            dtypes: its gradient arrays (``grad_logits`` and those of
+            ``hidden_result``) are overwritten, and ``out`` is updated and
+            returned, instead of allocating new ones (see
+            :meth:`ProgressiveDistillation.loss_and_grad`).
 
         Returns
         -------
         PKDResult
+            A new result, or ``out`` updated.
         """
+        if out is not None and not isinstance(out, PKDResult):
+            raise TypeError(
+                f"out must be a PKDResult (the result of an earlier loss_and_grad call) or "
+                f"None, got {type(out).__name__}"
+            )
         student, teacher, labels = _prepare_logits(student_logits, teacher_logits, labels)
-        hidden_result = self._hidden_part(student.shape[0], student_hidden, teacher_hidden,
-                                          attention_mask, tokens, skip_invalid, check_finite)
+        grad_logits = None
+        if out is not None:
+            grad_logits = V.check_output(out.grad_logits, "out.grad_logits", student.shape,
+                                         student.dtype)
+            V.check_no_overlap([("out.grad_logits", grad_logits)],
+                               [("student_logits", student), ("teacher_logits", teacher)])
+        hidden_result = self._hidden_part(
+            student.shape[0], student_hidden, teacher_hidden, attention_mask, tokens,
+            skip_invalid, check_finite, None if out is None else out.hidden_result)
         ce, kd, grad_logits = _logit_part(student, teacher, labels, self.alpha,
-                                          self.temperature)
+                                          self.temperature, grad_logits)
         hidden = 0.0 if hidden_result is None else hidden_result.loss
         weighted = {
             "ce": (1 - self.alpha) * ce,
             "kd": self.alpha * self.temperature ** 2 * kd,
             "hidden": hidden,
         }
-        return PKDResult(
+        fields = dict(
             loss=weighted["ce"] + weighted["kd"] + weighted["hidden"],
             parts={"ce": ce, "kd": kd, "hidden": hidden},
             weighted_parts=weighted,
@@ -264,9 +284,14 @@ class PKDObjective:
             layer_losses=None if hidden_result is None else hidden_result.layer_losses,
             hidden_result=hidden_result,
         )
+        if out is None:
+            return PKDResult(**fields)
+        for name, value in fields.items():
+            setattr(out, name, value)
+        return out
 
     def _hidden_part(self, n_examples, student_hidden, teacher_hidden, attention_mask,
-                     tokens, skip_invalid, check_finite) -> HiddenLossResult | None:
+                     tokens, skip_invalid, check_finite, out) -> HiddenLossResult | None:
         given = (student_hidden is not None, teacher_hidden is not None)
         if given == (False, False):
             return None
@@ -288,7 +313,7 @@ class PKDObjective:
         self._check_batch(n_examples, teacher_layers, "teacher_hidden", 1)
         return self.hidden.loss_and_grad(
             student_layers, teacher_layers, attention_mask=attention_mask, tokens=tokens,
-            skip_invalid=skip_invalid, check_finite=check_finite,
+            skip_invalid=skip_invalid, check_finite=check_finite, out=out,
         )
 
     def _check_batch(self, n_examples, layers, name, side) -> None:

@@ -412,3 +412,133 @@ def test_no_warning_without_skipping():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ProgressiveDistillation().loss_and_grad(student, teacher, skip_invalid=True)
+
+
+# --- out=: a training loop's gradients reused ---------------------------------------------
+
+def _stale_like(result):
+    """A copy of ``result`` whose gradient arrays are new and hold garbage (7.0)."""
+    def stale(array):
+        return None if array is None else np.full_like(array, 7.0)
+
+    grad_p = result.grad_projection
+    grad_p = ({pair: stale(g) for pair, g in grad_p.items()} if isinstance(grad_p, dict)
+              else stale(grad_p))
+    return pkd.HiddenLossResult(loss=np.nan, layer_losses=np.zeros(0), pairs=[],
+                                grad_student=[stale(g) for g in result.grad_student],
+                                grad_projection=grad_p)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_out_overwrites_every_gradient_and_is_returned(case, dtype, masked):
+    cfg, student, teacher, mask = _case(case, dtype, masked, three_d=True)
+    fresh = cfg.loss_and_grad(student, teacher, attention_mask=mask)
+    out = _stale_like(fresh)
+    arrays_s = list(out.grad_student)
+    arrays_p = out.grad_projection
+    result = cfg.loss_and_grad(student, teacher, attention_mask=mask, out=out)
+    assert result is out
+    assert result.loss == fresh.loss and result.pairs == fresh.pairs
+    np.testing.assert_array_equal(result.layer_losses, fresh.layer_losses)
+    for got, array, want in zip(result.grad_student, arrays_s, fresh.grad_student, strict=True):
+        if want is None:
+            assert got is None
+            continue
+        assert got is array  # written in place, in the layer's own shape
+        np.testing.assert_array_equal(got, want)
+        if mask is not None:
+            assert not got[~mask].any()  # stale values on padding were overwritten with 0
+    if isinstance(fresh.grad_projection, dict):
+        for pair, want in fresh.grad_projection.items():
+            assert result.grad_projection[pair] is arrays_p[pair]
+            np.testing.assert_array_equal(result.grad_projection[pair], want)
+    else:
+        assert result.grad_projection is arrays_p
+        np.testing.assert_array_equal(result.grad_projection, fresh.grad_projection)
+    # An independent witness too, not only agreement with the fresh path.
+    loss, _, grads_s, _ = _reference_for(cfg, student, teacher, mask)
+    assert result.loss == pytest.approx(loss, rel=RTOL[dtype])
+    for got, want in zip(result.grad_student, grads_s, strict=True):
+        if want is not None:
+            np.testing.assert_allclose(got.reshape(want.shape), want, rtol=RTOL[dtype],
+                                       atol=RTOL[dtype] * np.abs(want).max())
+
+
+def test_out_zeroes_projection_gradients_no_pair_uses():
+    # "auto" with equal widths: the projection exists but no pair goes through it.
+    student, teacher = _layers(2, (6,), 4), _layers(2, (6,), 4, seed=1)
+    cfg = ProgressiveDistillation([(0, 0), (1, 1)]).with_projection(4, 4, seed=0)
+    fresh = cfg.loss_and_grad(student, teacher)
+    assert not fresh.grad_projection.any()
+    result = cfg.loss_and_grad(student, teacher, out=_stale_like(fresh))
+    assert not result.grad_projection.any()
+    per_pair = ProgressiveDistillation([(0, 0), (1, 1)]).with_projection(4, 4, seed=0,
+                                                                         shared=False)
+    result = per_pair.loss_and_grad(student, teacher,
+                                    out=_stale_like(per_pair.loss_and_grad(student, teacher)))
+    assert not any(g.any() for g in result.grad_projection.values())
+
+
+def test_out_in_a_loop_equals_fresh_calls():
+    cfg = ProgressiveDistillation([(0, 1), (1, 2), (0, 2)]).with_projection(3, 5, seed=0)
+    out = None
+    for step in range(3):
+        student, teacher = _layers(2, (7,), 3, seed=step), _layers(3, (7,), 5, seed=10 + step)
+        fresh = cfg.loss_and_grad(student, teacher)
+        out = cfg.loss_and_grad(student, teacher, out=out)
+        assert out.loss == fresh.loss
+        for got, want in zip(out.grad_student, fresh.grad_student, strict=True):
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(out.grad_projection, fresh.grad_projection)
+
+
+def test_bad_out():
+    cfg = ProgressiveDistillation([(0, 1), (1, 2)]).with_projection(3, 5, seed=0,
+                                                                    dtype=np.float64)
+    student, teacher = _layers(2, (2, 4), 3), _layers(3, (2, 4), 5, seed=1)
+    good = cfg.loss_and_grad(student, teacher)
+
+    def with_(**changes):
+        out = _stale_like(good)
+        for name, value in changes.items():
+            setattr(out, name, value)
+        return out
+
+    s0, s1 = good.grad_student[0], good.grad_student[1]
+    with pytest.raises(TypeError, match="out must be a HiddenLossResult.*got tuple"):
+        cfg.loss_and_grad(student, teacher, out=(s0, s1))
+    with pytest.raises(ValueError, match=r"one entry per student layer \(2\), got 1:"):
+        cfg.loss_and_grad(student, teacher, out=with_(grad_student=[s0]))
+    with pytest.raises(ValueError, match=r"out.grad_student\[1\] for layer pair \(1, 2\) must "
+                                         r"be .* shape \(2, 4, 3\) and dtype float64; got "
+                                         r"shape \(8, 3\)"):
+        cfg.loss_and_grad(student, teacher, out=with_(grad_student=[s0, s1.reshape(8, 3)]))
+    with pytest.raises(ValueError, match=r"out.grad_student\[0\].*dtype float64; got .*float32"):
+        cfg.loss_and_grad(student, teacher,
+                          out=with_(grad_student=[s0.astype(np.float32), s1]))
+    with pytest.raises(ValueError, match=r"out.grad_student\[0\].*got NoneType"):
+        cfg.loss_and_grad(student, teacher, out=with_(grad_student=[None, s1]))
+    with pytest.raises(ValueError, match="writable"):
+        frozen = s0.copy()
+        frozen.flags.writeable = False
+        cfg.loss_and_grad(student, teacher, out=with_(grad_student=[frozen, s1]))
+    with pytest.raises(ValueError, match=r"out.grad_projection must be .* shape \(3, 5\)"):
+        cfg.loss_and_grad(student, teacher, out=with_(grad_projection=None))
+    per_pair = cfg.with_projection(3, 5, seed=0, dtype=np.float64, shared=False)
+    with pytest.raises(ValueError, match=r"must be a dict \{pair: array\}"):
+        per_pair.loss_and_grad(student, teacher, out=good)
+    with pytest.raises(ValueError, match=r"out.grad_projection\[\(1, 2\)\] for layer pair"):
+        per_pair.loss_and_grad(student, teacher,
+                               out=with_(grad_projection={(0, 1): good.grad_projection}))
+    # Overlaps would silently corrupt the gradients (or the inputs): refused.
+    with pytest.raises(ValueError, match=r"out.grad_student\[0\] shares memory with "
+                                         r"student_hidden\[0\]"):
+        cfg.loss_and_grad(student, teacher, out=with_(grad_student=[student[0], s1]))
+    with pytest.raises(ValueError, match=r"out.grad_student\[0\] shares memory with "
+                                         r"out.grad_student\[1\]"):
+        same = s0.copy()
+        cfg.loss_and_grad(student, teacher, out=with_(grad_student=[same, same]))
+    with pytest.raises(ValueError, match="out.grad_projection shares memory with projection"):
+        cfg.loss_and_grad(student, teacher, out=with_(grad_projection=cfg.projection))

@@ -357,3 +357,8 @@ def test_bad_out_buffers():
         pkd.projected_mse_grad(T, T, out=(np.empty_like(T), good_p))
     with pytest.raises(TypeError, match="pair"):
         pkd.projected_mse_grad(S, T, P, out=good_s)
+    with pytest.raises(ValueError, match=r"out\[0\] \(grad_student\) shares memory with student"):
+        pkd.projected_mse_grad(S, T, P, out=(S, good_p))
+    with pytest.raises(ValueError, match=r"out\[1\] \(grad_projection\) shares memory with "
+                                         r"projection"):
+        pkd.projected_mse_grad(S, T, P, out=(good_s, P))

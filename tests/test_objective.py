@@ -558,3 +558,49 @@ def test_hidden_part_errors_pass_through():
         objective.loss_and_grad(z_s, z_t, labels, student, teacher,
                                 attention_mask=np.ones((4, 4)))
 
+
+
+# -- out=: a training loop's gradients reused -----------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shared", [True, False])
+def test_out_reuses_every_gradient(dtype, shared):
+    config, student, teacher, mask = _hidden_problem(dtype, shared=shared)
+    z_s, z_t, labels = _logits(dtype, B=4, C=5, seed=1)
+    objective = PKDObjective(0.6, 2.0, config)
+    first = objective.loss_and_grad(z_s, z_t, labels, student, teacher, attention_mask=mask)
+    for array in (first.grad_logits, *first.grad_student):
+        array.fill(7.0)  # stale values: every element must be overwritten
+    logits_buffer, student_buffers = first.grad_logits, list(first.grad_student)
+    z_s2, z_t2, labels2 = _logits(dtype, B=4, C=5, seed=2)
+    _, student2, teacher2, mask2 = _hidden_problem(dtype, shared=shared, seed=3)
+    fresh = objective.loss_and_grad(z_s2, z_t2, labels2, student2, teacher2,
+                                    attention_mask=mask2)
+    result = objective.loss_and_grad(z_s2, z_t2, labels2, student2, teacher2,
+                                     attention_mask=mask2, out=first)
+    assert result is first and result.loss == fresh.loss and result.parts == fresh.parts
+    assert result.grad_logits is logits_buffer
+    np.testing.assert_array_equal(result.grad_logits, fresh.grad_logits)
+    _assert_logit_part(z_s2, z_t2, labels2, 0.6, 2.0, fresh.parts["ce"], fresh.parts["kd"],
+                       result.grad_logits, RTOL[dtype])
+    for got, buffer, want in zip(result.grad_student, student_buffers, fresh.grad_student,
+                                 strict=True):
+        assert got is buffer
+        np.testing.assert_array_equal(got, want)
+    assert result.hidden_result.grad_student is result.grad_student
+
+
+def test_bad_out():
+    z_s, z_t, labels = _logits(np.float32)
+    objective = PKDObjective()
+    good = objective.loss_and_grad(z_s, z_t, labels)
+    with pytest.raises(TypeError, match="out must be a PKDResult"):
+        objective.loss_and_grad(z_s, z_t, labels, out=good.grad_logits)
+    good.grad_logits = np.empty((3, 5), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"out.grad_logits must be .* shape \(6, 5\) and "
+                                         r"dtype float32; got shape \(3, 5\)"):
+        objective.loss_and_grad(z_s, z_t, labels, out=good)
+    good.grad_logits = z_s
+    with pytest.raises(ValueError, match="out.grad_logits shares memory with student_logits"):
+        objective.loss_and_grad(z_s, z_t, labels, out=good)
