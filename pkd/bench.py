@@ -37,7 +37,8 @@ import numpy as np
 GRID_N = (256, 512, 4096, 16384)
 GRID_SHAPES = ((128, 256), (312, 768), (384, 768), (768, 768))
 VARIANTS = ("plain", "masked", "normalized+masked", "4 pairs shared", "alignment",
-            "torch bridge")
+            "torch bridge", "torch module")
+TORCH_VARIANTS = ("torch bridge", "torch module")
 QUICK_N = (512, 4096)
 QUICK_SHAPES = ((128, 256), (384, 768))
 KEEP_FRACTION = 0.8
@@ -255,7 +256,7 @@ def bench_case(variant, n, d_s, d_t, dtype, repeats) -> Row:
 
     torch = _torch()
     dtype = np.dtype(dtype)
-    n_pairs = 4 if variant == "4 pairs shared" else 1
+    n_pairs = 4 if variant in ("4 pairs shared", "torch module") else 1
     student, teacher, P, mask = _case_arrays(n, d_s, d_t, dtype, n_layers=n_pairs)
     S, T = student[0], teacher[0]
     masked = variant in ("masked", "normalized+masked")
@@ -267,6 +268,8 @@ def bench_case(variant, n, d_s, d_t, dtype, repeats) -> Row:
         return _bench_alignment(n, d_s, d_t, dtype, repeats)
     if variant == "torch bridge":
         return _bench_torch_bridge(torch, S, T, P, dtype, budget, repeats)
+    if variant == "torch module":
+        return _bench_torch_module(torch, student, teacher, P, dtype, budget, repeats)
     if variant == "4 pairs shared":
         # "always": with d_s == d_t the seed's rule would skip the projection.
         cfg = pkd.ProgressiveDistillation([(k, k) for k in range(4)], projection=P,
@@ -322,6 +325,40 @@ def _bench_torch_bridge(torch, S, T, P, dtype, budget, repeats) -> Row:
                            {"torch": _torch_pair(torch, S, T, P, None, False)}], repeats)
     n, d_s = S.shape
     return Row("torch bridge", dtype.name, n, d_s, T.shape[1], times["pkd"] * 1e3,
+               times["gemm"] * 1e3, times["numpy"] * 1e3, times["torch"] * 1e3,
+               _peak_bytes(ours) / 2**20, budget / 2**20)
+
+
+def _bench_torch_module(torch, student, teacher, P, dtype, budget, repeats) -> Row:
+    """``pkd.torch.PKDHiddenLoss`` over 4 pairs sharing P, forward + backward, vs 4 torch calls."""
+    import pkd
+    import pkd.torch as pkd_torch
+
+    config = pkd.ProgressiveDistillation([(k, k) for k in range(4)], projection=P,
+                                         project="always")
+    criterion = pkd_torch.PKDHiddenLoss(config)
+    s = [torch.from_numpy(a).requires_grad_(True) for a in student]
+    t = [torch.from_numpy(a) for a in teacher]
+
+    def ours():
+        for layer in s:
+            layer.grad = None
+        criterion.projection.grad = None
+        criterion(s, t).backward()
+
+    def numpy_version():
+        return [_numpy_pair(student[k], teacher[k], P, None, False) for k in range(4)]
+
+    runs = [_torch_pair(torch, student[k], teacher[k], P, None, False) for k in range(4)]
+
+    def torch_version():
+        for run in runs:
+            run()
+
+    times = _median_times([{"pkd": ours, "gemm": _gemms(student, P, 4)},
+                           {"numpy": numpy_version}, {"torch": torch_version}], repeats)
+    n, d_s = student[0].shape
+    return Row("torch module", dtype.name, n, d_s, teacher[0].shape[1], times["pkd"] * 1e3,
                times["gemm"] * 1e3, times["numpy"] * 1e3, times["torch"] * 1e3,
                _peak_bytes(ours) / 2**20, budget / 2**20)
 
@@ -449,7 +486,7 @@ def run_bench(*, quick: bool = False, dtypes=("float32", "float64"), variants=VA
     header = machine_header()
     print(_format_header(header), file=out)
     if _torch() is None:
-        variants = tuple(v for v in variants if v != "torch bridge")
+        variants = tuple(v for v in variants if v not in TORCH_VARIANTS)
     cases = [(v, n, ds, dt, dtype) for dtype in dtypes for v in variants
              for ds, dt in shapes for n in grid_n]
     rows = []

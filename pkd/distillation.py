@@ -372,14 +372,16 @@ class ProgressiveDistillation:
     def _projection_for(self, pair):
         if self.projection is None:
             return None
-        return self.projection if self.shared_projection else self.projection[pair]
+        # .get: pkd.torch leaves out the per-pair projections no pair goes through.
+        return self.projection if self.shared_projection else self.projection.get(pair)
 
     def _plan_pair(self, pair, student_layers, teacher_layers):
         """Check one pair's structure; return (S, T, P or None) or raise ValueError."""
         s, t = pair
         student = V.layer_at(student_layers, s, "student_hidden", pair, check_finite=False)
         teacher = V.layer_at(teacher_layers, t, "teacher_hidden", pair, check_finite=False)
-        V.check_paired(student, teacher, pair, names=("student_hidden", "teacher_hidden"))
+        V.check_paired(student, teacher, pair,
+                       names=(f"student_hidden[{s}]", f"teacher_hidden[{t}]"))
         d_s, d_t = student.shape[-1], teacher.shape[-1]
         projection = self._projection_for(pair)
         applies = projection is not None and (self.project == "always" or d_s != d_t)
@@ -397,7 +399,9 @@ class ProgressiveDistillation:
         return student, teacher, projection
 
     def _run(self, student_hidden, teacher_hidden, attention_mask, tokens, skip_invalid,
-             check_finite, *, need_grad, out=None):
+             check_finite, *, need_grad, out=None, student_grads=True, projection_grads=True):
+        """The loss, and with ``need_grad`` the gradients (``student_grads`` /
+        ``projection_grads`` False leave those out: ``None``, no GEMM for them)."""
         student_layers = V.as_layers(student_hidden, "student_hidden")
         teacher_layers = V.as_layers(teacher_hidden, "teacher_hidden")
         tokens = self.tokens if tokens is None else tokens
@@ -426,8 +430,9 @@ class ProgressiveDistillation:
         if not need_grad:
             grad_student, grad_projection = [None] * n_layers, None
         elif out is None:
-            grad_student = _student_gradient_buffers(planned, pairs, n_layers, dtype)
-            grad_projection = self._projection_grads(dtype)
+            grad_student = (_student_gradient_buffers(planned, pairs, n_layers, dtype)
+                            if student_grads else [None] * n_layers)
+            grad_projection = self._projection_grads(dtype) if projection_grads else None
         else:
             grad_student = _reused_student_gradients(out, planned, pairs, n_layers, dtype)
             grad_projection = self._reused_projection_grads(out, dtype)
@@ -454,11 +459,11 @@ class ProgressiveDistillation:
             p = None if projection is None else np.ascontiguousarray(projection, dtype=dtype)
             g_s = g_p = None
             accumulate_s = accumulate_p = False
-            if need_grad:
+            if grad_student[s] is not None:
                 g_s = grad_student[s]
                 accumulate_s = s in written  # the first pair assigns, rows not counted → 0
                 written.add(s)
-            if need_grad and p is not None:
+            if grad_projection is not None and p is not None:
                 key = "shared" if self.shared_projection else pair
                 g_p = grad_projection if self.shared_projection else grad_projection[pair]
                 accumulate_p = key in touched_projection
@@ -475,8 +480,7 @@ class ProgressiveDistillation:
                                      ("projection", projection, False)], pair, rows)
             loss += coef * layer_losses[k]
 
-        if need_grad:
-            self._zero_untouched(grad_projection, touched_projection)
+        self._zero_untouched(grad_projection, touched_projection)
         fields = dict(loss=float(loss), layer_losses=layer_losses, pairs=list(pairs),
                       grad_student=returned, grad_projection=grad_projection, skipped=skipped)
         if out is None:

@@ -118,81 +118,135 @@ def _mask_array(mask, name: str):
     return mask.detach().numpy()
 
 
-def _pair_arrays(student, teacher, projection, names, pair):
-    """Check one pair's tensors; return NumPy views (student, teacher, projection or None)."""
-    student = _check_tensor(student, names[0], pair)
-    teacher = _check_tensor(teacher, names[1], pair)
-    if projection is not None:
-        projection = _check_tensor(projection, names[2], pair)
+def _input(x, name: str, pair=None) -> tuple[torch.Tensor, np.ndarray]:
+    """A checked tensor made contiguous (autograd records the copy, if any), and its NumPy view."""
+    x = _check_tensor(x, name, pair).contiguous()
+    return x, _view(x)
+
+
+def _pair_tensors(student, teacher, projection, names, pair):
+    """Check one pair's tensors; return them contiguous, and NumPy views of them.
+
+    The views are taken once here and handed to the autograd Function, which
+    computes in them (a ``detach().numpy()`` costs ~3 µs, and a call's
+    overhead weighs at N ≤ 512).
+    """
+    student, s = _input(student, names[0], pair)
+    teacher, t = _input(teacher, names[1], pair)
+    projection, p = (None, None) if projection is None else _input(projection, names[2], pair)
     _check_same_dtype(zip(names, (student, teacher, projection), strict=True), pair)
     _refuse_grad(teacher, names[1], "pkd.torch gives the teacher no gradient", pair)
-    s = V.check_float_array(_view(student), names[0], check_finite=False, pair=pair)
-    t = V.check_float_array(_view(teacher), names[1], check_finite=False, pair=pair)
+    s = V.check_float_array(s, names[0], check_finite=False, pair=pair)
+    t = V.check_float_array(t, names[1], check_finite=False, pair=pair)
     V.check_paired(s, t, pair, names=names[:2])
-    p = None
-    if projection is not None:
-        p = V.check_projection(_view(projection), s.shape[-1], t.shape[-1], names[2], pair,
-                               check_finite=False)
-    return s, t, p
+    if p is not None:
+        p = V.check_projection(p, s.shape[-1], t.shape[-1], names[2], pair, check_finite=False)
+    return (student, teacher, projection), (s, t, p)
 
 
-# -- the autograd Function ---------------------------------------------------------------
+def _scalar(value: float, dtype) -> torch.Tensor:
+    """A 0-d tensor of ``dtype`` (through NumPy: 1 µs against 4–8 µs for torch.tensor)."""
+    return torch.from_numpy(np.array(value, dtype=dtype))
+
+
+# -- the autograd Functions ----------------------------------------------------------------
 
 
 class _PairLoss(torch.autograd.Function):
     """ℓ of one pair; forward also computes the gradients the inputs need, backward scales them.
 
     Inputs are validated by the caller: contiguous CPU tensors of one float
-    dtype, ``rows`` sorted int64 indices or None, ``options`` =
-    (normalize, want_grad, check_finite, names, pair).
+    dtype, ``arrays`` their NumPy views, ``rows`` sorted int64 indices or None,
+    ``options`` = (normalize, want_grad, check_finite, names, pair).
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, projection, rows, options):
+    def forward(ctx, student, teacher, projection, rows, arrays, options):
         normalize, want_grad, check_finite, names, pair = options
-        d_s, d_t = student.shape[-1], teacher.shape[-1]
-        s2 = _view(student).reshape(-1, d_s)
-        t2 = _view(teacher).reshape(-1, d_t)
-        p = None if projection is None else _view(projection)
+        s, t, p = arrays
+        s2, t2 = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
         # Inside forward grad mode is off, so the caller says whether a graph is being built.
-        need_student = want_grad and ctx.needs_input_grad[0]
-        need_projection = want_grad and projection is not None and ctx.needs_input_grad[2]
         grad_student = grad_projection = None
-        if need_student:
-            # The buffer comes from NumPy (the kernels write every row, zeros outside the
-            # mask): torch.empty/zeros would first-touch it with torch's OpenMP threads,
-            # which then spin against OpenBLAS's on a 2-core machine.
-            grad_student = torch.from_numpy(np.empty(student.shape, dtype=s2.dtype))
-        if need_projection:
-            grad_projection = torch.from_numpy(np.empty(projection.shape, dtype=p.dtype))
-        loss = _loss.pair_loss_and_grad(
-            s2, t2, p, rows, normalize=normalize,
-            grad_student=None if grad_student is None else _view(grad_student).reshape(-1, d_s),
-            grad_projection=None if grad_projection is None else _view(grad_projection),
-        )
+        if want_grad and ctx.needs_input_grad[0]:
+            # From NumPy (the kernels write every row, zeros outside the mask):
+            # torch.empty/zeros would first-touch it with torch's OpenMP threads, which
+            # then spin against OpenBLAS's on a 2-core machine.
+            grad_student = np.empty(s2.shape, dtype=s2.dtype)
+        if want_grad and p is not None and ctx.needs_input_grad[2]:
+            grad_projection = np.empty(p.shape, dtype=p.dtype)
+        loss = _loss.pair_loss_and_grad(s2, t2, p, rows, normalize=normalize,
+                                        grad_student=grad_student,
+                                        grad_projection=grad_projection)
         if check_finite and not np.isfinite(loss):
             V.explain_nonfinite([(names[0], s2, True), (names[1], t2, True),
                                  (names[2], p, False)], pair, rows)
-        ctx.save_for_backward(grad_student, grad_projection)
-        return torch.tensor(loss, dtype=student.dtype)
+        ctx.save_for_backward(
+            None if grad_student is None else torch.from_numpy(grad_student.reshape(s.shape)),
+            None if grad_projection is None else torch.from_numpy(grad_projection))
+        return _scalar(loss, s2.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        # once_differentiable alone would return gradients without a graph when
-        # grad_output does not require grad, so a later double backward would
-        # silently treat them as constants: refuse create_graph=True up front.
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "pkd.torch does not support double backward (create_graph=True): its "
-                "gradients come from hand-written kernels, not from differentiable torch ops"
-            )
-        return _scaled_gradients(ctx, grad_output)
+        _refuse_double_backward()
+        grad_student, grad_projection = _scaled(ctx, grad_output)
+        return grad_student, None, grad_projection, None, None, None
+
+
+class _HiddenLoss(torch.autograd.Function):
+    """``L_hidden`` of :class:`PKDHiddenLoss` over all its pairs, in one autograd node.
+
+    ``tensors`` are the mapped student layers and then the projection
+    parameters (``plan.n_student`` of the first). Forward runs
+    :meth:`pkd.ProgressiveDistillation._run` on NumPy views, so pairs that
+    share a projection or a student layer add their gradients in pkd's
+    buffers, not in torch ops between the kernels (torch's OpenMP threads
+    would then spin against OpenBLAS's); backward scales them.
+    """
+
+    @staticmethod
+    def forward(ctx, plan, *tensors):
+        n_student = plan.n_student
+        needs = ctx.needs_input_grad[1:]
+        student_grads = plan.want_grad and any(needs[:n_student])
+        projection_grads = plan.want_grad and any(needs[n_student:])
+        result = plan.config._run(
+            plan.student, plan.teacher, plan.mask, plan.tokens, False, plan.check_finite,
+            need_grad=student_grads or projection_grads, student_grads=student_grads,
+            projection_grads=projection_grads)
+        grads = []
+        for index, needed in zip(plan.student_indices, needs[:n_student], strict=True):
+            grad = result.grad_student[index]
+            grads.append(torch.from_numpy(grad) if needed and grad is not None else None)
+        projection_grads = result.grad_projection
+        if isinstance(projection_grads, dict):
+            projection_grads = [projection_grads[pair] for pair in plan.projection_keys]
+        else:
+            projection_grads = [projection_grads] * (len(tensors) - n_student)
+        grads += [None if grad is None or not needed else torch.from_numpy(grad)
+                  for grad, needed in zip(projection_grads, needs[n_student:], strict=True)]
+        ctx.save_for_backward(*grads)
+        return _scalar(result.loss, plan.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        _refuse_double_backward()
+        return None, *_scaled(ctx, grad_output)
+
+
+def _refuse_double_backward() -> None:
+    # once_differentiable alone would return gradients without a graph when
+    # grad_output does not require grad, so a later double backward would
+    # silently treat them as constants: refuse create_graph=True up front.
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "pkd.torch does not support double backward (create_graph=True): its "
+            "gradients come from hand-written kernels, not from differentiable torch ops"
+        )
 
 
 @once_differentiable
-def _scaled_gradients(ctx, grad_output):
-    grad_student, grad_projection = ctx.saved_tensors
-    return _scale(grad_student, grad_output), None, _scale(grad_projection, grad_output), None, None
+def _scaled(ctx, grad_output):
+    return tuple(_scale(saved, grad_output) for saved in ctx.saved_tensors)
 
 
 def _scale(saved, grad_output):
@@ -211,14 +265,6 @@ def _scale(saved, grad_output):
     if factor == 1.0:
         return saved
     return torch.from_numpy(saved.numpy() * saved.numpy().dtype.type(factor))
-
-
-def _apply(student, teacher, projection, rows, *, normalize, check_finite, names, pair):
-    """Run one validated pair through the autograd Function."""
-    options = (bool(normalize), torch.is_grad_enabled(), bool(check_finite), names, pair)
-    projection = None if projection is None else projection.contiguous()
-    return _PairLoss.apply(student.contiguous(), teacher.contiguous(), projection, rows,
-                           options)
 
 
 def projected_mse(
@@ -266,7 +312,8 @@ def projected_mse(
         a mask selecting nothing, or NaN/Inf.
     """
     names = ("student", "teacher", "projection")
-    s, t, _ = _pair_arrays(student, teacher, projection, names, None)
+    tensors, arrays = _pair_tensors(student, teacher, projection, names, None)
+    s, t, _ = arrays
     if projection is None and s.shape[-1] != t.shape[-1]:
         raise ValueError(
             f"student width {s.shape[-1]} differs from teacher width {t.shape[-1]} (shapes "
@@ -274,8 +321,8 @@ def projected_mse(
             f"{t.shape[-1]})"
         )
     rows = V.select_rows(s.shape[:-1], _mask_array(mask, "mask"), tokens, mask_name="mask")
-    return _apply(student, teacher, projection, rows, normalize=normalize,
-                  check_finite=check_finite, names=names, pair=None)
+    options = (bool(normalize), torch.is_grad_enabled(), bool(check_finite), names, None)
+    return _PairLoss.apply(*tensors, rows, arrays, options)
 
 
 # -- the module ------------------------------------------------------------------------
@@ -428,47 +475,110 @@ class PKDHiddenLoss(nn.Module):
         () tensor
             ``L_hidden``, in the hidden states' dtype.
         """
-        student_layers = _as_layers(student_hidden, "student_hidden")
-        teacher_layers = _as_layers(teacher_hidden, "teacher_hidden")
-        tokens = self.tokens if tokens is None else tokens
-        mask = _mask_array(attention_mask, "attention_mask")
-        weights = self.layer_weights or [1.0] * len(self.layer_mapping)
-        total_weight = sum(weights)
-        rows_cache: dict = {}
-        total = None
-        for k, pair in enumerate(self.layer_mapping):
-            student, teacher, projection, names = self._plan_pair(
-                pair, student_layers, teacher_layers)
-            lead = tuple(student.shape[:-1])
-            if lead not in rows_cache:
-                rows_cache[lead] = V.select_rows(lead, mask, tokens)
-            layer_loss = _apply(student, teacher, projection, rows_cache[lead],
-                                normalize=self.normalize, check_finite=check_finite,
-                                names=names, pair=pair)
-            term = (self.hidden_weight * weights[k] / total_weight) * layer_loss
-            total = term if total is None else total + term
-        return total
+        plan = self._plan(_as_layers(student_hidden, "student_hidden"),
+                          _as_layers(teacher_hidden, "teacher_hidden"))
+        plan.mask = _mask_array(attention_mask, "attention_mask")
+        plan.tokens = self.tokens if tokens is None else tokens
+        plan.check_finite = bool(check_finite)
+        plan.want_grad = torch.is_grad_enabled()
+        return _HiddenLoss.apply(plan, *plan.tensors)
 
-    def _plan_pair(self, pair, student_layers, teacher_layers):
-        """Check one pair; return (student, teacher, projection or None, names)."""
-        s, t = pair
-        for layers, index, name in ((student_layers, s, "student_hidden"),
-                                    (teacher_layers, t, "teacher_hidden")):
-            if not 0 <= index < len(layers):
-                V.layer_at(layers, index, name, pair)  # raises the shared out-of-range error
+    def _plan(self, student_layers: list, teacher_layers: list) -> _Plan:
+        """Check every pair's tensors; gather the Function's inputs and their NumPy views.
+
+        Only what is particular to tensors is checked here (type, device,
+        dtype, a teacher that requires grad), once per tensor; shapes and
+        values are checked by the configuration's own ``_run``.
+        """
+        plan = _Plan(len(student_layers), len(teacher_layers))
+        student_inputs: dict = {}  # layer index -> contiguous tensor, in order of first use
+        teacher_inputs: dict = {}
+        projection_inputs: dict = {}  # "shared" or pair -> parameter
+        for pair in self.layer_mapping:
+            s, t = pair
+            for layers, index, name in ((student_layers, s, "student_hidden"),
+                                        (teacher_layers, t, "teacher_hidden")):
+                if not 0 <= index < len(layers):
+                    V.layer_at(layers, index, name, pair)  # raises the shared out-of-range error
+            names = (f"student_hidden[{s}]", f"teacher_hidden[{t}]",
+                     "projection" if self.projections is None
+                     else f"projections[{_pair_key(pair)!r}]")
+            if s not in student_inputs:
+                student_inputs[s], plan.student[s] = _input(student_layers[s], names[0], pair)
+            if t not in teacher_inputs:
+                teacher_inputs[t], plan.teacher[t] = _input(teacher_layers[t], names[1], pair)
+                _refuse_grad(teacher_inputs[t], names[1],
+                             "pkd.torch gives the teacher no gradient", pair)
+            projection = self._applied_projection(pair, student_inputs[s], teacher_inputs[t])
+            key = "shared" if self.projections is None else pair
+            if projection is not None and key not in projection_inputs:
+                projection_inputs[key], plan.projections[key] = _input(projection, names[2],
+                                                                       pair)
+            in_pair = (student_inputs[s], teacher_inputs[t],
+                       None if projection is None else projection_inputs[key])
+            if len({x.dtype for x in in_pair if x is not None}) > 1:
+                _check_same_dtype(zip(names, in_pair, strict=True), pair)
+            plan.dtype = plan.student[s].dtype
+        plan.student_indices = list(student_inputs)
+        plan.n_student = len(student_inputs)
+        plan.projection_keys = [key for key in projection_inputs if key != "shared"]
+        plan.tensors = [*student_inputs.values(), *projection_inputs.values()]
+        projection = (plan.projections.get("shared") if self.projections is None
+                      else {pair: plan.projections[pair] for pair in plan.projection_keys})
+        plan.config = self._config()._replace(projection=projection)
+        return plan
+
+    def _config(self) -> ProgressiveDistillation:
+        """The configuration of the module's current settings (rebuilt only when they change)."""
+        key = (tuple(self.layer_mapping), self.hidden_weight, self.normalize, self.project,
+               self.tokens, None if self.layer_weights is None else tuple(self.layer_weights))
+        if getattr(self, "_config_key", None) != key:
+            self._cached_config = ProgressiveDistillation(
+                self.layer_mapping, hidden_weight=self.hidden_weight, normalize=self.normalize,
+                layer_weights=self.layer_weights, project=self.project, tokens=self.tokens)
+            self._config_key = key
+        return self._cached_config
+
+    def _applied_projection(self, pair, student, teacher):
+        """The projection parameter ``pair`` goes through, or ``None`` (the "auto"/"always" rule).
+
+        Widths that differ with no projection are an error here, named for the module.
+        """
         projection = self.projection_for(pair)
-        names = (f"student_hidden[{s}]", f"teacher_hidden[{t}]",
-                 "projection" if self.projections is None else f"projections[{_pair_key(pair)!r}]")
-        student, teacher = student_layers[s], teacher_layers[t]
-        s_arr, t_arr, _ = _pair_arrays(student, teacher, None, names, pair)
-        d_s, d_t = s_arr.shape[-1], t_arr.shape[-1]
-        if projection is None or (self.project == "auto" and d_s == d_t):
-            if d_s != d_t:
-                raise ValueError(
-                    f"layer pair {pair}: student width {d_s} differs from teacher width {d_t} "
-                    f"(shapes {s_arr.shape} and {t_arr.shape}) and the configuration has no "
-                    f"projection; build it with config.with_projection({d_s}, {d_t})"
-                )
-            return student, teacher, None, names
-        _pair_arrays(student, teacher, projection, names, pair)  # dtype and shape of P
-        return student, teacher, projection, names
+        d_s, d_t = (x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else None
+                    for x in (student, teacher))
+        if projection is not None and (self.project == "always" or d_s != d_t):
+            return projection
+        if d_s != d_t and d_s is not None and d_t is not None:
+            raise ValueError(
+                f"layer pair {pair}: student width {d_s} differs from teacher width {d_t} "
+                f"(shapes {tuple(student.shape)} and {tuple(teacher.shape)}) and the "
+                f"configuration has no projection; build it with "
+                f"config.with_projection({d_s}, {d_t})"
+            )
+        return None
+
+
+class _Plan:
+    """What :class:`_HiddenLoss` needs besides its tensor inputs (built by ``PKDHiddenLoss._plan``).
+
+    ``student`` / ``teacher`` hold NumPy views at the mapped indices (``None``
+    elsewhere; only those are read); ``tensors`` are the Function's inputs:
+    the mapped student layers (indices ``student_indices``) and then the
+    projection parameters (the shared one, or those of ``projection_keys``).
+    """
+
+    def __init__(self, n_student_layers: int, n_teacher_layers: int) -> None:
+        self.student: list = [None] * n_student_layers
+        self.teacher: list = [None] * n_teacher_layers
+        self.projections: dict = {}
+        self.student_indices: list = []
+        self.n_student = 0
+        self.projection_keys: list = []
+        self.tensors: list = []
+        self.config: ProgressiveDistillation | None = None
+        self.dtype = None
+        self.mask = None
+        self.tokens = "all"
+        self.check_finite = True
+        self.want_grad = False

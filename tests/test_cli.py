@@ -156,11 +156,14 @@ def test_fit_optimal_mapping(dumps, tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["plain", "masked", "normalized+masked", "4 pairs shared",
-                                     "alignment"])
+                                     "alignment", "torch bridge", "torch module"])
 def test_bench_case_measures_every_contender(variant):
-    from pkd.bench import bench_case
+    from pkd.bench import TORCH_VARIANTS, bench_case
 
+    if variant in TORCH_VARIANTS:
+        pytest.importorskip("torch")
     row = bench_case(variant, 64, 8, 16, "float32", repeats=1)
+    assert row.variant == variant
     assert row.pkd_ms > 0 and row.gemm_ms > 0 and row.numpy_ms > 0
     assert row.peak_mb is not None and row.vs_gemm > 0
     if variant != "alignment":

@@ -381,7 +381,9 @@ def test_bad_hidden_states():
     good_s, good_t = _layers(1, (4,), 3), _layers(2, (4,), 3)
     with pytest.raises(ValueError, match=r"\(0, 1\) asks for layer 1 of teacher_hidden, which has"):
         cfg.loss_and_grad(good_s, good_t[:1])
-    with pytest.raises(ValueError, match=r"student_hidden and teacher_hidden for layer pair"):
+    with pytest.raises(ValueError,
+                       match=r"student_hidden\[0\] and teacher_hidden\[1\] for layer pair "
+                             r"\(0, 1\)"):
         cfg.loss_and_grad(good_s, [good_t[0], np.ones((5, 3))])
     with pytest.raises(TypeError, match=r"student_hidden\[0\] for layer pair \(0, 1\).*int64"):
         cfg.loss_and_grad([np.ones((4, 3), dtype=int)], good_t)

@@ -494,6 +494,113 @@ def test_hidden_loss_errors_name_the_pair():
         pt.PKDHiddenLoss({"layer_mapping": [(0, 1)]})
 
 
+@pytest.fixture
+def module_kernel_calls(monkeypatch):
+    """Record what PKDHiddenLoss (through ProgressiveDistillation) hands the kernels."""
+    calls = []
+    real = pkd.distillation.pair_loss_and_grad
+
+    def spy(student, teacher, projection, rows, **kwargs):
+        calls.append(dict(student=student, projection=projection, **kwargs))
+        return real(student, teacher, projection, rows, **kwargs)
+
+    monkeypatch.setattr(pkd.distillation, "pair_loss_and_grad", spy)
+    return calls
+
+
+def test_hidden_loss_is_one_autograd_node(module_kernel_calls):
+    config = CONFIGS["shared"]()
+    criterion = pt.PKDHiddenLoss(config)
+    stacked = torch.randn(3, 12, 4, dtype=torch.float64, requires_grad=True)
+    student = list(stacked.unbind(0))  # views: gradients reach the stacked tensor
+    teacher = hidden_states(torch.float64, [6] * 5, three_d=False, seed=1)
+    loss = criterion(student, teacher)
+    assert type(loss.grad_fn).__name__ == "_HiddenLossBackward"
+    # One edge per mapped student layer and one for the shared projection.
+    assert len(loss.grad_fn.next_functions) == 3 + 1
+    assert len(module_kernel_calls) == 3  # one kernel call per pair, in that one node
+    # The shared projection's gradient is summed over the pairs in pkd's buffer.
+    assert all(np.shares_memory(call["grad_projection"], module_kernel_calls[0]["grad_projection"])
+               for call in module_kernel_calls)
+    assert [call["accumulate_projection"] for call in module_kernel_calls] == [False, True, True]
+    (2.0 * loss).backward()  # the incoming gradient scales every gradient
+    expected = config.loss_and_grad(stacked.detach().numpy(), [t.numpy() for t in teacher])
+    assert_close(stacked.grad, 2.0 * torch.from_numpy(np.stack(expected.grad_student)),
+                 torch.float64)
+    assert_close(criterion.projection.grad, 2.0 * torch.from_numpy(expected.grad_projection),
+                 torch.float64)
+
+
+def test_hidden_loss_computes_only_the_needed_gradients(module_kernel_calls):
+    criterion = pt.PKDHiddenLoss(CONFIGS["shared"]())
+    student = hidden_states(torch.float64, [4] * 3)  # frozen student: P's gradient only
+    teacher = hidden_states(torch.float64, [6] * 5, seed=1)
+    criterion(student, teacher).backward()
+    assert criterion.projection.grad is not None
+    assert all(call["grad_student"] is None and call["grad_projection"] is not None
+               for call in module_kernel_calls)
+    module_kernel_calls.clear()
+    criterion.projection.requires_grad_(False)  # frozen projection: the student's only
+    student = hidden_states(torch.float64, [4] * 3, requires_grad=True)
+    criterion(student, teacher).backward()
+    assert all(call["grad_student"] is not None and call["grad_projection"] is None
+               for call in module_kernel_calls)
+    assert all(s.grad is not None for s in student)
+    module_kernel_calls.clear()
+    criterion.projection.requires_grad_(True)
+    with torch.no_grad():
+        value = criterion(student, teacher)
+    assert value.grad_fn is None
+    assert all(call["grad_student"] is None and call["grad_projection"] is None
+               for call in module_kernel_calls)
+
+
+def test_hidden_loss_projection_no_pair_uses_gets_no_gradient():
+    # "auto" with equal widths on pair (0, 0): its per-pair projection is not applied.
+    config = pkd.ProgressiveDistillation([(0, 0), (1, 1)]).with_projection(
+        6, 6, seed=0, dtype=np.float64, shared=False)
+    criterion = pt.PKDHiddenLoss(config)
+    student = [torch.randn(5, 6, dtype=torch.float64, requires_grad=True),
+               torch.randn(5, 6, dtype=torch.float64, requires_grad=True)]
+    teacher = [torch.randn(5, 6, dtype=torch.float64) for _ in range(2)]
+    criterion.project = "always"
+    criterion(student, teacher).backward()
+    assert all(p.grad is not None for p in criterion.parameters())
+    criterion.zero_grad(set_to_none=True)
+    criterion.project = "auto"  # a changed setting takes effect on the next call
+    loss = criterion(student, teacher)
+    loss.backward()
+    assert all(p.grad is None for p in criterion.parameters())
+    want = sum(torch_formula(s, t) for s, t in zip(student, teacher, strict=True)) / 2
+    assert loss.item() == pytest.approx(want.item(), rel=1e-12)
+
+
+def test_hidden_loss_settings_changed_after_construction_take_effect():
+    criterion = pt.PKDHiddenLoss(CONFIGS["shared"]())
+    student = hidden_states(torch.float64, [4] * 3)
+    teacher = hidden_states(torch.float64, [6] * 5, seed=1)
+    base = criterion(student, teacher).item()
+    criterion.hidden_weight = 3.0
+    assert criterion(student, teacher).item() == pytest.approx(3.0 * base, rel=1e-14)
+    criterion.layer_weights = [1.0, 0.0, 0.0]
+    only_first = torch_formula(student[0], teacher[1], criterion.projection)
+    assert criterion(student, teacher).item() == pytest.approx(3.0 * only_first.item(),
+                                                               rel=1e-12)
+
+
+def test_hidden_loss_non_contiguous_layers():
+    criterion = pt.PKDHiddenLoss(CONFIGS["shared"]())
+    student = [torch.randn(4, 12, dtype=torch.float64).T.requires_grad_(True) for _ in range(3)]
+    teacher = hidden_states(torch.float64, [6] * 5, three_d=False, seed=1)
+    assert not student[0].is_contiguous()
+    criterion(student, teacher).backward()
+    contiguous = [s.detach().contiguous().requires_grad_(True) for s in student]
+    criterion.zero_grad(set_to_none=True)
+    criterion(contiguous, teacher).backward()
+    for a, b in zip(student, contiguous, strict=True):
+        assert_close(a.grad, b.grad, torch.float64)
+
+
 def test_hidden_loss_width_mismatch_without_projection():
     criterion = pt.PKDHiddenLoss(pkd.ProgressiveDistillation([(0, 1)]))
     with pytest.raises(ValueError, match=r"layer pair \(0, 1\): student width 4 differs.*"
