@@ -14,6 +14,11 @@ Contenders:
 - ``numpy``: the plain NumPy version a user would write, in the input dtype;
 - ``torch``: torch CPU autograd of the same loss (when torch is installed).
 
+With torch installed two more variants time pkd's bridge against torch's own
+autograd: ``torch bridge`` (``pkd.torch.projected_mse``, one pair) and
+``torch module`` (``pkd.torch.PKDHiddenLoss`` over 4 pairs sharing P, against
+four torch calls), both forward + backward.
+
 Peak extra memory of the pkd call is measured with ``tracemalloc`` (NumPy
 reports its buffers to it) in a separate, untimed call, and compared with the
 budget ``1.2 × (one N×d_t buffer + the gradient outputs)``.
