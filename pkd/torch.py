@@ -13,13 +13,16 @@ Two entry points, same math and names as DESIGN.md §1:
   ``nn.Parameter`` and returning ``L_hidden = λ Σ_k ω_k ℓ_k / Σ_k ω_k`` for lists
   of hidden states (HF ``hidden_states`` style).
 
-How it runs: the forward pass calls :func:`pkd.loss.pair_loss_and_grad`
-once per pair, which computes the loss *and*, for the inputs that need it,
-the gradients (the fused kernel produces ∂ℓ/∂Y anyway, so the backward GEMMs
-run while the data is hot). The gradients are saved for backward, which only
-scales them by the incoming scalar. When nothing requires grad (or under
-``torch.no_grad()``) only the loss is computed. Saving the gradients costs
-one student-sized and one projection-sized buffer per pair until backward.
+How it runs: the forward pass computes the loss *and*, for the inputs that
+need it, the gradients (the fused kernel produces ∂ℓ/∂Y anyway, so the
+backward GEMMs run while the data is hot): :func:`projected_mse` calls
+:func:`pkd.loss.pair_loss_and_grad`, and :class:`PKDHiddenLoss` runs all its
+pairs in one autograd node through the configuration's own code, so pairs
+sharing the projection or a student layer add their gradients in pkd's
+buffers. The gradients are saved for backward, which only scales them by the
+incoming scalar. When nothing requires grad (or under ``torch.no_grad()``)
+only the loss is computed. Saving the gradients costs one buffer per student
+layer and per projection that needs one, until backward.
 
 Memory: the kernels read and write torch's own memory through NumPy views
 (``Tensor.numpy()``); contiguous CPU tensors are never copied. Non-contiguous
