@@ -375,6 +375,14 @@ class ProgressiveDistillation:
         # .get: pkd.torch leaves out the per-pair projections no pair goes through.
         return self.projection if self.shared_projection else self.projection.get(pair)
 
+    def _projection_applies(self, projection, d_s: int, d_t: int) -> bool:
+        """Whether a pair of widths ``d_s``, ``d_t`` goes through ``projection`` (or None).
+
+        ``project="auto"`` (the seed's rule): only when the widths differ;
+        ``"always"``: whenever there is a projection.
+        """
+        return projection is not None and (self.project == "always" or d_s != d_t)
+
     def _plan_pair(self, pair, student_layers, teacher_layers):
         """Check one pair's structure; return (S, T, P or None) or raise ValueError."""
         s, t = pair
@@ -384,8 +392,7 @@ class ProgressiveDistillation:
                        names=(f"student_hidden[{s}]", f"teacher_hidden[{t}]"))
         d_s, d_t = student.shape[-1], teacher.shape[-1]
         projection = self._projection_for(pair)
-        applies = projection is not None and (self.project == "always" or d_s != d_t)
-        if not applies:
+        if not self._projection_applies(projection, d_s, d_t):
             if d_s != d_t:
                 raise ValueError(
                     f"layer pair {pair}: student width {d_s} differs from teacher width {d_t} "

@@ -483,7 +483,7 @@ class PKDHiddenLoss(nn.Module):
         plan.mask = _mask_array(attention_mask, "attention_mask")
         plan.tokens = self.tokens if tokens is None else tokens
         plan.check_finite = bool(check_finite)
-        plan.want_grad = torch.is_grad_enabled()
+        plan.want_grad = torch.is_grad_enabled()  # grad mode is off inside forward
         return _HiddenLoss.apply(plan, *plan.tensors)
 
     def _plan(self, student_layers: list, teacher_layers: list) -> _Plan:
@@ -494,6 +494,7 @@ class PKDHiddenLoss(nn.Module):
         values are checked by the configuration's own ``_run``.
         """
         plan = _Plan(len(student_layers), len(teacher_layers))
+        config = self._config()
         student_inputs: dict = {}  # layer index -> contiguous tensor, in order of first use
         teacher_inputs: dict = {}
         projection_inputs: dict = {}  # "shared" or pair -> parameter
@@ -512,7 +513,12 @@ class PKDHiddenLoss(nn.Module):
                 teacher_inputs[t], plan.teacher[t] = _input(teacher_layers[t], names[1], pair)
                 _refuse_grad(teacher_inputs[t], names[1],
                              "pkd.torch gives the teacher no gradient", pair)
-            projection = self._applied_projection(pair, student_inputs[s], teacher_inputs[t])
+            # Widths as 1-tuples: a 0-d tensor has none (and _run refuses it). Widths that
+            # differ with no projection are left to the configuration's own error.
+            projection = self.projection_for(pair)
+            if not config._projection_applies(projection, student_inputs[s].shape[-1:],
+                                             teacher_inputs[t].shape[-1:]):
+                projection = None
             key = "shared" if self.projections is None else pair
             if projection is not None and key not in projection_inputs:
                 projection_inputs[key], plan.projections[key] = _input(projection, names[2],
@@ -528,7 +534,7 @@ class PKDHiddenLoss(nn.Module):
         plan.tensors = [*student_inputs.values(), *projection_inputs.values()]
         projection = (plan.projections.get("shared") if self.projections is None
                       else {pair: plan.projections[pair] for pair in plan.projection_keys})
-        plan.config = self._config()._replace(projection=projection)
+        plan.config = config._replace(projection=projection)
         return plan
 
     def _config(self) -> ProgressiveDistillation:
@@ -541,26 +547,6 @@ class PKDHiddenLoss(nn.Module):
                 layer_weights=self.layer_weights, project=self.project, tokens=self.tokens)
             self._config_key = key
         return self._cached_config
-
-    def _applied_projection(self, pair, student, teacher):
-        """The projection parameter ``pair`` goes through, or ``None`` (the "auto"/"always" rule).
-
-        Widths that differ with no projection are an error here, named for the module.
-        """
-        projection = self.projection_for(pair)
-        d_s, d_t = (x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else None
-                    for x in (student, teacher))
-        if projection is not None and (self.project == "always" or d_s != d_t):
-            return projection
-        if d_s != d_t and d_s is not None and d_t is not None:
-            raise ValueError(
-                f"layer pair {pair}: student width {d_s} differs from teacher width {d_t} "
-                f"(shapes {tuple(student.shape)} and {tuple(teacher.shape)}) and the "
-                f"configuration has no projection; build it with "
-                f"config.with_projection({d_s}, {d_t})"
-            )
-        return None
-
 
 class _Plan:
     """What :class:`_HiddenLoss` needs besides its tensor inputs (built by ``PKDHiddenLoss._plan``).
