@@ -20,7 +20,7 @@ output of ``pkd bench --json``) without measuring anything.
 Run (from the repository root):
 
     .venv/bin/python analysis/bench_table.py                     # full grid, many minutes
-    .venv/bin/python analysis/bench_table.py --quick             # a subset, about a minute,
+    .venv/bin/python analysis/bench_table.py --quick             # 14 cases, under a minute,
                                                                  # into results/bench-quick/
     .venv/bin/python analysis/bench_table.py --from-json analysis/results/bench/bench.json
 """

@@ -44,8 +44,8 @@ GRID_SHAPES = ((128, 256), (312, 768), (384, 768), (768, 768))
 VARIANTS = ("plain", "masked", "normalized+masked", "4 pairs shared", "alignment",
             "torch bridge", "torch module")
 TORCH_VARIANTS = ("torch bridge", "torch module")
-QUICK_N = (512, 4096)
-QUICK_SHAPES = ((128, 256), (384, 768))
+# --quick: one small and one large case per variant, float32 (under a minute here).
+QUICK_CASES = ((512, 384, 768), (4096, 128, 256))
 KEEP_FRACTION = 0.8
 
 
@@ -480,20 +480,28 @@ def startup_times(repeats: int = 3) -> dict:
     return result
 
 
+def bench_cases(*, quick: bool, dtypes, variants) -> list[tuple]:
+    """``(variant, N, d_s, d_t, dtype)`` of every case to run, in order.
+
+    The full grid is every N × (d_s, d_t) of ``GRID_N`` × ``GRID_SHAPES``;
+    ``quick`` keeps ``QUICK_CASES`` in float32 only.
+    """
+    sizes = QUICK_CASES if quick else [(n, d_s, d_t) for d_s, d_t in GRID_SHAPES for n in GRID_N]
+    dtypes = ("float32",) if quick else dtypes
+    return [(v, n, d_s, d_t, dtype) for dtype in dtypes for v in variants
+            for n, d_s, d_t in sizes]
+
+
 def run_bench(*, quick: bool = False, dtypes=("float32", "float64"), variants=VARIANTS,
               repeats: int = 5, progress: bool = True, out=sys.stdout) -> dict:
     """Run the benchmark grid; print a table as it goes; return everything as a dict."""
     from tqdm.auto import tqdm
 
-    grid_n = QUICK_N if quick else GRID_N
-    shapes = QUICK_SHAPES if quick else GRID_SHAPES
-    dtypes = ("float32",) if quick else dtypes
     header = machine_header()
     print(_format_header(header), file=out)
     if _torch() is None:
         variants = tuple(v for v in variants if v not in TORCH_VARIANTS)
-    cases = [(v, n, ds, dt, dtype) for dtype in dtypes for v in variants
-             for ds, dt in shapes for n in grid_n]
+    cases = bench_cases(quick=quick, dtypes=dtypes, variants=variants)
     rows = []
     print(_format_row(None), file=out)
     for case in tqdm(cases, desc="bench", disable=not progress, leave=False):
@@ -503,7 +511,7 @@ def run_bench(*, quick: bool = False, dtypes=("float32", "float64"), variants=VA
     extra = {}
     if not quick and "alignment" in variants:
         extra["alignment_6x12"] = bench_alignment_matrix(out=out)
-    startup = startup_times()
+    startup = startup_times(repeats=1 if quick else 3)
     print(f"\nimport pkd: {startup['import_s']:.2f} s; first loss_and_grad in a fresh process: "
           f"{startup['first_call_warm_s']:.2f} s (warm cache), "
           f"{startup['first_call_cold_s']:.2f} s (cold: compiling)", file=out)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _validation as V
-from .loss import pair_loss_and_grad, thread_workspace
+from .loss import empty_views, pair_loss_and_grad, thread_workspace
 
 Pair = tuple[int, int]
 
@@ -66,6 +66,12 @@ class HiddenLossResult:
         ``{pair: array}`` for per-pair projections, ``None`` without one.
     skipped : list of (int, int)
         Pairs skipped with ``skip_invalid=True`` (empty otherwise).
+
+    Notes
+    -----
+    The gradients of one call are disjoint views of one allocation (fewer
+    page faults, see ``pkd.loss.empty_views``): keeping any one of them
+    alive keeps the whole block; ``.copy()`` the ones to keep for long.
     """
 
     loss: float
@@ -96,27 +102,6 @@ def xavier_uniform(student_dim: int, teacher_dim: int, *, seed=None,
     bound = np.sqrt(6.0 / (d_s + d_t))
     rng = V.as_generator(seed)
     return rng.uniform(-bound, bound, size=(d_s, d_t)).astype(dtype)
-
-
-def _student_gradient_buffers(planned: dict, pairs, n_layers: int, dtype) -> list:
-    """Uninitialised gradients of the mapped student layers (their shapes), ``None`` elsewhere.
-
-    They are views of one allocation: separate multi-MiB arrays freed together
-    make glibc hand the memory back to the kernel, and every call then paid a
-    fresh page fault per 4 KiB page (3.8 µs each on the reference VM: 2,123
-    faults, 18% of a 4-pair call at N = 4096, 128 × 256). One block of the same
-    size is reused from call to call.
-    """
-    shapes = {}
-    for k, (student, _, _) in planned.items():
-        shapes.setdefault(pairs[k][0], student.shape)
-    block = np.empty(sum(math.prod(shape) for shape in shapes.values()), dtype=dtype)
-    grads, offset = [None] * n_layers, 0
-    for s, shape in sorted(shapes.items()):
-        size = math.prod(shape)
-        grads[s] = block[offset:offset + size].reshape(shape)
-        offset += size
-    return grads
 
 
 def _reused_student_gradients(out: HiddenLossResult, planned: dict, pairs, n_layers: int,
@@ -437,9 +422,8 @@ class ProgressiveDistillation:
         if not need_grad:
             grad_student, grad_projection = [None] * n_layers, None
         elif out is None:
-            grad_student = (_student_gradient_buffers(planned, pairs, n_layers, dtype)
-                            if student_grads else [None] * n_layers)
-            grad_projection = self._projection_grads(dtype) if projection_grads else None
+            grad_student, grad_projection = self._gradient_buffers(
+                planned, n_layers, dtype, student_grads, projection_grads)
         else:
             grad_student = _reused_student_gradients(out, planned, pairs, n_layers, dtype)
             grad_projection = self._reused_projection_grads(out, dtype)
@@ -496,13 +480,30 @@ class ProgressiveDistillation:
             setattr(out, name, value)
         return out
 
-    def _projection_grads(self, dtype):
-        """Uninitialised gradients shaped like the projection(s), in the computation dtype."""
-        if self.projection is None:
-            return None
-        if self.shared_projection:
-            return np.empty(self.projection.shape, dtype=dtype)
-        return {pair: np.empty(p.shape, dtype=dtype) for pair, p in self.projection.items()}
+    def _gradient_buffers(self, planned, n_layers, dtype, student_grads, projection_grads):
+        """Fresh, uninitialised gradients, all views of one allocation (see
+        ``loss.empty_views``): the mapped student layers' (``None`` elsewhere,
+        or everywhere without ``student_grads``), and the projection's (or
+        ``None``)."""
+        student_shapes = {}
+        if student_grads:
+            for k, (student, _, _) in planned.items():
+                student_shapes.setdefault(self.layer_mapping[k][0], student.shape)
+        projection_shapes = {}
+        if projection_grads and self.projection is not None:
+            projection_shapes = ({"shared": self.projection.shape} if self.shared_projection
+                                 else {pair: p.shape for pair, p in self.projection.items()})
+        layers = sorted(student_shapes)
+        views = empty_views([student_shapes[s] for s in layers]
+                            + list(projection_shapes.values()), dtype)
+        grad_student = [None] * n_layers
+        for s, view in zip(layers, views, strict=False):
+            grad_student[s] = view
+        grad_projection = dict(zip(projection_shapes, views[len(layers):], strict=True))
+        if not grad_projection:
+            return grad_student, None
+        return grad_student, (grad_projection["shared"] if self.shared_projection
+                              else grad_projection)
 
     def _reused_projection_grads(self, out: HiddenLossResult, dtype):
         """The projection gradients of ``out``, checked against this configuration."""

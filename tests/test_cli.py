@@ -197,6 +197,24 @@ def test_bench_alternates_thread_pool_groups_in_rounds(monkeypatch):
     assert calls[:6] == ["pkd", "gemm", "pkd", "gemm", "pkd", "gemm"]  # warm-up, 2 rounds
 
 
+def test_bench_cases_full_grid_and_quick_subset():
+    from pkd.bench import GRID_N, GRID_SHAPES, QUICK_CASES, VARIANTS, bench_cases
+
+    full = bench_cases(quick=False, dtypes=("float32", "float64"), variants=VARIANTS)
+    assert len(full) == len(set(full)) == 2 * len(VARIANTS) * len(GRID_N) * len(GRID_SHAPES)
+    assert {(n, d_s, d_t) for _, n, d_s, d_t, _ in full} == {
+        (n, d_s, d_t) for n in GRID_N for d_s, d_t in GRID_SHAPES}
+    quick = bench_cases(quick=True, dtypes=("float32", "float64"), variants=VARIANTS)
+    assert len(quick) == len(VARIANTS) * len(QUICK_CASES)
+    assert {dtype for *_, dtype in quick} == {"float32"}
+    assert {variant for variant, *_ in quick} == set(VARIANTS)
+    # a small and a large N, a narrow and a wide student: every regime of the grid
+    sizes = set(QUICK_CASES)
+    assert min(n for n, _, _ in sizes) <= 512 and max(n for n, _, _ in sizes) >= 4096
+    assert {d_s for _, d_s, _ in sizes} >= {128, 384}
+    assert sizes <= {(n, d_s, d_t) for n in GRID_N for d_s, d_t in GRID_SHAPES}
+
+
 def test_bench_rejects_unknown_variant(capsys):
     assert cli.main(["bench", "--variant", "fastest"]) == 2
     assert "choose from" in capsys.readouterr().err

@@ -468,6 +468,21 @@ def test_out_overwrites_every_gradient_and_is_returned(case, dtype, masked):
                                        atol=RTOL[dtype] * np.abs(want).max())
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_fresh_gradients_are_disjoint_views_of_one_allocation(case):
+    cfg, student, teacher, _ = _case(case, np.float32, masked=False, three_d=True)
+    result = cfg.loss_and_grad(student, teacher)
+    grads = [g for g in result.grad_student if g is not None]
+    grad_p = result.grad_projection
+    grads += list(grad_p.values()) if isinstance(grad_p, dict) else [grad_p]
+    base = grads[0].base
+    assert base is not None and all(g.base is base for g in grads)
+    assert base.size == sum(g.size for g in grads)  # nothing else in the block
+    for i, g in enumerate(grads):
+        assert g.flags.c_contiguous and g.flags.writeable
+        assert not any(np.shares_memory(g, h) for h in grads[i + 1:])
+
+
 def test_out_zeroes_projection_gradients_no_pair_uses():
     # "auto" with equal widths: the projection exists but no pair goes through it.
     student, teacher = _layers(2, (6,), 4), _layers(2, (6,), 4, seed=1)

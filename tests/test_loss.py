@@ -344,6 +344,16 @@ def test_out_buffers_are_written_and_returned(masked, projected, normalize):
         assert not grad_s[~mask].any()
 
 
+def test_fresh_gradients_are_disjoint_views_of_one_allocation():
+    S, T, P, _ = _problem(np.float32, three_d=True)
+    _, grad_s, grad_p = pkd.projected_mse_grad(S, T, P)
+    assert grad_s.base is not None and grad_s.base is grad_p.base
+    assert grad_s.base.size == grad_s.size + grad_p.size
+    assert not np.shares_memory(grad_s, grad_p)
+    _, grad_s, grad_p = pkd.projected_mse_grad(T, T)
+    assert grad_p is None and grad_s.shape == T.shape
+
+
 def test_bad_out_buffers():
     S, T, P, _ = _problem(np.float32)
     good_s, good_p = np.empty_like(S), np.empty_like(P)
