@@ -497,7 +497,7 @@ class ProgressiveDistillation:
         views = empty_views([student_shapes[s] for s in layers]
                             + list(projection_shapes.values()), dtype)
         grad_student = [None] * n_layers
-        for s, view in zip(layers, views, strict=False):
+        for s, view in zip(layers, views[:len(layers)], strict=True):
             grad_student[s] = view
         grad_projection = dict(zip(projection_shapes, views[len(layers):], strict=True))
         if not grad_projection:
