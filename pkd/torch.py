@@ -169,14 +169,16 @@ class _PairLoss(torch.autograd.Function):
         s, t, p = arrays
         s2, t2 = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
         # Inside forward grad mode is off, so the caller says whether a graph is being built.
-        grad_student = grad_projection = None
-        if want_grad and ctx.needs_input_grad[0]:
-            # From NumPy (the kernels write every row, zeros outside the mask):
-            # torch.empty/zeros would first-touch it with torch's OpenMP threads, which
-            # then spin against OpenBLAS's on a 2-core machine.
-            grad_student = np.empty(s2.shape, dtype=s2.dtype)
-        if want_grad and p is not None and ctx.needs_input_grad[2]:
-            grad_projection = np.empty(p.shape, dtype=p.dtype)
+        # From NumPy, in one block (the kernels write every row, zeros outside the mask):
+        # torch.empty/zeros would first-touch it with torch's OpenMP threads, which then
+        # spin against OpenBLAS's on a 2-core machine.
+        need_student = want_grad and ctx.needs_input_grad[0]
+        need_projection = want_grad and p is not None and ctx.needs_input_grad[2]
+        views = iter(_loss.empty_views(
+            ([s2.shape] if need_student else []) + ([p.shape] if need_projection else []),
+            s2.dtype))
+        grad_student = next(views) if need_student else None
+        grad_projection = next(views) if need_projection else None
         loss = _loss.pair_loss_and_grad(s2, t2, p, rows, normalize=normalize,
                                         grad_student=grad_student,
                                         grad_projection=grad_projection)
@@ -370,9 +372,9 @@ class PKDHiddenLoss(nn.Module):
 
     Optimise them with the student's parameters, e.g.
     ``torch.optim.Adam([*student.parameters(), *criterion.parameters()])``.
-    Every pair is computed by pkd's kernels through the autograd Function of
-    :func:`projected_mse`, so gradients reach the student's hidden states and
-    the projection(s).
+    All pairs are computed by pkd's kernels in one autograd node (through
+    the configuration's own code), so gradients reach the student's hidden
+    states and the projection(s).
 
     Parameters
     ----------
@@ -476,7 +478,7 @@ class PKDHiddenLoss(nn.Module):
         Returns
         -------
         () tensor
-            ``L_hidden``, in the hidden states' dtype.
+            ``L_hidden``, in the computation's dtype (float64 if any input is).
         """
         plan = self._plan(_as_layers(student_hidden, "student_hidden"),
                           _as_layers(teacher_hidden, "teacher_hidden"))
@@ -527,7 +529,8 @@ class PKDHiddenLoss(nn.Module):
                        None if projection is None else projection_inputs[key])
             if len({x.dtype for x in in_pair if x is not None}) > 1:
                 _check_same_dtype(zip(names, in_pair, strict=True), pair)
-            plan.dtype = plan.student[s].dtype
+        # The computation's dtype (any float64 input promotes it), as _run computes in.
+        plan.dtype = V.result_dtype(*plan.student, *plan.teacher, *plan.projections.values())
         plan.student_indices = list(student_inputs)
         plan.n_student = len(student_inputs)
         plan.projection_keys = [key for key in projection_inputs if key != "shared"]
@@ -547,6 +550,7 @@ class PKDHiddenLoss(nn.Module):
                 layer_weights=self.layer_weights, project=self.project, tokens=self.tokens)
             self._config_key = key
         return self._cached_config
+
 
 class _Plan:
     """What :class:`_HiddenLoss` needs besides its tensor inputs (built by ``PKDHiddenLoss._plan``).

@@ -559,7 +559,6 @@ def test_hidden_part_errors_pass_through():
                                 attention_mask=np.ones((4, 4)))
 
 
-
 # -- out=: a training loop's gradients reused -----------------------------------------------
 
 

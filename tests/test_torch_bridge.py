@@ -601,6 +601,28 @@ def test_hidden_loss_non_contiguous_layers():
         assert_close(a.grad, b.grad, torch.float64)
 
 
+@pytest.mark.parametrize("first", DTYPES)
+def test_hidden_loss_pairs_of_different_dtypes_compute_in_float64(first):
+    # No projection, so each pair has one dtype, but the pairs differ: the loss is
+    # computed (and returned) in float64 whichever pair comes last.
+    second = torch.float64 if first == torch.float32 else torch.float32
+    criterion = pt.PKDHiddenLoss(pkd.ProgressiveDistillation([(0, 0), (1, 1)]))
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((6, 4)) for _ in range(4)]
+    student = [leaf(torch.tensor(arrays[0], dtype=first)),
+               leaf(torch.tensor(arrays[1], dtype=second))]
+    teacher = [torch.tensor(arrays[2], dtype=first), torch.tensor(arrays[3], dtype=second)]
+    loss = criterion(student, teacher)
+    assert loss.dtype == torch.float64
+    loss.backward()
+    want = criterion.to_config().loss_and_grad([s.detach().numpy() for s in student],
+                                               [t.numpy() for t in teacher])
+    assert loss.item() == want.loss
+    for s, g in zip(student, want.grad_student, strict=True):
+        assert s.grad.dtype == s.dtype  # autograd casts back to each layer's dtype
+        np.testing.assert_allclose(s.grad.numpy(), g, rtol=1e-6)
+
+
 def test_hidden_loss_width_mismatch_without_projection():
     criterion = pt.PKDHiddenLoss(pkd.ProgressiveDistillation([(0, 1)]))
     with pytest.raises(ValueError, match=r"layer pair \(0, 1\): student width 4 differs.*"
