@@ -82,6 +82,16 @@ class HiddenLossResult:
     skipped: list = field(default_factory=list)
 
 
+def named_gradients(grad_student: list, grad_projection) -> list:
+    """``(name, array or None)`` of a result's gradients, named as ``out=`` errors name them."""
+    named = [(f"out.grad_student[{s}]", g) for s, g in enumerate(grad_student)]
+    if isinstance(grad_projection, dict):
+        named += [(f"out.grad_projection[{pair}]", g) for pair, g in grad_projection.items()]
+    else:
+        named.append(("out.grad_projection", grad_projection))
+    return named
+
+
 def xavier_uniform(student_dim: int, teacher_dim: int, *, seed=None,
                    dtype=np.float32) -> np.ndarray:
     """Xavier-uniform ``(student_dim, teacher_dim)`` matrix, ``U(−a, a)``, a = √(6/(d_s+d_t)).
@@ -523,11 +533,7 @@ class ProgressiveDistillation:
 
     def _check_out_overlap(self, planned, grad_student, grad_projection) -> None:
         """Reused gradients must not alias an input the kernels read."""
-        outputs = [(f"out.grad_student[{s}]", g) for s, g in enumerate(grad_student)]
-        if isinstance(grad_projection, dict):
-            outputs += [(f"out.grad_projection[{pair}]", g) for pair, g in grad_projection.items()]
-        else:
-            outputs.append(("out.grad_projection", grad_projection))
+        outputs = named_gradients(grad_student, grad_projection)
         inputs, seen = [], set()
         for k, arrays in planned.items():
             pair = self.layer_mapping[k]

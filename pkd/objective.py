@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _validation as V
-from .distillation import HiddenLossResult, ProgressiveDistillation
+from .distillation import HiddenLossResult, ProgressiveDistillation, named_gradients
 
 # From this many logits (B·C) on, the parallel twin of the fused pass is used.
 # On the 2-core reference machine it has not yet been measured to pay off
@@ -72,6 +72,22 @@ class PKDResult:
     grad_projection: np.ndarray | dict | None = None
     layer_losses: np.ndarray | None = None
     hidden_result: HiddenLossResult | None = None
+
+
+def _hidden_arrays(hidden_out, student_hidden, teacher_hidden) -> list:
+    """``(name, array)`` of the hidden buffers and inputs ``grad_logits`` must not touch.
+
+    The hidden part writes its gradients before the logit part writes
+    ``grad_logits``, so an overlap would silently overwrite one of them.
+    """
+    named = [] if hidden_out is None else named_gradients(hidden_out.grad_student or [],
+                                                           hidden_out.grad_projection)
+    for name, hidden in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
+        if isinstance(hidden, (list, tuple)):
+            named += [(f"{name}[{layer}]", a) for layer, a in enumerate(hidden)]
+        else:
+            named.append((name, hidden))
+    return [(name, a) for name, a in named if isinstance(a, np.ndarray)]
 
 
 def _check_hyperparameters(alpha, temperature) -> tuple[float, float]:
@@ -262,7 +278,9 @@ class PKDObjective:
             grad_logits = V.check_output(out.grad_logits, "out.grad_logits", student.shape,
                                          student.dtype)
             V.check_no_overlap([("out.grad_logits", grad_logits)],
-                               [("student_logits", student), ("teacher_logits", teacher)])
+                               [("student_logits", student), ("teacher_logits", teacher),
+                                *_hidden_arrays(out.hidden_result, student_hidden,
+                                                teacher_hidden)])
         hidden_result = self._hidden_part(
             student.shape[0], student_hidden, teacher_hidden, attention_mask, tokens,
             skip_invalid, check_finite, None if out is None else out.hidden_result)

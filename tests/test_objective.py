@@ -603,3 +603,28 @@ def test_bad_out():
     good.grad_logits = z_s
     with pytest.raises(ValueError, match="out.grad_logits shares memory with student_logits"):
         objective.loss_and_grad(z_s, z_t, labels, out=good)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_out_grad_logits_must_not_alias_the_hidden_part(shared):
+    """The hidden part writes first, so an aliased grad_logits would overwrite it (or an input)."""
+    config, student, teacher, mask = _hidden_problem(np.float32, shared=shared)
+    z_s, z_t, labels = _logits(np.float32, B=4, C=5, seed=1)
+    objective = PKDObjective(0.6, 2.0, config)
+    out = objective.loss_and_grad(z_s, z_t, labels, student, teacher, attention_mask=mask)
+    grad_projection = (out.grad_projection if shared else out.grad_projection[(1, 3)])
+    projection_name = "out.grad_projection" if shared else r"out.grad_projection\[\(1, 3\)\]"
+    targets = [(out.grad_student[1], r"out.grad_student\[1\]"),
+               (grad_projection, projection_name),
+               (student[0], r"student_hidden\[0\]"), (teacher[3], r"teacher_hidden\[3\]")]
+    logits_buffer = out.grad_logits
+    for target, name in targets:
+        out.grad_logits = target.reshape(-1)[:20].reshape(4, 5)
+        before = [g.copy() for g in out.grad_student]
+        with pytest.raises(ValueError, match=f"out.grad_logits shares memory with {name}"):
+            objective.loss_and_grad(z_s, z_t, labels, student, teacher, attention_mask=mask,
+                                    out=out)
+        for got, want in zip(out.grad_student, before, strict=True):
+            np.testing.assert_array_equal(got, want)  # refused before any write
+    out.grad_logits = logits_buffer
+    objective.loss_and_grad(z_s, z_t, labels, student, teacher, attention_mask=mask, out=out)
