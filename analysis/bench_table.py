@@ -157,7 +157,10 @@ def markdown(result: dict) -> str:
             "",
             f"Start-up: `import pkd` {startup['import_s']:.2f} s; first `loss_and_grad` in a "
             f"fresh process {startup['first_call_warm_s']:.2f} s with Numba's on-disk cache "
-            f"warm, {startup['first_call_cold_s']:.2f} s cold (compiling).",
+            f"warm, {startup['first_call_cold_s']:.2f} s cold (compiling)."
+            + ("" if "numba_floor_s" not in startup else
+               f" The floor under it, a trivial cached Numba kernel's first call in a fresh "
+               f"process: {startup['numba_floor_s']:.2f} s."),
         ]
     matrix = result.get("alignment_6x12")
     if matrix:

@@ -451,8 +451,29 @@ def _bench_alignment(n, d_s, d_t, dtype, repeats) -> Row:
                None)
 
 
+# The floor of any Numba library's first call: a trivial cached kernel, first called in a
+# fresh process. Numba loads its typing and lowering registries (and imports
+# scipy.linalg to find BLAS) on the first kernel of a process, whatever the kernel.
+_FLOOR_MODULE = """import numba
+
+
+@numba.njit(cache=True)
+def total(x):
+    acc = 0.0
+    for i in range(x.shape[0]):
+        acc += x[i]
+    return acc
+"""
+
+
 def startup_times(repeats: int = 3) -> dict:
-    """Import time, first call with a warm cache, first call with a cold cache (subprocesses)."""
+    """Start-up costs, each a fresh process (median of ``repeats``).
+
+    ``import_s``: ``import pkd``; ``first_call_warm_s`` / ``first_call_cold_s``:
+    import and the first ``loss_and_grad`` with Numba's on-disk cache warm /
+    empty; ``numba_floor_s``: import numpy and numba and call a trivial cached
+    kernel for the first time (warm cache), the floor under the first call.
+    """
     import tempfile
 
     first_call = (
@@ -477,6 +498,16 @@ def startup_times(repeats: int = 3) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
         result["first_call_cold_s"] = run(first_call, env)
+        with open(os.path.join(cache, "_pkd_floor.py"), "w") as f:
+            f.write(_FLOOR_MODULE)
+        floor_call = (
+            f"import time; t=time.perf_counter(); import sys; sys.path.insert(0, {cache!r}); "
+            "import numpy as np, _pkd_floor; _pkd_floor.total(np.ones(3)); "
+            "print(time.perf_counter()-t)"
+        )
+        run(floor_call, env)  # compile and cache it
+        result["numba_floor_s"] = statistics.median(run(floor_call, env)
+                                                    for _ in range(repeats))
     return result
 
 
@@ -514,7 +545,8 @@ def run_bench(*, quick: bool = False, dtypes=("float32", "float64"), variants=VA
     startup = startup_times(repeats=1 if quick else 3)
     print(f"\nimport pkd: {startup['import_s']:.2f} s; first loss_and_grad in a fresh process: "
           f"{startup['first_call_warm_s']:.2f} s (warm cache), "
-          f"{startup['first_call_cold_s']:.2f} s (cold: compiling)", file=out)
+          f"{startup['first_call_cold_s']:.2f} s (cold: compiling); the floor, a trivial "
+          f"cached Numba kernel's first call: {startup['numba_floor_s']:.2f} s", file=out)
     return {"header": header, "rows": [asdict(r) | {"vs_gemm": r.vs_gemm} for r in rows],
             "startup": startup, "repeats": repeats, "rounds": ROUNDS, "quick": quick} | extra
 

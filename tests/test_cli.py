@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import subprocess
 import sys
 import time
@@ -213,6 +214,14 @@ def test_bench_cases_full_grid_and_quick_subset():
     assert min(n for n, _, _ in sizes) <= 512 and max(n for n, _, _ in sizes) >= 4096
     assert {d_s for _, d_s, _ in sizes} >= {128, 384}
     assert sizes <= {(n, d_s, d_t) for n in GRID_N for d_s, d_t in GRID_SHAPES}
+
+
+def test_startup_times_measures_every_stage():
+    from pkd.bench import startup_times
+
+    times = startup_times(repeats=1)
+    assert set(times) == {"import_s", "first_call_warm_s", "first_call_cold_s", "numba_floor_s"}
+    assert all(math.isfinite(t) and t > 0 for t in times.values())
 
 
 def test_bench_rejects_unknown_variant(capsys):

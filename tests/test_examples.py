@@ -226,7 +226,8 @@ def fake_bench(path: Path) -> dict:
     result = {"header": {"cpu": "test CPU", "cores": 2, "numpy": "x", "numba": "y",
                          "numba_threads": 2, "blas": [], "torch": None},
               "rows": rows, "repeats": 5, "quick": False,
-              "startup": {"import_s": 0.25, "first_call_warm_s": 0.5, "first_call_cold_s": 8.0}}
+              "startup": {"import_s": 0.25, "first_call_warm_s": 0.5, "first_call_cold_s": 8.0,
+                          "numba_floor_s": 0.4}}
     path.write_text(json.dumps(result))
     return result
 
@@ -255,6 +256,7 @@ def test_bench_table_from_json(tmp_path):
     assert "| plain | float64 | 4 | 1.20 | 1.30 | 3.00 | 2.00 | 4 of 4 |" in markdown
     assert "| alignment | float32 | 4 | 1.20 | 1.30 | 3.00 | – | – |" in markdown
     assert "first `loss_and_grad` in a fresh process 0.50 s" in markdown
+    assert "trivial cached Numba kernel's first call in a fresh process: 0.40 s" in markdown
 
 
 def test_bench_table_rejects_bad_json(tmp_path):
