@@ -118,7 +118,7 @@ def spectrum(P) -> Spectrum:
     if total > 0:
         p = sv[sv > 0] / total
         effective_rank = math.exp(float(-(p * np.log(p)).sum()))
-        stable_rank = (float(np.linalg.norm(P64)) / sigma_max) ** 2  # no overflow
+        stable_rank = float(np.sum((sv / sigma_max) ** 2))  # no overflow or underflow
     else:
         # The zero matrix: rank 0, and both ratios are 0/0; report its rank.
         effective_rank = stable_rank = 0.0

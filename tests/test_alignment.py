@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import naive
+import pkd
 import reference
 from pkd.alignment import AlignmentStats
 from pkd.kernels.gram import fill_shifted_transposed
@@ -680,3 +681,86 @@ def test_bad_dicts_are_refused(stats):
         AlignmentStats.from_dict({**data, "n_rows": np.asarray(-1)})
     with pytest.raises(ValueError, match="NaN"):
         AlignmentStats.from_dict({**data, "teacher_sum": np.full(5, np.nan)})
+
+
+# ------------------------------------------------------------------ edge cases of min_mse
+
+
+@pytest.mark.parametrize("ridge", [0.0, 0.5])
+def test_min_mse_of_an_all_zero_student_layer_is_the_mse_of_a_zero_projection(ridge):
+    rng = np.random.default_rng(40)
+    S, T = make_layers(rng, 60, (4, 3), (2, 5), mean=1.5)
+    S[0][:] = 0.0
+    stats = AlignmentStats.from_arrays(S, T, chunk_rows=16)
+    mse = stats.min_mse(ridge)
+    np.testing.assert_allclose(mse[0], [np.mean(t**2) for t in T], rtol=1e-12)
+    for t in range(2):  # the other layer is unaffected, and P* of the zero layer is 0
+        assert abs(mse[1, t] - stats.pair_loss(1, t, stats.projection(1, t, ridge))) \
+            < 1e-10 * mse[1, t]
+        np.testing.assert_array_equal(stats.projection(0, t, ridge), 0.0)
+
+
+def test_min_mse_keeps_its_digits_on_a_near_exact_fit():
+    """q_t − explained cancels when the residual is tiny against q_t (a large teacher mean)."""
+    rng = np.random.default_rng(41)
+    X = rng.standard_normal((2000, 8))
+    S = np.column_stack([X, np.ones(2000)])  # a constant feature: the mean is reachable
+    T = 10.0 + X @ rng.standard_normal((8, 6)) + 1e-3 * rng.standard_normal((2000, 6))
+    stats = AlignmentStats.from_arrays([S], [T], chunk_rows=256)
+    best = np.linalg.lstsq(S, T, rcond=None)[0]
+    expected = np.mean((S @ best - T) ** 2)  # ~1e-6, against q_t/(n d_t) ~ 100
+    assert abs(stats.min_mse()[0, 0] - expected) < 1e-9 * expected
+
+
+# ------------------------------------------------------------------ solve_projection
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ridge", [0.0, 0.3])
+def test_solve_projection_is_the_least_squares_solution(dtype, ridge):
+    rng = np.random.default_rng(42)
+    S = rng.standard_normal((300, 6))
+    S[:, 5] = S[:, 0] - S[:, 1]  # rank-deficient: the minimum-norm solution is wanted
+    T = S @ rng.standard_normal((6, 4)) + 0.1 * rng.standard_normal((300, 4))
+    gram, cross = (S.T * 1.0) @ S, S.T @ T  # a GEMM, not exactly symmetric
+    P = pkd.solve_projection(gram.astype(dtype), cross.astype(dtype), ridge)
+    if ridge == 0:
+        expected = scipy.linalg.lstsq(S, T, cond=1e-10)[0]
+    else:
+        expected = scipy.linalg.lstsq(np.vstack([S, np.sqrt(ridge) * np.eye(6)]),
+                                      np.vstack([T, np.zeros((6, 4))]))[0]
+    assert P.dtype == np.float64
+    assert rel_err(P, expected) < (1e-4 if dtype == np.float32 else 1e-10)
+
+
+def test_solve_projection_refuses_what_is_not_a_gram_matrix():
+    rng = np.random.default_rng(43)
+    S = rng.standard_normal((50, 3))
+    gram, cross = S.T @ S, S.T @ rng.standard_normal((50, 2))
+    cases = [
+        (gram + np.triu(np.ones((3, 3)), 1), cross, ValueError, "gram .* is not symmetric"),
+        (-gram, cross, ValueError, "gram .* has a negative diagonal entry"),
+        (np.where(np.eye(3) > 0, np.nan, gram), cross, ValueError, "gram .*NaN"),
+        (gram, np.full((3, 2), np.inf), ValueError, "cross .*Inf"),
+        (np.zeros((0, 0)), np.zeros((0, 2)), ValueError, "gram is empty"),
+        (gram.astype(int), cross, TypeError, "gram must be float32 or float64"),
+        (gram, cross[:2], ValueError, r"gram must be \(d_s, d_s\) and cross \(d_s, d_t\)"),
+        (gram[0], cross, ValueError, "gram must be 2-D"),
+    ]
+    for g, c, error, message in cases:
+        with pytest.raises(error, match=message):
+            pkd.solve_projection(g, c)
+
+
+def test_relative_min_mse_exceeds_one_when_the_teacher_mean_is_out_of_reach():
+    """No intercept: an unreachable teacher mean is unexplained (R² < 0, as r2_score says)."""
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(44)
+    S = rng.standard_normal((500, 4))
+    S -= S.mean(0)  # zero-mean student: Pᵀ s cannot produce a constant
+    T = 5.0 + S @ rng.standard_normal((4, 3)) + 0.1 * rng.standard_normal((500, 3))
+    stats = AlignmentStats.from_arrays([S], [T])
+    best = np.linalg.lstsq(S, T, rcond=None)[0]
+    r2 = sklearn_metrics.r2_score(T, S @ best, multioutput="variance_weighted")
+    assert stats.relative_min_mse()[0, 0] > 1
+    assert abs(stats.relative_min_mse()[0, 0] - (1 - r2)) < 1e-10

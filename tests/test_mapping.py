@@ -167,6 +167,12 @@ def test_optimal_all_forbidden_raises():
         optimal(np.full((3, 3), np.inf))
 
 
+def test_optimal_says_when_finite_costs_overflow():
+    with pytest.raises(ValueError, match="overflows float64 when summed .* rescale it"):
+        optimal(np.full((2, 2), 1e308))
+    assert optimal(np.full((2, 2), 1e308) / 1e308) == [(0, 0), (1, 1)]
+
+
 def test_optimal_student_layers_subset_and_unused_nan():
     cost = np.full((4, 6), np.nan)
     cost[1] = [5, 0, 5, 5, 5, 5]

@@ -169,3 +169,12 @@ def test_torch_tensor_refused():
 def test_xavier_mp_edges_bad_input(d_s, d_t, error, match):
     with pytest.raises(error, match=match):
         xavier_mp_edges(d_s, d_t)
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e-30, 1.0, 1e160, 1e300])
+def test_stable_rank_does_not_overflow_or_underflow(scale):
+    P = np.random.default_rng(5).standard_normal((5, 3))
+    sv = np.linalg.svd(P, compute_uv=False)
+    result = spectrum(P * scale)
+    assert result.stable_rank == pytest.approx(float(np.sum(sv**2) / sv[0] ** 2), rel=1e-12)
+    assert result.effective_rank == pytest.approx(spectrum(P).effective_rank, rel=1e-12)
