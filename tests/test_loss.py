@@ -116,6 +116,31 @@ def test_normalized_zero_rows_are_finite_and_follow_design():
     np.testing.assert_allclose(dS[0], (2 / 3) * (0 - T[0] / 2.0) / 1e-12)
 
 
+@pytest.mark.parametrize("projected", [True, False])
+def test_normalized_loss_of_huge_float64_rows_is_scale_free(projected):
+    """‖y‖² overflows float64 above ~1e154, but u = y/‖y‖ and the loss do not depend on scale."""
+    S, T, P, mask = _problem(np.float64, projected=projected)
+    scale = np.full((S.shape[0], 1), 1e160)
+    scale[1] = 1.0  # one row not rescaled: both paths in one call
+    big_s, big_t = S * scale, T.copy()
+    big_t[2] *= 1e200
+    loss, dS, dP = pkd.projected_mse_grad(big_s, big_t, P, mask=mask, normalize=True)
+    ref_loss, ref_dS, ref_dP = _reference(S, T, P, mask, True)
+    assert loss == pytest.approx(ref_loss, rel=1e-13)
+    np.testing.assert_allclose(dS * scale, ref_dS, rtol=1e-12, atol=1e-12 * np.abs(ref_dS).max())
+    if projected:  # Sᵀ G: row i of S × scale_i, of G / scale_i
+        np.testing.assert_allclose(dP, ref_dP, rtol=1e-12, atol=1e-12 * np.abs(ref_dP).max())
+    # A layer mapped twice accumulates its gradient through the same path.
+    config = pkd.ProgressiveDistillation([(0, 0), (0, 1)], normalize=True)
+    if projected:
+        config = config.with_projection(S.shape[1], T.shape[1], seed=0, dtype=np.float64)
+    twice = config.loss_and_grad([big_s], [big_t, big_t], attention_mask=mask)
+    once = config.loss_and_grad([S], [T, T], attention_mask=mask)
+    assert twice.loss == pytest.approx(once.loss, rel=1e-13)
+    np.testing.assert_allclose(twice.grad_student[0] * scale, once.grad_student[0], rtol=1e-12,
+                               atol=1e-12 * np.abs(once.grad_student[0]).max())
+
+
 def test_identical_inputs_give_zero_and_zero_gradient():
     S, T, P, _ = _problem(np.float64, projected=False)
     loss, dS, _ = pkd.projected_mse_grad(T, T)
