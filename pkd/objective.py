@@ -130,15 +130,17 @@ def _logit_part(student, teacher, labels, alpha, temperature, grad=None):
         alpha * temperature / n_examples, grad, ce_rows, kl_rows, scratch)
     ce = float(ce_rows.sum() / n_examples)
     kd = float(kl_rows.sum() / n_examples)
-    if not (np.isfinite(ce) and np.isfinite(kd)):
-        _explain_infinite(student, teacher, labels, ce_rows, kl_rows)
+    # A term of weight 0 may be infinite (alpha=0 is plain CE whatever the teacher says).
+    ce_infinite = alpha < 1 and not np.isfinite(ce)
+    if ce_infinite or (alpha > 0 and not np.isfinite(kd)):
+        _explain_infinite(student, teacher, labels, ce_rows if ce_infinite else None, kl_rows)
     return ce, kd, grad
 
 
 def _explain_infinite(student, teacher, labels, ce_rows, kl_rows):
-    """Raise the ValueError that says which example made CE or KL infinite."""
-    bad_ce = np.flatnonzero(~np.isfinite(ce_rows))
-    if bad_ce.size:
+    """Raise the ValueError that says which example made CE (``ce_rows`` given) or KL infinite."""
+    bad_ce = np.flatnonzero(~np.isfinite(ce_rows)) if ce_rows is not None else []
+    if len(bad_ce):
         i = int(bad_ce[0])
         raise ValueError(
             f"the cross-entropy is infinite: student_logits[{i}, {int(labels[i])}] (the "
@@ -180,6 +182,8 @@ def logit_loss_and_grad(student_logits, teacher_logits, labels, *, alpha: float,
         CE = mean_i −log softmax(z_s,i)[y_i], accumulated in float64.
     kd : float
         KL = mean_i KL(softmax(z_t,i/τ) ‖ softmax(z_s,i/τ)), unweighted.
+        A term of weight 0 may be ``inf`` (KL with ``alpha=0``, CE with
+        ``alpha=1``); an infinite term that counts raises ``ValueError``.
     grad_logits : (B, C) array
         ∂/∂z_s of ``(1 − alpha)·ce + alpha·temperature²·kd``, in the logits'
         common dtype.
@@ -277,19 +281,22 @@ class PKDObjective:
         if out is not None:
             grad_logits = V.check_output(out.grad_logits, "out.grad_logits", student.shape,
                                          student.dtype)
+            logits = [("student_logits", student), ("teacher_logits", teacher)]
             V.check_no_overlap([("out.grad_logits", grad_logits)],
-                               [("student_logits", student), ("teacher_logits", teacher),
-                                *_hidden_arrays(out.hidden_result, student_hidden,
-                                                teacher_hidden)])
+                               logits + _hidden_arrays(out.hidden_result, student_hidden,
+                                                       teacher_hidden))
+            if out.hidden_result is not None:  # written before the logits are read
+                V.check_no_overlap(named_gradients(out.hidden_result.grad_student or [],
+                                                   out.hidden_result.grad_projection), logits)
         hidden_result = self._hidden_part(
             student.shape[0], student_hidden, teacher_hidden, attention_mask, tokens,
             skip_invalid, check_finite, None if out is None else out.hidden_result)
         ce, kd, grad_logits = _logit_part(student, teacher, labels, self.alpha,
                                           self.temperature, grad_logits)
         hidden = 0.0 if hidden_result is None else hidden_result.loss
-        weighted = {
-            "ce": (1 - self.alpha) * ce,
-            "kd": self.alpha * self.temperature ** 2 * kd,
+        weighted = {  # a term of weight 0 counts 0, even when it is infinite
+            "ce": (1 - self.alpha) * ce if self.alpha < 1 else 0.0,
+            "kd": self.alpha * self.temperature ** 2 * kd if self.alpha > 0 else 0.0,
             "hidden": hidden,
         }
         fields = dict(

@@ -361,6 +361,41 @@ def test_infinite_kd_is_reported():
         logit_loss_and_grad(z_s, np.zeros((2, 2)), [0, 0], alpha=0.5, temperature=1.0)
 
 
+def test_an_infinite_term_of_weight_zero_does_not_count():
+    """alpha=0 is plain CE: a class the student rules out (-inf) only breaks the unused KL."""
+    z_s = np.array([[2.0, 0.5, -np.inf], [0.1, 1.0, -np.inf]])
+    z_t, labels = np.zeros((2, 3)), np.array([0, 1])
+    ce, kd, grad = logit_loss_and_grad(z_s, z_t, labels, alpha=0.0, temperature=2.0)
+    p = np.exp(z_s - z_s.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    assert kd == np.inf and ce == pytest.approx(-np.mean(np.log(p[[0, 1], labels])), rel=1e-12)
+    np.testing.assert_allclose(grad, (p - np.eye(3)[labels]) / 2, rtol=1e-12, atol=1e-15)
+    result = PKDObjective(alpha=0.0, temperature=2.0).loss_and_grad(z_s, z_t, labels)
+    assert result.weighted_parts["kd"] == 0.0 and result.loss == pytest.approx(ce, rel=1e-15)
+    # alpha=1 is pure distillation: a label the student rules out only breaks the unused CE.
+    ce, kd, grad = logit_loss_and_grad(z_s, z_s, [2, 2], alpha=1.0, temperature=2.0)
+    assert ce == np.inf and kd == 0.0 and not grad.any()
+    result = PKDObjective(alpha=1.0, temperature=2.0).loss_and_grad(z_s, z_s, [2, 2])
+    assert result.weighted_parts["ce"] == 0.0 and result.loss == 0.0
+    with pytest.raises(ValueError, match="KD term is infinite"):
+        logit_loss_and_grad(z_s, z_t, labels, alpha=0.01, temperature=2.0)
+
+
+def test_out_hidden_gradients_must_not_alias_the_logits():
+    """The hidden part writes first: a hidden buffer over the logits would corrupt CE and KD."""
+    rng = np.random.default_rng(7)
+    z_s, z_t, labels = _logits(np.float64, B=4, C=3, seed=1)
+    S, T = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
+    objective = PKDObjective(0.5, 2.0, pkd.ProgressiveDistillation([(0, 0)]))
+    out = objective.loss_and_grad(z_s, z_t, labels, [S], [T])
+    for logits, name in ((z_s, "student_logits"), (z_t, "teacher_logits")):
+        out.hidden_result.grad_student[0] = logits
+        kept = logits.copy()
+        with pytest.raises(ValueError, match=rf"out.grad_student\[0\] shares memory with {name}"):
+            objective.loss_and_grad(z_s, z_t, labels, [S], [T], out=out)
+        np.testing.assert_array_equal(logits, kept)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     B=st.integers(1, 12),
