@@ -366,7 +366,8 @@ def from_dask(student_layers, teacher_layers, mask=None, *, chunk_rows: int,
     parts, start = [], 0
     for k, n in enumerate(row_chunks):
         block_mask = masks[k]
-        if isinstance(block_mask, np.ndarray) and not block_mask.any():
+        # Zero-length chunks (boolean filtering, then compute_chunk_sizes()) hold no row.
+        if n == 0 or (isinstance(block_mask, np.ndarray) and not block_mask.any()):
             start += n
             continue  # known on the client: no task at all
         layers = [b[k] for b in blocks]

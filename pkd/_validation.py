@@ -35,6 +35,7 @@ def check_float_array(
     ndims: Sequence[int] = (2, 3),
     check_finite: bool = True,
     pair: Pair | None = None,
+    advice: str = "fix the input: NaN/Inf cannot take part in this computation",
 ) -> np.ndarray:
     """Return ``x`` as a float32/float64 ndarray, or raise.
 
@@ -50,6 +51,8 @@ def check_float_array(
         Refuse NaN and Inf.
     pair : tuple of int, optional
         The layer pair the array belongs to, for error messages.
+    advice : str
+        What the NaN/Inf message tells the user to do.
     """
     if (type(x) is np.ndarray and x.dtype in FLOAT_DTYPES and x.ndim in ndims and x.size
             and not check_finite):
@@ -68,6 +71,9 @@ def check_float_array(
         if arr.dtype.kind in "iub":
             hint = (" (integer and bool arrays are refused: "
                     "cast explicitly with .astype(np.float32))")
+        elif arr.dtype.kind == "f" and arr.dtype.newbyteorder("=") in FLOAT_DTYPES:
+            hint = (" in non-native byte order: convert it with "
+                    "x.astype(x.dtype.newbyteorder('='))")
         elif arr.dtype.kind == "f":
             hint = " (cast to float32 or float64)"
         raise TypeError(
@@ -82,8 +88,7 @@ def check_float_array(
         bad = np.argwhere(~np.isfinite(arr))
         raise ValueError(
             f"{name}{where} contains {len(bad)} NaN/Inf value(s), first at index "
-            f"{tuple(int(i) for i in bad[0])} (shape {arr.shape}); "
-            "pass check_finite=False to skip this check"
+            f"{tuple(int(i) for i in bad[0])} (shape {arr.shape}); {advice}"
         )
     return arr
 
@@ -201,8 +206,15 @@ def check_layer_weights(weights, n_pairs: int) -> np.ndarray | None:
     arr = arr.astype(np.float64)
     if not np.isfinite(arr).all() or (arr < 0).any():
         raise ValueError(f"layer_weights must be finite and >= 0, got {arr.tolist()}")
-    if arr.sum() == 0:
+    with np.errstate(over="ignore"):  # an overflowing sum is reported below
+        total = arr.sum()
+    if total == 0:
         raise ValueError("layer_weights are all zero: at least one pair must count")
+    if not np.isfinite(total):
+        raise ValueError(
+            f"layer_weights sum to more than float64 holds (largest {arr.max():.3g}): only "
+            "their ratios matter, so divide them by their maximum"
+        )
     return arr
 
 
@@ -351,6 +363,16 @@ def check_paired(student: np.ndarray, teacher: np.ndarray, pair: Pair | None,
             f"{student.shape} and {teacher.shape} must match in every dimension but the "
             "last (hidden width)"
         )
+
+
+def check_bool(value, name: str) -> bool:
+    """Return ``value`` as a bool; anything but True/False (or a NumPy bool) is refused.
+
+    A truthy string such as ``"False"`` would otherwise silently mean True.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
 
 
 def check_int(value, name: str) -> int:
@@ -526,7 +548,9 @@ def check_layer_index(value, count: int, name: str, side: str) -> int:
 
 
 def check_finite_rows(values: np.ndarray, name: str, selected=None, *,
-                      block_rows: int = 4096) -> None:
+                      block_rows: int = 4096,
+                      advice: str = "fix the input, mask the row out, or pass "
+                                    "check_finite=False") -> None:
     """Refuse NaN/Inf in the rows of ``values`` that count, a block of rows at a time.
 
     Temporaries are bounded by ``block_rows`` rows, so checking a large dump does
@@ -542,6 +566,8 @@ def check_finite_rows(values: np.ndarray, name: str, selected=None, *,
     selected : ndarray of bool, shape (N,), optional
         The rows that count; ``None``: all.
     block_rows : int
+    advice : str
+        What the message tells the user to do.
     """
     n_rows = values.shape[0]
     for start in range(0, n_rows, block_rows):
@@ -554,6 +580,5 @@ def check_finite_rows(values: np.ndarray, name: str, selected=None, *,
             r = start + int(r) if rows is None else int(rows[r])
             raise ValueError(
                 f"{name} contains NaN/Inf in the rows that count, first at flattened row {r}, "
-                f"column {int(c)} (flattened shape {values.shape}); fix the input, mask the "
-                "row out, or pass check_finite=False"
+                f"column {int(c)} (flattened shape {values.shape}); {advice}"
             )

@@ -72,6 +72,7 @@ import numpy as np
 
 from ._validation import (
     as_layers,
+    check_bool,
     check_finite_rows,
     check_float_array,
     check_layer_index,
@@ -360,6 +361,7 @@ class AlignmentStats:
         return self
 
     def _update(self, student_layers, teacher_layers, mask, check_finite, progress) -> None:
+        check_finite = check_bool(check_finite, "check_finite")
         students, teachers, selected = self._prepare(
             student_layers, teacher_layers, mask, check_finite
         )
@@ -494,7 +496,7 @@ class AlignmentStats:
         """
         stats = cls(chunk_rows=chunk_rows)
         bar = None
-        if progress:
+        if check_bool(progress, "progress"):
             from tqdm.auto import tqdm
 
             first = as_layers(student_layers, "student_layers")[0]
@@ -523,7 +525,8 @@ class AlignmentStats:
         """
         stats = cls(chunk_rows=chunk_rows)
         iterator = iter(chunks)
-        if progress:
+        check_bool(check_finite, "check_finite")  # before the first chunk is read
+        if check_bool(progress, "progress"):
             from tqdm.auto import tqdm
 
             iterator = tqdm(iterator, unit="chunk", desc="alignment statistics")

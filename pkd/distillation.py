@@ -116,7 +116,11 @@ def xavier_uniform(student_dim: int, teacher_dim: int, *, seed=None,
 
 def _reused_student_gradients(out: HiddenLossResult, planned: dict, pairs, n_layers: int,
                               dtype) -> list:
-    """The student gradients of ``out`` that this call writes, checked; ``None`` elsewhere."""
+    """The student gradients of ``out`` that this call writes, checked; ``None`` elsewhere.
+
+    A ``None`` entry (a layer the previous call did not use, e.g. a skipped pair)
+    gets a fresh array, so a loop can always hand its last result back.
+    """
     given = out.grad_student
     if not isinstance(given, (list, tuple)) or len(given) != n_layers:
         count = len(given) if isinstance(given, (list, tuple)) else type(given).__name__
@@ -127,7 +131,9 @@ def _reused_student_gradients(out: HiddenLossResult, planned: dict, pairs, n_lay
     grads = [None] * n_layers
     for k, (student, _, _) in planned.items():
         s = pairs[k][0]
-        if grads[s] is None:
+        if grads[s] is None and given[s] is None:
+            grads[s] = np.empty(student.shape, dtype=dtype)
+        elif grads[s] is None:
             grads[s] = V.check_output(given[s], f"out.grad_student[{s}]", student.shape, dtype,
                                       pair=pairs[k])
     return grads
@@ -196,9 +202,7 @@ class ProgressiveDistillation:
         if project not in ("auto", "always"):
             raise ValueError(f'project must be "auto" or "always", got {project!r}')
         self.project = project
-        if not isinstance(normalize, (bool, np.bool_)):
-            raise TypeError(f"normalize must be a bool, got {normalize!r}")
-        self.normalize = bool(normalize)
+        self.normalize = V.check_bool(normalize, "normalize")
         V.check_tokens(tokens)
         self.tokens = tokens
         self.projection = self._check_projection_structure(projection)
@@ -402,6 +406,8 @@ class ProgressiveDistillation:
 
     def _run(self, student_hidden, teacher_hidden, attention_mask, tokens, skip_invalid,
              check_finite, *, need_grad, out=None, student_grads=True, projection_grads=True):
+        skip_invalid = V.check_bool(skip_invalid, "skip_invalid")
+        check_finite = V.check_bool(check_finite, "check_finite")
         """The loss, and with ``need_grad`` the gradients (``student_grads`` /
         ``projection_grads`` False leave those out: ``None``, no GEMM for them)."""
         student_layers = V.as_layers(student_hidden, "student_hidden")

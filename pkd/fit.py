@@ -3,12 +3,17 @@
 The objective is the hidden-state loss of :class:`~pkd.ProgressiveDistillation`
 with every pair going through the projection (``project="always"``):
 
-- shared projection: the mean over pairs of ℓ_k(P) (one P for all pairs);
-- per-pair projections: each ℓ_k(P_k) on its own.
+- shared projection: the mean over the K pairs of ℓ_k(P), plus
+  ``ρ‖P‖_F² / (K n_w d_t)`` (one P for all pairs, penalised once);
+- per-pair projections: each ``ℓ_k(P_k) + ρ‖P_k‖_F² / (n_w d_t)`` on its own;
+
+with ℓ_k the mean squared error over the n_w selected rows and d_t columns and
+ρ = ``ridge``. Every method minimises this objective.
 
 ``method="closed_form"`` (MSE only) solves the normal equations from the
 Gram statistics of :class:`~pkd.AlignmentStats`: ``(G + ρI) P = C`` per pair,
-or with G and C summed over pairs for a shared projection; the solution is the
+or ``(ΣG_k + ρI) P = ΣC_k`` for a shared projection (the stationarity
+conditions of the objective above); the solution is the
 minimum-norm least-squares one, robust to rank-deficient hidden states (see
 ``AlignmentStats.projection``).
 
@@ -110,14 +115,22 @@ def fit_projection(
     shared : bool
         One projection for all pairs, or one per pair.
     ridge : float
-        ρ >= 0 added to G in the closed form; for gradient methods, an L2
-        penalty ``ρ‖P‖_F² / (n_w d_t)`` per pair, the same objective.
+        ρ >= 0, an L2 penalty on the projection(s), the same for every method.
+        Per-pair projections minimise ``ℓ_k(P_k) + ρ‖P_k‖_F² / (n_w d_t)``,
+        solved by ``(G_k + ρI) P_k = C_k``; a shared projection minimises
+        ``mean_k ℓ_k(P) + ρ‖P‖_F² / (K n_w d_t)`` (the penalty counted once,
+        not once per pair), solved by ``(ΣG_k + ρI) P = ΣC_k`` as in
+        :meth:`~pkd.AlignmentStats.projection`. n_w is the number of selected rows
+        (for minibatches too: their gradients are unbiased), d_t the teacher
+        width, K the number of pairs.
     steps : int
         Gradient steps (ignored by the closed form).
     lr : float, optional
         Learning rate. Default 1e-2 for Adam; for SGD on the MSE,
         ``1/L`` with L the largest curvature of the objective (computed from
-        the Gram statistics); SGD on the normalized loss needs an explicit lr.
+        the Gram statistics); SGD on the normalized loss needs an explicit lr,
+        and so does SGD with ``ridge=0`` on all-zero student hidden states
+        (the loss then does not depend on P: no curvature to derive a step from).
     batch_size : int, optional
         Rows per minibatch (sampled without replacement, epoch by epoch, from
         the selected rows); ``None`` for full-batch steps.
@@ -204,8 +217,9 @@ class _FitData:
         lead = None
         for pair in mapping:
             s, t = pair
-            student = V.layer_at(student_layers, s, "student_hidden", pair)
-            teacher = V.layer_at(teacher_layers, t, "teacher_hidden", pair)
+            # Finiteness is checked below, on the selected rows only: padding may hold NaN.
+            student = V.layer_at(student_layers, s, "student_hidden", pair, check_finite=False)
+            teacher = V.layer_at(teacher_layers, t, "teacher_hidden", pair, check_finite=False)
             V.check_paired(student, teacher, pair, names=("student_hidden", "teacher_hidden"))
             if lead is not None and student.shape[:-1] != lead:
                 raise ValueError(
@@ -229,8 +243,21 @@ class _FitData:
                         for k, a in self.teacher.items()}
         self.rows = V.select_rows(lead, attention_mask, tokens)
         self.n_rows = int(np.prod(lead)) if self.rows is None else len(self.rows)
+        self._selected = None  # bool (N,) form of self.rows, None: every row
+        if self.rows is not None:
+            self._selected = np.zeros(int(np.prod(lead)), dtype=bool)
+            self._selected[self.rows] = True
+        for name, layers in (("student_hidden", self.student), ("teacher_hidden", self.teacher)):
+            for index, values in layers.items():
+                self._check_finite(values, f"{name}[{index}]")
         self._stats = None
         self._grams: dict = {}
+
+    def _check_finite(self, values, name):
+        """Refuse NaN/Inf in the selected rows of ``values`` (flattened ``(N, d)``)."""
+        V.check_finite_rows(values, name, self._selected,
+                            advice="fix the input, or leave those rows out with attention_mask "
+                                   "(rows it excludes may hold anything)")
 
     @property
     def stats(self):
@@ -239,13 +266,10 @@ class _FitData:
             from .alignment import AlignmentStats
 
             s_keys, t_keys = sorted(self.student), sorted(self.teacher)
-            mask = None
-            if self.rows is not None:
-                n = next(iter(self.student.values())).shape[0]
-                mask = np.zeros(n, dtype=bool)
-                mask[self.rows] = True
+            # check_finite=False: the selected rows were checked in __init__.
             self._stats = AlignmentStats.from_arrays(
-                [self.student[k] for k in s_keys], [self.teacher[k] for k in t_keys], mask=mask
+                [self.student[k] for k in s_keys], [self.teacher[k] for k in t_keys],
+                mask=self._selected, check_finite=False,
             )
             self._s_index = {k: i for i, k in enumerate(s_keys)}
             self._t_index = {k: i for i, k in enumerate(t_keys)}
@@ -294,13 +318,23 @@ def _default_lr(method, lr, normalize, data, shared, ridge):
         return DEFAULT_LR["adam"]
     if normalize:
         raise ValueError("SGD on the normalized loss needs an explicit lr")
-    # ∂ℓ/∂P = 2(G P − C)/(n_w d_t): curvature 2 λ_max(G)/(n_w d_t) per pair.
-    n_w, d_t = data.n_rows, data.widths[1]
+    # The objective's Hessian is 2(G_k + ρI)/(n_w d_t) per pair, 2(ΣG_k + ρI)/(K n_w d_t)
+    # for a shared P: L = 2 top/(n_w d_t) with top below.
+    n_w, d_t, n_pairs = data.n_rows, data.widths[1], len(data.mapping)
     if shared:
-        grams = [sum(data.gram(pair)[0] for pair in data.mapping) / len(data.mapping)]
+        G = sum(data.gram(pair)[0] for pair in data.mapping)
+        top = (np.linalg.eigvalsh(G)[-1] + ridge) / n_pairs
     else:
-        grams = [data.gram(pair)[0] for pair in data.mapping]
-    top = max(np.linalg.eigvalsh(G)[-1] for G in grams) + ridge
+        top = max(np.linalg.eigvalsh(data.gram(pair)[0])[-1] for pair in data.mapping) + ridge
+    if not top > 0:
+        layers = ", ".join(f"student_hidden[{s}]" for s in sorted({s for s, _ in data.mapping}))
+        raise ValueError(
+            f"SGD's default lr is 1/L, L the curvature of the loss, but the student hidden "
+            f"states ({layers}) are all zero on the selected rows and ridge=0: the loss does "
+            "not depend on the projection, so there is no curvature (L = 0). Check the hidden "
+            "states (wrong layer? a mask that keeps only padding?), or pass an explicit lr or "
+            "ridge > 0; method='closed_form' returns the minimum-norm projection, 0"
+        )
     return float(n_w * d_t / (2.0 * top))
 
 
@@ -355,9 +389,21 @@ def _gram_step(data, params, shared, ridge):
         P = params[key]
         GP = G @ P
         losses[k] = scale * (np.sum(P * GP) - 2.0 * np.sum(P * C) + q)
-        grads[key] += coef * 2.0 * scale * (GP - C + ridge * P)
+        grads[key] += coef * 2.0 * scale * (GP - C)
         losses[k] = max(losses[k], 0.0)
+    _add_ridge(grads, params, ridge, coef, n_w * d_t)
     return losses, grads
+
+
+def _add_ridge(grads, params, ridge, coef, size):
+    """Add the penalty's gradient, once per projection (a shared P is penalised once).
+
+    ``size`` is n_w·d_t over all the selected rows, for minibatches too: a
+    minibatch's gradient is then an unbiased estimate of the objective's.
+    """
+    if ridge:
+        for key, P in params.items():
+            grads[key] += coef * 2.0 * ridge * P / size
 
 
 def _kernel_step(data, params, rows, shared, normalize, ridge):
@@ -379,9 +425,8 @@ def _kernel_step(data, params, rows, shared, normalize, ridge):
             coef=coef, grad_projection=grad, workspace=workspace,
         )
         grad = grad.astype(np.float64)
-        if ridge:
-            grad += coef * 2.0 * ridge * params[key] / (len(rows) * d_t)
         grads[key] = grads[key] + grad if key in grads else grad
+    _add_ridge(grads, params, ridge, coef, data.n_rows * d_t)
     return losses, grads
 
 

@@ -318,8 +318,10 @@ def _backward_student(grad_y, projection, rows, grad_student, accumulate, select
     _scatter_rows()(selected, rows, grad_student, accumulate)
 
 
-def _prepare(student, teacher, projection, mask, tokens):
+def _prepare(student, teacher, projection, mask, tokens, normalize, check_finite):
     """Validate the functional API's arguments; return flattened, same-dtype arrays."""
+    V.check_bool(normalize, "normalize")
+    V.check_bool(check_finite, "check_finite")
     # Finiteness is checked after the kernel, at no cost (see V.explain_nonfinite).
     student = V.check_float_array(student, "student", check_finite=False)
     teacher = V.check_float_array(teacher, "teacher", check_finite=False)
@@ -377,7 +379,8 @@ def projected_mse(
     float
         The loss, accumulated in float64.
     """
-    _, s2, t2, p, rows = _prepare(student, teacher, projection, mask, tokens)
+    _, s2, t2, p, rows = _prepare(student, teacher, projection, mask, tokens, normalize,
+                                  check_finite)
     loss = pair_loss_and_grad(s2, t2, p, rows, normalize=normalize)
     _check_result(loss, check_finite, s2, t2, p, rows)
     return loss
@@ -419,7 +422,8 @@ def projected_mse_grad(
     grad_projection : (d_s, d_t) array or None
         ∂ℓ/∂P, ``None`` without a projection.
     """
-    shape, s2, t2, p, rows = _prepare(student, teacher, projection, mask, tokens)
+    shape, s2, t2, p, rows = _prepare(student, teacher, projection, mask, tokens, normalize,
+                                       check_finite)
     if out is None:  # rows that do not count get 0 in grad_student
         grad_student, *rest = empty_views([s2.shape] + ([] if p is None else [p.shape]),
                                           s2.dtype)

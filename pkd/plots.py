@@ -502,7 +502,8 @@ def layer_losses(
     -------
     matplotlib.figure.Figure
     """
-    H = check_float_array(history, "history", ndims=(2,))
+    H = check_float_array(history, "history", ndims=(2,),
+                          advice="losses must be finite to be drawn (a diverged run?)")
     n_steps, n_pairs = H.shape
     if (H < 0).any():
         raise ValueError(f"history has negative losses (minimum {H.min():g}); losses are >= 0")
@@ -510,7 +511,8 @@ def layer_losses(
         _check_positive_for_log(H, "history")
     names = _pair_labels(labels, n_pairs)
     if floor is not None:
-        floor = check_float_array(floor, "floor", ndims=(1,))
+        floor = check_float_array(floor, "floor", ndims=(1,),
+                                  advice="losses must be finite to be drawn")
         if floor.shape != (n_pairs,):
             raise ValueError(
                 f"floor has shape {floor.shape} but history has {n_pairs} pair column(s) "
@@ -613,7 +615,8 @@ def layer_losses(
 def _singular_values(value, label: str) -> np.ndarray:
     from scipy.linalg import svdvals
 
-    arr = check_float_array(value, f"projections[{label!r}]", ndims=(1, 2))
+    arr = check_float_array(value, f"projections[{label!r}]", ndims=(1, 2),
+                            advice="a projection with NaN/Inf has no spectrum")
     if arr.ndim == 2:
         return svdvals(arr.astype(np.float64, copy=False))
     if (arr < 0).any():

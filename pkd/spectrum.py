@@ -108,7 +108,7 @@ def spectrum(P) -> Spectrum:
     """
     import scipy.linalg  # on use: `import pkd` imports neither scipy nor numba
 
-    P = check_float_array(P, "P", ndims=(2,))
+    P = check_float_array(P, "P", ndims=(2,), advice="a projection with NaN/Inf has no spectrum")
     P64 = P.astype(np.float64)
     sv = scipy.linalg.svdvals(P64, check_finite=False)  # descending
     sv.setflags(write=False)

@@ -326,7 +326,8 @@ def projected_mse(
             f"{t.shape[-1]})"
         )
     rows = V.select_rows(s.shape[:-1], _mask_array(mask, "mask"), tokens, mask_name="mask")
-    options = (bool(normalize), torch.is_grad_enabled(), bool(check_finite), names, None)
+    options = (V.check_bool(normalize, "normalize"), torch.is_grad_enabled(),
+               V.check_bool(check_finite, "check_finite"), names, None)
     return _PairLoss.apply(*tensors, rows, arrays, options)
 
 
@@ -484,7 +485,7 @@ class PKDHiddenLoss(nn.Module):
                           _as_layers(teacher_hidden, "teacher_hidden"))
         plan.mask = _mask_array(attention_mask, "attention_mask")
         plan.tokens = self.tokens if tokens is None else tokens
-        plan.check_finite = bool(check_finite)
+        plan.check_finite = V.check_bool(check_finite, "check_finite")
         plan.want_grad = torch.is_grad_enabled()  # grad mode is off inside forward
         return _HiddenLoss.apply(plan, *plan.tensors)
 

@@ -202,6 +202,40 @@ def test_result_does_not_depend_on_the_scheduler():
             np.testing.assert_array_equal(threads.to_dict()[key], value, err_msg=key)
 
 
+@pytest.mark.parametrize("lead", [(12,), (12, 3)])
+@pytest.mark.parametrize("mask_kind", [None, "numpy", "dask"])
+def test_zero_length_row_chunks_are_skipped(lead, mask_kind):
+    # Boolean filtering then compute_chunk_sizes() (what the unknown-chunks error advises)
+    # leaves a zero-length block where a whole chunk was filtered out.
+    rng = np.random.default_rng(9)
+    students, teachers = make_layers(rng, lead, (3,), (4,))
+    keep = np.r_[np.ones(4), np.zeros(4), np.ones(4)].astype(bool)
+    keep_dask = da.from_array(keep, chunks=4)
+
+    def filtered(layers):
+        out = []
+        for x in layers:
+            x = da.from_array(x, chunks=(4,) + x.shape[1:])[keep_dask]
+            x.compute_chunk_sizes()
+            out.append(x)
+        return out
+
+    dask_students, dask_teachers = filtered(students), filtered(teachers)
+    assert dask_students[0].chunks[0] == (4, 0, 4)
+    kept_lead = (8,) + lead[1:]
+    mask = None if mask_kind is None else rng.random(kept_lead) < 0.7
+    if mask is not None:
+        mask.reshape(-1)[0] = True
+    given_mask = mask
+    if mask_kind == "dask":
+        given_mask = da.from_array(mask, chunks=(3,) + mask.shape[1:])
+    want = AlignmentStats.from_arrays([x[keep] for x in students], [x[keep] for x in teachers],
+                                      mask)
+    got = AlignmentStats.from_dask(dask_students, dask_teachers, given_mask, chunk_rows=4,
+                                   scheduler="sync")
+    assert_same_stats(got, want)
+
+
 @settings(max_examples=25, deadline=None)
 @given(data=st.data())
 def test_property_any_chunking_and_mask(data):

@@ -86,6 +86,24 @@ def test_seed_skipping_is_an_error_or_a_warning():
         assert cfg.hidden_state_loss(student, teacher, skip_invalid=True) == 0.0
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_out_from_a_call_that_skipped_a_pair_can_be_handed_back(shared):
+    rng = np.random.default_rng(3)
+    cfg = ProgressiveDistillation([(0, 0), (1, 1)]).with_projection(3, 4, seed=0, shared=shared,
+                                                                   dtype=np.float64)
+    student = [rng.standard_normal((5, 3)) for _ in range(2)]
+    teacher = [rng.standard_normal((5, 4)) for _ in range(2)]
+    with pytest.warns(pkd.SkippedPairWarning):  # student layer 1 has the wrong width
+        skipped = cfg.loss_and_grad([student[0], np.ones((5, 2))], teacher, skip_invalid=True)
+    assert skipped.grad_student[1] is None
+    kept = skipped.grad_student[0]
+    result = cfg.loss_and_grad(student, teacher, out=skipped)
+    fresh = cfg.loss_and_grad(student, teacher)
+    assert result is skipped and result.grad_student[0] is kept and result.loss == fresh.loss
+    for got, want in zip(result.grad_student, fresh.grad_student, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_xavier_statistics_and_reproducibility():
     d_s, d_t = 300, 500
     P = pkd.xavier_uniform(d_s, d_t, seed=11, dtype=np.float64)
@@ -349,9 +367,10 @@ def test_property_matches_reference(n_s, n_t, n, d_s, d_t, dtype, normalize, sha
         ({"layer_weights": [1.0]}, ValueError, "has 1 entries but the mapping has 4"),
         ({"layer_weights": [0, 0, 0, 0]}, ValueError, "all zero"),
         ({"layer_weights": [1, -1, 1, 1]}, ValueError, "finite and >= 0"),
+        ({"layer_weights": [1e308] * 4}, ValueError, "sum to more than float64 holds"),
         ({"project": "sometimes"}, ValueError, "auto"),
         ({"tokens": "first"}, ValueError, "tokens"),
-        ({"normalize": "yes"}, TypeError, "bool"),
+        ({"normalize": "yes"}, TypeError, "normalize must be True or False"),
     ],
 )
 def test_bad_configuration(kwargs, error, match):
@@ -535,8 +554,11 @@ def test_bad_out():
     with pytest.raises(ValueError, match=r"out.grad_student\[0\].*dtype float64; got .*float32"):
         cfg.loss_and_grad(student, teacher,
                           out=with_(grad_student=[s0.astype(np.float32), s1]))
-    with pytest.raises(ValueError, match=r"out.grad_student\[0\].*got NoneType"):
-        cfg.loss_and_grad(student, teacher, out=with_(grad_student=[None, s1]))
+    with pytest.raises(ValueError, match=r"out.grad_student\[0\].*got str"):
+        cfg.loss_and_grad(student, teacher, out=with_(grad_student=["s0", s1]))
+    # None (a layer the earlier call did not use): a fresh array.
+    assert cfg.loss_and_grad(student, teacher,
+                             out=with_(grad_student=[None, s1])).grad_student[0] is not None
     with pytest.raises(ValueError, match="writable"):
         frozen = s0.copy()
         frozen.flags.writeable = False
@@ -559,3 +581,26 @@ def test_bad_out():
         cfg.loss_and_grad(student, teacher, out=with_(grad_student=[same, same]))
     with pytest.raises(ValueError, match="out.grad_projection shares memory with projection"):
         cfg.loss_and_grad(student, teacher, out=with_(grad_projection=cfg.projection))
+
+
+def test_flags_must_be_true_or_false():
+    """A truthy string such as "False" would silently mean True; a dict key, a KeyError."""
+    rng = np.random.default_rng(0)
+    S, T = rng.standard_normal((6, 3)), rng.standard_normal((6, 3))
+    config = pkd.ProgressiveDistillation([(0, 0)])
+    calls = [
+        ("normalize", lambda v: pkd.projected_mse(S, T, normalize=v)),
+        ("check_finite", lambda v: pkd.projected_mse_grad(S, T, check_finite=v)),
+        ("normalize", lambda v: pkd.ProgressiveDistillation([(0, 0)], normalize=v)),
+        ("skip_invalid", lambda v: config.loss_and_grad([S], [T], skip_invalid=v)),
+        ("check_finite", lambda v: config.hidden_state_loss([S], [T], check_finite=v)),
+        ("check_finite", lambda v: pkd.AlignmentStats.from_arrays([S], [T], check_finite=v)),
+        ("progress", lambda v: pkd.AlignmentStats.from_arrays([S], [T], progress=v)),
+        ("check_finite", lambda v: pkd.AlignmentStats.from_chunks([([S], [T])],
+                                                                  check_finite=v)),
+    ]
+    for name, call in calls:
+        for value in ("False", 1, np.array(True), None):
+            with pytest.raises(TypeError, match=f"{name} must be True or False, got"):
+                call(value)
+        call(np.bool_(False))  # NumPy bools are bools

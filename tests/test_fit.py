@@ -89,6 +89,43 @@ def test_gradient_methods_reach_the_closed_form(method, shared):
     assert result.history[0].mean() > 10 * result.history[-1].mean()
 
 
+@pytest.mark.parametrize("method", ["adam", "sgd"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_gradient_methods_reach_the_ridge_closed_form(method, shared):
+    # A strong ridge (ρ near the Gram's scale): a penalty counted once per pair for a
+    # shared P, i.e. (ΣG + KρI) P = ΣC, would land 0.4 away from the closed form.
+    student, teacher, mapping = _problem(n=200, d_s=4, d_t=5, seed=13)
+    rho = 500.0
+    closed = fit_projection(student, teacher, mapping, shared=shared, ridge=rho)
+    lr = 0.01 if method == "adam" else None
+    steps = 3000 if method == "adam" else 300
+    result = fit_projection(student, teacher, mapping, method=method, shared=shared,
+                            ridge=rho, steps=steps, lr=lr, seed=0)
+    atol = 1e-3 if method == "adam" else 1e-10  # Adam hovers within ~lr of the optimum
+    for pair in mapping:
+        np.testing.assert_allclose(result.projection_for(pair), closed.projection_for(pair),
+                                   atol=atol)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_minibatch_ridge_is_the_full_batch_objective(shared):
+    # Every row of a layer is the same, so every minibatch has the full batch's loss and
+    # SGD is deterministic: it must reach the closed form, with the penalty scaled by all
+    # the rows (n_w), not by the batch's.
+    rng = np.random.default_rng(14)
+    n, d_s, d_t = 40, 3, 4
+    student = [np.tile(rng.standard_normal(d_s), (n, 1)) for _ in range(3)]
+    teacher = [np.tile(rng.standard_normal(d_t), (n, 1)) for _ in range(3)]
+    mapping = [(0, 0), (1, 1), (2, 2)]
+    rho = 20.0
+    closed = fit_projection(student, teacher, mapping, shared=shared, ridge=rho)
+    result = fit_projection(student, teacher, mapping, method="sgd", shared=shared, ridge=rho,
+                            steps=500, batch_size=8, seed=0)
+    for pair in mapping:
+        np.testing.assert_allclose(result.projection_for(pair), closed.projection_for(pair),
+                                   atol=1e-8)
+
+
 def test_minibatch_adam_reaches_the_closed_form():
     student, teacher, mapping = _problem(n=2000, seed=7)
     floor = fit_projection(student, teacher, mapping).layer_losses
@@ -143,6 +180,9 @@ def test_normalized_fit_decreases_and_callback_sees_every_step():
 def test_progress_bar_runs(capsys):
     student, teacher, mapping = _problem(seed=11)
     fit_projection(student, teacher, mapping, method="sgd", steps=3, progress=True)
+    assert "fit (sgd)" in capsys.readouterr().err  # tqdm writes to stderr
+    fit_projection(student, teacher, mapping, method="sgd", steps=3)
+    assert capsys.readouterr().err == ""
 
 
 def test_float32_input_gives_float32_projection():
@@ -171,6 +211,50 @@ def test_bad_arguments(kwargs, error, match):
     student, teacher, mapping = _problem(n=40)
     with pytest.raises(error, match=match):
         fit_projection(student, teacher, mapping, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"method": "sgd", "steps": 5},
+                                    {"method": "adam", "steps": 5, "batch_size": 7}])
+def test_non_finite_padding_is_ignored(kwargs):
+    student, teacher, mapping = _problem(n=96, three_d=True, seed=15)
+    mask = np.ones(student[0].shape[:-1], dtype=bool)
+    mask[:, 6:] = False
+    clean = fit_projection(student, teacher, mapping, attention_mask=mask, seed=0, **kwargs)
+    student = [s.copy() for s in student]
+    teacher = [t.copy() for t in teacher]
+    student[1][~mask] = np.nan
+    teacher[2][~mask] = np.inf
+    dirty = fit_projection(student, teacher, mapping, attention_mask=mask, seed=0, **kwargs)
+    np.testing.assert_array_equal(dirty.projection, clean.projection)
+    np.testing.assert_array_equal(dirty.layer_losses, clean.layer_losses)
+
+
+def test_non_finite_fitted_rows_are_refused():
+    student, teacher, mapping = _problem(n=96, three_d=True, seed=16)
+    mask = np.ones(student[0].shape[:-1], dtype=bool)
+    mask[:, 6:] = False
+    teacher = [t.copy() for t in teacher]
+    teacher[1][:, 6:] = np.nan  # padding: fine
+    teacher[1][3, 2, 4] = np.nan  # a fitted row
+    for kwargs in ({}, {"method": "adam", "batch_size": 7}):
+        with pytest.raises(ValueError, match=r"teacher_hidden\[1\] contains NaN/Inf in the rows "
+                           r"that count, first at flattened row 26, column 4") as info:
+            fit_projection(student, teacher, mapping, attention_mask=mask, **kwargs)
+        assert "check_finite" not in str(info.value)  # fit_projection has no such option
+        assert "attention_mask" in str(info.value)
+
+
+def test_sgd_default_lr_refuses_all_zero_student_states():
+    student, teacher = [np.zeros((10, 3))], [np.ones((10, 5))]
+    with pytest.raises(ValueError, match=r"student hidden states \(student_hidden\[0\]\) "
+                       "are all zero .* explicit lr"):
+        fit_projection(student, teacher, [(0, 0)], method="sgd", steps=3)
+    # An explicit lr: the gradient is 0, the start is returned, finite.
+    result = fit_projection(student, teacher, [(0, 0)], method="sgd", steps=3, lr=0.1, seed=0)
+    np.testing.assert_array_equal(result.projection, result.initial)
+    # ridge > 0 gives curvature: one step of lr = 1/L lands on the minimiser, 0.
+    result = fit_projection(student, teacher, [(0, 0)], method="sgd", steps=1, ridge=1.0)
+    np.testing.assert_allclose(result.projection, 0.0, atol=1e-15)
 
 
 def test_bad_mappings_and_layers():

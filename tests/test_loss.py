@@ -397,3 +397,11 @@ def test_bad_out_buffers():
     with pytest.raises(ValueError, match=r"out\[1\] \(grad_projection\) shares memory with "
                                          r"projection"):
         pkd.projected_mse_grad(S, T, P, out=(good_s, P))
+
+
+def test_non_native_byte_order_is_named():
+    S = np.ones((3, 2))
+    swapped = S.astype(S.dtype.newbyteorder("S"))
+    with pytest.raises(TypeError, match=r"student must be .* in non-native byte order: convert"):
+        pkd.projected_mse(swapped, S)
+    assert pkd.projected_mse(swapped.astype(swapped.dtype.newbyteorder("=")), S) == 0.0

@@ -289,6 +289,18 @@ def test_refuses_mixed_dtypes():
         pt.projected_mse(S, T, P.double())
 
 
+def test_flags_must_be_true_or_false():
+    S, T, P, _ = problem(torch.float64)
+    module = pt.PKDHiddenLoss(pkd.ProgressiveDistillation([(0, 0)]).with_projection(
+        S.shape[-1], T.shape[-1], seed=0, dtype=np.float64))
+    with pytest.raises(TypeError, match="normalize must be True or False, got 'yes'"):
+        pt.projected_mse(S, T, P, normalize="yes")
+    with pytest.raises(TypeError, match="check_finite must be True or False, got 'no'"):
+        pt.projected_mse(S, T, P, check_finite="no")
+    with pytest.raises(TypeError, match="check_finite must be True or False, got 0"):
+        module([S], [T], check_finite=0)
+
+
 def test_refuses_teacher_or_mask_requiring_grad():
     S, T, P, mask = problem(torch.float64)
     with pytest.raises(ValueError, match=r"teacher requires grad.*teacher\.detach\(\)"):
