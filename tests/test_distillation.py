@@ -254,7 +254,9 @@ def test_matches_torch_autograd(case, dtype):
         for k, tensor in p_t.items():
             np.testing.assert_allclose(result.grad_projection[k], tensor.grad.numpy(), rtol=tol,
                                        atol=tol * float(tensor.grad.abs().max()))
-    elif shared.grad is not None:
+    elif shared.grad is None:  # no pair goes through the projection (d_s == d_t, "auto")
+        np.testing.assert_array_equal(result.grad_projection, 0.0)
+    else:
         np.testing.assert_allclose(result.grad_projection, shared.grad.numpy(), rtol=tol,
                                    atol=tol * float(shared.grad.abs().max()))
 
