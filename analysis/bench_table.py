@@ -294,7 +294,8 @@ def main(argv=None) -> dict:
                         help="output directory (default analysis/results/bench)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (>= 5)")
     parser.add_argument("--dtype", action="append", choices=("float32", "float64"),
-                        default=None, help="repeat to measure several (default both)")
+                        default=None,
+                        help="repeat to measure several (default both; with --quick float32)")
     parser.add_argument("--variant", action="append", default=None,
                         help="repeat to measure several (default all)")
     args = parser.parse_args(argv)
@@ -311,7 +312,10 @@ def main(argv=None) -> dict:
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
             parser.error(f"--variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
-        result = run_bench(quick=args.quick, dtypes=tuple(args.dtype or ("float32", "float64")),
+        if args.repeats < 5:
+            parser.error(f"--repeats {args.repeats}: at least 5 timed runs per case")
+        result = run_bench(quick=args.quick,
+                           dtypes=None if args.dtype is None else tuple(dict.fromkeys(args.dtype)),
                            variants=variants, repeats=args.repeats)
         write_json(json_path, result)
     from pkd import plots

@@ -511,21 +511,49 @@ def startup_times(repeats: int = 3) -> dict:
     return result
 
 
-def bench_cases(*, quick: bool, dtypes, variants) -> list[tuple]:
+def bench_cases(*, quick: bool, dtypes=None, variants) -> list[tuple]:
     """``(variant, N, d_s, d_t, dtype)`` of every case to run, in order.
 
     The full grid is every N × (d_s, d_t) of ``GRID_N`` × ``GRID_SHAPES``;
-    ``quick`` keeps ``QUICK_CASES`` in float32 only.
+    ``quick`` keeps ``QUICK_CASES``. ``dtypes`` defaults to float32 and float64,
+    or float32 only with ``quick``; given dtypes are honoured either way.
     """
     sizes = QUICK_CASES if quick else [(n, d_s, d_t) for d_s, d_t in GRID_SHAPES for n in GRID_N]
-    dtypes = ("float32",) if quick else dtypes
+    if dtypes is None:
+        dtypes = ("float32",) if quick else ("float32", "float64")
     return [(v, n, d_s, d_t, dtype) for dtype in dtypes for v in variants
             for n, d_s, d_t in sizes]
 
 
-def run_bench(*, quick: bool = False, dtypes=("float32", "float64"), variants=VARIANTS,
+def check_variants(variants) -> tuple[str, ...]:
+    """Variants asked for by name, as a tuple: each must exist and be runnable here.
+
+    (:func:`run_bench` itself leaves the torch variants out when torch is not
+    installed, so that running every variant runs what it can.)
+
+    Raises
+    ------
+    ValueError
+        An unknown variant, or a torch variant without torch installed.
+    """
+    variants = tuple(variants)
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown variant {v!r}: choose from {', '.join(VARIANTS)}")
+    needs_torch = [v for v in variants if v in TORCH_VARIANTS]
+    if needs_torch and _torch() is None:
+        raise ValueError(f"variant(s) {', '.join(map(repr, needs_torch))} need torch, which "
+                         "is not installed: pip install 'pkd[torch]'")
+    return variants
+
+
+def run_bench(*, quick: bool = False, dtypes=None, variants=VARIANTS,
               repeats: int = 5, progress: bool = True, out=sys.stdout) -> dict:
-    """Run the benchmark grid; print a table as it goes; return everything as a dict."""
+    """Run the benchmark grid; print a table as it goes; return everything as a dict.
+
+    ``dtypes`` defaults as in :func:`bench_cases`. Without torch the torch
+    variants are left out.
+    """
     from tqdm.auto import tqdm
 
     header = machine_header()

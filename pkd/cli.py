@@ -1,9 +1,10 @@
 """The ``pkd`` command: ``demo``, ``analyze``, ``fit``, ``bench``.
 
-Every command validates its inputs before writing anything, computes
-everything, and only then writes its outputs, each atomically (temp file +
-rename): an error never leaves partial outputs behind, and inputs are never
-modified. Progress bars go to stderr; tables to stdout.
+Every command validates its inputs before any expensive work, computes
+everything, and only then writes its outputs: each to a temporary file, all
+renamed into place once every one is written. An error never leaves partial
+outputs behind, and inputs are never modified. Progress bars go to stderr;
+tables to stdout.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ class CommandError(Exception):
 # --- shared helpers -----------------------------------------------------------------
 
 
-def _out_dir(path: str) -> Path:
+def _out_dir(path: str, names=()) -> Path:
     """Check that ``path`` is (or can be created as) a writable directory.
 
     Nothing is created here: the directory appears only when the outputs are
-    written, so a command that fails leaves nothing behind.
+    written, so a command that fails leaves nothing behind. ``names`` are the
+    files the command will write there; one that is a directory is refused now
+    rather than after the computation.
     """
     import os
 
@@ -41,12 +44,40 @@ def _out_dir(path: str) -> Path:
         raise CommandError(f"cannot create output directory {out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CommandError(f"output directory {out} is not writable ({parent} is read-only)")
+    for name in names:
+        if (out / name).is_dir():
+            raise CommandError(f"cannot write {out / name}: it is a directory")
     return out
+
+
+def _out_file(path: str, flag: str) -> Path:
+    """Check that the file ``path`` can be written: its directory exists and is writable."""
+    import os
+
+    target = Path(path)
+    if target.is_dir():
+        raise CommandError(f"{flag} {target} is a directory; give a file name")
+    if not target.parent.is_dir():
+        raise CommandError(
+            f"{flag} {target}: directory {target.parent} does not exist (create it first)"
+        )
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise CommandError(f"{flag} {target}: directory {target.parent} is not writable")
+    return target
+
+
+def _check_ridge(ridge: float) -> float:
+    from ._validation import check_nonnegative
+
+    try:
+        return check_nonnegative(ridge, "--ridge")
+    except (TypeError, ValueError) as error:
+        raise CommandError(str(error)) from None
 
 
 def _load_pair(student_path: str, teacher_path: str, mask_key: str):
     """Open both dumps and check they describe the same rows; return (s, t, mask)."""
-    from .io import load_dump
+    from .io import MASK_KEY, load_dump
 
     try:
         student = load_dump(student_path, mask_key=mask_key)
@@ -60,6 +91,14 @@ def _load_pair(student_path: str, teacher_path: str, mask_key: str):
             "the hidden states of the same inputs"
         )
     masks = [m for m in (student.attention_mask, teacher.attention_mask) if m is not None]
+    if not masks and mask_key != MASK_KEY:
+        # A dump may lack the default mask, but a key asked for by name that no dump
+        # has is a typo: ignoring it would silently count the padding.
+        found = sorted(set(student.extra_keys) | set(teacher.extra_keys))
+        raise CommandError(
+            f"--mask-key {mask_key!r}: neither {student_path} nor {teacher_path} has that "
+            f"key (other keys found: {', '.join(map(repr, found)) or 'none'})"
+        )
     if len(masks) == 2 and not np.array_equal(*masks):
         n_diff = int((masks[0] != masks[1]).sum())
         raise CommandError(
@@ -69,21 +108,54 @@ def _load_pair(student_path: str, teacher_path: str, mask_key: str):
     return student, teacher, (masks[0] if masks else None)
 
 
-def _parse_mapping_arg(text: str, n_s: int, n_t: int, cost=None):
+def _parse_mapping_arg(text: str, n_s: int, n_t: int):
     from . import mapping
 
-    if text.strip().lower() == "optimal":
-        if cost is None:
-            raise CommandError("--mapping optimal needs the alignment statistics")
-        return mapping.optimal(cost)
     try:
         return mapping.parse_mapping(text, n_s, n_t)
     except (ValueError, TypeError) as error:
         raise CommandError(f"--mapping {text!r}: {error}") from None
 
 
-def _strategies(n_s: int, n_t: int, cost) -> dict:
-    """uniform / PKD-Skip / PKD-Last / optimal, where they exist for these sizes."""
+# Appended to the reason there is no optimal mapping when --mapping optimal was asked for.
+_EXPLICIT_HINT = "; give explicit pairs to --mapping"
+
+
+def _check_optimal_exists(n_s: int, n_t: int, hint: str = "") -> None:
+    if n_s > n_t:
+        raise CommandError(
+            f"no optimal mapping: the student has more layers ({n_s}) than the teacher "
+            f"({n_t}) and a mapping is strictly increasing{hint}"
+        )
+
+
+def _optimal(cost, hint: str = ""):
+    """``mapping.optimal`` of the relative min-MSE, or a CommandError saying why none exists.
+
+    A constant teacher layer has no variance, so its relative loss is NaN: there
+    is nothing to distil from it, so its pairs are treated as forbidden (+inf)
+    rather than refusing the whole matrix.
+    """
+    from . import mapping
+
+    n_s, n_t = cost.shape
+    _check_optimal_exists(n_s, n_t, hint)
+    undefined = np.isnan(cost)
+    try:
+        return mapping.optimal(np.where(undefined, np.inf, cost))
+    except ValueError as error:
+        constant = np.flatnonzero(undefined.all(axis=0)).tolist()
+        if not constant:
+            raise CommandError(f"no optimal mapping: {error}{hint}") from None
+        raise CommandError(
+            f"no optimal mapping: teacher layer(s) {constant} are constant over the rows "
+            f"used (no variance, so the relative loss is undefined), which leaves fewer "
+            f"teacher layers than the {n_s} student layers{hint}"
+        ) from None
+
+
+def _fixed_strategies(n_s: int, n_t: int) -> dict:
+    """uniform / PKD-Skip / PKD-Last, where they exist for these sizes."""
     from . import mapping
 
     found = {}
@@ -93,8 +165,22 @@ def _strategies(n_s: int, n_t: int, cost) -> dict:
             found[name] = build(n_s, n_t)
         except ValueError:
             continue
-    found["optimal"] = mapping.optimal(cost)
     return found
+
+
+def _selected_rows(lead_shape: tuple, mask, tokens):
+    """The rows the mask and ``--tokens`` keep, as a bool array of ``lead_shape`` (None: all)."""
+    from ._validation import select_rows
+
+    try:
+        rows = select_rows(lead_shape, mask, tokens)
+    except (TypeError, ValueError) as error:
+        raise CommandError(str(error)) from None
+    if rows is None:
+        return None
+    selected = np.zeros(int(np.prod(lead_shape)), dtype=bool)
+    selected[rows] = True
+    return selected.reshape(lead_shape)
 
 
 def _stream_stats(student, teacher, mask, chunk_rows: int, scheduler: str | None):
@@ -104,8 +190,11 @@ def _stream_stats(student, teacher, mask, chunk_rows: int, scheduler: str | None
     from .alignment import AlignmentStats
 
     if scheduler is not None:
-        return AlignmentStats.from_dumps_dask(student, teacher, chunk_rows=chunk_rows,
-                                              scheduler=scheduler, mask=mask)
+        try:
+            return AlignmentStats.from_dumps_dask(student, teacher, chunk_rows=chunk_rows,
+                                                  scheduler=scheduler, mask=mask)
+        except ImportError as error:  # dask lives in the `dask` extra; the message says so
+            raise CommandError(str(error)) from None
     stats = AlignmentStats(chunk_rows=chunk_rows)
     flat_mask = None if mask is None else mask.reshape(-1)
     seen_rows = False
@@ -125,21 +214,53 @@ def _stream_stats(student, teacher, mask, chunk_rows: int, scheduler: str | None
 
 
 def _write_outputs(files: dict) -> None:
-    """Write every prepared output atomically; ``files`` maps path → writer(tmp_path)."""
-    from ._atomic import atomic_write
+    """Write every prepared output; ``files`` maps path → writer(tmp_path).
 
-    for path in {Path(p).parent for p in files}:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise CommandError(f"cannot create output directory {path}: {error}") from None
-    for path, writer in files.items():
-        atomic_write(path, writer)
+    Every file is first written to a temporary file next to it, and only once
+    all writers have succeeded are they renamed into place: a failing writer
+    leaves no output behind, nor the directories created for them.
+    """
+    import contextlib
+
+    from ._atomic import atomic_path
+
+    created = []  # deepest first, so they can be removed in order
+    try:
+        for directory in sorted({Path(p).parent for p in files}):
+            missing = [d for d in (directory, *directory.parents) if not d.exists()]
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise CommandError(
+                    f"cannot create output directory {directory}: {error}") from None
+            created += missing
+        with contextlib.ExitStack() as stack:  # on exit: all renamed, or all removed
+            temps = {path: stack.enter_context(atomic_path(path)) for path in files}
+            for path, writer in files.items():
+                writer(temps[path])
+    except BaseException:
+        for directory in created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+
+
+def _json_safe(value):
+    """``value`` with every non-finite float as None: JSON has no NaN or Infinity."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return value
 
 
 def _json_writer(payload):
+    text = json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n"
+
     def write(tmp):
-        Path(tmp).write_text(json.dumps(payload, indent=2) + "\n")
+        Path(tmp).write_text(text)
     return write
 
 
@@ -151,23 +272,38 @@ def _figure_writer(fig, dpi=120):
 
 # --- pkd analyze --------------------------------------------------------------------
 
+ANALYZE_OUTPUTS = ("alignment.png", "cka.png", "spectra.png", "summary.json", "summary.csv")
+
 
 def cmd_analyze(args) -> None:
     from . import plots
     from .spectrum import spectrum, xavier_mp_edges
 
-    out = _out_dir(args.out)
+    out = _out_dir(args.out, ANALYZE_OUTPUTS)
+    ridge = _check_ridge(args.ridge)
     student, teacher, mask = _load_pair(args.student, args.teacher, args.mask_key)
     n_s, n_t = student.n_layers, teacher.n_layers
+    # Every mapping but "optimal" depends on the layer counts only: check it before streaming.
+    strategies = _fixed_strategies(n_s, n_t)
+    chosen_name, custom = args.mapping.strip().lower(), None
+    hint = _EXPLICIT_HINT if chosen_name == "optimal" else ""
+    if chosen_name == "optimal":
+        _check_optimal_exists(n_s, n_t, hint)
+    elif chosen_name not in strategies:
+        custom, chosen_name = _parse_mapping_arg(args.mapping, n_s, n_t), "custom"
     stats = _stream_stats(student, teacher, mask, args.chunk_rows, args.scheduler)
-    min_mse = stats.min_mse(ridge=args.ridge)
-    relative = stats.relative_min_mse(ridge=args.ridge)
+    min_mse = stats.min_mse(ridge=ridge)
+    relative = stats.relative_min_mse(ridge=ridge)
     cka = stats.cka()
-    strategies = _strategies(n_s, n_t, relative)
-    chosen_name = args.mapping.strip().lower()
-    if chosen_name not in strategies:
-        strategies["custom"] = _parse_mapping_arg(args.mapping, n_s, n_t, relative)
-        chosen_name = "custom"
+    no_optimal = None  # why there is no optimal mapping, when it is not the one asked for
+    try:
+        strategies["optimal"] = _optimal(relative, hint)
+    except CommandError as error:
+        if chosen_name == "optimal":
+            raise
+        no_optimal = str(error)
+    if custom is not None:
+        strategies["custom"] = custom
     chosen = strategies[chosen_name]
 
     table = []
@@ -182,7 +318,7 @@ def cmd_analyze(args) -> None:
 
     spectra, widths = {}, (student.width(0), teacher.width(0))
     for pair in chosen[:3]:
-        spectra[f"closed form s{pair[0]}→t{pair[1]}"] = stats.projection(*pair, ridge=args.ridge)
+        spectra[f"closed form s{pair[0]}→t{pair[1]}"] = stats.projection(*pair, ridge=ridge)
     from .distillation import xavier_uniform
 
     d_s, d_t = stats.student_widths[chosen[0][0]], stats.teacher_widths[chosen[0][1]]
@@ -204,8 +340,9 @@ def cmd_analyze(args) -> None:
         "rows": int(stats.n_rows), "n_student_layers": n_s, "n_teacher_layers": n_t,
         "student_widths": list(map(int, stats.student_widths)),
         "teacher_widths": list(map(int, stats.teacher_widths)),
-        "ridge": args.ridge, "chosen_mapping": chosen_name, "strategies": table,
-        "optimal_mapping": [list(p) for p in strategies["optimal"]],
+        "ridge": ridge, "chosen_mapping": chosen_name, "strategies": table,
+        "optimal_mapping": ([list(p) for p in strategies["optimal"]]
+                            if "optimal" in strategies else None),
         "min_mse": min_mse.tolist(), "relative_min_mse": relative.tolist(), "cka": cka.tolist(),
         "chosen_spectrum": {k: spectrum(v).summary() for k, v in spectra.items()},
     }
@@ -223,18 +360,23 @@ def cmd_analyze(args) -> None:
     _write_outputs(files)
 
     print(f"{stats.n_rows} rows, {n_s} student × {n_t} teacher layers "
-          f"(widths {widths[0]} → {widths[1]}), ridge {args.ridge}")
+          f"(widths {widths[0]} → {widths[1]}), ridge {ridge}")
     print(f"{'strategy':<9} {'Σ min-MSE':>11} {'Σ relative':>11} {'mean CKA':>9}  pairs")
     for row in table:
         pairs = ",".join(f"{s}:{t}" for s, t in row["pairs"])
         print(f"{row['strategy']:<9} {row['sum_min_mse']:>11.4g} "
               f"{row['sum_relative_min_mse']:>11.4g} {row['mean_cka']:>9.3f}  {pairs}")
-    optimal = ",".join(f"{s}:{t}" for s, t in strategies["optimal"])
-    print(f"optimal mapping (by relative best-reachable loss): {optimal}")
+    if no_optimal is None:
+        optimal = ",".join(f"{s}:{t}" for s, t in strategies["optimal"])
+        print(f"optimal mapping (by relative best-reachable loss): {optimal}")
+    else:
+        print(no_optimal)
     print(f"wrote {', '.join(sorted(p.name for p in files))} to {out}/")
 
 
 # --- pkd fit ------------------------------------------------------------------------
+
+FIT_OUTPUTS = ("layer_losses.png", "spectra.png", "projection.safetensors")
 
 
 def cmd_fit(args) -> None:
@@ -242,12 +384,16 @@ def cmd_fit(args) -> None:
     from .fit import fit_projection
     from .spectrum import xavier_mp_edges
 
-    out = _out_dir(args.out)
+    out = _out_dir(args.out, FIT_OUTPUTS)
+    ridge = _check_ridge(args.ridge)
     student, teacher, mask = _load_pair(args.student, args.teacher, args.mask_key)
     n_s, n_t = student.n_layers, teacher.n_layers
+    rows = _selected_rows(student.lead_shape, mask, args.tokens)  # also checks --tokens
     if args.mapping.strip().lower() == "optimal":
-        stats = _stream_stats(student, teacher, mask, args.chunk_rows, None)
-        mapping = _parse_mapping_arg("optimal", n_s, n_t, stats.relative_min_mse(args.ridge))
+        _check_optimal_exists(n_s, n_t, _EXPLICIT_HINT)
+        # Chosen from the rows that are fitted: the mask and --tokens both apply.
+        stats = _stream_stats(student, teacher, rows, args.chunk_rows, None)
+        mapping = _optimal(stats.relative_min_mse(ridge), _EXPLICIT_HINT)
     else:
         mapping = _parse_mapping_arg(args.mapping, n_s, n_t)
     used_s = sorted({s for s, _ in mapping})
@@ -256,7 +402,7 @@ def cmd_fit(args) -> None:
                       for i in range(n_s)]
     teacher_layers = [np.asarray(teacher.layers[i]) if i in used_t else None
                       for i in range(n_t)]
-    common = {"shared": args.shared, "ridge": args.ridge, "attention_mask": mask,
+    common = {"shared": args.shared, "ridge": ridge, "attention_mask": mask,
               "tokens": args.tokens}
     try:
         result = fit_projection(student_layers, teacher_layers, mapping, method=args.method,
@@ -265,9 +411,12 @@ def cmd_fit(args) -> None:
                                 **common)
         floor = None
         if not args.normalize:
-            per_pair = fit_projection(student_layers, teacher_layers, mapping,
+            # A shared fit may repeat a pair; per-pair projections need each pair once.
+            unique = list(dict.fromkeys(mapping))
+            per_pair = fit_projection(student_layers, teacher_layers, unique,
                                       method="closed_form", **(common | {"shared": False}))
-            floor = per_pair.layer_losses
+            floor_of = dict(zip(unique, per_pair.layer_losses, strict=True))
+            floor = np.array([floor_of[pair] for pair in mapping])
             best = (result if args.method == "closed_form" else
                     fit_projection(student_layers, teacher_layers, mapping,
                                    method="closed_form", **common))
@@ -331,13 +480,19 @@ def cmd_fit(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench import VARIANTS, run_bench, write_json
+    from .bench import VARIANTS, check_variants, run_bench, write_json
 
-    variants = VARIANTS if not args.variant else tuple(args.variant)
-    for v in variants:
-        if v not in VARIANTS:
-            raise CommandError(f"--variant {v!r}: choose from {', '.join(VARIANTS)}")
-    result = run_bench(quick=args.quick, dtypes=tuple(args.dtype), variants=variants,
+    try:  # every variant by default; one asked for by name must run
+        variants = check_variants(args.variant) if args.variant else VARIANTS
+    except ValueError as error:
+        raise CommandError(f"--variant: {error}") from None
+    if args.repeats < 5:
+        raise CommandError(f"--repeats {args.repeats}: at least 5 timed runs per case (the "
+                           "figures are medians)")
+    if args.json:  # checked now: the full run takes most of an hour
+        _out_file(args.json, "--json")
+    dtypes = None if args.dtype is None else tuple(dict.fromkeys(args.dtype))
+    result = run_bench(quick=args.quick, dtypes=dtypes, variants=variants,
                        repeats=args.repeats)
     if args.json:
         write_json(result, args.json)
@@ -413,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="also write every figure to this file")
     bench.add_argument("--repeats", type=int, default=5, help="timed runs per case (>= 5)")
     bench.add_argument("--dtype", action="append", choices=("float32", "float64"),
-                       default=None)
+                       default=None,
+                       help="repeat for both (default: both; with --quick: float32)")
     bench.add_argument("--variant", action="append", default=None)
     bench.set_defaults(run=cmd_bench)
     return parser
@@ -422,8 +578,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "dtype", None) is None and args.command == "bench":
-        args.dtype = ["float32", "float64"]
     if args.command == "fit" and args.tokens not in ("all", "cls"):
         try:
             args.tokens = int(args.tokens)

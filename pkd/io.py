@@ -372,10 +372,19 @@ class LazyLayer:
         return self._cast(self._source.get(self.key, self._prefix))
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """The whole layer, for ``np.asarray`` / ``np.array`` (NumPy 2 protocol).
+
+        ``copy=True`` (``np.array``'s default) always gives a writable array
+        of its own; ``copy=None`` may give a read-only view of a stacked
+        ``.npz``'s cache; ``copy=False`` is refused (the data is read from disk).
+        """
         if copy is False:
             raise ValueError(f"{self!r} is read from disk: a copy cannot be avoided")
         arr = self.read()
-        return arr if dtype is None else arr.astype(dtype, copy=False)
+        if dtype is not None:
+            arr = arr.astype(dtype, copy=False)
+        # Only a view of the stacked .npz cache is read-only; everything else is fresh.
+        return arr.copy() if copy and not arr.flags.writeable else arr
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of the flattened ``(N, d)`` view.
@@ -438,10 +447,13 @@ class Dump:
         The file stores one ``hidden_states`` array rather than per-layer keys.
     extra_keys : tuple of str
         Keys in the file that are not part of the dump format (ignored).
+    mask_key : str
+        The key the mask was read from (the ``mask_key`` of :func:`load_dump`).
     """
 
     def __init__(self, source, layers: tuple[LazyLayer, ...], lead_shape: tuple[int, ...],
-                 attention_mask: np.ndarray | None, stacked: bool, extra_keys: tuple[str, ...]):
+                 attention_mask: np.ndarray | None, stacked: bool, extra_keys: tuple[str, ...],
+                 mask_key: str = MASK_KEY):
         self._source = source
         self.path = source.path
         self.format = source.format
@@ -451,6 +463,7 @@ class Dump:
         self.metadata = dict(source.metadata)
         self.stacked = stacked
         self.extra_keys = extra_keys
+        self.mask_key = mask_key
 
     @property
     def n_layers(self) -> int:
@@ -539,8 +552,8 @@ class Dump:
         self.close()
 
     def __reduce__(self):
-        # An open file cannot be pickled; a worker reopens the dump by path.
-        return load_dump, (str(self.path),)
+        # An open file cannot be pickled; a worker reopens the dump by path (and mask key).
+        return _reopen, (str(self.path), self.mask_key)
 
     def __repr__(self) -> str:
         mask = "with" if self.attention_mask is not None else "no"
@@ -692,8 +705,9 @@ def load_dump(path: str | os.PathLike, *, mask_key: str = MASK_KEY) -> Dump:
 
     Notes
     -----
-    Arrays read from a stacked ``.npz`` are read-only views of the cached
-    stack: copy them before modifying in place.
+    Arrays read from a stacked ``.npz`` (``read``, ``rows``, ``np.asarray``)
+    are read-only views of the cached stack: copy them (``np.array(layer)``
+    does) before modifying in place.
     """
     path = Path(path)
     fmt = _format_of(path)
@@ -709,7 +723,12 @@ def load_dump(path: str | os.PathLike, *, mask_key: str = MASK_KEY) -> Dump:
     except BaseException:
         source.close()
         raise
-    return Dump(source, layers, tuple(lead), mask, stacked, tuple(sorted(extra)))
+    return Dump(source, layers, tuple(lead), mask, stacked, tuple(sorted(extra)), mask_key)
+
+
+def _reopen(path: str, mask_key: str) -> Dump:
+    """Unpickle a :class:`Dump` (``load_dump`` takes ``mask_key`` by keyword only)."""
+    return load_dump(path, mask_key=mask_key)
 
 
 # ---------------------------------------------------------------------------

@@ -103,6 +103,143 @@ def test_missing_and_corrupt_dumps_are_clear_errors(dumps, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_mistyped_mask_key_is_refused(dumps, tmp_path, capsys):
+    s_path, t_path, *_ = dumps
+    out = tmp_path / "o"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out),
+                     "--mask-key", "atention_mask"]) == 2
+    err = capsys.readouterr().err
+    assert "'atention_mask'" in err and "other keys found: 'attention_mask'" in err
+    assert not out.exists()
+
+
+def test_mask_key_names_another_key(dumps, tmp_path):
+    _, _, student, teacher, mask = dumps
+    s_path, t_path = tmp_path / "s.npz", tmp_path / "t.npz"
+    np.savez(s_path, **{f"hidden_states.{i}": a for i, a in enumerate(student)}, padding=mask)
+    save_dump(t_path, teacher)  # one dump holding the mask is enough, as for the default key
+    out = tmp_path / "o"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out),
+                     "--mask-key", "padding"]) == 0
+    assert json.loads((out / "summary.json").read_text())["rows"] == int(mask.sum())
+
+
+def _strict_json(path):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_summary_json_writes_null_for_undefined_values(dumps, tmp_path):
+    _, t_path, student, _, mask = dumps
+    student = [a.copy() for a in student]
+    student[0][:] = 1.0  # a constant layer: its CKA is undefined
+    s_path = tmp_path / "s.safetensors"
+    save_dump(s_path, student, attention_mask=mask)
+    out = tmp_path / "o"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out)]) == 0
+    summary = _strict_json(out / "summary.json")
+    assert summary["cka"][0] == [None] * 6 and None not in summary["cka"][1]
+    assert "nan" in (out / "summary.csv").read_text()
+
+
+def test_analyze_with_a_constant_teacher_layer(dumps, tmp_path, capsys):
+    s_path, _, _, teacher, mask = dumps
+    teacher = [a.copy() for a in teacher]
+    teacher[0][:] = 1.0  # no variance: its relative loss is undefined
+    t_path = tmp_path / "t.safetensors"
+    save_dump(t_path, teacher, attention_mask=mask)
+    for mapping in ("uniform", "optimal"):
+        out = tmp_path / mapping
+        assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out),
+                         "--mapping", mapping]) == 0
+        summary = _strict_json(out / "summary.json")
+        assert all(row[0] is None for row in summary["relative_min_mse"])
+        optimal = summary["optimal_mapping"]
+        assert len(optimal) == 3 and all(t != 0 for _, t in optimal)
+    # As many teacher as student layers: no optimal mapping avoids the constant one.
+    t_path = tmp_path / "t3.safetensors"
+    save_dump(t_path, teacher[:3], attention_mask=mask)
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(tmp_path / "x")]) == 2
+    assert "teacher layer(s) [0] are constant" in capsys.readouterr().err
+    out = tmp_path / "u"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out),
+                     "--mapping", "uniform"]) == 0
+    assert "teacher layer(s) [0] are constant" in capsys.readouterr().out
+    assert _strict_json(out / "summary.json")["optimal_mapping"] is None
+
+
+def test_analyze_student_deeper_than_teacher(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    s_path, t_path = tmp_path / "s.npz", tmp_path / "t.npz"
+    save_dump(s_path, [rng.standard_normal((50, 8)).astype(np.float32) for _ in range(4)])
+    save_dump(t_path, [rng.standard_normal((50, 12)).astype(np.float32) for _ in range(3)])
+    out = tmp_path / "o"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out),
+                     "--mapping", "0:0,1:1,2:2"]) == 0
+    summary = _strict_json(out / "summary.json")
+    assert [row["strategy"] for row in summary["strategies"]] == ["custom"]
+    assert summary["optimal_mapping"] is None
+    assert "student has more layers (4) than the teacher (3)" in capsys.readouterr().out
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(tmp_path / "x")]) == 2
+    assert "give explicit pairs to --mapping" in capsys.readouterr().err
+
+
+def test_arguments_are_checked_before_streaming(dumps, tmp_path, monkeypatch, capsys):
+    s_path, t_path, *_ = dumps
+
+    def never(*args, **kwargs):
+        raise AssertionError("streamed the dumps before checking the arguments")
+
+    monkeypatch.setattr(cli, "_stream_stats", never)
+    out = ["--out", str(tmp_path / "o")]
+    analyze = ["analyze", str(s_path), str(t_path)] + out
+    fit = ["fit", str(s_path), str(t_path), "--mapping", "optimal"] + out
+    assert cli.main(analyze + ["--mapping", "0:99"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert cli.main(analyze + ["--ridge", "-1"]) == 2
+    assert "--ridge must be finite and >= 0" in capsys.readouterr().err
+    assert cli.main(fit + ["--ridge", "-1"]) == 2
+    assert "--ridge" in capsys.readouterr().err
+    assert cli.main(fit + ["--tokens", "99"]) == 2
+    assert "out of range for sequences of length 10" in capsys.readouterr().err
+
+
+def test_scheduler_without_dask_is_a_clear_error(dumps, tmp_path, monkeypatch, capsys):
+    s_path, t_path, *_ = dumps
+    monkeypatch.setitem(sys.modules, "dask", None)  # as if pkd[dask] were not installed
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(tmp_path / "o"),
+                     "--scheduler", "tcp://127.0.0.1:8786"]) == 2
+    assert "pip install 'pkd[dask]'" in capsys.readouterr().err
+
+
+def test_an_output_that_is_a_directory_is_refused_before_any_work(dumps, tmp_path, capsys):
+    s_path, t_path, *_ = dumps
+    out = tmp_path / "o"
+    (out / "summary.csv").mkdir(parents=True)
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out)]) == 2
+    assert "summary.csv: it is a directory" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["summary.csv"]
+
+
+def test_a_failed_write_leaves_no_output(dumps, tmp_path, monkeypatch):
+    s_path, t_path, *_ = dumps
+
+    def failing_writer(payload):
+        def write(tmp):
+            raise OSError("disk full")
+        return write
+
+    monkeypatch.setattr(cli, "_json_writer", failing_writer)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    for out in (tmp_path / "new" / "deeper", existing):
+        assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out)]) == 2
+    assert not (tmp_path / "new").exists()
+    assert list(existing.iterdir()) == []  # no output, no temporary file
+
+
 def test_out_that_is_a_file_is_refused(dumps, tmp_path, capsys):
     s_path, t_path, *_ = dumps
     blocker = tmp_path / "file"
@@ -150,10 +287,52 @@ def test_fit_errors(dumps, tmp_path, capsys):
     assert not (tmp_path / "f").exists()
 
 
+def _saved_mapping(out):
+    from safetensors import safe_open
+
+    with safe_open(out / "projection.safetensors", framework="numpy") as f:
+        return json.loads(f.metadata()["mapping"])
+
+
 def test_fit_optimal_mapping(dumps, tmp_path):
-    s_path, t_path, *_ = dumps
+    s_path, t_path, student, teacher, mask = dumps
+    out = tmp_path / "f"
     assert cli.main(["fit", str(s_path), str(t_path), "--mapping", "optimal", "--out",
-                     str(tmp_path / "f")]) == 0
+                     str(out)]) == 0
+    relative = pkd.AlignmentStats.from_arrays(student, teacher, mask=mask).relative_min_mse()
+    assert _saved_mapping(out) == [list(p) for p in pkd.mapping.optimal(relative)]
+
+
+def test_fit_optimal_mapping_is_chosen_on_the_fitted_tokens(tmp_path):
+    # Teacher layer 0 equals the student on every position but [CLS], teacher layer 1
+    # on [CLS] only: over all rows layer 0 is best, over the [CLS] rows layer 1.
+    rng = np.random.default_rng(8)
+    student = rng.standard_normal((40, 8, 4))
+    t0 = student + 0.01 * rng.standard_normal(student.shape)
+    t1 = rng.standard_normal(student.shape)
+    t0[:, 0] = rng.standard_normal((40, 4))
+    t1[:, 0] = student[:, 0]
+    s_path, t_path = tmp_path / "s.npz", tmp_path / "t.npz"
+    save_dump(s_path, [student])
+    save_dump(t_path, [t0, t1])
+    base = ["fit", str(s_path), str(t_path), "--mapping", "optimal"]
+    assert cli.main(base + ["--out", str(tmp_path / "all")]) == 0
+    assert _saved_mapping(tmp_path / "all") == [[0, 0]]
+    assert cli.main(base + ["--tokens", "cls", "--out", str(tmp_path / "cls")]) == 0
+    assert _saved_mapping(tmp_path / "cls") == [[0, 1]]
+
+
+def test_fit_shared_projection_with_a_repeated_pair(dumps, tmp_path, capsys):
+    s_path, t_path, student, teacher, mask = dumps
+    out = tmp_path / "f"
+    assert cli.main(["fit", str(s_path), str(t_path), "--mapping", "0:1,0:1", "--out",
+                     str(out)]) == 0
+    assert _saved_mapping(out) == [[0, 1], [0, 1]]
+    floor = pkd.fit_projection(student, teacher, [(0, 1)], method="closed_form",
+                               attention_mask=mask).layer_losses[0]
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("0→1")]
+    assert len(rows) == 2 and all(float(line.split()[-1]) == pytest.approx(floor, rel=1e-5)
+                                  for line in rows)
 
 
 @pytest.mark.parametrize("variant", ["plain", "masked", "normalized+masked", "4 pairs shared",
@@ -205,9 +384,12 @@ def test_bench_cases_full_grid_and_quick_subset():
     assert len(full) == len(set(full)) == 2 * len(VARIANTS) * len(GRID_N) * len(GRID_SHAPES)
     assert {(n, d_s, d_t) for _, n, d_s, d_t, _ in full} == {
         (n, d_s, d_t) for n in GRID_N for d_s, d_t in GRID_SHAPES}
-    quick = bench_cases(quick=True, dtypes=("float32", "float64"), variants=VARIANTS)
+    assert bench_cases(quick=False, variants=VARIANTS) == full
+    quick = bench_cases(quick=True, variants=VARIANTS)
     assert len(quick) == len(VARIANTS) * len(QUICK_CASES)
     assert {dtype for *_, dtype in quick} == {"float32"}
+    quick64 = bench_cases(quick=True, dtypes=("float64",), variants=VARIANTS)
+    assert {dtype for *_, dtype in quick64} == {"float64"}  # an explicit dtype is honoured
     assert {variant for variant, *_ in quick} == set(VARIANTS)
     # a small and a large N, a narrow and a wide student: every regime of the grid
     sizes = set(QUICK_CASES)
@@ -229,8 +411,57 @@ def test_bench_rejects_unknown_variant(capsys):
     assert "choose from" in capsys.readouterr().err
 
 
+@pytest.fixture
+def fake_bench(monkeypatch):
+    """Stand-ins for the timings: the cases ``pkd bench`` would run, in a list."""
+    from pkd import bench
+
+    ran = []
+
+    def bench_case(variant, n, d_s, d_t, dtype, repeats):
+        ran.append((variant, dtype))
+        return bench.Row(variant, dtype, n, d_s, d_t, 1.0, 1.0, None, None, None, None)
+
+    monkeypatch.setattr(bench, "bench_case", bench_case)
+    monkeypatch.setattr(bench, "startup_times", lambda repeats=3: dict.fromkeys(
+        ("import_s", "first_call_warm_s", "first_call_cold_s", "numba_floor_s"), 0.0))
+    return ran
+
+
+def test_bench_quick_honours_an_explicit_dtype(fake_bench, capsys):
+    assert cli.main(["bench", "--quick", "--variant", "plain", "--dtype", "float64"]) == 0
+    assert fake_bench and {dtype for _, dtype in fake_bench} == {"float64"}
+    fake_bench.clear()
+    assert cli.main(["bench", "--quick", "--variant", "plain"]) == 0
+    assert fake_bench and {dtype for _, dtype in fake_bench} == {"float32"}
+
+
+def test_bench_checks_the_json_path_first(fake_bench, tmp_path, capsys):
+    assert cli.main(["bench", "--quick", "--json", str(tmp_path / "nodir" / "b.json")]) == 2
+    assert "nodir does not exist" in capsys.readouterr().err
+    assert cli.main(["bench", "--quick", "--json", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert fake_bench == []
+
+
+def test_bench_torch_variant_without_torch(fake_bench, monkeypatch, capsys):
+    from pkd import bench
+
+    monkeypatch.setattr(bench, "_torch", lambda: None)
+    assert cli.main(["bench", "--quick", "--variant", "torch bridge"]) == 2
+    assert "need torch" in capsys.readouterr().err
+    assert fake_bench == []
+    assert cli.main(["bench", "--quick"]) == 0  # by default the torch variants are left out
+    assert {v for v, _ in fake_bench} == set(bench.VARIANTS) - set(bench.TORCH_VARIANTS)
+
+
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "pkd.cli", "--help"], capture_output=True,
                          text=True, check=True).stdout
     for command in ("demo", "analyze", "fit", "bench"):
         assert command in out
+
+
+def test_bench_refuses_fewer_than_five_repeats(capsys):
+    assert cli.main(["bench", "--quick", "--repeats", "0"]) == 2
+    assert "--repeats 0: at least 5 timed runs" in capsys.readouterr().err

@@ -816,3 +816,29 @@ def test_mask_key_selects_another_key(tmp_path):
     np.testing.assert_array_equal(dump.attention_mask, mask.astype(bool))
     assert "padding" not in dump.extra_keys
     assert load_dump(path).attention_mask is None
+
+
+def test_pickled_dump_keeps_its_mask_key(tmp_path):
+    path = tmp_path / "d.safetensors"
+    mask = np.array([[1, 1, 0], [1, 0, 0]], dtype=np.uint8)
+    st_save_file({"hidden_states.0": np.ones((2, 3, 4), dtype=np.float32), "padding": mask},
+                 str(path))
+    with load_dump(path, mask_key="padding") as dump:
+        again = pickle.loads(pickle.dumps(dump))
+    with again:
+        np.testing.assert_array_equal(again.attention_mask, mask.astype(bool))
+        assert again.mask_key == "padding"
+        assert again.extra_keys == ()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("stacked", [False, True])
+def test_np_array_of_a_layer_is_a_writable_copy(tmp_path, fmt, stacked):
+    rng = np.random.default_rng(19)
+    layers = _layers(rng, (6,))
+    with load_dump(save_dump(tmp_path / f"d.{fmt}", layers, stacked=stacked)) as dump:
+        for copy in (np.array(dump.layers[0]), np.array(dump.layers[0], dtype=np.float64)):
+            copy -= copy.mean(0)  # in place: must not reach the dump's cache
+            np.testing.assert_array_equal(dump.layers[0].read(), layers[0])
+        with pytest.raises(ValueError, match="a copy cannot be avoided"):
+            np.array(dump.layers[0], copy=False)
