@@ -79,8 +79,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise FileNotFoundError(
             f"cannot write {target}: directory {parent} does not exist (create it first)"
         )
+    # The name is cut so that a target near the 255-byte name limit still gets a temporary.
     fd, tmp_name = tempfile.mkstemp(
-        dir=parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}"
+        dir=parent, prefix=f".{target.name[:200]}.", suffix=f".tmp{target.suffix[:20]}"
     )
     os.close(fd)
     tmp = Path(tmp_name)
@@ -140,3 +141,43 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) ->
         raise ValueError(f'mode must be "w", "wt" or "wb", got {mode!r}')
     with atomic_path(path) as tmp, open(tmp, mode, **open_kwargs) as f:
         yield f
+
+
+def write_together(files: dict) -> None:
+    """Write several files so that either all of them appear, or none does.
+
+    Every writer first writes a temporary file next to its target; only once
+    all have succeeded are they renamed into place. If one fails, the
+    temporary files are removed, and so are the directories created for them.
+    (A rename that fails after all writes succeeded can still leave the files
+    renamed before it.)
+
+    Parameters
+    ----------
+    files : dict
+        ``{path: writer}``; ``writer(tmp_path)`` writes the whole file, as for
+        :func:`atomic_write`. Missing directories are created.
+
+    Raises
+    ------
+    OSError
+        A directory cannot be created, or a writer fails (its error propagates).
+    """
+    created: list[Path] = []
+    try:
+        for directory in sorted({Path(p).parent for p in files}):
+            missing = [d for d in (directory, *directory.parents) if not d.exists()]
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise OSError(f"cannot create output directory {directory}: {error}") from None
+            created += missing
+        with contextlib.ExitStack() as stack:  # on exit: all renamed, or all removed
+            temps = {path: stack.enter_context(atomic_path(path)) for path in files}
+            for path, writer in files.items():
+                writer(temps[path])
+    except BaseException:
+        for directory in sorted(created, key=lambda d: len(d.parts), reverse=True):
+            with contextlib.suppress(OSError):  # deepest first; a non-empty one stays
+                directory.rmdir()
+        raise

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._atomic import write_together
+
 
 class CommandError(Exception):
     """A user-facing error: printed as ``pkd <command>: error: ...``, exit status 2."""
@@ -213,38 +215,6 @@ def _stream_stats(student, teacher, mask, chunk_rows: int, scheduler: str | None
     return stats
 
 
-def _write_outputs(files: dict) -> None:
-    """Write every prepared output; ``files`` maps path → writer(tmp_path).
-
-    Every file is first written to a temporary file next to it, and only once
-    all writers have succeeded are they renamed into place: a failing writer
-    leaves no output behind, nor the directories created for them.
-    """
-    import contextlib
-
-    from ._atomic import atomic_path
-
-    created = []  # deepest first, so they can be removed in order
-    try:
-        for directory in sorted({Path(p).parent for p in files}):
-            missing = [d for d in (directory, *directory.parents) if not d.exists()]
-            try:
-                directory.mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                raise CommandError(
-                    f"cannot create output directory {directory}: {error}") from None
-            created += missing
-        with contextlib.ExitStack() as stack:  # on exit: all renamed, or all removed
-            temps = {path: stack.enter_context(atomic_path(path)) for path in files}
-            for path, writer in files.items():
-                writer(temps[path])
-    except BaseException:
-        for directory in created:
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-        raise
-
-
 def _json_safe(value):
     """``value`` with every non-finite float as None: JSON has no NaN or Infinity."""
     if isinstance(value, dict):
@@ -357,7 +327,7 @@ def cmd_analyze(args) -> None:
     files = {path: _figure_writer(fig) for path, fig in figures.items()}
     files[out / "summary.json"] = _json_writer(summary)
     files[out / "summary.csv"] = write_csv
-    _write_outputs(files)
+    write_together(files)
 
     print(f"{stats.n_rows} rows, {n_s} student × {n_t} teacher layers "
           f"(widths {widths[0]} → {widths[1]}), ridge {ridge}")
@@ -456,7 +426,7 @@ def cmd_fit(args) -> None:
 
     files = {path: _figure_writer(fig) for path, fig in figures.items()}
     files[out / "projection.safetensors"] = write_projection
-    _write_outputs(files)
+    write_together(files)
 
     print(f"{args.method} fit of {'a shared projection' if args.shared else 'per-pair projections'}"
           f" ({d_s}→{d_t}) on {mapping}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import numbers
 import os
 import textwrap
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import LogFormatter
 from matplotlib.transforms import ScaledTranslation
 
+from pkd._atomic import atomic_write
 from pkd._validation import check_float_array, check_mapping
 
 __all__ = [
@@ -894,16 +894,5 @@ def save_figure(fig: Figure, path, *, dpi: float = 120) -> Path:
     directory = path.parent
     if not directory.is_dir():
         raise ValueError(f"directory {str(directory)!r} of {str(path)!r} does not exist")
-    tmp = directory / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        # os.open with 0o666 honours the umask, as a plain open() would.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format=fmt, dpi=dpi)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi))
     return path

@@ -227,6 +227,24 @@ def test_pkd_with_zero_hidden_weight_reproduces_logit_kd_exactly():
     assert init.params["A"] is not kd.model.params["A"]
 
 
+def test_pkd_runs_train_their_own_copy_of_the_common_init():
+    """Every PKD run starts from the same Xavier init: the caller's array is never trained."""
+    settings, data, teacher = _tiny_setup(hidden_weight=1.0)
+    init = ResidualMLP(6, 4, 3, 3, seed=2)
+    projection = xavier_uniform(4, 8, seed=3, dtype=np.float64)
+    common = projection.copy()
+    schedule = batch_schedule(64, 16, 12, np.random.default_rng(4))
+    runs = [train_student(method, data, teacher, init, projection, schedule, settings,
+                          layer_mapping=mapping)
+            for method, mapping in (("pkd_skip", [(0, 1), (1, 3)]),
+                                    ("pkd_last", [(0, 2), (1, 3)]))]
+    np.testing.assert_array_equal(projection, common)  # the caller's init, untouched
+    for run in runs:
+        np.testing.assert_array_equal(run.initial_projection, common)
+        assert not np.allclose(run.projection, common)  # trained (hidden_weight > 0)
+    assert not np.array_equal(runs[0].projection, runs[1].projection)
+
+
 def test_run_seed_is_deterministic_and_trains_every_method():
     settings, data, teacher = _tiny_setup()
     first = run_seed(0, np.random.SeedSequence(7), data, teacher, settings)
@@ -419,6 +437,46 @@ def test_interpretation_counts_seeds_and_flags_quick_runs():
     text = interpretation(_fake_summary([96.0, 96.2, 96.1], [96.0, 96.5, 95.9], quick=True))
     assert "better on 1, tied on 1, worse on 1 of 3 seeds" in text
     assert "--quick run" in text
+
+
+@pytest.mark.parametrize(("ce", "expected", "absent"), [
+    (96.9, "already matches the 97.00% teacher to within one", "beat the teacher"),
+    (99.5, "CE-only students beat the teacher on average", "to within one"),
+    (90.0, None, "to within one"),
+])
+def test_interpretation_compares_ce_with_the_teacher_both_ways(ce, expected, absent):
+    from pkd.demo.report import interpretation
+
+    summary = _fake_summary([96.0, 96.2, 96.1], [96.0, 96.3, 96.1])
+    summary["methods"]["ce"]["mean"] = ce
+    text = interpretation(summary)
+    assert expected is None or expected in text
+    assert absent not in text
+
+
+def test_write_outputs_writes_all_files_or_none(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from pkd.demo import report
+
+    summary = _fake_summary([96.0, 96.2, 96.1], [96.0, 96.3, 96.1])
+    (tmp_path / "summary.json").write_text("old")
+
+    def broken(summary):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report, "summary_markdown", broken)
+    with pytest.raises(OSError, match="disk full"):
+        report.write_outputs(tmp_path, {"a.png": Figure(), "b.png": Figure()}, summary)
+    assert sorted(os.listdir(tmp_path)) == ["summary.json"]  # no new figure, no temporary
+    assert (tmp_path / "summary.json").read_text() == "old"  # not a mix of two runs
+    monkeypatch.setattr(report, "summary_markdown", lambda summary: "# ok\n")
+    report.write_outputs(tmp_path, {"a.png": Figure(), "b.png": Figure()}, summary)
+    assert sorted(os.listdir(tmp_path)) == ["a.png", "b.png", "summary.json", "summary.md"]
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
 
 
 def test_windowed_means_blocks_of_steps():

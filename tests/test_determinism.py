@@ -16,13 +16,16 @@ import pkd.objective
 
 if sys.argv[1] == "parallel":  # force the parallel twins of every fused kernel
     pkd.loss.PARALLEL_MIN_ELEMENTS = 0
+    pkd.objective.PARALLEL_MIN_ELEMENTS = 0
 rng = np.random.default_rng(0)
 student = [rng.standard_normal((6, 50, 24), dtype=np.float32) for _ in range(3)]
+student.append(rng.standard_normal((6, 50, 40), dtype=np.float32))  # no projection: direct
 teacher = [rng.standard_normal((6, 50, 40), dtype=np.float32) for _ in range(6)]
 mask = rng.random((6, 50)) < 0.8
 digest = hashlib.sha256()
 for normalize in (False, True):
-    cfg = pkd.ProgressiveDistillation([(0, 1), (1, 3), (2, 5), (0, 4)], normalize=normalize)
+    cfg = pkd.ProgressiveDistillation([(0, 1), (1, 3), (2, 5), (0, 4), (3, 2)],
+                                      normalize=normalize)
     cfg = cfg.with_projection(24, 40, seed=1)
     result = cfg.loss_and_grad(student, teacher, attention_mask=mask)
     digest.update(np.float64(result.loss).tobytes())

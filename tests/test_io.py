@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file as st_save_file
 
 from pkd import io
-from pkd._atomic import atomic_open, atomic_path, atomic_write
+from pkd._atomic import atomic_open, atomic_path, atomic_write, write_together
 from pkd.io import DumpError, LazyLayer, load_dump, save_dump
 
 FORMATS = ["npz", "safetensors"]
@@ -799,6 +799,29 @@ def test_atomic_file_gets_normal_permissions(tmp_path):
         assert (tmp_path / "old.txt").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(umask)
+
+
+def test_atomic_write_of_a_name_near_the_length_limit(tmp_path):
+    target = tmp_path / ("x" * 245 + ".json")  # 250 bytes: a valid name, no room to spare
+    atomic_write(target, lambda p: p.write_text("{}"))
+    assert target.read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_write_together_writes_all_or_none(tmp_path):
+    old = tmp_path / "a.txt"
+    old.write_text("old")
+
+    def failing(p):
+        raise OSError("disk full")
+
+    files = {old: lambda p: p.write_text("new"), tmp_path / "new" / "deep" / "b.txt": failing}
+    with pytest.raises(OSError, match="disk full"):
+        write_together(files)
+    assert old.read_text() == "old"  # not replaced: another file failed
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # directories made are removed
+    files[tmp_path / "new" / "deep" / "b.txt"] = lambda p: p.write_text("b")
+    write_together(files)
+    assert old.read_text() == "new" and (tmp_path / "new" / "deep" / "b.txt").read_text() == "b"
 
 
 def test_atomic_refuses_directory_target(tmp_path):

@@ -67,15 +67,21 @@ def test_normalized_compact_matches_twin(dtype, variant):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_normalized_direct_matches_twin(dtype):
+@pytest.mark.parametrize("variant", ["serial", "parallel"])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_normalized_direct_matches_twin(dtype, variant, accumulate):
     student, teacher, rows = _data(dtype, seed=3)
     out = np.ones_like(student)
     row_loss = np.empty(len(rows))
-    normalized.normalized_direct_serial(student, teacher, rows, 2.0, out, True, row_loss)
+    getattr(normalized, f"normalized_direct_{variant}")(student, teacher, rows, 2.0, out,
+                                                        accumulate, row_loss)
     for k, i in enumerate(rows):
         loss, grad = naive.normalized_row(student[i], teacher[i], 2.0)
         assert row_loss[k] == pytest.approx(loss, rel=TOL[dtype])
-        np.testing.assert_allclose(out[i], 1.0 + grad, rtol=TOL[dtype] * 10)
+        np.testing.assert_allclose(out[i], grad + (1.0 if accumulate else 0.0),
+                                   rtol=TOL[dtype] * 10, atol=TOL[dtype])
+    untouched = np.setdiff1d(np.arange(len(student)), rows)
+    np.testing.assert_array_equal(out[untouched], 1.0)  # rows not selected are not written
 
 
 def test_serial_and_parallel_twins_are_bit_identical():

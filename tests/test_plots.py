@@ -565,8 +565,8 @@ def test_save_figure_failure_keeps_old_file_and_removes_temp(tmp_path, monkeypat
     target.write_bytes(b"old")
     fig = small_figure()
 
-    def broken(handle, **kwargs):
-        handle.write(b"partial")
+    def broken(temporary, **kwargs):
+        Path(temporary).write_bytes(b"partial")
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(fig, "savefig", broken)
