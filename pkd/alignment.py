@@ -585,6 +585,7 @@ class AlignmentStats:
             else threads); a scheduler name (``"threads"``, ``"processes"``,
             ``"synchronous"``); a ``distributed.Client``; or a scheduler address
             (``"tcp://host:8786"``: a Client is connected, and closed at the end).
+
         Raises
         ------
         TypeError, ValueError
@@ -1038,6 +1039,11 @@ class AlignmentStats:
         has no intercept, so a teacher mean that no ``Pᵀ s`` reaches counts as
         unexplained: the value can exceed 1 (R² < 0, as in ``r2_score``).
 
+        Parameters
+        ----------
+        ridge, cutoff
+            As in :meth:`min_mse`.
+
         Returns
         -------
         ndarray, shape (n_s, n_t), float64
@@ -1082,6 +1088,15 @@ class AlignmentStats:
         ``G_s P = C_st`` with the relative eigenvalue ``cutoff`` (module
         docstring); ``ridge = ρ > 0``: ``(G_s + ρ I)⁻¹ C_st``.
 
+        Parameters
+        ----------
+        s, t : int
+            The student and teacher layer (negative indices do not wrap).
+        ridge : float
+            ρ >= 0.
+        cutoff : float
+            Relative eigenvalue cutoff for ``ridge = 0``.
+
         Returns
         -------
         ndarray, shape (d_s, d_t), float64
@@ -1106,6 +1121,11 @@ class AlignmentStats:
             The layer pair.
         projection : ndarray, shape (d_s, d_t)
             Any projection, e.g. a Xavier init or a trained one.
+
+        Returns
+        -------
+        float
+            The MSE, >= 0.
         """
         s, t = self._student_index(s), self._teacher_index(t)
         d_s, d_t = self._student_widths[s], self._teacher_widths[t]

@@ -494,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "on scikit-learn's digits and draw every figure")
     demo.add_argument("--out", default="pkd-demo", help="output directory (default pkd-demo/)")
     demo.add_argument("--seed", type=int, default=0, help="base random seed")
-    demo.add_argument("--quick", action="store_true", help="fewer steps and seeds (~30 s)")
+    demo.add_argument("--quick", action="store_true", help="fewer steps and seeds (~15 s)")
     demo.set_defaults(run=cmd_demo)
 
     def dumps(p):

@@ -58,8 +58,9 @@ class HiddenLossResult:
     pairs : list of (int, int)
         The mapping the entries above refer to.
     grad_student : list of arrays or None
-        ∂L_hidden/∂(student layer l) in the input's shape and dtype, one entry
-        per student layer given; ``None`` for layers no pair uses.
+        ∂L_hidden/∂(student layer l) in the input's shape and the computation's
+        dtype (float64 if any input is), one entry per student layer given;
+        ``None`` for layers no pair uses.
     grad_projection : array, dict or None
         ∂L_hidden/∂P, with the structure of the configuration's projection: one
         ``(d_s, d_t)`` array for a shared projection (summed over pairs), a dict

@@ -60,6 +60,9 @@ class FitResult:
     method : str
     initial : array, dict or None
         The starting point of gradient methods (Xavier), for comparisons.
+    settings : dict
+        The arguments the fit ran with: method, shared, ridge, normalize and
+        tokens, plus steps, lr (the one used) and batch_size for gradient methods.
     """
 
     projection: np.ndarray | None

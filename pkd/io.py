@@ -440,6 +440,8 @@ class Dump:
     layers : tuple of LazyLayer
         One per layer, in order; each accepted wherever pkd takes an array
         (it implements ``__array__``).
+    lead_shape : tuple of int
+        ``(B, T)`` or ``(N,)``: every dimension of a layer but the width.
     attention_mask : numpy.ndarray of bool or None
         Shape :attr:`lead_shape`.
     metadata : dict of str to str

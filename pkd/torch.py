@@ -479,7 +479,8 @@ class PKDHiddenLoss(nn.Module):
         Returns
         -------
         () tensor
-            ``L_hidden``, in the computation's dtype (float64 if any input is).
+            ``L_hidden``, in the computation's dtype (float64 if any pair is; the
+            tensors of one pair must share a dtype).
         """
         plan = self._plan(_as_layers(student_hidden, "student_hidden"),
                           _as_layers(teacher_hidden, "teacher_hidden"))
