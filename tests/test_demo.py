@@ -488,3 +488,4 @@ def test_windowed_means_blocks_of_steps():
     np.testing.assert_allclose(blocks, [[4.0, 5.0], [14.0, 15.0]])
     steps, blocks = windowed(history[:3], 5)  # fewer steps than a window: one block
     np.testing.assert_array_equal(steps, [3])
+    np.testing.assert_allclose(blocks, [[2.0, 3.0]])

@@ -303,6 +303,21 @@ def test_tokens_cls_uses_position_zero_only():
     np.testing.assert_allclose(result.grad_student[0][:, :1], want.grad_student[0], rtol=1e-14)
 
 
+@pytest.mark.parametrize("index", [2, 4])
+def test_tokens_int_uses_that_position_only(index):
+    student, teacher = _layers(4, (3, 5), 6), _layers(12, (3, 5), 6, seed=1)
+    with pytest.raises(ValueError, match="negative indices do not wrap"):
+        ProgressiveDistillation(tokens=-1)
+    result = ProgressiveDistillation(tokens=index).loss_and_grad(student, teacher)
+    want = ProgressiveDistillation().loss_and_grad([a[:, index] for a in student],
+                                                  [a[:, index] for a in teacher])
+    assert result.loss == pytest.approx(want.loss, rel=1e-14)
+    others = np.delete(result.grad_student[0], index, axis=1)
+    assert not others.any()
+    np.testing.assert_allclose(result.grad_student[0][:, index], want.grad_student[0],
+                               rtol=1e-14)
+
+
 def test_padding_contributes_nothing():
     student, teacher = _layers(4, (2, 5), 6), _layers(12, (2, 5), 6, seed=1)
     mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
