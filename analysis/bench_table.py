@@ -306,17 +306,15 @@ def main(argv=None) -> dict:
         if Path(args.from_json).resolve() != json_path.resolve():
             write_json(json_path, result)  # the results directory stays self-contained
     else:
-        from pkd.bench import VARIANTS, run_bench
+        from pkd.bench import VARIANTS, check_variants, run_bench
 
-        variants = tuple(args.variant) if args.variant else VARIANTS
-        unknown = [v for v in variants if v not in VARIANTS]
-        if unknown:
-            parser.error(f"--variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
-        if args.repeats < 5:
-            parser.error(f"--repeats {args.repeats}: at least 5 timed runs per case")
-        result = run_bench(quick=args.quick,
-                           dtypes=None if args.dtype is None else tuple(dict.fromkeys(args.dtype)),
-                           variants=variants, repeats=args.repeats)
+        dtypes = None if args.dtype is None else tuple(dict.fromkeys(args.dtype))
+        try:
+            variants = check_variants(args.variant) if args.variant else VARIANTS
+            result = run_bench(quick=args.quick, dtypes=dtypes, variants=variants,
+                               repeats=args.repeats)
+        except ValueError as error:  # raised before any timing
+            parser.error(str(error))
         write_json(json_path, result)
     from pkd import plots
 

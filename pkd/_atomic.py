@@ -79,10 +79,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise FileNotFoundError(
             f"cannot write {target}: directory {parent} does not exist (create it first)"
         )
-    # The name is cut so that a target near the 255-byte name limit still gets a temporary.
-    fd, tmp_name = tempfile.mkstemp(
-        dir=parent, prefix=f".{target.name[:200]}.", suffix=f".tmp{target.suffix[:20]}"
-    )
+    # Cut (in bytes: the limit is 255 bytes) so that a name near the limit still fits.
+    stem = os.fsencode(target.name)[:200].decode(errors="ignore")
+    suffix = os.fsencode(target.suffix)[:20].decode(errors="ignore")
+    fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=f".{stem}.", suffix=f".tmp{suffix}")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -143,6 +143,43 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) ->
         yield f
 
 
+def text_writer(text: str) -> Callable[[Path], Any]:
+    """A writer (for :func:`atomic_write` / :func:`write_together`) of ``text`` in UTF-8."""
+    return lambda tmp: Path(tmp).write_text(text, encoding="utf-8")
+
+
+def figure_writer(fig, dpi: float = 120) -> Callable[[Path], Any]:
+    """A writer of a matplotlib figure; the format follows the target's suffix."""
+    return lambda tmp: fig.savefig(tmp, dpi=dpi)
+
+
+def check_output_dir(path: str | os.PathLike, name: str = "out") -> Path:
+    """Check that ``path`` is, or can be created as, a writable directory; create nothing.
+
+    The directory appears only when the outputs are written
+    (:func:`write_together`), so a command that fails leaves nothing behind.
+
+    Raises
+    ------
+    ValueError
+        ``path`` is a file, lies under a file, or is not writable; the message
+        names ``name`` (the argument it came from).
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{name} {str(out)!r} exists and is not a directory: give a directory")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot create the output directory {str(out)!r} ({name}): "
+                         f"{str(parent)!r} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"the output directory {str(out)!r} ({name}) is not writable "
+                         f"({str(parent)!r} is read-only)")
+    return out
+
+
 def write_together(files: dict) -> None:
     """Write several files so that either all of them appear, or none does.
 
@@ -161,7 +198,7 @@ def write_together(files: dict) -> None:
     Raises
     ------
     OSError
-        A directory cannot be created, or a writer fails (its error propagates).
+        A directory cannot be created. Whatever a writer raises propagates.
     """
     created: list[Path] = []
     try:

@@ -72,8 +72,8 @@ def check_float_array(
             hint = (" (integer and bool arrays are refused: "
                     "cast explicitly with .astype(np.float32))")
         elif arr.dtype.kind == "f" and arr.dtype.newbyteorder("=") in FLOAT_DTYPES:
-            hint = (" in non-native byte order: convert it with "
-                    "x.astype(x.dtype.newbyteorder('='))")
+            hint = (" (non-native byte order: convert it with "
+                    f".astype({arr.dtype.newbyteorder('=').name}))")
         elif arr.dtype.kind == "f":
             hint = " (cast to float32 or float64)"
         raise TypeError(

@@ -172,9 +172,12 @@ def solve_projection(gram, cross, ridge: float = 0.0, *,
 
     Parameters
     ----------
-    gram : (d_s, d_s) array
-        G = Sᵀ W S (symmetric positive semi-definite).
-    cross : (d_s, d_t) array
+    gram : (d_s, d_s) array of float32/float64
+        G = Sᵀ W S (symmetric positive semi-definite). Accumulate it in
+        float64 (as :class:`AlignmentStats` does) for rank-deficient data: the
+        rounding of a float32 G (~1e-7·λ_max) lies above the cutoff and would
+        be taken for signal.
+    cross : (d_s, d_t) array of float32/float64
         C = Sᵀ W T.
     ridge : float
         ρ >= 0.
@@ -184,6 +187,14 @@ def solve_projection(gram, cross, ridge: float = 0.0, *,
     Returns
     -------
     (d_s, d_t) float64 array
+
+    Raises
+    ------
+    TypeError
+        ``gram`` or ``cross`` is not a float array.
+    ValueError
+        Empty, mismatched or non-finite arrays; a ``gram`` that is not
+        symmetric (beyond the rounding of its dtype) or has a negative diagonal.
     """
     ridge = check_nonnegative(ridge, "ridge")
     cutoff = _check_cutoff(cutoff)

@@ -536,7 +536,7 @@ def check_variants(variants) -> tuple[str, ...]:
     ValueError
         An unknown variant, or a torch variant without torch installed.
     """
-    variants = tuple(variants)
+    variants = tuple(dict.fromkeys(variants))  # a variant named twice runs once
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}: choose from {', '.join(VARIANTS)}")
@@ -555,6 +555,10 @@ def run_bench(*, quick: bool = False, dtypes=None, variants=VARIANTS,
     variants are left out.
     """
     from tqdm.auto import tqdm
+
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 5:
+        raise ValueError(f"repeats must be an int >= 5 (the figures are medians), got "
+                         f"{repeats!r}")
 
     header = machine_header()
     print(_format_header(header), file=out)

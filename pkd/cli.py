@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import write_together
+from ._atomic import check_output_dir, figure_writer, text_writer, write_together
 
 
 class CommandError(Exception):
@@ -27,25 +27,15 @@ class CommandError(Exception):
 
 
 def _out_dir(path: str, names=()) -> Path:
-    """Check that ``path`` is (or can be created as) a writable directory.
+    """Check that ``path`` is (or can be created as) a writable directory; create nothing.
 
-    Nothing is created here: the directory appears only when the outputs are
-    written, so a command that fails leaves nothing behind. ``names`` are the
-    files the command will write there; one that is a directory is refused now
-    rather than after the computation.
+    ``names`` are the files the command will write there; one that is a
+    directory is refused now rather than after the computation.
     """
-    import os
-
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise CommandError(f"--out {out} exists and is not a directory")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise CommandError(f"cannot create output directory {out}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CommandError(f"output directory {out} is not writable ({parent} is read-only)")
+    try:
+        out = check_output_dir(path, "--out")
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     for name in names:
         if (out / name).is_dir():
             raise CommandError(f"cannot write {out / name}: it is a directory")
@@ -227,17 +217,7 @@ def _json_safe(value):
 
 
 def _json_writer(payload):
-    text = json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n"
-
-    def write(tmp):
-        Path(tmp).write_text(text)
-    return write
-
-
-def _figure_writer(fig, dpi=120):
-    def write(tmp):
-        fig.savefig(tmp, dpi=dpi)
-    return write
+    return text_writer(json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")
 
 
 # --- pkd analyze --------------------------------------------------------------------
@@ -317,16 +297,12 @@ def cmd_analyze(args) -> None:
         "chosen_spectrum": {k: spectrum(v).summary() for k, v in spectra.items()},
     }
 
-    def write_csv(tmp):
-        lines = ["student_layer,teacher_layer,min_mse,relative_min_mse,cka"]
-        for s in range(n_s):
-            for t in range(n_t):
-                lines.append(f"{s},{t},{min_mse[s, t]:.9g},{relative[s, t]:.9g},{cka[s, t]:.9g}")
-        Path(tmp).write_text("\n".join(lines) + "\n")
-
-    files = {path: _figure_writer(fig) for path, fig in figures.items()}
+    csv = ["student_layer,teacher_layer,min_mse,relative_min_mse,cka"]
+    csv += [f"{s},{t},{min_mse[s, t]:.9g},{relative[s, t]:.9g},{cka[s, t]:.9g}"
+            for s in range(n_s) for t in range(n_t)]
+    files = {path: figure_writer(fig) for path, fig in figures.items()}
     files[out / "summary.json"] = _json_writer(summary)
-    files[out / "summary.csv"] = write_csv
+    files[out / "summary.csv"] = text_writer("\n".join(csv) + "\n")
     write_together(files)
 
     print(f"{stats.n_rows} rows, {n_s} student × {n_t} teacher layers "
@@ -424,7 +400,7 @@ def cmd_fit(args) -> None:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
                   metadata=metadata)
 
-    files = {path: _figure_writer(fig) for path, fig in figures.items()}
+    files = {path: figure_writer(fig) for path, fig in figures.items()}
     files[out / "projection.safetensors"] = write_projection
     write_together(files)
 
@@ -456,9 +432,6 @@ def cmd_bench(args) -> None:
         variants = check_variants(args.variant) if args.variant else VARIANTS
     except ValueError as error:
         raise CommandError(f"--variant: {error}") from None
-    if args.repeats < 5:
-        raise CommandError(f"--repeats {args.repeats}: at least 5 timed runs per case (the "
-                           "figures are medians)")
     if args.json:  # checked now: the full run takes most of an hour
         _out_file(args.json, "--json")
     dtypes = None if args.dtype is None else tuple(dict.fromkeys(args.dtype))

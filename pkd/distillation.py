@@ -159,7 +159,9 @@ class ProgressiveDistillation:
         lists of hidden states passed to the loss. Default
         ``[(0, 2), (1, 5), (2, 8), (3, 11)]`` (= ``pkd.mapping.uniform(4, 12)``).
     hidden_weight : float
-        λ, the weight of the hidden-state loss (β of the paper). Default 1.0.
+        λ, the weight of the hidden-state loss. Default 1.0. The paper's β is λ
+        for the MSE and λ·d_t for the normalized loss (its code also averages
+        that loss over the d_t hidden dimensions).
     projection : array or dict, optional
         A shared ``(d_s, d_t)`` projection, or ``{pair: (d_s, d_t) array}``.
         Usually set with :meth:`with_projection`.
@@ -407,10 +409,10 @@ class ProgressiveDistillation:
 
     def _run(self, student_hidden, teacher_hidden, attention_mask, tokens, skip_invalid,
              check_finite, *, need_grad, out=None, student_grads=True, projection_grads=True):
-        skip_invalid = V.check_bool(skip_invalid, "skip_invalid")
-        check_finite = V.check_bool(check_finite, "check_finite")
         """The loss, and with ``need_grad`` the gradients (``student_grads`` /
         ``projection_grads`` False leave those out: ``None``, no GEMM for them)."""
+        skip_invalid = V.check_bool(skip_invalid, "skip_invalid")
+        check_finite = V.check_bool(check_finite, "check_finite")
         student_layers = V.as_layers(student_hidden, "student_hidden")
         teacher_layers = V.as_layers(teacher_hidden, "teacher_hidden")
         tokens = self.tokens if tokens is None else tokens

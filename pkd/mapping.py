@@ -174,15 +174,18 @@ def optimal(cost, student_layers: Sequence[int] | None = None) -> list[Pair]:
         # after[j] = min over j' > j of best[i+1, j'] (a reversed running minimum).
         after = np.full(n_t, np.inf)
         after[:-1] = np.minimum.accumulate(best[i + 1, ::-1])[::-1][1:]
-        with np.errstate(over="ignore"):  # an overflowing sum is reported below
-            best[i] = used[i] + after
+        try:  # finite + finite overflowing sets the flag; +inf + finite does not
+            with np.errstate(over="raise"):
+                best[i] = used[i] + after
+        except FloatingPointError:
+            finite = np.abs(used[np.isfinite(used)])
+            raise ValueError(
+                f"cost of shape {cost.shape} overflows float64 when summed along a mapping "
+                f"(largest finite |cost| {finite.max():.3g}): rescale it, e.g. divide by "
+                "its largest finite value"
+            ) from None
 
     total = best[0].min()
-    if not np.isfinite(total) and np.isfinite(used).all():
-        raise ValueError(
-            f"cost of shape {cost.shape} overflows float64 when summed along a mapping "
-            f"(largest cost {np.abs(used).max():.3g}): rescale it, e.g. divide by its maximum"
-        )
     if not np.isfinite(total):
         raise ValueError(
             f"no feasible mapping for cost of shape {cost.shape} and student layers "

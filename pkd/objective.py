@@ -9,8 +9,9 @@ DESIGN.md §1, for B examples, C classes, temperature τ and labels y::
     ∂L/∂z_s = (1 − α)(softmax(z_s) − onehot(y))/B + α τ (softmax(z_s/τ) − softmax(z_t/τ))/B
 
 ``L_hidden`` is :class:`~pkd.distillation.ProgressiveDistillation`'s loss
-(already weighted by its ``hidden_weight`` λ, β of the paper). The teacher's
-logits get no gradient. The logit part is one fused Numba pass over the
+(already weighted by its ``hidden_weight`` λ: the paper's β for the MSE, β/d_t
+for the normalized loss, which the paper's code also averages over d_t). The
+teacher's logits get no gradient. The logit part is one fused Numba pass over the
 ``(B, C)`` logits (:mod:`pkd.kernels.softmax`); the hidden part is computed by
 the configuration itself.
 """
@@ -37,8 +38,9 @@ class PKDResult:
     """Loss and gradients of :meth:`PKDObjective.loss_and_grad`.
 
     ``loss == (1 - alpha) * parts["ce"] + alpha * temperature ** 2 * parts["kd"]
-    + parts["hidden"]`` holds exactly (that is how it is computed), and
-    ``weighted_parts`` holds the three terms of that sum.
+    + parts["hidden"]`` holds exactly (that is how it is computed), except that
+    a term of weight 0 counts 0 even when it is infinite (KL with ``alpha=0``,
+    CE with ``alpha=1``); ``weighted_parts`` holds the three terms of that sum.
 
     Attributes
     ----------
@@ -48,8 +50,8 @@ class PKDResult:
         The raw values: ``"ce"`` = CE, ``"kd"`` = the KL (before α·τ²),
         ``"hidden"`` = L_hidden (already weighted by λ; 0 without a hidden part).
     weighted_parts : dict of str to float
-        The contributions to ``loss``: ``"ce"`` = (1 − α)·CE, ``"kd"`` = α·τ²·KL,
-        ``"hidden"`` = L_hidden.
+        The contributions to ``loss``: ``"ce"`` = (1 − α)·CE, ``"kd"`` = α·τ²·KL
+        (0 when their weight is 0), ``"hidden"`` = L_hidden.
     grad_logits : (B, C) array
         ∂L/∂z_s, in the logits' common dtype (float64 if either is float64).
     grad_student : list of arrays or None
@@ -203,7 +205,8 @@ class PKDObjective:
     temperature : float > 0
         τ. Default 10 (the paper).
     hidden : ProgressiveDistillation or None
-        The hidden-state loss (its ``hidden_weight`` is β of the paper).
+        The hidden-state loss (its ``hidden_weight`` λ is the paper's β, or
+        β/d_t with the normalized loss).
         ``None`` gives logit-only KD.
 
     Examples

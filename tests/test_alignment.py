@@ -720,17 +720,35 @@ def test_min_mse_keeps_its_digits_on_a_near_exact_fit():
 def test_solve_projection_is_the_least_squares_solution(dtype, ridge):
     rng = np.random.default_rng(42)
     S = rng.standard_normal((300, 6))
-    S[:, 5] = S[:, 0] - S[:, 1]  # rank-deficient: the minimum-norm solution is wanted
+    if dtype == np.float64:  # rank-deficient: the minimum-norm solution is wanted (a float32
+        S[:, 5] = S[:, 0] - S[:, 1]  # G's own rounding, ~1e-7·λ₁, is above the cutoff)
     T = S @ rng.standard_normal((6, 4)) + 0.1 * rng.standard_normal((300, 4))
-    gram, cross = (S.T * 1.0) @ S, S.T @ T  # a GEMM, not exactly symmetric
+    w = rng.uniform(0.5, 1.5, 300)  # row weights: (Sᵀ W) S is a GEMM, not exactly symmetric
+    gram, cross = (S.T * w) @ S, (S.T * w) @ T  # accumulated in float64, as AlignmentStats
+    assert np.abs(gram - gram.T).max() > 0  # the tolerance is what accepts it
     P = pkd.solve_projection(gram.astype(dtype), cross.astype(dtype), ridge)
+    root = np.sqrt(w)[:, None]
     if ridge == 0:
-        expected = scipy.linalg.lstsq(S, T, cond=1e-10)[0]
+        expected = scipy.linalg.lstsq(root * S, root * T, cond=1e-10)[0]
     else:
-        expected = scipy.linalg.lstsq(np.vstack([S, np.sqrt(ridge) * np.eye(6)]),
-                                      np.vstack([T, np.zeros((6, 4))]))[0]
+        expected = scipy.linalg.lstsq(np.vstack([root * S, np.sqrt(ridge) * np.eye(6)]),
+                                      np.vstack([root * T, np.zeros((6, 4))]))[0]
     assert P.dtype == np.float64
     assert rel_err(P, expected) < (1e-4 if dtype == np.float32 else 1e-10)
+
+
+def test_solve_projection_accepts_a_gram_computed_in_float32():
+    """A float32 GEMM's rounding makes G − Gᵀ ~1e-7·|G|: within the float32 tolerance."""
+    rng = np.random.default_rng(45)
+    S = rng.standard_normal((300, 5)).astype(np.float32)
+    T = rng.standard_normal((300, 3)).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, 300).astype(np.float32)
+    gram = (S.T * w) @ S
+    assert np.abs(gram - gram.T).max() > 0
+    P = pkd.solve_projection(gram, (S.T * w) @ T)
+    root = np.sqrt(w.astype(np.float64))[:, None]
+    expected = scipy.linalg.lstsq(root * S, root * T)[0]
+    assert rel_err(P, expected) < 1e-4
 
 
 def test_solve_projection_refuses_what_is_not_a_gram_matrix():

@@ -42,6 +42,7 @@ def test_analyze_writes_every_output_and_matches_alignment_stats(dumps, tmp_path
     out = tmp_path / "analysis"
     assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out),
                      "--chunk-rows", "7"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(cli.ANALYZE_OUTPUTS)
     for name in ("alignment.png", "cka.png", "spectra.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "summary.json").read_text())
@@ -258,6 +259,7 @@ def test_fit_saves_projection_with_metadata(dumps, tmp_path, capsys, method, sha
     args = ["fit", str(s_path), str(t_path), "--mapping", "0:1,1:3", "--method", method,
             "--steps", "50", "--out", str(out)] + ([] if shared else ["--per-pair"])
     assert cli.main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(cli.FIT_OUTPUTS)
     for name in ("layer_losses.png", "spectra.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with safe_open(out / "projection.safetensors", framework="numpy") as f:
@@ -462,6 +464,13 @@ def test_console_script_help():
         assert command in out
 
 
+def test_bench_runs_a_variant_named_twice_once():
+    from pkd.bench import check_variants
+
+    assert check_variants(["plain", "masked", "plain"]) == ("plain", "masked")
+
+
 def test_bench_refuses_fewer_than_five_repeats(capsys):
     assert cli.main(["bench", "--quick", "--repeats", "0"]) == 2
-    assert "--repeats 0: at least 5 timed runs" in capsys.readouterr().err
+    assert "repeats must be an int >= 5 (the figures are medians), got 0" in \
+        capsys.readouterr().err

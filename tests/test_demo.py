@@ -356,6 +356,18 @@ def test_run_demo_refuses_a_bad_out_before_training(tmp_path, make_bad):
         run_demo(out, quick=True)
 
 
+def test_a_failed_demo_leaves_no_directory(tmp_path, monkeypatch):
+    import pkd.demo.data
+
+    def broken(*args, **kwargs):
+        raise OSError("no data")
+
+    monkeypatch.setattr(pkd.demo.data, "load_split", broken)
+    with pytest.raises(OSError, match="no data"):
+        run_demo(tmp_path / "new" / "out", quick=True)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
                     reason="root can write to any directory")
 def test_run_demo_refuses_a_read_only_directory(tmp_path):

@@ -801,8 +801,9 @@ def test_atomic_file_gets_normal_permissions(tmp_path):
         os.umask(umask)
 
 
-def test_atomic_write_of_a_name_near_the_length_limit(tmp_path):
-    target = tmp_path / ("x" * 245 + ".json")  # 250 bytes: a valid name, no room to spare
+@pytest.mark.parametrize("name", ["x" * 245 + ".json", "é" * 124 + ".json"])
+def test_atomic_write_of_a_name_near_the_length_limit(tmp_path, name):
+    target = tmp_path / name  # 250–253 bytes: a valid name, no room to spare
     atomic_write(target, lambda p: p.write_text("{}"))
     assert target.read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == [target.name]
 

@@ -168,8 +168,11 @@ def test_optimal_all_forbidden_raises():
 
 
 def test_optimal_says_when_finite_costs_overflow():
-    with pytest.raises(ValueError, match="overflows float64 when summed .* rescale it"):
-        optimal(np.full((2, 2), 1e308))
+    inf = np.inf
+    for cost in (np.full((2, 2), 1e308), [[1e308, 1e308, inf], [1e308, 1e308, 1e308]],
+                 [[-1e308, -1e308, inf], [-1e308, -1e308, -1e308]]):
+        with pytest.raises(ValueError, match="overflows float64 when summed .* rescale it"):
+            optimal(cost)
     assert optimal(np.full((2, 2), 1e308) / 1e308) == [(0, 0), (1, 1)]
 
 

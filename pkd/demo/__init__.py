@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._atomic import check_output_dir
 from .experiment import METHODS, Settings
 
 __all__ = ["METHODS", "Settings", "run_demo"]
@@ -34,23 +35,14 @@ def _check_seed(seed) -> int:
     return int(seed)
 
 
-def _prepare_out(out) -> Path:
-    """Create ``out`` if needed; raise ValueError unless it is a writable directory."""
+def _check_out(out) -> Path:
+    """``out`` as a Path; ValueError unless it is (or can become) a writable directory.
+
+    Nothing is created before the outputs are written, all together, at the end.
+    """
     if not isinstance(out, (str, os.PathLike)):
         raise TypeError(f"out must be a path (str or pathlib.Path), got {type(out).__name__}")
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"out={str(path)!r} exists and is not a directory: give a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(
-            f"cannot create the output directory {str(path)!r}: {error.strerror or error} "
-            "(give a directory you can write to)"
-        ) from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"the output directory {str(path)!r} is not writable")
-    return path
+    return check_output_dir(out, "out")
 
 
 def run_demo(out: Path, seed: int = 0, quick: bool = False) -> dict:
@@ -95,7 +87,7 @@ def run_demo(out: Path, seed: int = 0, quick: bool = False) -> dict:
     seed = _check_seed(seed)
     if not isinstance(quick, (bool, np.bool_)):
         raise TypeError(f"quick must be a bool, got {quick!r}")
-    out = _prepare_out(out)
+    out = _check_out(out)
     settings = Settings.quick() if quick else Settings.full()
     started = time.perf_counter()
     timing = {}

@@ -310,7 +310,8 @@ def summary_markdown(summary: dict) -> str:
         f"from the same initial weights and minibatches.",
         f"- Logit KD and PKD: α = {s['alpha']}, τ = {s['temperature']} (the paper's "
         f"presets, not tuned here). PKD adds the normalized (patient) hidden loss with "
-        f"β = {s['hidden_weight']} through one shared {s['student_width']}→"
+        f"λ = {s['hidden_weight']} (the paper's β = λ·d_t = "
+        f"{s['hidden_weight'] * s['teacher_width']:g}) through one shared {s['student_width']}→"
         f"{s['teacher_width']} projection, trained jointly with the student.",
         "- The optimal mapping minimises the summed relative best-reachable loss "
         "(1 − R² of a linear projection) of the teacher and the seed's CE-only student, "
@@ -339,13 +340,7 @@ def print_report(summary: dict, out: Path) -> None:
 
 def write_outputs(out: Path, figures: dict, summary: dict) -> None:
     """Write every figure, summary.json and summary.md: all of them, or none."""
-    from .._atomic import write_together
-
-    def figure_writer(fig):
-        return lambda tmp: fig.savefig(tmp, dpi=120)
-
-    def text_writer(text):
-        return lambda tmp: Path(tmp).write_text(text, encoding="utf-8")
+    from .._atomic import figure_writer, text_writer, write_together
 
     files = {out / name: figure_writer(fig) for name, fig in figures.items()}
     files[out / "summary.json"] = text_writer(
