@@ -14,6 +14,7 @@ Integer, bool, complex, object and string arrays are refused with a
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -306,6 +307,15 @@ def select_rows(
     if rows.size == selected.size:
         return None
     return rows
+
+
+def rows_mask(lead_shape: tuple, rows: np.ndarray | None) -> np.ndarray | None:
+    """The bool form, of shape ``lead_shape``, of :func:`select_rows`' result (None stays None)."""
+    if rows is None:
+        return None
+    selected = np.zeros(math.prod(lead_shape), dtype=bool)
+    selected[rows] = True
+    return selected.reshape(lead_shape)
 
 
 def check_projection(P, d_s: int, d_t: int, name: str = "projection", pair=None,

@@ -162,17 +162,12 @@ def _fixed_strategies(n_s: int, n_t: int) -> dict:
 
 def _selected_rows(lead_shape: tuple, mask, tokens):
     """The rows the mask and ``--tokens`` keep, as a bool array of ``lead_shape`` (None: all)."""
-    from ._validation import select_rows
+    from ._validation import rows_mask, select_rows
 
     try:
-        rows = select_rows(lead_shape, mask, tokens)
+        return rows_mask(lead_shape, select_rows(lead_shape, mask, tokens))
     except (TypeError, ValueError) as error:
         raise CommandError(str(error)) from None
-    if rows is None:
-        return None
-    selected = np.zeros(int(np.prod(lead_shape)), dtype=bool)
-    selected[rows] = True
-    return selected.reshape(lead_shape)
 
 
 def _stream_stats(student, teacher, mask, chunk_rows: int, scheduler: str | None):

@@ -246,10 +246,7 @@ class _FitData:
                         for k, a in self.teacher.items()}
         self.rows = V.select_rows(lead, attention_mask, tokens)
         self.n_rows = int(np.prod(lead)) if self.rows is None else len(self.rows)
-        self._selected = None  # bool (N,) form of self.rows, None: every row
-        if self.rows is not None:
-            self._selected = np.zeros(int(np.prod(lead)), dtype=bool)
-            self._selected[self.rows] = True
+        self._selected = V.rows_mask((int(np.prod(lead)),), self.rows)  # None: every row
         for name, layers in (("student_hidden", self.student), ("teacher_hidden", self.teacher)):
             for index, values in layers.items():
                 self._check_finite(values, f"{name}[{index}]")

@@ -76,20 +76,30 @@ class PKDResult:
     hidden_result: HiddenLossResult | None = None
 
 
-def _hidden_arrays(hidden_out, student_hidden, teacher_hidden) -> list:
-    """``(name, array)`` of the hidden buffers and inputs ``grad_logits`` must not touch.
+def _check_out_overlap(out: PKDResult, grad_logits, logits: list, student_hidden,
+                       teacher_hidden) -> None:
+    """``out``'s buffers must not share memory with the inputs (or each other).
 
-    The hidden part writes its gradients before the logit part writes
-    ``grad_logits``, so an overlap would silently overwrite one of them.
+    The hidden part writes its gradients before the logit part reads the
+    logits and writes ``grad_logits``, so any overlap would silently corrupt
+    one of them. (The hidden part checks its own buffers against the hidden
+    states.)
     """
-    named = [] if hidden_out is None else named_gradients(hidden_out.grad_student or [],
-                                                           hidden_out.grad_projection)
+    def arrays(named):  # entries that are not arrays are refused later, by their own checks
+        return [(name, a) for name, a in named if isinstance(a, np.ndarray)]
+
+    hidden_grads = arrays([] if out.hidden_result is None else
+                          named_gradients(out.hidden_result.grad_student or [],
+                                          out.hidden_result.grad_projection))
+    hidden_inputs = []
     for name, hidden in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
         if isinstance(hidden, (list, tuple)):
-            named += [(f"{name}[{layer}]", a) for layer, a in enumerate(hidden)]
+            hidden_inputs += [(f"{name}[{layer}]", a) for layer, a in enumerate(hidden)]
         else:
-            named.append((name, hidden))
-    return [(name, a) for name, a in named if isinstance(a, np.ndarray)]
+            hidden_inputs.append((name, hidden))
+    V.check_no_overlap([("out.grad_logits", grad_logits)],
+                       logits + hidden_grads + arrays(hidden_inputs))
+    V.check_no_overlap(hidden_grads, logits)
 
 
 def _check_hyperparameters(alpha, temperature) -> tuple[float, float]:
@@ -284,13 +294,9 @@ class PKDObjective:
         if out is not None:
             grad_logits = V.check_output(out.grad_logits, "out.grad_logits", student.shape,
                                          student.dtype)
-            logits = [("student_logits", student), ("teacher_logits", teacher)]
-            V.check_no_overlap([("out.grad_logits", grad_logits)],
-                               logits + _hidden_arrays(out.hidden_result, student_hidden,
-                                                       teacher_hidden))
-            if out.hidden_result is not None:  # written before the logits are read
-                V.check_no_overlap(named_gradients(out.hidden_result.grad_student or [],
-                                                   out.hidden_result.grad_projection), logits)
+            _check_out_overlap(out, grad_logits,
+                               [("student_logits", student), ("teacher_logits", teacher)],
+                               student_hidden, teacher_hidden)
         hidden_result = self._hidden_part(
             student.shape[0], student_hidden, teacher_hidden, attention_mask, tokens,
             skip_invalid, check_finite, None if out is None else out.hidden_result)

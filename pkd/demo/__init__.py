@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .._atomic import check_output_dir
+from .._validation import check_bool
 from .experiment import METHODS, Settings
 
 __all__ = ["METHODS", "Settings", "run_demo"]
@@ -85,8 +86,7 @@ def run_demo(out: Path, seed: int = 0, quick: bool = False) -> dict:
     from .experiment import TeacherOutputs, accuracy, run_seed, train_teacher
 
     seed = _check_seed(seed)
-    if not isinstance(quick, (bool, np.bool_)):
-        raise TypeError(f"quick must be a bool, got {quick!r}")
+    quick = check_bool(quick, "quick")
     out = _check_out(out)
     settings = Settings.quick() if quick else Settings.full()
     started = time.perf_counter()
