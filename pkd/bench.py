@@ -1,7 +1,8 @@
 """``pkd bench``: speed as ratios measured in one process.
 
 For every case (variant × dtype × N × (d_s, d_t)) each contender runs once to
-warm up and then ``repeats`` times: pkd and the GEMMs interleaved call by
+warm up and then ``repeats`` times (more when a case is fast, so that each
+round of runs lasts ``_MIN_ROUND_S``): pkd and the GEMMs interleaved call by
 call (so a burst of machine noise hits them alike), the NumPy and torch
 versions in blocks of their own, the blocks alternated in rounds (see
 ``_median_times``); the figure kept is the median.
@@ -27,6 +28,7 @@ budget ``1.2 × (one N×d_t buffer + the gradient outputs)``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -132,6 +134,13 @@ def _median_times(groups: list[dict[str, Callable | None]], repeats: int,
     previous full run had read 1.23–1.32×. Each round warms its contenders up
     after the pause (a first call wakes the pool), except those that take over
     50 ms, for which waking up is noise-level.
+
+    A round times a group for at least ``_MIN_ROUND_S`` (more runs than
+    ``repeats`` asks for when the group is fast, at most ``_MAX_RUNS_PER_ROUND``):
+    the first calls after the pause run on cold caches and a CPU that was idle,
+    and with 2–3 runs per round they were a third of the samples. At N = 256,
+    128 × 256 float32 (a 0.4 ms call) 9 runs read 1.49–1.57× the GEMMs and 60
+    or 300 runs 1.40× (Xeon reference VM, one process).
     """
     live_groups = [{name: fn for name, fn in group.items() if fn is not None}
                    for group in groups]
@@ -142,10 +151,14 @@ def _median_times(groups: list[dict[str, Callable | None]], repeats: int,
         runs = repeats // rounds + (r < repeats % rounds)
         for group in live_groups:
             time.sleep(_COOL_DOWN_S)
+            start = time.perf_counter()
             for name, fn in group.items():
                 if r == 0 or statistics.median(samples[name]) < _WARM_UP_BELOW_S:
                     fn()
-            for _ in range(runs):
+            # One pass over the group: the warm-up in the first round, the medians after.
+            per_pass = (time.perf_counter() - start if r == 0 else
+                        sum(statistics.median(samples[name]) for name in group))
+            for _ in range(_runs_per_round(runs, per_pass)):
                 for name, fn in group.items():
                     start = time.perf_counter()
                     fn()
@@ -156,6 +169,16 @@ def _median_times(groups: list[dict[str, Callable | None]], repeats: int,
 _COOL_DOWN_S = 0.2
 ROUNDS = 3
 _WARM_UP_BELOW_S = 0.05
+_MIN_ROUND_S = 0.05
+_MAX_RUNS_PER_ROUND = 100
+
+
+def _runs_per_round(runs: int, per_pass_s: float) -> int:
+    """``runs``, raised so that a round lasts ``_MIN_ROUND_S`` (within the cap)."""
+    if _MIN_ROUND_S <= 0:
+        return runs
+    wanted = math.ceil(_MIN_ROUND_S / per_pass_s) if per_pass_s > 0 else _MAX_RUNS_PER_ROUND
+    return max(runs, min(wanted, _MAX_RUNS_PER_ROUND))
 
 
 def _peak_bytes(fn: Callable) -> int:
@@ -580,7 +603,8 @@ def run_bench(*, quick: bool = False, dtypes=None, variants=VARIANTS,
           f"{startup['first_call_cold_s']:.2f} s (cold: compiling); the floor, a trivial "
           f"cached Numba kernel's first call: {startup['numba_floor_s']:.2f} s", file=out)
     return {"header": header, "rows": [asdict(r) | {"vs_gemm": r.vs_gemm} for r in rows],
-            "startup": startup, "repeats": repeats, "rounds": ROUNDS, "quick": quick} | extra
+            "startup": startup, "repeats": repeats, "rounds": ROUNDS,
+            "min_round_s": _MIN_ROUND_S, "quick": quick} | extra
 
 
 def _format_header(header: dict) -> str:

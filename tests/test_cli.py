@@ -357,6 +357,7 @@ def test_bench_alternates_thread_pool_groups_in_rounds(monkeypatch):
     from pkd import bench
 
     monkeypatch.setattr(bench, "_COOL_DOWN_S", 0.0)
+    monkeypatch.setattr(bench, "_MIN_ROUND_S", 0.0)  # exactly the runs asked for
     calls = []
 
     def contender(name, seconds=0.0):
@@ -377,6 +378,30 @@ def test_bench_alternates_thread_pool_groups_in_rounds(monkeypatch):
     switches = sum(a != b for a, b in zip(blocks, blocks[1:], strict=False))
     assert switches == 5 and blocks[0]
     assert calls[:6] == ["pkd", "gemm", "pkd", "gemm", "pkd", "gemm"]  # warm-up, 2 rounds
+
+
+def test_bench_fast_groups_get_more_runs_per_round(monkeypatch):
+    from pkd import bench
+
+    monkeypatch.setattr(bench, "_COOL_DOWN_S", 0.0)
+    monkeypatch.setattr(bench, "_MIN_ROUND_S", 0.03)
+    monkeypatch.setattr(bench, "_MAX_RUNS_PER_ROUND", 40)
+    calls = []
+
+    def contender(name, seconds):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+        return run
+
+    bench._median_times([{"fast": contender("fast", 0.0)},
+                         {"mid": contender("mid", 0.005)},
+                         {"slow": contender("slow", 0.04)}], repeats=5, rounds=2)
+    assert calls.count("fast") == 2 * (40 + 1)  # capped, plus a warm-up per round
+    # ≥ 0.03 s per round at ~5 ms a run: 6 or 7 runs (sleep overshoots), more than 3 + 2
+    assert 2 * (5 + 1) <= calls.count("mid") <= 2 * (7 + 1)
+    assert calls.count("slow") == 5 + 2  # 3 + 2 runs, as asked, and a warm-up per round
+    assert bench._runs_per_round(3, 0.0) == 40 and bench._runs_per_round(3, 1.0) == 3
 
 
 def test_bench_cases_full_grid_and_quick_subset():
