@@ -65,6 +65,11 @@ def _ratio(numerator, denominator):
     return None if numerator is None or denominator is None else numerator / denominator
 
 
+def _torch_blas(row: dict) -> float | None:
+    """torch's GEMMs / numpy's (absent from benchmarks older than the column)."""
+    return _ratio(row.get("torch_gemm_ms"), row["gemm_ms"])
+
+
 def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
@@ -103,8 +108,10 @@ def markdown(result: dict) -> str:
         "# pkd benchmark",
         "",
         *_machine_lines(result.get("header", {})),
-        f"- {result.get('repeats', '?')} timed runs per case after a warm-up, pkd and the "
-        "GEMMs interleaved call by call"
+        f"- {result.get('repeats', '?')} timed runs per case after a warm-up"
+        + (f" (more for fast cases: each round lasts at least {result['min_round_s']:g} s)"
+           if result.get("min_round_s") else "")
+        + ", pkd and the GEMMs interleaved call by call"
         + (f", NumPy and torch in separate blocks, alternated in {result['rounds']} rounds"
            if "rounds" in result else "")
         + ", medians; " + ("--quick subset." if result.get("quick") else "full grid."),
@@ -113,25 +120,29 @@ def markdown(result: dict) -> str:
         "cannot avoid, alone, in the same BLAS (for the projected loss S·P, Sᵀ·G, G·Pᵀ; for "
         "`alignment` SᵀS, TᵀT, SᵀT): 1.00 is the physical limit, lower is better. "
         "**NumPy/pkd** and **torch/pkd** are speed-ups over the plain NumPy version and "
-        "torch CPU autograd (higher is better). **peak / budget**: pkd's peak extra memory "
+        "torch CPU autograd (higher is better). **torch BLAS** = the same GEMMs in torch's "
+        "own BLAS (MKL in its x86 wheels) / in numpy's: below 1, torch's GEMMs are the "
+        "faster, and a torch/pkd below 1 can be the BLAS library's doing. "
+        "**peak / budget**: pkd's peak extra memory "
         "(tracemalloc) against 1.2 × (one N×d_t buffer + the gradient outputs).",
         "",
         "## Summary per variant and dtype",
         "",
         "| variant | dtype | cases | ×GEMM median | ×GEMM worst | NumPy/pkd (geomean) "
-        "| torch/pkd (geomean) | peak within budget |",
-        "|---|---|---|---|---|---|---|---|",
+        "| torch/pkd (geomean) | torch BLAS (geomean) | peak within budget |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (variant, dtype), group in _groups(rows).items():
         ratios = [r["pkd_ms"] / r["gemm_ms"] for r in group]
         numpy_up = _geomean(_ratio(r["numpy_ms"], r["pkd_ms"]) for r in group)
         torch_up = _geomean(_ratio(r["torch_ms"], r["pkd_ms"]) for r in group)
+        torch_blas = _geomean(_torch_blas(r) for r in group)
         budgeted = [r for r in group if r["peak_mb"] is not None and r["budget_mb"] is not None]
         within = (f"{sum(r['peak_mb'] <= r['budget_mb'] for r in budgeted)} of {len(budgeted)}"
                   if budgeted else "–")
         lines.append(f"| {variant} | {dtype} | {len(group)} | {np.median(ratios):.2f} "
                      f"| {max(ratios):.2f} | {_fmt(numpy_up, '.2f')} | {_fmt(torch_up, '.2f')} "
-                     f"| {within} |")
+                     f"| {_fmt(torch_blas, '.2f')} | {within} |")
     lines += [
         "",
         "![pkd time / GEMM time against N](ratio_vs_n.png)",
@@ -139,8 +150,8 @@ def markdown(result: dict) -> str:
         "## Every case",
         "",
         "| variant | dtype | N | d_s×d_t | pkd ms | ×GEMM | NumPy/pkd | torch/pkd "
-        "| peak / budget MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| torch BLAS | peak / budget MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         memory = (f"{_fmt(r['peak_mb'], '.1f')} / {_fmt(r['budget_mb'], '.1f')}"
@@ -149,7 +160,8 @@ def markdown(result: dict) -> str:
             f"| {r['variant']} | {r['dtype']} | {r['n_rows']} | {r['d_s']}×{r['d_t']} "
             f"| {r['pkd_ms']:.3f} | {r['pkd_ms'] / r['gemm_ms']:.2f} "
             f"| {_fmt(_ratio(r['numpy_ms'], r['pkd_ms']), '.2f')} "
-            f"| {_fmt(_ratio(r['torch_ms'], r['pkd_ms']), '.2f')} | {memory} |"
+            f"| {_fmt(_ratio(r['torch_ms'], r['pkd_ms']), '.2f')} "
+            f"| {_fmt(_torch_blas(r), '.2f')} | {memory} |"
         )
     startup = result.get("startup")
     if startup:

@@ -13,7 +13,11 @@ Contenders:
   outputs in the same BLAS (for the projected loss: S·P, Sᵀ·G, G·Pᵀ over all N
   rows): the physical limit;
 - ``numpy``: the plain NumPy version a user would write, in the input dtype;
-- ``torch``: torch CPU autograd of the same loss (when torch is installed).
+- ``torch``: torch CPU autograd of the same loss (when torch is installed);
+- ``torch_gemm``: the same GEMMs as ``gemm`` in torch's own BLAS, timed with
+  ``torch`` (the "torch BLAS" column is their ratio to ``gemm``): torch's x86
+  wheels bring MKL, and where it is faster than numpy's OpenBLAS a torch
+  speed-up below 1 is the BLAS library's, not the fused computation's.
 
 With torch installed two more variants time pkd's bridge against torch's own
 autograd: ``torch bridge`` (``pkd.torch.projected_mse``, one pair) and
@@ -64,10 +68,18 @@ class Row:
     torch_ms: float | None
     peak_mb: float | None
     budget_mb: float | None
+    # The same GEMMs in torch's BLAS (MKL on x86 wheels): how much of a torch
+    # speed-up is the BLAS library's and not the rest of the computation.
+    torch_gemm_ms: float | None = None
 
     @property
     def vs_gemm(self) -> float:
         return self.pkd_ms / self.gemm_ms
+
+    @property
+    def torch_blas(self) -> float | None:
+        """torch's GEMMs / numpy's: below 1 where torch's BLAS is the faster one."""
+        return None if self.torch_gemm_ms is None else self.torch_gemm_ms / self.gemm_ms
 
     def speedup(self, other: float | None) -> float | None:
         return None if other is None else other / self.pkd_ms
@@ -231,6 +243,28 @@ def _gemms(student, projection, n_pairs=1):
     return run
 
 
+def _torch_gemms(torch, student, projection, n_pairs=1):
+    """:func:`_gemms` in torch's BLAS, on tensors sharing the arrays' memory."""
+    if torch is None:
+        return None
+    S = [torch.from_numpy(a) for a in student[:n_pairs]]
+    P = torch.from_numpy(projection)
+    y = torch.empty((S[0].shape[0], P.shape[1]), dtype=P.dtype)
+    grad_p, grad_s = torch.empty_like(P), torch.empty_like(S[0])
+
+    def run():
+        for k in range(n_pairs):
+            torch.matmul(S[k], P, out=y)
+            torch.matmul(S[k].T, y, out=grad_p)
+            torch.matmul(y, P.T, out=grad_s)
+
+    return run
+
+
+def _ms(times: dict, name: str) -> float | None:
+    return times[name] * 1e3 if name in times else None
+
+
 def _numpy_pair(S, T, P, w, normalize):
     """The plain NumPy version of one pair's loss and gradients, in the input dtype."""
     Y = S @ P
@@ -327,11 +361,13 @@ def bench_case(variant, n, d_s, d_t, dtype, repeats) -> Row:
         torch_version = None if torch is None else _torch_pair(torch, S, T, P, w, normalize)
 
     times = _median_times([{"pkd": ours, "gemm": _gemms(student, P, n_pairs)},
-                           {"numpy": numpy_version}, {"torch": torch_version}], repeats)
+                           {"numpy": numpy_version},
+                           {"torch": torch_version,
+                            "torch_gemm": _torch_gemms(torch, student, P, n_pairs)}], repeats)
     peak = _peak_bytes(ours)
     return Row(variant, dtype.name, n, d_s, d_t, times["pkd"] * 1e3, times["gemm"] * 1e3,
-               times["numpy"] * 1e3, times["torch"] * 1e3 if "torch" in times else None,
-               peak / 2**20, budget / 2**20)
+               times["numpy"] * 1e3, _ms(times, "torch"), peak / 2**20, budget / 2**20,
+               _ms(times, "torch_gemm"))
 
 
 def _bench_torch_bridge(torch, S, T, P, dtype, budget, repeats) -> Row:
@@ -350,11 +386,12 @@ def _bench_torch_bridge(torch, S, T, P, dtype, budget, repeats) -> Row:
         return _numpy_pair(S, T, P, None, False)
 
     times = _median_times([{"pkd": ours, "gemm": _gemms([S], P)}, {"numpy": numpy_version},
-                           {"torch": _torch_pair(torch, S, T, P, None, False)}], repeats)
+                           {"torch": _torch_pair(torch, S, T, P, None, False),
+                            "torch_gemm": _torch_gemms(torch, [S], P)}], repeats)
     n, d_s = S.shape
     return Row("torch bridge", dtype.name, n, d_s, T.shape[1], times["pkd"] * 1e3,
                times["gemm"] * 1e3, times["numpy"] * 1e3, times["torch"] * 1e3,
-               _peak_bytes(ours) / 2**20, budget / 2**20)
+               _peak_bytes(ours) / 2**20, budget / 2**20, times["torch_gemm"] * 1e3)
 
 
 def _bench_torch_module(torch, student, teacher, P, dtype, budget, repeats) -> Row:
@@ -384,11 +421,13 @@ def _bench_torch_module(torch, student, teacher, P, dtype, budget, repeats) -> R
             run()
 
     times = _median_times([{"pkd": ours, "gemm": _gemms(student, P, 4)},
-                           {"numpy": numpy_version}, {"torch": torch_version}], repeats)
+                           {"numpy": numpy_version},
+                           {"torch": torch_version,
+                            "torch_gemm": _torch_gemms(torch, student, P, 4)}], repeats)
     n, d_s = student[0].shape
     return Row("torch module", dtype.name, n, d_s, teacher[0].shape[1], times["pkd"] * 1e3,
                times["gemm"] * 1e3, times["numpy"] * 1e3, times["torch"] * 1e3,
-               _peak_bytes(ours) / 2**20, budget / 2**20)
+               _peak_bytes(ours) / 2**20, budget / 2**20, times["torch_gemm"] * 1e3)
 
 
 def bench_alignment_matrix(n=20_000, n_s=6, n_t=12, d_s=384, d_t=768, repeats=3,
@@ -616,20 +655,23 @@ def _format_header(header: dict) -> str:
             f"numpy {header['numpy']}, numba {header['numba']} "
             f"({header['numba_threads']} threads), BLAS: {blas}; {torch}\n"
             "ratios: pkd time / GEMMs-alone time (lower is better, 1.00 = the physical limit);"
-            " numpy/pkd and torch/pkd speed-ups (higher is better); medians")
+            " numpy/pkd and torch/pkd speed-ups (higher is better); torch BLAS = the same GEMMs"
+            " in torch / in numpy; medians")
 
 
 def _format_row(row: Row | None) -> str:
     if row is None:
         return (f"{'variant':<18}{'dtype':<8}{'N':>6} {'d_s×d_t':>9} {'pkd ms':>9} "
-                f"{'×gemm':>6} {'numpy/pkd':>9} {'torch/pkd':>9} {'peak MB':>8} {'budget':>7}")
+                f"{'×gemm':>6} {'numpy/pkd':>9} {'torch/pkd':>9} {'torch BLAS':>10} "
+                f"{'peak MB':>8} {'budget':>7}")
 
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
 
     return (f"{row.variant:<18}{row.dtype:<8}{row.n_rows:>6} {row.d_s:>4}×{row.d_t:<4} "
             f"{row.pkd_ms:>9.3f} {row.vs_gemm:>6.2f} {fmt(row.speedup(row.numpy_ms), '>9.2f')} "
-            f"{fmt(row.speedup(row.torch_ms), '>9.2f')} {fmt(row.peak_mb, '>8.1f')} "
+            f"{fmt(row.speedup(row.torch_ms), '>9.2f')} {fmt(row.torch_blas, '>10.2f')} "
+            f"{fmt(row.peak_mb, '>8.1f')} "
             f"{fmt(row.budget_mb, '>7.1f')}")
 
 

@@ -350,7 +350,10 @@ def test_bench_case_measures_every_contender(variant):
     assert row.peak_mb is not None and row.vs_gemm > 0
     if variant != "alignment":
         pytest.importorskip("torch")
-        assert row.torch_ms > 0
+        assert row.torch_ms > 0 and row.torch_gemm_ms > 0
+        assert row.torch_blas == row.torch_gemm_ms / row.gemm_ms
+    else:
+        assert row.torch_gemm_ms is None and row.torch_blas is None
 
 
 def test_bench_alternates_thread_pool_groups_in_rounds(monkeypatch):

@@ -223,9 +223,11 @@ def fake_bench(path: Path) -> dict:
                         "peak_mb": 1.0, "budget_mb": None if aligned else 2.0,
                         "vs_gemm": pkd_ms / gemm,
                     })
+                    if not aligned and dtype == "float32":  # older JSON lacks the column
+                        rows[-1]["torch_gemm_ms"] = 0.8 * gemm
     result = {"header": {"cpu": "test CPU", "cores": 2, "numpy": "x", "numba": "y",
                          "numba_threads": 2, "blas": [], "torch": None},
-              "rows": rows, "repeats": 5, "quick": False,
+              "rows": rows, "repeats": 5, "min_round_s": 0.05, "quick": False,
               "startup": {"import_s": 0.25, "first_call_warm_s": 0.5, "first_call_cold_s": 8.0,
                           "numba_floor_s": 0.4}}
     path.write_text(json.dumps(result))
@@ -247,14 +249,20 @@ def test_bench_table_from_json(tmp_path):
     # Every case is a row with pkd/GEMM, NumPy/pkd and torch/pkd recomputed from the times.
     rows = {(r["variant"], r["dtype"], r["n_rows"], r["d_s"]): r for r in expected["rows"]}
     plain = rows["plain", "float32", 512, 128]["pkd_ms"]
-    assert f"| plain | float32 | 512 | 128×256 | {plain:.3f} | 1.30 | 3.00 | 2.00 | 1.0 / 2.0 |" \
-        in markdown
+    assert (f"| plain | float32 | 512 | 128×256 | {plain:.3f} | 1.30 | 3.00 | 2.00 | 0.80 "
+            "| 1.0 / 2.0 |") in markdown
+    plain64 = rows["plain", "float64", 512, 128]["pkd_ms"]
+    assert (f"| plain | float64 | 512 | 128×256 | {plain64:.3f} | 1.30 | 3.00 | 2.00 | – "
+            "| 1.0 / 2.0 |") in markdown
     aligned = rows["alignment", "float64", 4096, 384]["pkd_ms"]
-    assert (f"| alignment | float64 | 4096 | 384×768 | {aligned:.3f} | 1.10 | 3.00 | – "
+    assert (f"| alignment | float64 | 4096 | 384×768 | {aligned:.3f} | 1.10 | 3.00 | – | – "
             "| 1.0 / – |") in markdown
     # Summary: median of 1.30 and 1.10 over the four cases of a group, worst 1.30.
-    assert "| plain | float64 | 4 | 1.20 | 1.30 | 3.00 | 2.00 | 4 of 4 |" in markdown
-    assert "| alignment | float32 | 4 | 1.20 | 1.30 | 3.00 | – | – |" in markdown
+    assert "| plain | float32 | 4 | 1.20 | 1.30 | 3.00 | 2.00 | 0.80 | 4 of 4 |" in markdown
+    assert "| plain | float64 | 4 | 1.20 | 1.30 | 3.00 | 2.00 | – | 4 of 4 |" in markdown
+    assert "| alignment | float32 | 4 | 1.20 | 1.30 | 3.00 | – | – | – |" in markdown
+    assert ("5 timed runs per case after a warm-up (more for fast cases: each round lasts at "
+            "least 0.05 s)") in markdown
     assert "first `loss_and_grad` in a fresh process 0.50 s" in markdown
     assert "trivial cached Numba kernel's first call in a fresh process: 0.40 s" in markdown
 
