@@ -506,6 +506,7 @@ def test_out_overwrites_every_gradient_and_is_returned(case, dtype, masked):
 
 @pytest.mark.parametrize("case", CASES)
 def test_fresh_gradients_are_disjoint_views_of_one_allocation(case):
+    pkd.loss.clear_workspace()  # no kept block: a new one of the exact size
     cfg, student, teacher, _ = _case(case, np.float32, masked=False, three_d=True)
     result = cfg.loss_and_grad(student, teacher)
     grads = [g for g in result.grad_student if g is not None]
@@ -545,6 +546,26 @@ def test_out_in_a_loop_equals_fresh_calls():
         for got, want in zip(out.grad_student, fresh.grad_student, strict=True):
             np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(out.grad_projection, fresh.grad_projection)
+
+
+def test_results_held_in_a_loop_keep_their_values():
+    # The loop holds the previous result while the next call runs, and keeps some.
+    cfg = ProgressiveDistillation([(0, 1), (1, 2), (0, 2)]).with_projection(3, 5, seed=0)
+    kept, result = [], None
+    for step in range(6):
+        student, teacher = _layers(2, (7,), 3, seed=step), _layers(3, (7,), 5, seed=10 + step)
+        result = cfg.loss_and_grad(student, teacher)
+        copies = ([g.copy() for g in result.grad_student if g is not None],
+                  result.grad_projection.copy())
+        if step % 2 == 0:
+            kept.append((result, copies))
+    for held, (students, projection) in kept:
+        for got, want in zip([g for g in held.grad_student if g is not None], students,
+                             strict=True):
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(held.grad_projection, projection)
+    blocks = [held.grad_projection.base for held, _ in kept] + [result.grad_projection.base]
+    assert len({id(b) for b in blocks}) == len(blocks)
 
 
 def test_bad_out():

@@ -370,6 +370,7 @@ def test_out_buffers_are_written_and_returned(masked, projected, normalize):
 
 
 def test_fresh_gradients_are_disjoint_views_of_one_allocation():
+    pkd.loss.clear_workspace()  # no kept block: a new one of the exact size
     S, T, P, _ = _problem(np.float32, three_d=True)
     _, grad_s, grad_p = pkd.projected_mse_grad(S, T, P)
     assert grad_s.base is not None and grad_s.base is grad_p.base
@@ -377,6 +378,55 @@ def test_fresh_gradients_are_disjoint_views_of_one_allocation():
     assert not np.shares_memory(grad_s, grad_p)
     _, grad_s, grad_p = pkd.projected_mse_grad(T, T)
     assert grad_p is None and grad_s.shape == T.shape
+
+
+def _kept(array):
+    """Whether ``array`` is carved from a block the workspace keeps for reuse."""
+    kept = pkd.loss.thread_workspace()._gradient_blocks.get(array.dtype, [])
+    return any(array.base is block for block in kept)
+
+
+def test_gradient_blocks_are_reused_only_once_nothing_references_them():
+    pkd.loss.clear_workspace()
+    S, T, P, mask = _problem(np.float32)
+    first = pkd.projected_mse_grad(S, T, P)
+    kept_values = [first[1].copy(), first[2].copy()]
+    # Held results are never handed out again: every call while they live gets new memory.
+    second = pkd.projected_mse_grad(2 * S, T, P, mask=mask)
+    tail = second[1][3:]  # a view of a view still holds the block
+    third = pkd.projected_mse_grad(S, 3 * T, P)
+    blocks = [first[1].base, second[1].base, third[1].base]
+    assert len({id(b) for b in blocks}) == 3
+    assert not any(np.shares_memory(a, b) for a in blocks for b in blocks if a is not b)
+    np.testing.assert_array_equal(first[1], kept_values[0])
+    np.testing.assert_array_equal(first[2], kept_values[1])
+    expected_tail = pkd.projected_mse_grad(2 * S, T, P, mask=mask)[1][3:].copy()
+    del second
+    fourth = pkd.projected_mse_grad(S, T, 2 * P)
+    assert not np.shares_memory(fourth[1], tail)
+    np.testing.assert_array_equal(tail, expected_tail)
+    # Once dropped, a block is reused, with the results of a new one.
+    assert _kept(first[1]) and not _kept(fourth[1])  # two kept, both held: fourth is new
+    del first, kept_values, blocks
+    again = pkd.projected_mse_grad(S, T, P, mask=mask)
+    assert _kept(again[1])
+    for got, want in zip(again[1:], reference.projected_mse(S, T, P, mask.astype(float))[1:],
+                         strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_large_free_block_is_not_pinned_by_a_small_gradient():
+    pkd.loss.clear_workspace()
+    S, T, P, _ = _problem(np.float64, n=400)
+    large = pkd.projected_mse_grad(S, T, P)[1]
+    large_size = large.base.size
+    del large
+    small = pkd.projected_mse_grad(S[:8], T[:8], P)[1]  # 1/24 of the free block
+    assert small.base.size == small.size + P.size and _kept(small)  # a new one, kept beside
+    half = pkd.projected_mse_grad(S[:240], T[:240], P)[1]  # over half of it: reused
+    assert half.base.size == large_size and _kept(half)
+    pkd.loss.clear_workspace()
+    assert pkd.loss.thread_workspace()._gradient_blocks == {}
 
 
 def test_bad_out_buffers():

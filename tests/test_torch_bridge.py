@@ -653,3 +653,22 @@ def test_training_loop_example_runs_and_loss_goes_down():
     initial, final = (float(x) for x in
                       result.stdout.strip().splitlines()[-1].split(":")[1].split("->"))
     assert final < 0.5 * initial
+
+
+def test_gradients_a_retained_graph_holds_are_never_handed_out_again():
+    # pkd's kept gradient blocks are reused only once nothing references them: the
+    # gradients a retained graph saved keep their block while other calls run.
+    pkd.loss.clear_workspace()
+    gen = torch.Generator().manual_seed(0)
+    T = torch.randn(8, 6, dtype=torch.float64, generator=gen)
+    P = torch.randn(4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    S = torch.randn(8, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    loss = pt.projected_mse(S, T, P)
+    loss.backward(retain_graph=True)
+    first_s, first_p = S.grad.clone(), P.grad.clone()
+    for _ in range(4):
+        other = torch.randn(8, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+        pt.projected_mse(other, 3 * T, P.detach().requires_grad_()).backward()
+    loss.backward()  # the saved gradients again, added to the first
+    assert_close(S.grad, 2 * first_s, torch.float64)
+    assert_close(P.grad, 2 * first_p, torch.float64)
