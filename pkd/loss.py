@@ -284,10 +284,10 @@ def _run_pair(student, teacher, projection, rows, teacher_rows, grad_scale, row_
     selected = student if rows is None else student.take(
         rows, axis=0, out=workspace.get("gather", (n_selected, student.shape[1]), dtype),
         mode="clip")
-    y = workspace.get("y", (n_selected, width_t), dtype)
     block = n_selected if grad_student is None else block_rows(n_selected, *projection.shape,
                                                                dtype.itemsize)
     if block >= n_selected:
+        y = workspace.get("y", (n_selected, width_t), dtype)
         np.matmul(selected, projection, out=y)
         run(y, teacher, teacher_rows, grad_scale, row_loss)  # y now holds G
         _backward_projection(selected, y, grad_projection, accumulate_projection, workspace)
@@ -295,34 +295,42 @@ def _run_pair(student, teacher, projection, rows, teacher_rows, grad_scale, row_
             _backward_student(y, projection, rows, grad_student, accumulate_student, selected,
                               workspace)
         return
-    # Row blocks: G_b Pᵀ is taken while the block of G is still in cache (see block_rows).
-    # The gathered S is still needed by Sᵀ G after the loop, so G_b Pᵀ of masked rows
-    # goes through a block-sized scratch instead, and is added block by block into a
-    # gradient zeroed first.
+    # Row blocks: both backward GEMMs of a block are taken while its G is still in
+    # cache (see block_rows), so Y never goes to memory: Y_b and G_b live in one
+    # block-sized buffer, and S_bᵀ G_b is added into ∂ℓ/∂P block by block. (Not with
+    # BLAS's beta = 1: scipy's gemm is another OpenBLAS, whose threads fought numpy's,
+    # 5× slower.) The gathered S is read by those GEMMs, so G_b Pᵀ of masked rows goes through a
+    # block-sized scratch instead, and is added block by block into a gradient
+    # zeroed first.
+    y = workspace.get("y", (block, width_t), dtype)
     scratch = workspace.get("grad_block", (block, student.shape[1]), dtype)
     if rows is not None and not accumulate_student:
         grad_student.fill(0)
         accumulate_student = True
     for start in range(0, n_selected, block):
         stop = min(start + block, n_selected)
-        y_block = y[start:stop]
-        np.matmul(selected[start:stop], projection, out=y_block)
+        y_block, selected_block = y[:stop - start], selected[start:stop]
+        np.matmul(selected_block, projection, out=y_block)
         run(y_block, teacher, teacher_rows[start:stop], grad_scale, row_loss[start:stop])
+        _backward_projection(selected_block, y_block, grad_projection,
+                             accumulate_projection or start > 0, workspace)
         if rows is None:
             _backward_student(y_block, projection, None, grad_student[start:stop],
                               accumulate_student, None, workspace)
         else:
             _backward_student(y_block, projection, rows[start:stop], grad_student,
                               accumulate_student, scratch[:stop - start], workspace)
-    _backward_projection(selected, y, grad_projection, accumulate_projection, workspace)
 
 
-# Row blocking of the projected pass (measured on the 2-core reference machine,
-# medians of interleaved runs against the GEMMs alone). With a narrow student
-# the three GEMMs do only 6·d_s flops per element of Y, so the memory traffic
-# of the fused pass shows; taking G_b Pᵀ right after the fused pass of a block
-# of ~1 MiB of G, while it is in cache, brought N = 16384, 128 × 256 float32
-# from 1.09–1.11× to 1.02× its GEMMs (masked too). Where the GEMMs dominate
+# Row blocking of the projected pass (medians of interleaved runs against the
+# GEMMs alone). With a narrow student the three GEMMs do only 6·d_s flops per
+# element of Y, so the memory traffic of the fused pass shows; taking G_b Pᵀ
+# right after the fused pass of a block of ~1 MiB of G, while it is in cache,
+# brought N = 16384, 128 × 256 float32 from 1.09–1.11× to 1.02× its GEMMs
+# (masked too; Zen 3 VM). Taking S_bᵀ G_b there too, so that Y never leaves
+# the cache and needs a block-sized buffer only (16 MiB → 1 MiB), read
+# 1.04–1.17× against 1.11–1.18× in three A/B runs on the Xeon VM, where
+# the pass (reading T from memory) costs 14% of the GEMMs. Where the GEMMs dominate
 # (float64 at d_s = 128, where a flop costs twice as much; d_s ≥ 312 float32)
 # smaller GEMMs lose more than the cache gains (1.07 → 1.10, 1.04 → 1.13), and
 # below ~8 MiB of Y the gain was within the noise: those cases run in one block.

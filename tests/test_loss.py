@@ -236,6 +236,21 @@ def test_row_blocked_pass_matches_reference(row_blocks, dtype, normalize, masked
 
 
 @pytest.mark.parametrize("masked", [False, True])
+def test_row_blocked_pass_keeps_y_block_sized_and_may_skip_the_projection(row_blocks, masked):
+    S, T, P, mask = _problem(np.float64, n=300, d_s=5, d_t=7)
+    rows = np.flatnonzero(mask) if masked else None
+    workspace = pkd.loss.Workspace()
+    grad_s = np.empty_like(S)
+    loss = pkd.loss.pair_loss_and_grad(S, T, P, rows, normalize=False, grad_student=grad_s,
+                                       workspace=workspace)  # no ∂ℓ/∂P wanted
+    ref_loss, ref_dS, _ = _reference(S, T, P, mask if masked else None, False)
+    assert loss == pytest.approx(ref_loss, rel=1e-12)
+    np.testing.assert_allclose(grad_s, ref_dS, rtol=1e-10, atol=1e-14)
+    y = workspace._buffers[("y", np.dtype(np.float64))]
+    assert y.size == 64 * 7  # one block of Y/G, not N × d_t
+
+
+@pytest.mark.parametrize("masked", [False, True])
 def test_row_blocked_pass_accumulates_a_layer_mapped_twice(row_blocks, masked):
     S, T, P, mask = _problem(np.float64, n=300, d_s=5, d_t=7)
     T2 = T[::-1].copy()
