@@ -130,6 +130,10 @@ class Workspace:
             kept.append(block)
         return block
 
+    def release_gradient_blocks(self) -> None:
+        """Forget the kept gradient blocks (the next call allocates its gradients anew)."""
+        self._gradient_blocks.clear()
+
     def clear(self) -> None:
         self._buffers.clear()
         self._gradient_blocks.clear()

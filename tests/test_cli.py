@@ -356,6 +356,18 @@ def test_bench_case_measures_every_contender(variant):
         assert row.torch_gemm_ms is None and row.torch_blas is None
 
 
+def test_bench_peak_counts_the_gradients_even_when_a_block_could_be_reused():
+    import pkd
+    from pkd.bench import _peak_bytes
+
+    rng = np.random.default_rng(0)
+    S, T = rng.standard_normal((512, 64)), rng.standard_normal((512, 96))
+    P = rng.standard_normal((64, 96))
+    pkd.projected_mse_grad(S, T, P)  # its block is free again, and kept
+    gradient_bytes = S.nbytes + P.nbytes
+    assert _peak_bytes(lambda: pkd.projected_mse_grad(S, T, P)) >= gradient_bytes
+
+
 def test_bench_alternates_thread_pool_groups_in_rounds(monkeypatch):
     from pkd import bench
 
