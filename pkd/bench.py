@@ -141,7 +141,7 @@ def _median_times(groups: list[dict[str, Callable | None]], repeats: int,
 
     The ``repeats`` runs are split into ``rounds`` (``ROUNDS`` by default) that
     alternate the groups (A B A B A B), so that the groups are not measured in
-    two separate stretches of time: on the shared reference VM the speed drifts
+    two separate stretches of time: on the shared Zen 3 VM the speed drifts
     by 10–30% over seconds, and one block of torch runs against one block of
     pkd runs read 0.84–0.99× for three 4-pair cases at N = 256 that the
     previous full run had read 1.23–1.32×. Each round warms its contenders up

@@ -27,7 +27,7 @@ import numpy as np
 from . import _validation as V
 
 # Below this many elements in the fused pass the serial twin is used.
-# Measured on the 2-core reference machine (see README, "Performance").
+# Measured on the 2-core Zen 3 and Xeon VMs: no consistent gain (see README, "Performance").
 PARALLEL_MIN_ELEMENTS = 1 << 62
 
 
@@ -36,7 +36,7 @@ def _kernel_table() -> dict:
     """(normalize, projected) -> (serial, parallel) kernels.
 
     Imported on first use, so that ``import pkd`` imports neither numba nor
-    scipy (0.5 s of a 1.1 s import on the reference machine).
+    scipy (0.5 s of a 1.1 s import on the Zen 3 VM).
     """
     from .kernels import mse, normalized
 
@@ -148,7 +148,7 @@ def thread_workspace() -> Workspace:
 
     Reusing the N×d_t scratch buffer saves the page faults of a fresh
     allocation on every call (3–4% of a call at d_t = 256, measured on the
-    2-core reference machine), at the price of keeping the largest buffer
+    2-core Zen 3 VM), at the price of keeping the largest buffer
     alive between calls; :func:`clear_workspace` frees it.
     """
     workspace = getattr(_local, "workspace", None)
@@ -174,7 +174,7 @@ def empty_views(shapes, dtype, workspace: Workspace | None = None) -> list[np.nd
     274–280 ms). Separate arrays allocated
     and freed together at every call can grow glibc's heap past its trim
     threshold, and glibc then hands the pages back to the kernel, so the next
-    call page-faults them all again. Measured on the reference VM (4 pairs,
+    call page-faults them all again. Measured on the Zen 3 VM (4 pairs,
     N = 256, 128 × 256 float32, a fresh process per run, three alternating
     runs): the student block and a separate projection gradient took 101
     faults per call, 1.40–1.57× the GEMMs; one block takes 3, 1.19–1.46×.

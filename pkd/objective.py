@@ -26,7 +26,7 @@ from . import _validation as V
 from .distillation import HiddenLossResult, ProgressiveDistillation, named_gradients
 
 # From this many logits (B·C) on, the parallel twin of the fused pass is used.
-# On the 2-core reference machine it has not yet been measured to pay off
+# On the 2-core Zen 3 VM it has not yet been measured to pay off
 # (B·C is small next to the hidden states, and the pass costs ~25 ns per
 # logit, mostly its three exp), so the serial twin is always used; lower this
 # once `pkd bench` shows a gain.

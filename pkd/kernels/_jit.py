@@ -15,7 +15,7 @@ measured threshold).
 lets the float64 sums of a row (Σ r², norms, dot products) be split into SIMD
 lanes. Without it LLVM must add one element at a time, and the fused pass of
 the MSE ran 4–6× slower than a memory copy (0.8 ns/element against 0.13–0.2 ns
-with the flag, measured on the 2-core reference machine). ``reassoc`` keeps
+with the flag, measured on the 2-core Zen 3 VM). ``reassoc`` keeps
 NaN/Inf semantics (that would be ``nnan``/``ninf``, never used here) and the
 lane order is fixed in the compiled code, so results are identical from call
 to call and independent of the thread count; only machines with another SIMD
