@@ -236,39 +236,33 @@ def _case_arrays(n, d_s, d_t, dtype, n_layers=1, seed=0):
     return student, teacher, projection, mask
 
 
-def _gemms(student, projection, n_pairs=1):
-    """The three GEMMs of the projected loss, per pair, into preallocated outputs."""
+def _gemms(student, projection, n_pairs=1, torch=None):
+    """The three GEMMs of the projected loss, per pair, into preallocated outputs.
+
+    In numpy's BLAS, or with ``torch`` (the module) in torch's, on tensors
+    sharing the arrays' memory.
+    """
     S = student[0]
-    n, d_t = S.shape[0], projection.shape[1]
-    y = np.empty((n, d_t), dtype=S.dtype)
-    grad_p = np.empty_like(projection)
-    grad_s = np.empty_like(S)
+    arrays = [*student[:n_pairs], projection,
+              np.empty((S.shape[0], projection.shape[1]), dtype=S.dtype),
+              np.empty_like(projection), np.empty_like(S)]
+    matmul = np.matmul
+    if torch is not None:
+        arrays, matmul = [torch.from_numpy(a) for a in arrays], torch.matmul
+    *layers, P, y, grad_p, grad_s = arrays
 
     def run():
-        for k in range(n_pairs):
-            np.matmul(student[k], projection, out=y)
-            np.matmul(student[k].T, y, out=grad_p)
-            np.matmul(y, projection.T, out=grad_s)
+        for layer in layers:
+            matmul(layer, P, out=y)
+            matmul(layer.T, y, out=grad_p)
+            matmul(y, P.T, out=grad_s)
 
     return run
 
 
 def _torch_gemms(torch, student, projection, n_pairs=1):
-    """:func:`_gemms` in torch's BLAS, on tensors sharing the arrays' memory."""
-    if torch is None:
-        return None
-    S = [torch.from_numpy(a) for a in student[:n_pairs]]
-    P = torch.from_numpy(projection)
-    y = torch.empty((S[0].shape[0], P.shape[1]), dtype=P.dtype)
-    grad_p, grad_s = torch.empty_like(P), torch.empty_like(S[0])
-
-    def run():
-        for k in range(n_pairs):
-            torch.matmul(S[k], P, out=y)
-            torch.matmul(S[k].T, y, out=grad_p)
-            torch.matmul(y, P.T, out=grad_s)
-
-    return run
+    """:func:`_gemms` in torch's BLAS, or ``None`` without torch."""
+    return None if torch is None else _gemms(student, projection, n_pairs, torch=torch)
 
 
 def _ms(times: dict, name: str) -> float | None:
