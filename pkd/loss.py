@@ -79,7 +79,7 @@ class Workspace:
     again only once no array carved from them is alive anywhere: each of
     those arrays holds a reference to its block (its ``base``), so a block
     whose only reference is the workspace's is unreachable from user code.
-    Two, because ``result = cfg.loss_and_grad(..., )`` in a loop still holds
+    Two, because ``result = cfg.loss_and_grad(...)`` in a loop still holds
     the previous result while the next call runs.
     """
 
@@ -301,11 +301,11 @@ def _run_pair(student, teacher, projection, rows, teacher_rows, grad_scale, row_
         return
     # Row blocks: both backward GEMMs of a block are taken while its G is still in
     # cache (see block_rows), so Y never goes to memory: Y_b and G_b live in one
-    # block-sized buffer, and S_bᵀ G_b is added into ∂ℓ/∂P block by block. (Not with
-    # BLAS's beta = 1: scipy's gemm is another OpenBLAS, whose threads fought numpy's,
-    # 5× slower.) The gathered S is read by those GEMMs, so G_b Pᵀ of masked rows goes through a
-    # block-sized scratch instead, and is added block by block into a gradient
-    # zeroed first.
+    # block-sized buffer, and S_bᵀ G_b is added into ∂ℓ/∂P block by block. (Not
+    # with BLAS's beta = 1: scipy's gemm is another OpenBLAS, whose threads fought
+    # numpy's, 5× slower.) The gathered S is read by those GEMMs, so G_b Pᵀ of
+    # masked rows goes through a block-sized scratch instead, and is added block by
+    # block into a gradient zeroed first.
     y = workspace.get("y", (block, width_t), dtype)
     scratch = workspace.get("grad_block", (block, student.shape[1]), dtype)
     if rows is not None and not accumulate_student:
@@ -333,10 +333,10 @@ def _run_pair(student, teacher, projection, rows, teacher_rows, grad_scale, row_
 # brought N = 16384, 128 × 256 float32 from 1.09–1.11× to 1.02× its GEMMs
 # (masked too; Zen 3 VM). Taking S_bᵀ G_b there too, so that Y never leaves
 # the cache and needs a block-sized buffer only (16 MiB → 1 MiB), read
-# 1.04–1.17× against 1.11–1.18× in three A/B runs on the Xeon VM, where
-# the pass (reading T from memory) costs 14% of the GEMMs. Where the GEMMs dominate
+# 1.04–1.17× against 1.11–1.18× in three A/B runs on the Xeon VM, where the
+# pass (reading T from memory) costs 14% of the GEMMs. Where the GEMMs dominate
 # (float64 at d_s = 128, where a flop costs twice as much; d_s ≥ 312 float32)
-# smaller GEMMs lose more than the cache gains (1.07 → 1.10, 1.04 → 1.13), and
+# smaller GEMMs lose more than the cache gains (1.07 → 1.10, 1.04 → 1.13, Zen 3), and
 # below ~8 MiB of Y the gain was within the noise: those cases run in one block.
 BLOCK_MAX_STUDENT_BYTES = 512  # d_s · itemsize: float32 up to d_s = 128
 BLOCK_MIN_Y_BYTES = 8 << 20
