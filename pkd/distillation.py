@@ -70,9 +70,10 @@ class HiddenLossResult:
 
     Notes
     -----
-    The gradients of one call are disjoint views of one allocation (fewer
-    page faults, see ``pkd.loss.empty_views``): keeping any one of them
-    alive keeps the whole block; ``.copy()`` the ones to keep for long.
+    The gradients of one call are disjoint views of one block (fewer page
+    faults, see ``pkd.loss.empty_views``): keeping any one of them alive
+    keeps the whole block; ``.copy()`` the ones to keep for long. A block
+    nothing references any more is handed to a later call's gradients.
     """
 
     loss: float
@@ -500,7 +501,7 @@ class ProgressiveDistillation:
         return out
 
     def _gradient_buffers(self, planned, n_layers, dtype, student_grads, projection_grads):
-        """Fresh, uninitialised gradients, all views of one allocation (see
+        """Fresh, uninitialised gradients, all views of one block (see
         ``loss.empty_views``): the mapped student layers' (``None`` elsewhere,
         or everywhere without ``student_grads``), and the projection's (or
         ``None``)."""

@@ -473,8 +473,9 @@ def projected_mse_grad(
         Arrays to write the gradients into (``grad_projection`` is ``None``
         without a projection): C-contiguous, the student's shape and
         ``(d_s, d_t)``, in the computation's dtype. A training loop that
-        reuses them saves allocating (and page-faulting) fresh gradients at
-        every step.
+        reuses them keeps its memory fixed, whatever results it holds
+        (without ``out=`` the gradients come from a block an earlier call
+        returned, once nothing references it: see :func:`empty_views`).
 
     Returns
     -------
