@@ -399,7 +399,7 @@ def test_bench_fast_groups_get_more_runs_per_round(monkeypatch):
     from pkd import bench
 
     monkeypatch.setattr(bench, "_COOL_DOWN_S", 0.0)
-    monkeypatch.setattr(bench, "_MIN_ROUND_S", 0.03)
+    monkeypatch.setattr(bench, "_MIN_ROUND_S", 0.06)
     monkeypatch.setattr(bench, "_MAX_RUNS_PER_ROUND", 40)
     calls = []
 
@@ -413,8 +413,9 @@ def test_bench_fast_groups_get_more_runs_per_round(monkeypatch):
                          {"mid": contender("mid", 0.005)},
                          {"slow": contender("slow", 0.04)}], repeats=5, rounds=2)
     assert calls.count("fast") == 2 * (40 + 1)  # capped, plus a warm-up per round
-    # ≥ 0.03 s per round at ~5 ms a run: 6 or 7 runs (sleep overshoots), more than 3 + 2
-    assert 2 * (5 + 1) <= calls.count("mid") <= 2 * (7 + 1)
+    # ≥ 0.06 s per round at ≥ 5 ms a run: at most 12 runs, and more than the 3 + 2 asked
+    # for unless sleep overshoots 3-fold (the margin a loaded CI machine needs)
+    assert 5 + 2 < calls.count("mid") <= 2 * (12 + 1)
     assert calls.count("slow") == 5 + 2  # 3 + 2 runs, as asked, and a warm-up per round
     assert bench._runs_per_round(3, 0.0) == 40 and bench._runs_per_round(3, 1.0) == 3
 
