@@ -57,6 +57,7 @@ def test_normalized_compact_matches_twin(dtype, variant):
     y, teacher, rows = _data(dtype, seed=2)
     y = y[: len(rows)].copy()
     y[1] = 0.0  # a zero row takes the ‖y‖ ≤ ε branch
+    y[3] *= 1e-13 / np.linalg.norm(y[3])  # so does a tiny one, where u = y/ε is not 0
     teacher[rows[2]] = 0.0  # a zero teacher row
     expected = [naive.normalized_row(y[i], teacher[rows[i]], 0.25) for i in range(len(rows))]
     row_loss = np.empty(len(rows))

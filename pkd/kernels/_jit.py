@@ -11,15 +11,30 @@ Python layer, and accumulators are explicitly float64.
 the Python layer picks one at run time (see each kernel module for the
 measured threshold).
 
-``reassociate=True`` turns on LLVM's ``reassoc`` flag, and only that one: it
-lets the float64 sums of a row (Σ r², norms, dot products) be split into SIMD
-lanes. Without it LLVM must add one element at a time, and the fused pass of
-the MSE ran 4–6× slower than a memory copy (0.8 ns/element against 0.13–0.2 ns
-with the flag, measured on the 2-core Zen 3 VM). ``reassoc`` keeps
-NaN/Inf semantics (that would be ``nnan``/``ninf``, never used here) and the
-lane order is fixed in the compiled code, so results are identical from call
-to call and independent of the thread count; only machines with another SIMD
-width may differ in the last bits of a sum.
+``reassociate=True`` turns on LLVM's ``reassoc`` flag: it lets the float64
+sums of a row (Σ r², norms, dot products) be split into SIMD lanes. Without
+it LLVM must add one element at a time, and the fused pass of the MSE ran
+4–6× slower than a memory copy (0.8 ns/element against 0.13–0.2 ns with the
+flag, measured on the 2-core Zen 3 VM).
+
+``fuse_multiply_add=True`` adds the ``contract`` flag: ``acc + a·b`` may become
+one FMA, rounded once instead of twice. The product of two float32 values is
+exact in float64, so float32 sums of squares and dot products are bit for
+bit what they were without it; float64 ones gain accuracy. It is for kernels
+whose fused expressions are sums of products only: in ``a·b − c·d`` an FMA
+rounds one product and not the other, and identical rows no longer give
+exactly 0 (the normalized pass's residual ``y/‖y‖ − t/‖t‖``). FMAs took the
+MSE pass from 0.37–0.43 to 0.32–0.38 ns/element, and the normalized pass (in
+its norms) from 1.07–1.22 to 1.00–1.11 (float32, 256 × 256, in cache; two
+runs on the Xeon VM, family 6 model 167).
+
+Neither flag drops NaN/Inf semantics (that would be ``nnan``/``ninf``, never
+used here), and the lane order is fixed in the compiled code, so results are
+identical from call to call and independent of the thread count; only
+machines with another SIMD width, or without FMA, may differ in the last bits.
+
+Numba's on-disk cache is keyed by each kernel's own source file, not by these
+options: after changing them here, delete ``pkd/kernels/__pycache__``.
 """
 
 from __future__ import annotations
@@ -31,22 +46,28 @@ import numba
 _OPTIONS = {"cache": True, "nogil": True, "error_model": "numpy"}
 
 
-def _options(reassociate: bool) -> dict:
-    return _OPTIONS | ({"fastmath": {"reassoc"}} if reassociate else {})
+def _options(reassociate: bool, fuse_multiply_add: bool) -> dict:
+    flags = {"reassoc"} if reassociate else set()
+    flags |= {"contract"} if fuse_multiply_add else set()
+    return _OPTIONS | ({"fastmath": flags} if flags else {})
 
 
-def kernel(function: Callable | None = None, *, reassociate: bool = False):
+def kernel(function: Callable | None = None, *, reassociate: bool = False,
+           fuse_multiply_add: bool = False):
     """Compile ``function`` serially with the house options (usable bare or with options)."""
+    options = _options(reassociate, fuse_multiply_add)
     if function is None:
-        return lambda f: numba.njit(**_options(reassociate))(f)
-    return numba.njit(**_options(reassociate))(function)
+        return lambda f: numba.njit(**options)(f)
+    return numba.njit(**options)(function)
 
 
-def twins(function: Callable, *, reassociate: bool = False) -> tuple[Callable, Callable]:
+def twins(function: Callable, *, reassociate: bool = False,
+          fuse_multiply_add: bool = False) -> tuple[Callable, Callable]:
     """Return ``(serial, parallel)`` compilations of ``function``.
 
     In the serial twin ``numba.prange`` behaves as ``range``.
     """
-    serial = numba.njit(**_options(reassociate))(function)
-    parallel = numba.njit(parallel=True, **_options(reassociate))(function)
+    options = _options(reassociate, fuse_multiply_add)
+    serial = numba.njit(**options)(function)
+    parallel = numba.njit(parallel=True, **options)(function)
     return serial, parallel

@@ -58,5 +58,7 @@ def _mse_direct(student, teacher, rows, grad_scale, grad_student, accumulate, ro
         row_loss[k] = acc
 
 
-mse_compact_serial, mse_compact_parallel = twins(_mse_compact, reassociate=True)
-mse_direct_serial, mse_direct_parallel = twins(_mse_direct, reassociate=True)
+mse_compact_serial, mse_compact_parallel = twins(_mse_compact, reassociate=True,
+                                                  fuse_multiply_add=True)
+mse_direct_serial, mse_direct_parallel = twins(_mse_direct, reassociate=True,
+                                                fuse_multiply_add=True)

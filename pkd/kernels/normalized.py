@@ -22,7 +22,7 @@ from ._jit import kernel, twins
 EPS = 1e-12
 
 
-@kernel(reassociate=True)
+@kernel(reassociate=True, fuse_multiply_add=True)
 def _row_sums(y, i, teacher, r):
     """(‖y_i‖², ‖t_r‖², y_i·t_r) in float64; reads only, so it vectorises as a helper."""
     y_sq = 0.0
@@ -50,9 +50,15 @@ def _row_coefficients(y_sq, t_sq, dot, grad_scale):
     inv_y = 1.0 / y_den
     inv_t = 1.0 / t_den
     cosine = dot * inv_y * inv_t  # u·v
+    # Products of reciprocals, no quotient: LLVM moved a quotient used once by the
+    # caller's reassociating loop into that loop, (t_j·grad_scale)/(‖t‖‖y‖) with a
+    # vdivpd per 4 elements (1.36–1.46 against 1.07–1.22 ns/element, 256 × 256
+    # float32 in cache, Xeon VM).
     if y_norm > EPS:
-        return inv_y, inv_t, grad_scale * cosine / (y_den * y_norm), grad_scale / (t_den * y_norm)
-    return inv_y, inv_t, grad_scale / (y_den * EPS), grad_scale / (t_den * EPS)
+        scale = grad_scale * (1.0 / y_norm)
+        return inv_y, inv_t, scale * cosine * inv_y, scale * inv_t
+    scale = grad_scale * (1.0 / EPS)
+    return inv_y, inv_t, scale * inv_y, scale * inv_t
 
 
 @kernel
