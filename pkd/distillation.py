@@ -418,7 +418,9 @@ class ProgressiveDistillation:
         teacher_layers = V.as_layers(teacher_hidden, "teacher_hidden")
         tokens = self.tokens if tokens is None else tokens
         pairs = self.layer_mapping
-        weights = np.ones(len(pairs)) if self.layer_weights is None else self.layer_weights
+        # Python floats: numpy scalar arithmetic per pair costs µs a call that matter at N ≤ 512.
+        weights = ([1.0] * len(pairs) if self.layer_weights is None
+                   else self.layer_weights.tolist())
 
         planned, skipped, reasons = {}, [], []
         for k, pair in enumerate(pairs):
@@ -437,7 +439,7 @@ class ProgressiveDistillation:
         arrays = [a for plan in planned.values() for a in plan if a is not None]
         dtype = V.result_dtype(*arrays) if arrays else np.dtype(np.float32)
         total_weight = float(sum(weights[k] for k in planned))
-        layer_losses = np.full(len(pairs), np.nan)
+        layer_losses = [math.nan] * len(pairs)
         n_layers = len(student_layers)
         if not need_grad:
             grad_student, grad_projection = [None] * n_layers, None
@@ -455,6 +457,7 @@ class ProgressiveDistillation:
         rows_cache: dict = {}
         flat: dict = {}  # a layer mapped twice is flattened (and cast, if at all) once
         workspace = thread_workspace()
+        shared = self.shared_projection
         loss = 0.0
 
         for k, (student, teacher, projection) in planned.items():
@@ -467,7 +470,8 @@ class ProgressiveDistillation:
             coef = self.hidden_weight * weights[k] / total_weight if total_weight > 0 else 0.0
             s2 = _flat(flat, ("student", s), student, dtype)
             t2 = _flat(flat, ("teacher", pair[1]), teacher, dtype)
-            p = None if projection is None else np.ascontiguousarray(projection, dtype=dtype)
+            p = None if projection is None else _flat(flat, ("projection", id(projection)),
+                                                       projection, dtype)
             g_s = g_p = None
             accumulate_s = accumulate_p = False
             if grad_student[s] is not None:
@@ -475,8 +479,8 @@ class ProgressiveDistillation:
                 accumulate_s = s in written  # the first pair assigns, rows not counted → 0
                 written.add(s)
             if grad_projection is not None and p is not None:
-                key = "shared" if self.shared_projection else pair
-                g_p = grad_projection if self.shared_projection else grad_projection[pair]
+                key = "shared" if shared else pair
+                g_p = grad_projection if shared else grad_projection[pair]
                 accumulate_p = key in touched_projection
                 touched_projection.add(key)
             layer_losses[k] = pair_loss_and_grad(
@@ -492,7 +496,7 @@ class ProgressiveDistillation:
             loss += coef * layer_losses[k]
 
         self._zero_untouched(grad_projection, touched_projection)
-        fields = dict(loss=float(loss), layer_losses=layer_losses, pairs=list(pairs),
+        fields = dict(loss=float(loss), layer_losses=np.array(layer_losses), pairs=list(pairs),
                       grad_student=returned, grad_projection=grad_projection, skipped=skipped)
         if out is None:
             return HiddenLossResult(**fields)

@@ -117,15 +117,17 @@ class Workspace:
         if not _CAN_REUSE_BLOCKS or size == 0:
             return np.empty(size, dtype=dtype)
         kept = self._gradient_blocks.setdefault(np.dtype(dtype), [])
-        # getrefcount(kept[k]) == 2: the list's reference and the argument's.
-        free = [k for k in range(len(kept)) if sys.getrefcount(kept[k]) == 2]
-        for k in free:
-            if size <= kept[k].size <= 2 * size:
-                return kept[k][:size]
+        smaller = None  # the first free block too small for this request
+        for k in range(len(kept)):
+            # getrefcount(kept[k]) == 2: the list's reference and the argument's.
+            if sys.getrefcount(kept[k]) == 2:
+                if size <= kept[k].size <= 2 * size:
+                    return kept[k][:size]
+                if smaller is None and kept[k].size < size:
+                    smaller = k
         block = np.empty(size, dtype=dtype)
-        smaller = [k for k in free if kept[k].size < size]
-        if smaller:
-            kept[smaller[0]] = block
+        if smaller is not None:
+            kept[smaller] = block
         elif len(kept) < self.KEPT_GRADIENT_BLOCKS:
             kept.append(block)
         return block
@@ -196,9 +198,9 @@ def empty_views(shapes, dtype, workspace: Workspace | None = None) -> list[np.nd
     sizes = [math.prod(shape) for shape in shapes]
     block = (workspace or thread_workspace()).gradient_block(sum(sizes), dtype)
     views, offset = [], 0
-    for shape, size in zip(shapes, sizes, strict=True):
-        views.append(block[offset:offset + size].reshape(shape))
-        offset += size
+    for k, shape in enumerate(shapes):
+        views.append(block[offset:offset + sizes[k]].reshape(shape))
+        offset += sizes[k]
     return views
 
 
@@ -449,7 +451,7 @@ def projected_mse(
 
 
 def _check_result(loss, check_finite, s2, t2, p, rows):
-    if check_finite and not np.isfinite(loss):
+    if check_finite and not math.isfinite(loss):
         V.explain_nonfinite([("student", s2, True), ("teacher", t2, True),
                              ("projection", p, False)], None, rows)
 
