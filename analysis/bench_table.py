@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 from _common import output_dir, write_json, write_text
 
+from pkd.bench import describe_cpu
+
 NAME = "bench"
 REQUIRED = ("variant", "dtype", "n_rows", "d_s", "d_t", "pkd_ms", "gemm_ms", "numpy_ms",
             "torch_ms", "peak_mb", "budget_mb")
@@ -95,7 +97,7 @@ def _machine_lines(header: dict) -> list[str]:
     torch = (f"torch {header['torch']} ({header.get('torch_threads')} threads)"
              if header.get("torch") else "torch not installed")
     return [
-        f"- machine: {header.get('cpu')}, {header.get('cores')} cores",
+        f"- machine: {describe_cpu(header)}, {header.get('cores')} cores",
         f"- numpy {header.get('numpy')}, numba {header.get('numba')} "
         f"({header.get('numba_threads')} threads), BLAS: {blas or 'unknown'}; {torch}",
     ]

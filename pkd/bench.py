@@ -86,20 +86,51 @@ class Row:
         return None if other is None else other / self.pkd_ms
 
 
+def _cpuinfo_fields() -> dict:
+    """The first processor's ``key: value`` lines of /proc/cpuinfo ({} elsewhere)."""
+    fields: dict = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
+
+
+def _cache_sizes() -> dict:
+    """Data and unified cache sizes of CPU 0 by level, e.g. {"L1d": "48K", "L2": "2048K"}."""
+    sizes = {}
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for index in sorted(os.listdir(root)):
+            with open(f"{root}/{index}/level") as f:
+                level = f.read().strip()
+            with open(f"{root}/{index}/type") as f:
+                kind = f.read().strip()
+            with open(f"{root}/{index}/size") as f:
+                size = f.read().strip()
+            if kind != "Instruction":
+                sizes[f"L{level}" + ("d" if kind == "Data" else "")] = size
+    except OSError:
+        pass
+    return sizes
+
+
 def machine_header() -> dict:
     """CPU, threads (Numba and BLAS) and library versions."""
     import numba
     from threadpoolctl import threadpool_info
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu, model = platform.processor() or platform.machine(), None
+    # Family and model too: VMs of one name ("Intel(R) Xeon(R) Processor") differ.
+    fields = _cpuinfo_fields()
+    cpu = fields.get("model name", cpu)
+    if "cpu family" in fields and "model" in fields:
+        model = f"family {fields['cpu family']}, model {fields['model']}"
     blas = [
         {k: info.get(k) for k in ("internal_api", "version", "num_threads", "architecture",
                                   "threading_layer")}
@@ -107,6 +138,8 @@ def machine_header() -> dict:
     ]
     header = {
         "cpu": cpu,
+        "cpu_model": model,
+        "caches": _cache_sizes(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -650,12 +683,20 @@ def run_bench(*, quick: bool = False, dtypes=None, variants=VARIANTS,
             "min_round_s": _MIN_ROUND_S, "quick": quick} | extra
 
 
+def describe_cpu(header: dict) -> str:
+    """The header's CPU, with its family, model and cache sizes when known."""
+    details = [header.get("cpu_model")] + [f"{name} {size}" for name, size
+                                           in (header.get("caches") or {}).items()]
+    details = "; ".join(d for d in details if d)
+    return f"{header.get('cpu')} ({details})" if details else str(header.get("cpu"))
+
+
 def _format_header(header: dict) -> str:
     blas = ", ".join(f"{b['internal_api']} {b['version']} ({b['architecture']}, "
                      f"{b['num_threads']} threads)" for b in header["blas"])
     torch = (f"torch {header['torch']} ({header['torch_threads']} threads)"
              if header["torch"] else "torch not installed")
-    return (f"machine: {header['cpu']}, {header['cores']} cores\n"
+    return (f"machine: {describe_cpu(header)}, {header['cores']} cores\n"
             f"numpy {header['numpy']}, numba {header['numba']} "
             f"({header['numba_threads']} threads), BLAS: {blas}; {torch}\n"
             "ratios: pkd time / GEMMs-alone time (lower is better, 1.00 = the physical limit);"

@@ -441,6 +441,28 @@ def test_bench_cases_full_grid_and_quick_subset():
     assert sizes <= {(n, d_s, d_t) for n in GRID_N for d_s, d_t in GRID_SHAPES}
 
 
+def test_bench_header_names_the_cpu_model_and_caches(tmp_path, monkeypatch):
+    from pkd import bench
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n"
+                       "model\t\t: 167\nmodel name\t: Test CPU\n\nprocessor\t: 1\n"
+                       "model\t\t: 99\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(
+        cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
+    header = bench.machine_header()
+    assert header["cpu"] == "Test CPU" and header["cpu_model"] == "family 6, model 167"
+    assert isinstance(header["caches"], dict)
+    header["caches"] = {"L1d": "48K", "L2": "2048K"}
+    assert bench._format_header(header).startswith(
+        "machine: Test CPU (family 6, model 167; L1d 48K; L2 2048K), ")
+    # A header without them (an older JSON, another OS) still formats.
+    for key in ("cpu_model", "caches"):
+        header.pop(key)
+    assert bench._format_header(header).startswith("machine: Test CPU, ")
+
+
 def test_startup_times_measures_every_stage():
     from pkd.bench import startup_times
 
