@@ -43,6 +43,7 @@ import time
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -86,11 +87,11 @@ class Row:
         return None if other is None else other / self.pkd_ms
 
 
-def _cpuinfo_fields() -> dict:
+def _cpuinfo_fields(path: str = "/proc/cpuinfo") -> dict:
     """The first processor's ``key: value`` lines of /proc/cpuinfo ({} elsewhere)."""
     fields: dict = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
                 if not line.strip():
                     break
@@ -101,18 +102,13 @@ def _cpuinfo_fields() -> dict:
     return fields
 
 
-def _cache_sizes() -> dict:
+def _cache_sizes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> dict:
     """Data and unified cache sizes of CPU 0 by level, e.g. {"L1d": "48K", "L2": "2048K"}."""
     sizes = {}
-    root = "/sys/devices/system/cpu/cpu0/cache"
     try:
         for index in sorted(os.listdir(root)):
-            with open(f"{root}/{index}/level") as f:
-                level = f.read().strip()
-            with open(f"{root}/{index}/type") as f:
-                kind = f.read().strip()
-            with open(f"{root}/{index}/size") as f:
-                size = f.read().strip()
+            level, kind, size = (Path(root, index, name).read_text().strip()
+                                 for name in ("level", "type", "size"))
             if kind != "Instruction":
                 sizes[f"L{level}" + ("d" if kind == "Data" else "")] = size
     except OSError:
@@ -125,12 +121,11 @@ def machine_header() -> dict:
     import numba
     from threadpoolctl import threadpool_info
 
-    cpu, model = platform.processor() or platform.machine(), None
-    # Family and model too: VMs of one name ("Intel(R) Xeon(R) Processor") differ.
     fields = _cpuinfo_fields()
-    cpu = fields.get("model name", cpu)
-    if "cpu family" in fields and "model" in fields:
-        model = f"family {fields['cpu family']}, model {fields['model']}"
+    cpu = fields.get("model name") or platform.processor() or platform.machine()
+    # Family and model too: VMs of one name ("Intel(R) Xeon(R) Processor") differ.
+    model = (f"family {fields['cpu family']}, model {fields['model']}"
+             if "cpu family" in fields and "model" in fields else None)
     blas = [
         {k: info.get(k) for k in ("internal_api", "version", "num_threads", "architecture",
                                   "threading_layer")}

@@ -418,7 +418,7 @@ class ProgressiveDistillation:
         teacher_layers = V.as_layers(teacher_hidden, "teacher_hidden")
         tokens = self.tokens if tokens is None else tokens
         pairs = self.layer_mapping
-        # Python floats: numpy scalar arithmetic per pair costs µs a call that matter at N ≤ 512.
+        # Python floats: numpy scalar arithmetic per pair costs µs, which count at N ≤ 512.
         weights = ([1.0] * len(pairs) if self.layer_weights is None
                    else self.layer_weights.tolist())
 

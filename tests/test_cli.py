@@ -448,13 +448,22 @@ def test_bench_header_names_the_cpu_model_and_caches(tmp_path, monkeypatch):
     cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n"
                        "model\t\t: 167\nmodel name\t: Test CPU\n\nprocessor\t: 1\n"
                        "model\t\t: 99\n")
-    real_open = open
-    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(
-        cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
+    caches = tmp_path / "cache"
+    for index, (level, kind, size) in enumerate([(1, "Data", "48K"), (1, "Instruction", "32K"),
+                                                 (2, "Unified", "2048K")]):
+        folder = caches / f"index{index}"
+        folder.mkdir(parents=True)
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (folder / name).write_text(f"{value}\n")
+    assert bench._cpuinfo_fields(str(cpuinfo))["model"] == "167"  # the first processor's
+    assert bench._cache_sizes(str(caches)) == {"L1d": "48K", "L2": "2048K"}
+    assert bench._cache_sizes(str(tmp_path / "absent")) == {}
+
+    read_cpuinfo, read_caches = bench._cpuinfo_fields, bench._cache_sizes
+    monkeypatch.setattr(bench, "_cpuinfo_fields", lambda: read_cpuinfo(str(cpuinfo)))
+    monkeypatch.setattr(bench, "_cache_sizes", lambda: read_caches(str(caches)))
     header = bench.machine_header()
     assert header["cpu"] == "Test CPU" and header["cpu_model"] == "family 6, model 167"
-    assert isinstance(header["caches"], dict)
-    header["caches"] = {"L1d": "48K", "L2": "2048K"}
     assert bench._format_header(header).startswith(
         "machine: Test CPU (family 6, model 167; L1d 48K; L2 2048K), ")
     # A header without them (an older JSON, another OS) still formats.
