@@ -334,7 +334,8 @@ def _run_pair(student, teacher, projection, rows, teacher_rows, grad_scale, row_
 # Row blocking of the projected pass (medians of interleaved runs against the
 # GEMMs alone). With a narrow student the three GEMMs do only 6·d_s flops per
 # element of Y, so the memory traffic of the fused pass shows; taking G_b Pᵀ
-# right after the fused pass of a block of ~1 MiB of G, while it is in cache,
+# right after the fused pass of a block of G (~1 MiB then, 2 MiB now, below),
+# while it is in cache,
 # brought N = 16384, 128 × 256 float32 from 1.09–1.11× to 1.02× its GEMMs
 # (masked too; Zen 3 VM). Taking S_bᵀ G_b there too, so that Y never leaves
 # the cache and needs a block-sized buffer only (16 MiB → 1 MiB), read
@@ -343,9 +344,15 @@ def _run_pair(student, teacher, projection, rows, teacher_rows, grad_scale, row_
 # (float64 at d_s = 128, where a flop costs twice as much; d_s ≥ 312 float32)
 # smaller GEMMs lose more than the cache gains (1.07 → 1.10, 1.04 → 1.13, Zen 3), and
 # below ~8 MiB of Y the gain was within the noise: those cases run in one block.
+# Block size, on the Zen 4 VM (family 25, model 17; 1 MiB of L2 per core), 128 × 256
+# float32, interleaved rounds against the GEMMs (the VM's speed moved the GEMMs by up
+# to 1.6× between rounds): at N = 16384, 2 MiB blocks were faster than 1 MiB ones in 11
+# of 12 rounds, by up to 0.08× the GEMMs, and tied in one (1.01–1.22× against
+# 1.04–1.29×); faster than one block in 7 of 8, than 4 MiB in 4 of 4 and 512 KiB in 3
+# of 3; at N = 65536, faster than 1 MiB in 3 of 4 (1.01–1.20× against 1.01–1.23×).
 BLOCK_MAX_STUDENT_BYTES = 512  # d_s · itemsize: float32 up to d_s = 128
 BLOCK_MIN_Y_BYTES = 8 << 20
-BLOCK_BYTES = 1 << 20
+BLOCK_BYTES = 2 << 20
 
 
 def block_rows(n_rows: int, d_s: int, d_t: int, itemsize: int) -> int:

@@ -208,9 +208,10 @@ def row_blocks(monkeypatch):
 
 
 def test_block_rows_regime():
-    # float32, d_s = 128, 16 MiB of Y: blocks of 1 MiB of G; wider, float64 or smaller: one block
-    assert pkd.loss.block_rows(16384, 128, 256, 4) == 1024
-    assert pkd.loss.block_rows(16384, 128, 768, 4) == 320
+    # float32, d_s = 128, 16 MiB of Y: blocks of 2 MiB of G (rows a multiple of 64); wider,
+    # float64 or smaller: one block
+    assert pkd.loss.block_rows(16384, 128, 256, 4) == 2048
+    assert pkd.loss.block_rows(16384, 128, 768, 4) == 640
     assert pkd.loss.block_rows(16384, 312, 768, 4) == 16384
     assert pkd.loss.block_rows(16384, 128, 256, 8) == 16384
     assert pkd.loss.block_rows(4096, 128, 256, 4) == 4096
