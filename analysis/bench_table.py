@@ -9,7 +9,8 @@ its grid (variant × dtype × N rows × (d_s, d_t)) and writes, into
 - ``bench.md``: the table: per case, pkd's time, its ratio to the GEMMs it
   cannot avoid (×GEMM; 1.00 is the physical limit), its speed-up over the
   plain NumPy version and over torch autograd, and its peak extra memory
-  against the budget;
+  against the budget; before it, how many cases meet each of the
+  performance targets (``TARGETS``), per dtype, with the worst case;
 - ``ratio_vs_n.png``: ×GEMM against N per variant (top row) and the torch
   speed-up (bottom row), one column per dtype.
 
@@ -89,6 +90,79 @@ def _groups(rows: list[dict]) -> dict:
     return groups
 
 
+def _torch_speedup(row: dict) -> float | None:
+    return _ratio(row["torch_ms"], row["pkd_ms"])
+
+
+def _memory_share(row: dict) -> float | None:
+    return _ratio(row["peak_mb"], row["budget_mb"])
+
+
+# The loss and gradient variants the performance targets speak of.
+CORE = ("plain", "masked", "normalized+masked", "4 pairs shared")
+
+# (what is asked, the variants it covers (None: all), value of a row, bound,
+# True when the value must reach the bound from above).
+TARGETS = (
+    ("loss and gradients within 1.10× the GEMMs", CORE,
+     lambda r: r["pkd_ms"] / r["gemm_ms"], 1.10, False),
+    ("at least as fast as torch autograd", CORE, _torch_speedup, 1.0, True),
+    ("masked and normalized+masked ≥ 1.3× faster than torch",
+     ("masked", "normalized+masked"), _torch_speedup, 1.3, True),
+    ("4 pairs sharing P ≥ 1.2× faster than four torch calls", ("4 pairs shared",),
+     _torch_speedup, 1.2, True),
+    ("peak extra memory within the budget (share of it)", None, _memory_share, 1.0, False),
+)
+
+START_UP_TARGETS = (("`import pkd`", "import_s", 0.5),
+                    ("first `loss_and_grad`, cache warm", "first_call_warm_s", 1.0))
+
+
+def target_counts(rows: list[dict], variants, value, bound: float, at_least: bool,
+                  dtype: str) -> tuple[int, int, float] | None:
+    """``(met, cases, worst value)`` of one target over the rows of one dtype.
+
+    Rows without the value (no torch, no budget) do not count. A ratio counts
+    as it is printed, to 2 decimals, so that a 1.10 in the tables is within
+    1.10×. ``None`` when no row has the value.
+    """
+    values = [value(r) for r in rows
+              if r["dtype"] == dtype and (variants is None or r["variant"] in variants)]
+    values = [round(v, 2) for v in values if v is not None]
+    if not values:
+        return None
+    met = sum(v >= bound if at_least else v <= bound for v in values)
+    return met, len(values), (min(values) if at_least else max(values))
+
+
+def _targets_lines(result: dict) -> list[str]:
+    rows = result["rows"]
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    lines = [
+        "## Targets",
+        "",
+        "Cases that meet each target, and the worst case (2 decimals, as printed below).",
+        "",
+        "| target | " + " | ".join(dtypes) + " |",
+        "|---|" + "---|" * len(dtypes),
+    ]
+    for label, variants, value, bound, at_least in TARGETS:
+        cells = []
+        for dtype in dtypes:
+            counts = target_counts(rows, variants, value, bound, at_least, dtype)
+            cells.append("–" if counts is None else
+                         f"{counts[0]} of {counts[1]} (worst {counts[2]:.2f})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    startup = result.get("startup")
+    if startup:
+        lines += [""] + [
+            f"- {label} ≤ {bound:g} s: {startup[key]:.2f} s, "
+            + ("met" if startup[key] <= bound else f"not met ({startup[key] / bound:.2f}×)")
+            for label, key, bound in START_UP_TARGETS if key in startup
+        ]
+    return lines + [""]
+
+
 def _machine_lines(header: dict) -> list[str]:
     if not header:
         return ["- machine: not recorded"]
@@ -147,6 +221,7 @@ def markdown(result: dict) -> str:
                      f"| {_fmt(torch_blas, '.2f')} | {within} |")
     lines += [
         "",
+        *_targets_lines(result),
         "![pkd time / GEMM time against N](ratio_vs_n.png)",
         "",
         "## Every case",
