@@ -334,13 +334,12 @@ def _run_pair(student, teacher, projection, rows, teacher_rows, grad_scale, row_
 # Row blocking of the projected pass (medians of interleaved runs against the
 # GEMMs alone). With a narrow student the three GEMMs do only 6·d_s flops per
 # element of Y, so the memory traffic of the fused pass shows; taking G_b Pᵀ
-# right after the fused pass of a block of G (~1 MiB then, 2 MiB now, below),
-# while it is in cache,
-# brought N = 16384, 128 × 256 float32 from 1.09–1.11× to 1.02× its GEMMs
-# (masked too; Zen 3 VM). Taking S_bᵀ G_b there too, so that Y never leaves
-# the cache and needs a block-sized buffer only (16 MiB → 1 MiB), read
-# 1.04–1.17× against 1.11–1.18× in three A/B runs on the Xeon VM, where the
-# pass (reading T from memory) costs 14% of the GEMMs. Where the GEMMs dominate
+# right after the fused pass of a block of G (1 MiB then, 2 MiB now: below),
+# while it is in cache, brought N = 16384, 128 × 256 float32 from 1.09–1.11×
+# to 1.02× its GEMMs (masked too; Zen 3 VM). Taking S_bᵀ G_b there too, so
+# that Y never leaves the cache and needs a block-sized buffer only (16 MiB →
+# 1 MiB then), read 1.04–1.17× against 1.11–1.18× in three A/B runs on the
+# Xeon VM, where the pass (reading T from memory) costs 14% of the GEMMs. Where the GEMMs dominate
 # (float64 at d_s = 128, where a flop costs twice as much; d_s ≥ 312 float32)
 # smaller GEMMs lose more than the cache gains (1.07 → 1.10, 1.04 → 1.13, Zen 3), and
 # below ~8 MiB of Y the gain was within the noise: those cases run in one block.
