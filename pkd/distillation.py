@@ -141,8 +141,13 @@ def _reused_student_gradients(out: HiddenLossResult, planned: dict, pairs, n_lay
     return grads
 
 
+_UNSET = object()
+
+
 def _flat(cache: dict, key, layer: np.ndarray, dtype) -> np.ndarray:
     """``layer`` as a C-contiguous ``(rows, width)`` array of ``dtype``, once per key."""
+    if layer.ndim == 2 and layer.dtype == dtype and layer.flags.c_contiguous:
+        return layer  # the common case, without the cache (three calls per pair)
     if key not in cache:
         cache[key] = np.ascontiguousarray(layer.reshape(-1, layer.shape[-1]), dtype=dtype)
     return cache[key]
@@ -423,21 +428,23 @@ class ProgressiveDistillation:
                    else self.layer_weights.tolist())
 
         planned, skipped, reasons = {}, [], []
+        float64 = False
         for k, pair in enumerate(pairs):
             try:  # structure first: these are the pairs the seed would skip
-                planned[k] = self._plan_pair(pair, student_layers, teacher_layers)
+                plan = planned[k] = self._plan_pair(pair, student_layers, teacher_layers)
             except ValueError as error:
                 if not skip_invalid:
                     raise
                 skipped.append(pair)
                 reasons.append(f"{pair}: {error}")
+                continue
+            float64 = float64 or V.result_dtype(*plan) == V.FLOAT_DTYPES[1]
         if skipped:
             warnings.warn(
                 "skip_invalid=True skipped layer pair(s):\n  " + "\n  ".join(reasons),
                 SkippedPairWarning, stacklevel=3,
             )
-        arrays = [a for plan in planned.values() for a in plan if a is not None]
-        dtype = V.result_dtype(*arrays) if arrays else np.dtype(np.float32)
+        dtype = V.FLOAT_DTYPES[1] if float64 else V.FLOAT_DTYPES[0]
         total_weight = float(sum(weights[k] for k in planned))
         layer_losses = [math.nan] * len(pairs)
         n_layers = len(student_layers)
@@ -451,7 +458,8 @@ class ProgressiveDistillation:
             grad_projection = self._reused_projection_grads(out, dtype)
             self._check_out_overlap(planned, grad_student, grad_projection)
         returned = grad_student  # the caller's arrays, in the layers' own shapes
-        grad_student = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grad_student]
+        grad_student = [g if g is None or g.ndim == 2 else g.reshape(-1, g.shape[-1])
+                        for g in grad_student]
         written: set = set()  # student layers whose gradient holds a first pair's values
         touched_projection: set = set()
         rows_cache: dict = {}
@@ -464,20 +472,18 @@ class ProgressiveDistillation:
             pair = pairs[k]
             s = pair[0]
             lead = student.shape[:-1]
-            if lead not in rows_cache:
-                rows_cache[lead] = V.select_rows(lead, attention_mask, tokens)
-            rows = rows_cache[lead]
+            rows = rows_cache.get(lead, _UNSET)
+            if rows is _UNSET:
+                rows = rows_cache[lead] = V.select_rows(lead, attention_mask, tokens)
             coef = self.hidden_weight * weights[k] / total_weight if total_weight > 0 else 0.0
             s2 = _flat(flat, ("student", s), student, dtype)
             t2 = _flat(flat, ("teacher", pair[1]), teacher, dtype)
             p = None if projection is None else _flat(flat, ("projection", id(projection)),
                                                        projection, dtype)
-            g_s = g_p = None
-            accumulate_s = accumulate_p = False
-            if grad_student[s] is not None:
-                g_s = grad_student[s]
-                accumulate_s = s in written  # the first pair assigns, rows not counted → 0
-                written.add(s)
+            g_s = grad_student[s]
+            accumulate_s = s in written  # the first pair assigns, rows not counted → 0
+            written.add(s)
+            g_p, accumulate_p = None, False
             if grad_projection is not None and p is not None:
                 key = "shared" if shared else pair
                 g_p = grad_projection if shared else grad_projection[pair]
@@ -511,23 +517,24 @@ class ProgressiveDistillation:
         ``None``)."""
         student_shapes = {}
         if student_grads:
-            for k, (student, _, _) in planned.items():
-                student_shapes.setdefault(self.layer_mapping[k][0], student.shape)
-        projection_shapes = {}
-        if projection_grads and self.projection is not None:
-            projection_shapes = ({"shared": self.projection.shape} if self.shared_projection
-                                 else {pair: p.shape for pair, p in self.projection.items()})
+            for k, plan in planned.items():
+                student_shapes.setdefault(self.layer_mapping[k][0], plan[0].shape)
         layers = sorted(student_shapes)
-        views = empty_views([student_shapes[s] for s in layers]
-                            + list(projection_shapes.values()), dtype)
+        shapes = [student_shapes[s] for s in layers]
+        projection = self.projection if projection_grads else None
+        if isinstance(projection, dict):
+            shapes += [p.shape for p in projection.values()]
+        elif projection is not None:
+            shapes.append(projection.shape)
+        views = empty_views(shapes, dtype)
         grad_student = [None] * n_layers
-        for s, view in zip(layers, views[:len(layers)], strict=True):
+        for s, view in zip(layers, views, strict=False):
             grad_student[s] = view
-        grad_projection = dict(zip(projection_shapes, views[len(layers):], strict=True))
-        if not grad_projection:
+        if projection is None:
             return grad_student, None
-        return grad_student, (grad_projection["shared"] if self.shared_projection
-                              else grad_projection)
+        if isinstance(projection, dict):
+            return grad_student, dict(zip(projection, views[len(layers):], strict=True))
+        return grad_student, views[-1]
 
     def _reused_projection_grads(self, out: HiddenLossResult, dtype):
         """The projection gradients of ``out``, checked against this configuration."""

@@ -396,6 +396,31 @@ def test_fresh_gradients_are_disjoint_views_of_one_allocation():
     assert grad_p is None and grad_s.shape == T.shape
 
 
+def test_workspace_hands_out_kept_views_and_forgets_those_of_an_outgrown_buffer():
+    workspace = pkd.loss.Workspace()
+    small = workspace.get("y", (4, 3), np.float32)
+    assert workspace.get("y", (4, 3), np.dtype(np.float32)).base is small.base
+    assert workspace.get("y", (4, 3), np.float32) is small  # the same request: the same view
+    other = workspace.get("y", (2, 6), np.float32)
+    assert other.shape == (2, 6) and np.shares_memory(other, small)  # one buffer per tag
+    assert not np.shares_memory(workspace.get("gather", (4, 3), np.float32), small)
+    assert workspace.get("y", (4, 3), np.float64).dtype == np.float64
+    large = workspace.get("y", (8, 3), np.float32)  # the buffer grows
+    buffer = workspace._buffers[("y", np.dtype(np.float32))]
+    assert large.base is buffer and buffer.size == 24
+    again = workspace.get("y", (4, 3), np.float32)
+    assert again is not small and again.base is buffer  # the old buffer is not pinned
+    assert all(view.base is buffer for (tag, _, dtype), view in workspace._views.items()
+               if tag == "y" and np.dtype(dtype) == np.float32)
+    n_shapes = 2 * pkd.loss.Workspace.KEPT_VIEWS
+    workspace.get("y", (n_shapes, 3), np.float32)
+    for n in range(1, n_shapes):  # shapes that vary from call to call, in one buffer
+        assert workspace.get("y", (n, 3), np.float32).shape == (n, 3)
+    assert len(workspace._views) <= pkd.loss.Workspace.KEPT_VIEWS
+    workspace.clear()
+    assert workspace._views == {} and workspace._buffers == {}
+
+
 def _kept(array):
     """Whether ``array`` is carved from a block the workspace keeps for reuse."""
     kept = pkd.loss.thread_workspace()._gradient_blocks.get(array.dtype, [])
