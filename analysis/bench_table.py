@@ -4,8 +4,8 @@ Runs :func:`pkd.bench.run_bench` (the benchmark behind ``pkd bench``) over
 its grid (variant × dtype × N rows × (d_s, d_t)) and writes, into
 ``analysis/results/bench/``:
 
-- ``bench.json``: every measurement, the machine (CPU, BLAS, threads) and
-  the start-up times;
+- ``bench.json``: every measurement, the machine (CPU, BLAS, threads),
+  the fixed cost of a call and the start-up times;
 - ``bench.md``: the table: per case, pkd's time, its ratio to the GEMMs it
   cannot avoid (×GEMM; 1.00 is the physical limit), its speed-up over the
   plain NumPy version and over torch autograd, and its peak extra memory
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from _common import output_dir, write_json, write_text
 
-from pkd.bench import describe_cpu
+from pkd.bench import describe_call_overhead, describe_cpu
 
 NAME = "bench"
 REQUIRED = ("variant", "dtype", "n_rows", "d_s", "d_t", "pkd_ms", "gemm_ms", "numpy_ms",
@@ -260,6 +260,8 @@ def markdown(result: dict) -> str:
                f" The floor under it, a trivial cached Numba kernel's first call in a fresh "
                f"process: {startup['numba_floor_s']:.2f} s."),
         ]
+    if result.get("call_overhead"):
+        lines += ["", describe_call_overhead(result["call_overhead"])]
     matrix = result.get("alignment_6x12")
     if matrix:
         lines += [

@@ -28,6 +28,10 @@ Peak extra memory of the pkd call is measured with ``tracemalloc`` (NumPy
 reports its buffers to it) in a separate, untimed call whose gradients are
 allocated anew (see ``_peak_bytes``), and compared with the budget
 ``1.2 × (one N×d_t buffer + the gradient outputs)``.
+
+After the grid, :func:`call_overhead` measures the fixed cost of a call on
+inputs of a few rows (the Python around the GEMMs, which weighs on the
+sub-millisecond cases) and :func:`startup_times` the start-up costs.
 """
 
 from __future__ import annotations
@@ -605,6 +609,60 @@ def startup_times(repeats: int = 3) -> dict:
     return result
 
 
+OVERHEAD_SHAPE = (8, 8, 16)  # N, d_s, d_t: inputs so small that only the fixed cost is left
+OVERHEAD_ROUNDS = 7
+
+
+def call_overhead(calls: int = 2000, repeats: int = OVERHEAD_ROUNDS) -> dict:
+    """The fixed cost of a call, in µs: float32 inputs of ``OVERHEAD_SHAPE``.
+
+    The best of ``repeats`` rounds of ``calls`` calls each (a floor: machine
+    noise only adds). ``one_pair_us``: :func:`pkd.projected_mse_grad`;
+    ``four_pairs_us``: ``ProgressiveDistillation.loss_and_grad`` over 4 pairs
+    sharing P; ``*_floor_us``: what those calls cannot avoid, the three GEMMs
+    and the fused pass of each pair called directly. The difference is the
+    Python around them (validation, buffers, dispatch), which is what weighs
+    on the sub-millisecond cases of the grid.
+    """
+    import pkd
+    from pkd import loss
+
+    n, d_s, d_t = OVERHEAD_SHAPE
+    student, teacher, projection, _ = _case_arrays(n, d_s, d_t, np.float32, n_layers=4)
+    cfg = pkd.ProgressiveDistillation([(k, k) for k in range(4)], projection=projection,
+                                      project="always")
+    fused = loss._pick(False, True, n * d_t)
+    y = np.empty((n, d_t), np.float32)
+    grad_projection, grad_student = np.empty_like(projection), np.empty_like(student[0])
+    rows, row_loss, scale = np.arange(n), np.empty(n), np.float32(2.0 / (n * d_t))
+
+    def floor(layers):
+        def run():
+            for k in range(layers):
+                np.matmul(student[k], projection, out=y)
+                fused(y, teacher[k], rows, scale, row_loss)
+                np.matmul(student[k].T, y, out=grad_projection)
+                np.matmul(y, projection.T, out=grad_student)
+        return run
+
+    contenders = {
+        "one_pair_us": lambda: pkd.projected_mse_grad(student[0], teacher[0], projection),
+        "one_pair_floor_us": floor(1),
+        "four_pairs_us": lambda: cfg.loss_and_grad(student, teacher),
+        "four_pairs_floor_us": floor(4),
+    }
+    best = dict.fromkeys(contenders, math.inf)
+    for fn in contenders.values():
+        fn()
+    for _ in range(repeats):  # round-robin, so that a slow stretch hits every contender
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - start) / calls * 1e6)
+    return best
+
+
 def bench_cases(*, quick: bool, dtypes=None, variants) -> list[tuple]:
     """``(variant, N, d_s, d_t, dtype)`` of every case to run, in order.
 
@@ -668,14 +726,26 @@ def run_bench(*, quick: bool = False, dtypes=None, variants=VARIANTS,
     extra = {}
     if not quick and "alignment" in variants:
         extra["alignment_6x12"] = bench_alignment_matrix(out=out)
+    overhead = call_overhead(calls=500 if quick else 2000)
+    print(f"\n{describe_call_overhead(overhead)}", file=out)
     startup = startup_times(repeats=1 if quick else 3)
-    print(f"\nimport pkd: {startup['import_s']:.2f} s; first loss_and_grad in a fresh process: "
+    print(f"import pkd: {startup['import_s']:.2f} s; first loss_and_grad in a fresh process: "
           f"{startup['first_call_warm_s']:.2f} s (warm cache), "
           f"{startup['first_call_cold_s']:.2f} s (cold: compiling); the floor, a trivial "
           f"cached Numba kernel's first call: {startup['numba_floor_s']:.2f} s", file=out)
     return {"header": header, "rows": [asdict(r) | {"vs_gemm": r.vs_gemm} for r in rows],
-            "startup": startup, "repeats": repeats, "rounds": ROUNDS,
-            "min_round_s": _MIN_ROUND_S, "quick": quick} | extra
+            "call_overhead": overhead, "startup": startup, "repeats": repeats,
+            "rounds": ROUNDS, "min_round_s": _MIN_ROUND_S, "quick": quick} | extra
+
+
+def describe_call_overhead(overhead: dict) -> str:
+    """:func:`call_overhead`'s result as a sentence."""
+    n, d_s, d_t = OVERHEAD_SHAPE
+    return (f"Fixed cost of a call (N = {n}, {d_s}×{d_t} float32, best of "
+            f"{OVERHEAD_ROUNDS} rounds): projected_mse_grad {overhead['one_pair_us']:.1f} µs, "
+            f"of which the GEMMs and the fused pass {overhead['one_pair_floor_us']:.1f} µs; "
+            f"4 pairs sharing P "
+            f"{overhead['four_pairs_us']:.1f} µs ({overhead['four_pairs_floor_us']:.1f} µs).")
 
 
 def describe_cpu(header: dict) -> str:

@@ -480,6 +480,23 @@ def test_startup_times_measures_every_stage():
     assert all(math.isfinite(t) and t > 0 for t in times.values())
 
 
+def test_call_overhead_sets_each_call_against_what_it_cannot_avoid():
+    from pkd.bench import call_overhead, describe_call_overhead
+
+    cost = call_overhead(calls=50, repeats=2)
+    assert set(cost) == {"one_pair_us", "one_pair_floor_us", "four_pairs_us",
+                         "four_pairs_floor_us"}
+    assert all(math.isfinite(t) and t > 0 for t in cost.values())
+    # The calls do the floor's GEMMs and fused passes and more; four pairs, four times one's.
+    assert cost["one_pair_us"] > cost["one_pair_floor_us"]
+    assert cost["four_pairs_us"] > cost["four_pairs_floor_us"] > cost["one_pair_floor_us"]
+    text = describe_call_overhead(dict(one_pair_us=15.04, one_pair_floor_us=5.0,
+                                       four_pairs_us=70.0, four_pairs_floor_us=20.0))
+    assert text.startswith("Fixed cost of a call (N = 8, 8×16 float32, best of 7 rounds): ")
+    assert "projected_mse_grad 15.0 µs, of which the GEMMs and the fused pass 5.0 µs" in text
+    assert text.endswith("4 pairs sharing P 70.0 µs (20.0 µs).")
+
+
 def test_bench_rejects_unknown_variant(capsys):
     assert cli.main(["bench", "--variant", "fastest"]) == 2
     assert "choose from" in capsys.readouterr().err
@@ -497,6 +514,8 @@ def fake_bench(monkeypatch):
         return bench.Row(variant, dtype, n, d_s, d_t, 1.0, 1.0, None, None, None, None)
 
     monkeypatch.setattr(bench, "bench_case", bench_case)
+    monkeypatch.setattr(bench, "call_overhead", lambda calls=2000: dict.fromkeys(
+        ("one_pair_us", "one_pair_floor_us", "four_pairs_us", "four_pairs_floor_us"), 1.0))
     monkeypatch.setattr(bench, "startup_times", lambda repeats=3: dict.fromkeys(
         ("import_s", "first_call_warm_s", "first_call_cold_s", "numba_floor_s"), 0.0))
     return ran

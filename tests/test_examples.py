@@ -230,7 +230,9 @@ def fake_bench(path: Path) -> dict:
                          "numba_threads": 2, "blas": [], "torch": None},
               "rows": rows, "repeats": 5, "min_round_s": 0.05, "quick": False,
               "startup": {"import_s": 0.25, "first_call_warm_s": 1.25, "first_call_cold_s": 8.0,
-                          "numba_floor_s": 0.4}}
+                          "numba_floor_s": 0.4},
+              "call_overhead": {"one_pair_us": 16.0, "one_pair_floor_us": 5.0,
+                                "four_pairs_us": 72.0, "four_pairs_floor_us": 21.0}}
     path.write_text(json.dumps(result))
     return result
 
@@ -278,6 +280,8 @@ def test_bench_table_from_json(tmp_path):
     assert "- `import pkd` ≤ 0.5 s: 0.25 s, met" in markdown
     assert "- first `loss_and_grad`, cache warm ≤ 1 s: 1.25 s, not met (1.25×)" in markdown
     assert "trivial cached Numba kernel's first call in a fresh process: 0.40 s" in markdown
+    assert ("projected_mse_grad 16.0 µs, of which the GEMMs and the fused pass 5.0 µs; "
+            "4 pairs sharing P 72.0 µs (21.0 µs).") in markdown
 
 
 def test_bench_table_rejects_bad_json(tmp_path):
