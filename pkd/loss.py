@@ -99,7 +99,7 @@ class Workspace:
 
     def get(self, tag: str, shape: tuple, dtype) -> np.ndarray:
         # Called several times per pair: the view handed out is kept per request, so a
-        # loop's repeated request is one dict lookup (0.1 against 0.7 µs carving it).
+        # loop's repeated request is one dict lookup (0.2 against 0.9 µs carving it).
         key = (tag, shape, dtype)
         view = self._views.get(key)
         if view is None:
