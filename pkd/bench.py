@@ -704,7 +704,9 @@ def run_bench(*, quick: bool = False, dtypes=None, variants=VARIANTS,
     """Run the benchmark grid; print a table as it goes; return everything as a dict.
 
     ``dtypes`` defaults as in :func:`bench_cases`. Without torch the torch
-    variants are left out.
+    variants are left out. ``progress`` shows a bar on stderr when stderr is a
+    terminal; the table's rows are written through it, so they never land on
+    the bar's line.
     """
     from tqdm.auto import tqdm
 
@@ -719,10 +721,15 @@ def run_bench(*, quick: bool = False, dtypes=None, variants=VARIANTS,
     cases = bench_cases(quick=quick, dtypes=dtypes, variants=variants)
     rows = []
     print(_format_row(None), file=out)
-    for case in tqdm(cases, desc="bench", disable=not progress, leave=False):
-        row = bench_case(*case, repeats=repeats)
-        rows.append(row)
-        print(_format_row(row), file=out, flush=True)
+    # disable=None: no bar where stderr is not a terminal (a log, a pipe), as in `pkd analyze`.
+    with tqdm(cases, desc="bench", disable=None if progress else True, leave=False) as bar:
+        for case in bar:
+            row = bench_case(*case, repeats=repeats)
+            rows.append(row)
+            # Through the bar: on a terminal that shows both, a plain print would land
+            # on the bar's line; write() clears the bar first and redraws it below.
+            bar.write(_format_row(row), file=out)
+            out.flush()
     extra = {}
     if not quick and "alignment" in variants:
         extra["alignment_6x12"] = bench_alignment_matrix(out=out)
@@ -775,14 +782,13 @@ def _format_row(row: Row | None) -> str:
                 f"{'×gemm':>6} {'numpy/pkd':>9} {'torch/pkd':>9} {'torch BLAS':>10} "
                 f"{'peak MB':>8} {'budget':>7}")
 
-    def fmt(x, spec):
-        return "-" if x is None else format(x, spec)
+    def fmt(x, width, digits):  # a missing figure keeps its column: "-", right-aligned
+        return f"{'-' if x is None else format(x, f'.{digits}f'):>{width}}"
 
     return (f"{row.variant:<18}{row.dtype:<8}{row.n_rows:>6} {row.d_s:>4}×{row.d_t:<4} "
-            f"{row.pkd_ms:>9.3f} {row.vs_gemm:>6.2f} {fmt(row.speedup(row.numpy_ms), '>9.2f')} "
-            f"{fmt(row.speedup(row.torch_ms), '>9.2f')} {fmt(row.torch_blas, '>10.2f')} "
-            f"{fmt(row.peak_mb, '>8.1f')} "
-            f"{fmt(row.budget_mb, '>7.1f')}")
+            f"{row.pkd_ms:>9.3f} {row.vs_gemm:>6.2f} {fmt(row.speedup(row.numpy_ms), 9, 2)} "
+            f"{fmt(row.speedup(row.torch_ms), 9, 2)} {fmt(row.torch_blas, 10, 2)} "
+            f"{fmt(row.peak_mb, 8, 1)} {fmt(row.budget_mb, 7, 1)}")
 
 
 def write_json(result: dict, path) -> None:

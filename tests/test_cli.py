@@ -420,6 +420,61 @@ def test_bench_fast_groups_get_more_runs_per_round(monkeypatch):
     assert bench._runs_per_round(3, 0.0) == 40 and bench._runs_per_round(3, 1.0) == 3
 
 
+def _as_shown(text: str) -> list[str]:
+    """The lines a terminal shows for ``text``: a carriage return rewrites its line."""
+    shown = []
+    for line in text.split("\n"):
+        screen = ""
+        for segment in line.split("\r"):
+            screen = segment + screen[len(segment):]
+        shown.append(screen.rstrip())
+    return shown
+
+
+def test_bench_table_rows_stay_off_the_progress_bar(monkeypatch):
+    """The table (stdout) and the bar (stderr) on one terminal: every row on a line of its own."""
+    import io
+
+    from pkd import bench
+
+    rows = [bench.Row("plain", "float32", 256, 128, 256, 0.5, 0.4, 0.6, 0.7, 0.3, 0.6, 0.35),
+            bench.Row("alignment", "float64", 512, 8, 16, 1.5, 1.0, 1.2, None, 2.4, None)]
+    cases = iter(rows)
+    monkeypatch.setattr(bench, "bench_case", lambda *case, repeats: next(cases))
+    monkeypatch.setattr(bench, "bench_cases", lambda **kw: [("a",), ("b",)])
+    monkeypatch.setattr(bench, "call_overhead", lambda calls: dict.fromkeys(
+        ("one_pair_us", "one_pair_floor_us", "four_pairs_us", "four_pairs_floor_us"), 1.0))
+    monkeypatch.setattr(bench, "startup_times", lambda repeats: dict.fromkeys(
+        ("import_s", "first_call_warm_s", "first_call_cold_s", "numba_floor_s"), 0.1))
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    result = bench.run_bench(quick=True, variants=("plain",), out=terminal, progress=True)
+
+    assert "bench:" in terminal.getvalue()  # the bar was drawn on the same stream
+    shown = _as_shown(terminal.getvalue())
+    header = bench._format_row(None)
+    assert shown.count(header) == 1
+    for row in rows:
+        assert shown.count(bench._format_row(row)) == 1
+    assert not [line for line in shown if "bench:" in line]  # cleared once done
+    assert [r["variant"] for r in result["rows"]] == ["plain", "alignment"]
+    log = io.StringIO()  # not a terminal: no bar at all, the table alone
+    monkeypatch.setattr(sys, "stderr", log)
+    cases = iter(rows)
+    bench.run_bench(quick=True, variants=("plain",), out=log, progress=True)
+    assert "bench:" not in log.getvalue() and "\r" not in log.getvalue()
+    assert _as_shown(log.getvalue()).count(bench._format_row(rows[0])) == 1
+    # a missing figure keeps its column: the alignment row lines up with the header
+    missing = bench._format_row(rows[1])
+    assert len(missing) == len(header) and missing.split()[-1] == "-"
+    assert missing.split()[-5:] == ["0.80", "-", "-", "2.4", "-"]
+
+
 def test_bench_cases_full_grid_and_quick_subset():
     from pkd.bench import GRID_N, GRID_SHAPES, QUICK_CASES, VARIANTS, bench_cases
 
