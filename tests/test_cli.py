@@ -446,7 +446,8 @@ def test_bench_table_rows_stay_off_the_progress_bar(monkeypatch):
         ("one_pair_us", "one_pair_floor_us", "four_pairs_us", "four_pairs_floor_us"), 1.0))
     monkeypatch.setattr(bench, "startup_times", lambda repeats: dict.fromkeys(
         ("import_s", "first_call_warm_s", "first_call_cold_s", "numba_floor_s"), 0.1))
-    class Terminal(io.StringIO):
+
+    class Terminal(io.StringIO):  # what tqdm asks before it draws a bar
         def isatty(self):
             return True
 
