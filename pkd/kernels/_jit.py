@@ -39,6 +39,7 @@ options: after changing them here, delete ``pkd/kernels/__pycache__``.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 
 import numba
@@ -65,9 +66,19 @@ def twins(function: Callable, *, reassociate: bool = False,
           fuse_multiply_add: bool = False) -> tuple[Callable, Callable]:
     """Return ``(serial, parallel)`` compilations of ``function``.
 
-    In the serial twin ``numba.prange`` behaves as ``range``.
+    In the serial twin ``numba.prange`` behaves as ``range``. The parallel twin
+    compiles a copy of ``function`` named ``<name>_parallel``: Numba's on-disk
+    cache is keyed by the function's name, line and bytecode, not by
+    ``parallel=True``, so two twins of one function would share one cache entry
+    and both run whichever was compiled first.
     """
     options = _options(reassociate, fuse_multiply_add)
     serial = numba.njit(**options)(function)
-    parallel = numba.njit(parallel=True, **options)(function)
+    copy = types.FunctionType(function.__code__, function.__globals__,
+                              f"{function.__name__}_parallel", function.__defaults__,
+                              function.__closure__)
+    copy.__qualname__ = f"{function.__qualname__}_parallel"
+    copy.__module__ = function.__module__
+    copy.__doc__ = function.__doc__
+    parallel = numba.njit(parallel=True, **options)(copy)
     return serial, parallel
