@@ -229,11 +229,11 @@ def _runs_per_round(runs: int, per_pass_s: float) -> int:
 def _peak_bytes(fn: Callable) -> int:
     """Peak bytes traced during one call of ``fn``, its gradients allocated anew.
 
-    The kept gradient blocks are released first (``pkd.loss.Workspace``): a
+    The kept gradient blocks are released first (``pkd.workspace.Workspace``): a
     call that reuses one allocates nothing for its gradients, and the budget
     counts them. The scratch buffers stay, as between the calls of a loop.
     """
-    from .loss import thread_workspace
+    from .workspace import thread_workspace
 
     thread_workspace().release_gradient_blocks()
     tracemalloc.start()
@@ -625,13 +625,13 @@ def call_overhead(calls: int = 2000, repeats: int = OVERHEAD_ROUNDS) -> dict:
     on the sub-millisecond cases of the grid.
     """
     import pkd
-    from pkd import loss
+    from pkd import engine
 
     n, d_s, d_t = OVERHEAD_SHAPE
     student, teacher, projection, _ = _case_arrays(n, d_s, d_t, np.float32, n_layers=4)
     cfg = pkd.ProgressiveDistillation([(k, k) for k in range(4)], projection=projection,
                                       project="always")
-    fused = loss._pick(False, True, n * d_t)
+    fused = engine.fused_pass(False, True, n * d_t)
     y = np.empty((n, d_t), np.float32)
     grad_projection, grad_student = np.empty_like(projection), np.empty_like(student[0])
     rows, row_loss, scale = np.arange(n), np.empty(n), np.float32(2.0 / (n * d_t))

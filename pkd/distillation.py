@@ -1,47 +1,48 @@
-"""``ProgressiveDistillation``: the seed's configuration object, its loss, and gradients.
+"""``ProgressiveDistillation``: the layer-matching configuration, its loss, and gradients.
 
-The seed (a Rust struct) holds a layer mapping, a loss weight and an optional
+The reference implementation (the Rust struct ``ProgressiveDistillation`` of the
+crate aprender-train, module ``entrenar::hf_pipeline::distillation``; see
+docs/math.md) holds a layer mapping, a loss weight and an optional
 Xavier-initialised projection, and computes the mean over mapped pairs of the
 MSE between (projected) student and teacher hidden states. pkd keeps those
-meanings and adds what a careful user needs (DESIGN.md §1):
+meanings and adds what a careful user needs (docs/math.md):
 
 ``L_hidden = λ · Σ_k ω_k ℓ_k / Σ_k ω_k``, λ = ``hidden_weight``, ω_k =
-``layer_weights`` (default 1: the seed's plain mean), ℓ_k the pair's MSE or,
-with ``normalize=True``, PKD's normalized loss.
+``layer_weights`` (default 1: the reference implementation's plain mean), ℓ_k
+the pair's MSE or, with ``normalize=True``, PKD's normalized loss. The loop
+over pairs is :func:`pkd.engine.hidden_loss`.
 
 When the projection is applied
 ------------------------------
-``project="auto"`` (default, the seed's rule): a pair goes through the
-projection only when its student and teacher widths differ; pairs of equal
-width compare S with T directly and the projection gets no gradient from
-them. ``project="always"``: every pair goes through the projection (which
+``project="auto"`` (default, the reference implementation's rule): a pair goes
+through the projection only when its student and teacher widths differ; pairs
+of equal width compare S with T directly and the projection gets no gradient
+from them. ``project="always"``: every pair goes through the projection (which
 must then be ``(d_s, d_t)`` for every pair, including d_s == d_t).
 
-Where the seed silently skips a pair it cannot compute (a layer index out of
-range, widths that differ with no projection, a projection of the wrong
-shape, rows that differ) pkd raises ``ValueError``; ``skip_invalid=True``
-restores the seed's skipping and warns once, listing every skipped pair.
+Where the reference implementation silently skips a pair it cannot compute (a
+layer index out of range, widths that differ with no projection, a projection
+of the wrong shape, rows that differ) pkd raises ``ValueError``;
+``skip_invalid=True`` restores the skipping and warns once, listing every
+skipped pair.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import _validation as V
-from .loss import empty_views, pair_loss_and_grad, thread_workspace
+from . import engine
+from ._validation import Pair
+from .engine import SkippedPairWarning
 
-Pair = tuple[int, int]
+__all__ = ["DEFAULT_MAPPING", "HiddenLossResult", "ProgressiveDistillation",
+           "SkippedPairWarning", "xavier_uniform"]
 
 DEFAULT_MAPPING: tuple[Pair, ...] = ((0, 2), (1, 5), (2, 8), (3, 11))
-
-
-class SkippedPairWarning(UserWarning):
-    """A layer pair was skipped because ``skip_invalid=True``."""
 
 
 @dataclass
@@ -71,7 +72,7 @@ class HiddenLossResult:
     Notes
     -----
     The gradients of one call are disjoint views of one block (fewer page
-    faults, see ``pkd.loss.empty_views``): keeping any one of them alive
+    faults, see ``pkd.workspace.empty_views``): keeping any one of them alive
     keeps the whole block; ``.copy()`` the ones to keep for long. A block
     nothing references any more is handed to a later call's gradients.
     """
@@ -82,16 +83,6 @@ class HiddenLossResult:
     grad_student: list
     grad_projection: np.ndarray | dict | None
     skipped: list = field(default_factory=list)
-
-
-def named_gradients(grad_student: list, grad_projection) -> list:
-    """``(name, array or None)`` of a result's gradients, named as ``out=`` errors name them."""
-    named = [(f"out.grad_student[{s}]", g) for s, g in enumerate(grad_student)]
-    if isinstance(grad_projection, dict):
-        named += [(f"out.grad_projection[{pair}]", g) for pair, g in grad_projection.items()]
-    else:
-        named.append(("out.grad_projection", grad_projection))
-    return named
 
 
 def xavier_uniform(student_dim: int, teacher_dim: int, *, seed=None,
@@ -116,47 +107,11 @@ def xavier_uniform(student_dim: int, teacher_dim: int, *, seed=None,
     return rng.uniform(-bound, bound, size=(d_s, d_t)).astype(dtype)
 
 
-def _reused_student_gradients(out: HiddenLossResult, planned: dict, pairs, n_layers: int,
-                              dtype) -> list:
-    """The student gradients of ``out`` that this call writes, checked; ``None`` elsewhere.
-
-    A ``None`` entry (a layer the previous call did not use, e.g. a skipped pair)
-    gets a fresh array, so a loop can always hand its last result back.
-    """
-    given = out.grad_student
-    if not isinstance(given, (list, tuple)) or len(given) != n_layers:
-        count = len(given) if isinstance(given, (list, tuple)) else type(given).__name__
-        raise ValueError(
-            f"out.grad_student must hold one entry per student layer ({n_layers}), got "
-            f"{count}: pass the result of a call on hidden states of the same layout"
-        )
-    grads = [None] * n_layers
-    for k, (student, _, _) in planned.items():
-        s = pairs[k][0]
-        if grads[s] is None and given[s] is None:
-            grads[s] = np.empty(student.shape, dtype=dtype)
-        elif grads[s] is None:
-            grads[s] = V.check_output(given[s], f"out.grad_student[{s}]", student.shape, dtype,
-                                      pair=pairs[k])
-    return grads
-
-
-_UNSET = object()
-
-
-def _flat(cache: dict, key, layer: np.ndarray, dtype) -> np.ndarray:
-    """``layer`` as a C-contiguous ``(rows, width)`` array of ``dtype``, once per key."""
-    if layer.ndim == 2 and layer.dtype == dtype and layer.flags.c_contiguous:
-        return layer  # the common case, without the cache (three calls per pair)
-    if key not in cache:
-        cache[key] = np.ascontiguousarray(layer.reshape(-1, layer.shape[-1]), dtype=dtype)
-    return cache[key]
-
-
 class ProgressiveDistillation:
     """Matches student hidden states to teacher hidden states at selected layers.
 
-    The seed's ``ProgressiveDistillation`` (Sun et al. 2019), with gradients.
+    The reference implementation's ``ProgressiveDistillation`` (for PKD, Sun et al.
+    2019), with gradients.
 
     Parameters
     ----------
@@ -216,7 +171,7 @@ class ProgressiveDistillation:
         self.tokens = tokens
         self.projection = self._check_projection_structure(projection)
 
-    # -- the seed's builder methods -------------------------------------------------
+    # -- builder methods (the reference implementation's) ---------------------------
 
     def with_projection(self, student_dim: int, teacher_dim: int, *, seed=None,
                         dtype=np.float32, shared: bool = True) -> ProgressiveDistillation:
@@ -227,10 +182,12 @@ class ProgressiveDistillation:
         student_dim, teacher_dim : int
             d_s and d_t (> 0).
         seed : int, numpy.random.Generator or None
-            Makes the initialisation reproducible (the seed crate is unseeded).
+            Makes the initialisation reproducible (the reference implementation
+            draws from an unseeded generator).
         dtype : float32 (default) or float64
         shared : bool
-            One projection for every pair (the seed), or one per pair, each
+            One projection for every pair (as the reference implementation), or
+            one per pair, each
             drawn in mapping order from the same generator.
         """
         rng = V.as_generator(seed)
@@ -289,12 +246,14 @@ class ProgressiveDistillation:
     def hidden_state_loss(self, student_hidden, teacher_hidden, *, attention_mask=None,
                           tokens=None, skip_invalid: bool = False,
                           check_finite: bool = True) -> float:
-        """The seed's hidden-state matching loss ``L_hidden`` (no gradients).
+        """The hidden-state matching loss ``L_hidden`` (no gradients).
 
         Same arguments as :meth:`loss_and_grad`.
         """
-        return self._run(student_hidden, teacher_hidden, attention_mask, tokens,
-                         skip_invalid, check_finite, need_grad=False).loss
+        return engine.hidden_loss(
+            self, student_hidden, teacher_hidden, attention_mask=attention_mask, tokens=tokens,
+            skip_invalid=skip_invalid, check_finite=check_finite, grad_student=False,
+            grad_projection=False).loss
 
     def loss_and_grad(self, student_hidden, teacher_hidden, *, attention_mask=None,
                       tokens=None, skip_invalid: bool = False, check_finite: bool = True,
@@ -313,7 +272,8 @@ class ProgressiveDistillation:
         tokens : {"all", "cls"} or int, optional
             Overrides the configuration's token selection for 3-D input.
         skip_invalid : bool
-            Skip (with a warning) pairs the seed would skip, instead of raising.
+            Skip (with a warning) pairs that cannot be computed (see the module
+            docstring), instead of raising.
         check_finite : bool
             Refuse NaN/Inf (default).
         out : HiddenLossResult, optional
@@ -349,8 +309,14 @@ class ProgressiveDistillation:
                 f"out must be a HiddenLossResult (the result of an earlier loss_and_grad "
                 f"call) or None, got {type(out).__name__}"
             )
-        return self._run(student_hidden, teacher_hidden, attention_mask, tokens,
-                         skip_invalid, check_finite, need_grad=True, out=out)
+        result = engine.hidden_loss(
+            self, student_hidden, teacher_hidden, attention_mask=attention_mask, tokens=tokens,
+            skip_invalid=skip_invalid, check_finite=check_finite, out=out)
+        if out is None:
+            return HiddenLossResult(*result)
+        for name, value in result._asdict().items():
+            setattr(out, name, value)
+        return out
 
     # -- internals -----------------------------------------------------------------
 
@@ -376,204 +342,3 @@ class ProgressiveDistillation:
             return {pair: V.check_float_array(projection[pair], "projection", ndims=(2,),
                                               pair=pair) for pair in self.layer_mapping}
         return V.check_float_array(projection, "projection", ndims=(2,))
-
-    def _projection_for(self, pair):
-        if self.projection is None:
-            return None
-        # .get: pkd.torch leaves out the per-pair projections no pair goes through.
-        return self.projection if self.shared_projection else self.projection.get(pair)
-
-    def _projection_applies(self, projection, d_s: int, d_t: int) -> bool:
-        """Whether a pair of widths ``d_s``, ``d_t`` goes through ``projection`` (or None).
-
-        ``project="auto"`` (the seed's rule): only when the widths differ;
-        ``"always"``: whenever there is a projection.
-        """
-        return projection is not None and (self.project == "always" or d_s != d_t)
-
-    def _plan_pair(self, pair, student_layers, teacher_layers):
-        """Check one pair's structure; return (S, T, P or None) or raise ValueError."""
-        s, t = pair
-        student = V.layer_at(student_layers, s, "student_hidden", pair, check_finite=False)
-        teacher = V.layer_at(teacher_layers, t, "teacher_hidden", pair, check_finite=False)
-        V.check_paired(student, teacher, pair,
-                       names=(f"student_hidden[{s}]", f"teacher_hidden[{t}]"))
-        d_s, d_t = student.shape[-1], teacher.shape[-1]
-        projection = self._projection_for(pair)
-        if not self._projection_applies(projection, d_s, d_t):
-            if d_s != d_t:
-                raise ValueError(
-                    f"layer pair {pair}: student width {d_s} differs from teacher width {d_t} "
-                    f"(shapes {student.shape} and {teacher.shape}) and no projection is set; "
-                    f"use .with_projection({d_s}, {d_t})"
-                )
-            projection = None
-        else:
-            projection = V.check_projection(projection, d_s, d_t, pair=pair,
-                                            check_finite=False)
-        return student, teacher, projection
-
-    def _run(self, student_hidden, teacher_hidden, attention_mask, tokens, skip_invalid,
-             check_finite, *, need_grad, out=None, student_grads=True, projection_grads=True):
-        """The loss, and with ``need_grad`` the gradients (``student_grads`` /
-        ``projection_grads`` False leave those out: ``None``, no GEMM for them)."""
-        skip_invalid = V.check_bool(skip_invalid, "skip_invalid")
-        check_finite = V.check_bool(check_finite, "check_finite")
-        student_layers = V.as_layers(student_hidden, "student_hidden")
-        teacher_layers = V.as_layers(teacher_hidden, "teacher_hidden")
-        tokens = self.tokens if tokens is None else tokens
-        pairs = self.layer_mapping
-        # Python floats: numpy scalar arithmetic per pair costs µs, which count at N ≤ 512.
-        weights = ([1.0] * len(pairs) if self.layer_weights is None
-                   else self.layer_weights.tolist())
-
-        planned, skipped, reasons = {}, [], []
-        float64 = False
-        for k, pair in enumerate(pairs):
-            try:  # structure first: these are the pairs the seed would skip
-                plan = planned[k] = self._plan_pair(pair, student_layers, teacher_layers)
-            except ValueError as error:
-                if not skip_invalid:
-                    raise
-                skipped.append(pair)
-                reasons.append(f"{pair}: {error}")
-                continue
-            float64 = float64 or V.result_dtype(*plan) == V.FLOAT_DTYPES[1]
-        if skipped:
-            warnings.warn(
-                "skip_invalid=True skipped layer pair(s):\n  " + "\n  ".join(reasons),
-                SkippedPairWarning, stacklevel=3,
-            )
-        dtype = V.FLOAT_DTYPES[1] if float64 else V.FLOAT_DTYPES[0]
-        total_weight = float(sum(weights[k] for k in planned))
-        layer_losses = [math.nan] * len(pairs)
-        n_layers = len(student_layers)
-        if not need_grad:
-            grad_student, grad_projection = [None] * n_layers, None
-        elif out is None:
-            grad_student, grad_projection = self._gradient_buffers(
-                planned, n_layers, dtype, student_grads, projection_grads)
-        else:
-            grad_student = _reused_student_gradients(out, planned, pairs, n_layers, dtype)
-            grad_projection = self._reused_projection_grads(out, dtype)
-            self._check_out_overlap(planned, grad_student, grad_projection)
-        returned = grad_student  # the caller's arrays, in the layers' own shapes
-        grad_student = [g if g is None or g.ndim == 2 else g.reshape(-1, g.shape[-1])
-                        for g in grad_student]
-        written: set = set()  # student layers whose gradient holds a first pair's values
-        touched_projection: set = set()
-        rows_cache: dict = {}
-        flat: dict = {}  # a layer mapped twice is flattened (and cast, if at all) once
-        workspace = thread_workspace()
-        shared = self.shared_projection
-        loss = 0.0
-
-        for k, (student, teacher, projection) in planned.items():
-            pair = pairs[k]
-            s = pair[0]
-            lead = student.shape[:-1]
-            rows = rows_cache.get(lead, _UNSET)
-            if rows is _UNSET:
-                rows = rows_cache[lead] = V.select_rows(lead, attention_mask, tokens)
-            coef = self.hidden_weight * weights[k] / total_weight if total_weight > 0 else 0.0
-            s2 = _flat(flat, ("student", s), student, dtype)
-            t2 = _flat(flat, ("teacher", pair[1]), teacher, dtype)
-            p = None if projection is None else _flat(flat, ("projection", id(projection)),
-                                                       projection, dtype)
-            g_s = grad_student[s]
-            accumulate_s = s in written  # the first pair assigns, rows not counted → 0
-            written.add(s)
-            g_p, accumulate_p = None, False
-            if grad_projection is not None and p is not None:
-                key = "shared" if shared else pair
-                g_p = grad_projection if shared else grad_projection[pair]
-                accumulate_p = key in touched_projection
-                touched_projection.add(key)
-            layer_losses[k] = pair_loss_and_grad(
-                s2, t2, p, rows, normalize=self.normalize, coef=coef,
-                grad_student=g_s, accumulate_student=accumulate_s,
-                grad_projection=g_p, accumulate_projection=accumulate_p,
-                workspace=workspace,
-            )
-            if check_finite and not math.isfinite(layer_losses[k]):
-                V.explain_nonfinite([(f"student_hidden[{s}]", student, True),
-                                     (f"teacher_hidden[{pair[1]}]", teacher, True),
-                                     ("projection", projection, False)], pair, rows)
-            loss += coef * layer_losses[k]
-
-        self._zero_untouched(grad_projection, touched_projection)
-        fields = dict(loss=float(loss), layer_losses=np.array(layer_losses), pairs=list(pairs),
-                      grad_student=returned, grad_projection=grad_projection, skipped=skipped)
-        if out is None:
-            return HiddenLossResult(**fields)
-        for name, value in fields.items():
-            setattr(out, name, value)
-        return out
-
-    def _gradient_buffers(self, planned, n_layers, dtype, student_grads, projection_grads):
-        """Fresh, uninitialised gradients, all views of one block (see
-        ``loss.empty_views``): the mapped student layers' (``None`` elsewhere,
-        or everywhere without ``student_grads``), and the projection's (or
-        ``None``)."""
-        student_shapes = {}
-        if student_grads:
-            for k, plan in planned.items():
-                student_shapes.setdefault(self.layer_mapping[k][0], plan[0].shape)
-        layers = sorted(student_shapes)
-        shapes = [student_shapes[s] for s in layers]
-        projection = self.projection if projection_grads else None
-        if isinstance(projection, dict):
-            shapes += [p.shape for p in projection.values()]
-        elif projection is not None:
-            shapes.append(projection.shape)
-        views = empty_views(shapes, dtype)
-        grad_student = [None] * n_layers
-        for s, view in zip(layers, views, strict=False):
-            grad_student[s] = view
-        if projection is None:
-            return grad_student, None
-        if isinstance(projection, dict):
-            return grad_student, dict(zip(projection, views[len(layers):], strict=True))
-        return grad_student, views[-1]
-
-    def _reused_projection_grads(self, out: HiddenLossResult, dtype):
-        """The projection gradients of ``out``, checked against this configuration."""
-        if self.projection is None:
-            return None
-        given = out.grad_projection
-        if self.shared_projection:
-            return V.check_output(given, "out.grad_projection", self.projection.shape, dtype)
-        if not isinstance(given, dict):
-            raise ValueError(
-                f"out.grad_projection must be a dict {{pair: array}} for per-pair "
-                f"projections, got {type(given).__name__}"
-            )
-        return {pair: V.check_output(given.get(pair), f"out.grad_projection[{pair}]",
-                                     p.shape, dtype, pair=pair)
-                for pair, p in self.projection.items()}
-
-    def _check_out_overlap(self, planned, grad_student, grad_projection) -> None:
-        """Reused gradients must not alias an input the kernels read."""
-        outputs = named_gradients(grad_student, grad_projection)
-        inputs, seen = [], set()
-        for k, arrays in planned.items():
-            pair = self.layer_mapping[k]
-            names = (f"student_hidden[{pair[0]}]", f"teacher_hidden[{pair[1]}]", "projection")
-            for name, array in zip(names, arrays, strict=True):
-                if array is not None and id(array) not in seen:
-                    seen.add(id(array))
-                    inputs.append((name, array))
-        V.check_no_overlap(outputs, inputs)
-
-    @staticmethod
-    def _zero_untouched(grad_projection, touched: set) -> None:
-        """Projection gradients no pair wrote (no pair goes through them) are zero."""
-        if grad_projection is None:
-            return
-        if not isinstance(grad_projection, dict):
-            if "shared" not in touched:
-                grad_projection.fill(0)
-            return
-        for pair, grad in grad_projection.items():
-            if pair not in touched:
-                grad.fill(0)

@@ -19,7 +19,7 @@ minimum-norm least-squares one, robust to rank-deficient hidden states (see
 
 ``method="adam" | "sgd"`` take ``steps`` gradient steps from a Xavier
 initialisation. Minibatches go through the fused kernels
-(:func:`pkd.loss.pair_loss_and_grad`). Full-batch steps of the plain MSE use
+(:func:`pkd.engine.pair_loss_and_grad`). Full-batch steps of the plain MSE use
 the algebra instead (DESIGN.md §4): the loss and ∂ℓ/∂P depend on the data only
 through G, C and q, so each step costs O(d_s²·d_t) whatever the number of
 rows; the result is the same up to rounding (tested).
@@ -286,7 +286,7 @@ class _FitData:
 
     def exact_losses(self, solution, shared, normalize=False) -> np.ndarray:
         """Per-pair losses of ``solution`` over all selected rows (fused kernels)."""
-        from .loss import pair_loss_and_grad
+        from .engine import pair_loss_and_grad
 
         losses = np.empty(len(self.mapping))
         for k, pair in enumerate(self.mapping):
@@ -408,7 +408,8 @@ def _add_ridge(grads, params, ridge, coef, size):
 
 def _kernel_step(data, params, rows, shared, normalize, ridge):
     """Per-pair losses and gradients on ``rows`` through the fused kernels."""
-    from .loss import pair_loss_and_grad, thread_workspace
+    from .engine import pair_loss_and_grad
+    from .workspace import thread_workspace
 
     d_t = data.widths[1]
     losses = np.empty(len(data.mapping))

@@ -1,6 +1,6 @@
 """The full PKD objective: cross-entropy, temperature-scaled KD and the hidden-state loss.
 
-DESIGN.md §1, for B examples, C classes, temperature τ and labels y::
+docs/math.md, for B examples, C classes, temperature τ and labels y::
 
     L = (1 − α) · CE(z_s, y) + α · τ² · KL(softmax(z_t/τ) ‖ softmax(z_s/τ)) + L_hidden
 
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _validation as V
-from .distillation import HiddenLossResult, ProgressiveDistillation, named_gradients
+from .distillation import HiddenLossResult, ProgressiveDistillation
+from .engine import named_gradients
 
 # From this many logits (B·C) on, the parallel twin of the fused pass is used.
 # On the 2-core Zen 3 VM it has not yet been measured to pay off

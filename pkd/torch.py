@@ -4,7 +4,7 @@
 
     import pkd.torch
 
-Two entry points, same math and names as DESIGN.md §1:
+Two entry points, same math and names as :mod:`pkd.loss` (docs/math.md):
 
 - :func:`projected_mse` — the loss of one layer pair as a differentiable
   scalar tensor (a ``torch.autograd.Function``).
@@ -16,8 +16,8 @@ Two entry points, same math and names as DESIGN.md §1:
 How it runs: the forward pass computes the loss *and*, for the inputs that
 need it, the gradients (the fused kernel produces ∂ℓ/∂Y anyway, so the
 backward GEMMs run while the data is hot): :func:`projected_mse` calls
-:func:`pkd.loss.pair_loss_and_grad`, and :class:`PKDHiddenLoss` runs all its
-pairs in one autograd node through the configuration's own code, so pairs
+:func:`pkd.engine.pair_loss_and_grad`, and :class:`PKDHiddenLoss` runs all its
+pairs in one autograd node through :func:`pkd.engine.hidden_loss`, so pairs
 sharing the projection or a student layer add their gradients in pkd's
 buffers. The gradients are saved for backward, which only scales them by the
 incoming scalar. When nothing requires grad (or under ``torch.no_grad()``)
@@ -50,8 +50,9 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import _validation as V
-from . import loss as _loss
+from . import engine
 from .distillation import ProgressiveDistillation
+from .workspace import empty_views
 
 __all__ = ["PKDHiddenLoss", "projected_mse"]
 
@@ -174,14 +175,14 @@ class _PairLoss(torch.autograd.Function):
         # spin against OpenBLAS's on a 2-core machine.
         need_student = want_grad and ctx.needs_input_grad[0]
         need_projection = want_grad and p is not None and ctx.needs_input_grad[2]
-        views = iter(_loss.empty_views(
+        views = iter(empty_views(
             ([s2.shape] if need_student else []) + ([p.shape] if need_projection else []),
             s2.dtype))
         grad_student = next(views) if need_student else None
         grad_projection = next(views) if need_projection else None
-        loss = _loss.pair_loss_and_grad(s2, t2, p, rows, normalize=normalize,
-                                        grad_student=grad_student,
-                                        grad_projection=grad_projection)
+        loss = engine.pair_loss_and_grad(s2, t2, p, rows, normalize=normalize,
+                                         grad_student=grad_student,
+                                         grad_projection=grad_projection)
         if check_finite and not np.isfinite(loss):
             V.explain_nonfinite([(names[0], s2, True), (names[1], t2, True),
                                  (names[2], p, False)], pair, rows)
@@ -202,7 +203,7 @@ class _HiddenLoss(torch.autograd.Function):
 
     ``tensors`` are the mapped student layers and then the projection
     parameters (``plan.n_student`` of the first). Forward runs
-    :meth:`pkd.ProgressiveDistillation._run` on NumPy views, so pairs that
+    :func:`pkd.engine.hidden_loss` on NumPy views, so pairs that
     share a projection or a student layer add their gradients in pkd's
     buffers, not in torch ops between the kernels (torch's OpenMP threads
     would then spin against OpenBLAS's); backward scales them.
@@ -214,10 +215,10 @@ class _HiddenLoss(torch.autograd.Function):
         needs = ctx.needs_input_grad[1:]
         student_grads = plan.want_grad and any(needs[:n_student])
         projection_grads = plan.want_grad and any(needs[n_student:])
-        result = plan.config._run(
-            plan.student, plan.teacher, plan.mask, plan.tokens, False, plan.check_finite,
-            need_grad=student_grads or projection_grads, student_grads=student_grads,
-            projection_grads=projection_grads)
+        result = engine.hidden_loss(
+            plan.config, plan.student, plan.teacher, attention_mask=plan.mask,
+            tokens=plan.tokens, check_finite=plan.check_finite, grad_student=student_grads,
+            grad_projection=projection_grads, projection=plan.projection)
         grads = []
         for index, needed in zip(plan.student_indices, needs[:n_student], strict=True):
             grad = result.grad_student[index]
@@ -358,7 +359,7 @@ def _pair_key(pair) -> str:
 
 
 class PKDHiddenLoss(nn.Module):
-    """``L_hidden = λ Σ_k ω_k ℓ_k / Σ_k ω_k`` as an ``nn.Module`` (DESIGN.md §1).
+    """``L_hidden = λ Σ_k ω_k ℓ_k / Σ_k ω_k`` as an ``nn.Module`` (docs/math.md).
 
     Built from a :class:`pkd.ProgressiveDistillation`, whose meaning it keeps:
     layer mapping, λ (``hidden_weight``), ω_k (``layer_weights``),
@@ -374,7 +375,7 @@ class PKDHiddenLoss(nn.Module):
     Optimise them with the student's parameters, e.g.
     ``torch.optim.Adam([*student.parameters(), *criterion.parameters()])``.
     All pairs are computed by pkd's kernels in one autograd node (through
-    the configuration's own code), so gradients reach the student's hidden
+    :func:`pkd.engine.hidden_loss`), so gradients reach the student's hidden
     states and the projection(s).
 
     Parameters
@@ -495,7 +496,7 @@ class PKDHiddenLoss(nn.Module):
 
         Only what is particular to tensors is checked here (type, device,
         dtype, a teacher that requires grad), once per tensor; shapes and
-        values are checked by the configuration's own ``_run``.
+        values are checked by :func:`pkd.engine.hidden_loss`.
         """
         plan = _Plan(len(student_layers), len(teacher_layers))
         config = self._config()
@@ -517,10 +518,11 @@ class PKDHiddenLoss(nn.Module):
                 teacher_inputs[t], plan.teacher[t] = _input(teacher_layers[t], names[1], pair)
                 _refuse_grad(teacher_inputs[t], names[1],
                              "pkd.torch gives the teacher no gradient", pair)
-            # Widths as 1-tuples: a 0-d tensor has none (and _run refuses it). Widths that
-            # differ with no projection are left to the configuration's own error.
+            # Widths as 1-tuples: a 0-d tensor has none (and hidden_loss refuses it). Widths
+            # that differ with no projection are left to hidden_loss's own error.
             projection = self.projection_for(pair)
-            if not config._projection_applies(projection, student_inputs[s].shape[-1:],
+            if not engine.projection_applies(self.project, projection,
+                                             student_inputs[s].shape[-1:],
                                              teacher_inputs[t].shape[-1:]):
                 projection = None
             key = "shared" if self.projections is None else pair
@@ -531,15 +533,15 @@ class PKDHiddenLoss(nn.Module):
                        None if projection is None else projection_inputs[key])
             if len({x.dtype for x in in_pair if x is not None}) > 1:
                 _check_same_dtype(zip(names, in_pair, strict=True), pair)
-        # The computation's dtype (any float64 input promotes it), as _run computes in.
+        # The computation's dtype (any float64 input promotes it), as hidden_loss computes in.
         plan.dtype = V.result_dtype(*plan.student, *plan.teacher, *plan.projections.values())
         plan.student_indices = list(student_inputs)
         plan.n_student = len(student_inputs)
         plan.projection_keys = [key for key in projection_inputs if key != "shared"]
         plan.tensors = [*student_inputs.values(), *projection_inputs.values()]
-        projection = (plan.projections.get("shared") if self.projections is None
-                      else {pair: plan.projections[pair] for pair in plan.projection_keys})
-        plan.config = config._replace(projection=projection)
+        plan.projection = (plan.projections.get("shared") if self.projections is None
+                           else {pair: plan.projections[pair] for pair in plan.projection_keys})
+        plan.config = config
         return plan
 
     def _config(self) -> ProgressiveDistillation:
@@ -572,6 +574,7 @@ class _Plan:
         self.projection_keys: list = []
         self.tensors: list = []
         self.config: ProgressiveDistillation | None = None
+        self.projection = None  # the NumPy views hidden_loss uses instead of config.projection
         self.dtype = None
         self.mask = None
         self.tokens = "all"

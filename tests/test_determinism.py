@@ -11,11 +11,11 @@ SCRIPT = r"""
 import hashlib, sys
 import numpy as np
 import pkd
-import pkd.loss
+import pkd.engine
 import pkd.objective
 
 if sys.argv[1] == "parallel":  # force the parallel twins of every fused kernel
-    pkd.loss.PARALLEL_MIN_ELEMENTS = 0
+    pkd.engine.PARALLEL_MIN_ELEMENTS = 0
     pkd.objective.PARALLEL_MIN_ELEMENTS = 0
 rng = np.random.default_rng(0)
 student = [rng.standard_normal((6, 50, 24), dtype=np.float32) for _ in range(3)]

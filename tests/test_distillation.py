@@ -506,7 +506,7 @@ def test_out_overwrites_every_gradient_and_is_returned(case, dtype, masked):
 
 @pytest.mark.parametrize("case", CASES)
 def test_fresh_gradients_are_disjoint_views_of_one_allocation(case):
-    pkd.loss.clear_workspace()  # no kept block: a new one of the exact size
+    pkd.workspace.clear_workspace()  # no kept block: a new one of the exact size
     cfg, student, teacher, _ = _case(case, np.float32, masked=False, three_d=True)
     result = cfg.loss_and_grad(student, teacher)
     grads = [g for g in result.grad_student if g is not None]

@@ -201,20 +201,20 @@ def test_calls_are_bit_identical():
 
 @pytest.fixture
 def row_blocks(monkeypatch):
-    """Force the row-blocked projected pass, 64 rows a block (see pkd.loss.block_rows)."""
-    monkeypatch.setattr(pkd.loss, "BLOCK_MAX_STUDENT_BYTES", 1 << 30)
-    monkeypatch.setattr(pkd.loss, "BLOCK_MIN_Y_BYTES", 0)
-    monkeypatch.setattr(pkd.loss, "BLOCK_BYTES", 1)
+    """Force the row-blocked projected pass, 64 rows a block (see pkd.engine.block_rows)."""
+    monkeypatch.setattr(pkd.engine, "BLOCK_MAX_STUDENT_BYTES", 1 << 30)
+    monkeypatch.setattr(pkd.engine, "BLOCK_MIN_Y_BYTES", 0)
+    monkeypatch.setattr(pkd.engine, "BLOCK_BYTES", 1)
 
 
 def test_block_rows_regime():
     # float32, d_s = 128, 16 MiB of Y: blocks of 2 MiB of G (rows a multiple of 64); wider,
     # float64 or smaller: one block
-    assert pkd.loss.block_rows(16384, 128, 256, 4) == 2048
-    assert pkd.loss.block_rows(16384, 128, 768, 4) == 640
-    assert pkd.loss.block_rows(16384, 312, 768, 4) == 16384
-    assert pkd.loss.block_rows(16384, 128, 256, 8) == 16384
-    assert pkd.loss.block_rows(4096, 128, 256, 4) == 4096
+    assert pkd.engine.block_rows(16384, 128, 256, 4) == 2048
+    assert pkd.engine.block_rows(16384, 128, 768, 4) == 640
+    assert pkd.engine.block_rows(16384, 312, 768, 4) == 16384
+    assert pkd.engine.block_rows(16384, 128, 256, 8) == 16384
+    assert pkd.engine.block_rows(4096, 128, 256, 4) == 4096
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -224,7 +224,7 @@ def test_row_blocked_pass_matches_reference(row_blocks, dtype, normalize, masked
     # 300 rows: four full blocks of 64 and a ragged one
     S, T, P, mask = _problem(dtype, n=300, d_s=5, d_t=7)
     mask = mask if masked else None
-    assert pkd.loss.block_rows(300, 5, 7, np.dtype(dtype).itemsize) == 64
+    assert pkd.engine.block_rows(300, 5, 7, np.dtype(dtype).itemsize) == 64
     loss, dS, dP = pkd.projected_mse_grad(S, T, P, mask=mask, normalize=normalize)
     ref_loss, ref_dS, ref_dP = _reference(S, T, P, mask, normalize)
     assert loss == pytest.approx(ref_loss, rel=RTOL[dtype])
@@ -240,9 +240,9 @@ def test_row_blocked_pass_matches_reference(row_blocks, dtype, normalize, masked
 def test_row_blocked_pass_keeps_y_block_sized_and_may_skip_the_projection(row_blocks, masked):
     S, T, P, mask = _problem(np.float64, n=300, d_s=5, d_t=7)
     rows = np.flatnonzero(mask) if masked else None
-    workspace = pkd.loss.Workspace()
+    workspace = pkd.workspace.Workspace()
     grad_s = np.empty_like(S)
-    loss = pkd.loss.pair_loss_and_grad(S, T, P, rows, normalize=False, grad_student=grad_s,
+    loss = pkd.engine.pair_loss_and_grad(S, T, P, rows, normalize=False, grad_student=grad_s,
                                        workspace=workspace)  # no ∂ℓ/∂P wanted
     ref_loss, ref_dS, _ = _reference(S, T, P, mask if masked else None, False)
     assert loss == pytest.approx(ref_loss, rel=1e-12)
@@ -386,7 +386,7 @@ def test_out_buffers_are_written_and_returned(masked, projected, normalize):
 
 
 def test_fresh_gradients_are_disjoint_views_of_one_allocation():
-    pkd.loss.clear_workspace()  # no kept block: a new one of the exact size
+    pkd.workspace.clear_workspace()  # no kept block: a new one of the exact size
     S, T, P, _ = _problem(np.float32, three_d=True)
     _, grad_s, grad_p = pkd.projected_mse_grad(S, T, P)
     assert grad_s.base is not None and grad_s.base is grad_p.base
@@ -397,7 +397,7 @@ def test_fresh_gradients_are_disjoint_views_of_one_allocation():
 
 
 def test_workspace_hands_out_kept_views_and_forgets_those_of_an_outgrown_buffer():
-    workspace = pkd.loss.Workspace()
+    workspace = pkd.workspace.Workspace()
     small = workspace.get("y", (4, 3), np.float32)
     assert workspace.get("y", (4, 3), np.dtype(np.float32)).base is small.base
     assert workspace.get("y", (4, 3), np.float32) is small  # the same request: the same view
@@ -412,23 +412,23 @@ def test_workspace_hands_out_kept_views_and_forgets_those_of_an_outgrown_buffer(
     assert again is not small and again.base is buffer  # the old buffer is not pinned
     assert all(view.base is buffer for (tag, _, dtype), view in workspace._views.items()
                if tag == "y" and np.dtype(dtype) == np.float32)
-    n_shapes = 2 * pkd.loss.Workspace.KEPT_VIEWS
+    n_shapes = 2 * pkd.workspace.Workspace.KEPT_VIEWS
     workspace.get("y", (n_shapes, 3), np.float32)
     for n in range(1, n_shapes):  # shapes that vary from call to call, in one buffer
         assert workspace.get("y", (n, 3), np.float32).shape == (n, 3)
-    assert len(workspace._views) <= pkd.loss.Workspace.KEPT_VIEWS
+    assert len(workspace._views) <= pkd.workspace.Workspace.KEPT_VIEWS
     workspace.clear()
     assert workspace._views == {} and workspace._buffers == {}
 
 
 def _kept(array):
     """Whether ``array`` is carved from a block the workspace keeps for reuse."""
-    kept = pkd.loss.thread_workspace()._gradient_blocks.get(array.dtype, [])
+    kept = pkd.workspace.thread_workspace()._gradient_blocks.get(array.dtype, [])
     return any(array.base is block for block in kept)
 
 
 def test_gradient_blocks_are_reused_only_once_nothing_references_them():
-    pkd.loss.clear_workspace()
+    pkd.workspace.clear_workspace()
     S, T, P, mask = _problem(np.float32)
     first = pkd.projected_mse_grad(S, T, P)
     kept_values = [first[1].copy(), first[2].copy()]
@@ -457,7 +457,7 @@ def test_gradient_blocks_are_reused_only_once_nothing_references_them():
 
 
 def test_a_large_free_block_is_not_pinned_by_a_small_gradient():
-    pkd.loss.clear_workspace()
+    pkd.workspace.clear_workspace()
     S, T, P, _ = _problem(np.float64, n=400)
     large = pkd.projected_mse_grad(S, T, P)[1]
     large_size = large.base.size
@@ -466,8 +466,8 @@ def test_a_large_free_block_is_not_pinned_by_a_small_gradient():
     assert small.base.size == small.size + P.size and _kept(small)  # a new one, kept beside
     half = pkd.projected_mse_grad(S[:240], T[:240], P)[1]  # over half of it: reused
     assert half.base.size == large_size and _kept(half)
-    pkd.loss.clear_workspace()
-    assert pkd.loss.thread_workspace()._gradient_blocks == {}
+    pkd.workspace.clear_workspace()
+    assert pkd.workspace.thread_workspace()._gradient_blocks == {}
 
 
 def test_bad_out_buffers():

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 
 import pkd  # noqa: E402
-import pkd.loss  # noqa: E402
+import pkd.engine  # noqa: E402
 import pkd.torch as pt  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,15 +203,15 @@ def test_non_contiguous_inputs_give_the_same_result():
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Record the arguments pkd.torch hands to pkd.loss.pair_loss_and_grad."""
+    """Record the arguments pkd.torch hands to pkd.engine.pair_loss_and_grad."""
     calls = []
-    real = pkd.loss.pair_loss_and_grad
+    real = pkd.engine.pair_loss_and_grad
 
     def spy(student, teacher, projection, rows, **kwargs):
         calls.append(dict(student=student, teacher=teacher, projection=projection, **kwargs))
         return real(student, teacher, projection, rows, **kwargs)
 
-    monkeypatch.setattr(pkd.loss, "pair_loss_and_grad", spy)
+    monkeypatch.setattr(pkd.engine, "pair_loss_and_grad", spy)
     return calls
 
 
@@ -508,15 +508,15 @@ def test_hidden_loss_errors_name_the_pair():
 
 @pytest.fixture
 def module_kernel_calls(monkeypatch):
-    """Record what PKDHiddenLoss (through ProgressiveDistillation) hands the kernels."""
+    """Record what PKDHiddenLoss (through pkd.engine.hidden_loss) hands the kernels."""
     calls = []
-    real = pkd.distillation.pair_loss_and_grad
+    real = pkd.engine.pair_loss_and_grad
 
     def spy(student, teacher, projection, rows, **kwargs):
         calls.append(dict(student=student, projection=projection, **kwargs))
         return real(student, teacher, projection, rows, **kwargs)
 
-    monkeypatch.setattr(pkd.distillation, "pair_loss_and_grad", spy)
+    monkeypatch.setattr(pkd.engine, "pair_loss_and_grad", spy)
     return calls
 
 
@@ -658,7 +658,7 @@ def test_training_loop_example_runs_and_loss_goes_down():
 def test_gradients_a_retained_graph_holds_are_never_handed_out_again():
     # pkd's kept gradient blocks are reused only once nothing references them: the
     # gradients a retained graph saved keep their block while other calls run.
-    pkd.loss.clear_workspace()
+    pkd.workspace.clear_workspace()
     gen = torch.Generator().manual_seed(0)
     T = torch.randn(8, 6, dtype=torch.float64, generator=gen)
     P = torch.randn(4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
