@@ -1,4 +1,4 @@
-"""Every check and coercion of user input lives here.
+"""Every check and coercion of user input lives here (or calls a helper from here).
 
 Kernels trust what this module hands on: arrays are float32 or float64,
 finite (unless the caller opted out), of the documented shapes, and every
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -27,6 +27,142 @@ Pair = tuple[int, int]
 
 def _describe(pair: Pair | None) -> str:
     return "" if pair is None else f" for layer pair {tuple(pair)}"
+
+
+def find_nonfinite(values: np.ndarray, bad: np.ndarray | None = None):
+    """``(count, first index)`` of the NaN/Inf entries of ``values``, or ``None`` if there are none.
+
+    The one search behind every "contains NaN/Inf, first at ..." message.
+
+    Parameters
+    ----------
+    values : ndarray
+    bad : bool ndarray of ``values``' shape, optional
+        The entries to report instead of the non-finite ones (e.g. NaN or +inf only).
+
+    Returns
+    -------
+    None, or (int, tuple of int)
+        How many entries are bad, and the index of the first in C order.
+    """
+    if bad is None:
+        bad = ~np.isfinite(values)
+        if not bad.any():
+            return None
+    elif not bad.any():
+        return None
+    first = np.unravel_index(int(np.argmax(bad.ravel())), bad.shape)
+    return int(bad.sum()), tuple(int(i) for i in first)
+
+
+def check_scalar(value, name: str, *, integer: bool = False, low=None, high=None,
+                 low_inclusive: bool = True, hint: str = ""):
+    """Return ``value`` as an ``int`` (``integer=True``) or a finite ``float`` in bounds, or raise.
+
+    Bools are refused (``True`` is not the number 1 here), and so are NaN and
+    ±inf for real numbers.
+
+    Parameters
+    ----------
+    value : object
+        The user's value.
+    name : str
+        The argument's name, for the messages.
+    integer : bool
+        Accept integers only (any ``numbers.Integral``); else any ``numbers.Real``.
+    low, high : number, optional
+        Bounds; ``high`` is inclusive, ``low`` too unless ``low_inclusive=False``.
+    hint : str
+        Appended to the out-of-range message (what to do, or why).
+
+    Raises
+    ------
+    TypeError
+        Not a number of the kind asked for.
+    ValueError
+        Out of range, or not finite.
+    """
+    kind = "an int" if integer else "a real number"
+    if low is not None and high is not None:
+        bounds = f"in [{low}, {high}]"
+    elif low is not None:
+        bounds = f"{'>=' if low_inclusive else '>'} {low}"
+    elif high is not None:
+        bounds = f"<= {high}"
+    else:
+        bounds = ""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, numbers.Integral if integer else numbers.Real):
+        wanted = f"{kind} {bounds}" if bounds else kind
+        raise TypeError(f"{name} must be {wanted}, got {value!r} ({type(value).__name__})")
+    value = int(value) if integer else float(value)
+    finite = integer or math.isfinite(value)
+    if (not finite or (low is not None and (value < low or (value == low and not low_inclusive)))
+            or (high is not None and value > high)):
+        wanted = bounds if integer or (low is not None and high is not None) else (
+            f"finite and {bounds}" if bounds else "finite")
+        raise ValueError(f"{name} must be {wanted}, got {value}{hint}")
+    return value
+
+
+def check_choice(value, name: str, choices: Sequence):
+    """Return ``value`` if it is one of ``choices``, else a ValueError listing them."""
+    if not isinstance(value, (str, bytes, numbers.Number)) or value not in choices:
+        listed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {listed}; got {value!r}")
+    return value
+
+
+def check_str(value, name: str, *, optional: bool = False, nonempty: bool = False,
+              what: str = "") -> str | None:
+    """Return ``value`` as a str (``None`` too with ``optional``), or raise TypeError."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or (nonempty and not value):
+        wanted = "a non-empty str" if nonempty else "a str"
+        wanted += " or None" if optional else ""
+        raise TypeError(f"{name} must be {wanted}{what}, got {value!r}")
+    return value
+
+
+def check_str_keyed(mapping, name: str, what: str, *, key_meaning: str,
+                    nonempty: bool = True) -> dict:
+    """A dict (non-empty unless ``nonempty=False``) whose keys are str, or a TypeError.
+
+    ``what`` describes the expected dict (``"{label: matrix}"``); ``key_meaning``
+    what the keys are (``"legend labels"``).
+    """
+    if not isinstance(mapping, Mapping) or (nonempty and len(mapping) == 0):
+        wanted = "a non-empty dict" if nonempty else "a dict"
+        raise TypeError(f"{name} must be {wanted} {what}, got {type(mapping).__name__}")
+    for key in mapping:
+        if not isinstance(key, str):
+            raise TypeError(f"{name} keys must be str ({key_meaning}), got {key!r}")
+    return dict(mapping)
+
+
+def check_number_pair(value, name: str, what: str) -> tuple[float, float]:
+    """Two real numbers as floats (e.g. a figure size), or a TypeError naming ``name``."""
+    if (
+        isinstance(value, (str, bytes))
+        or not isinstance(value, (Sequence, np.ndarray))
+        or len(value) != 2
+        or not all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+                   for v in value)
+    ):
+        raise TypeError(f"{name} must be a {what} pair of numbers, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+def check_float_dtype(dtype, name: str = "dtype") -> np.dtype:
+    """``dtype`` as a NumPy dtype, float32 or float64, or a TypeError."""
+    try:
+        checked = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be float32 or float64, got {dtype!r}") from None
+    if checked not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {checked}")
+    return checked
 
 
 def check_float_array(
@@ -85,11 +221,11 @@ def check_float_array(
         raise ValueError(f"{name}{where} must be {want}, got shape {arr.shape}")
     if arr.size == 0:
         raise ValueError(f"{name}{where} is empty (shape {arr.shape})")
-    if check_finite and not np.isfinite(arr).all():
-        bad = np.argwhere(~np.isfinite(arr))
+    found = find_nonfinite(arr) if check_finite else None
+    if found is not None:
         raise ValueError(
-            f"{name}{where} contains {len(bad)} NaN/Inf value(s), first at index "
-            f"{tuple(int(i) for i in bad[0])} (shape {arr.shape}); {advice}"
+            f"{name}{where} contains {found[0]} NaN/Inf value(s), first at index "
+            f"{found[1]} (shape {arr.shape}); {advice}"
         )
     return arr
 
@@ -133,12 +269,8 @@ def layer_at(
 
 
 def _as_index(value, what: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{what} must be an int, got {value!r} ({type(value).__name__})")
-    value = int(value)
-    if value < 0:
-        raise ValueError(f"{what} must be >= 0, got {value} (negative indices do not wrap)")
-    return value
+    return check_scalar(value, what, integer=True, low=0,
+                        hint=" (negative indices do not wrap)")
 
 
 def check_mapping(mapping) -> list[Pair]:
@@ -174,21 +306,12 @@ def check_mapping(mapping) -> list[Pair]:
 
 def check_nonnegative(value, name: str) -> float:
     """Return ``value`` as a finite float >= 0."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    if not np.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    return value
+    return check_scalar(value, name, low=0)
 
 
 def check_positive_int(value, name: str) -> int:
     """Return ``value`` as an int > 0."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return int(value)
+    return check_scalar(value, name, integer=True, low=0, low_inclusive=False)
 
 
 def check_layer_weights(weights, n_pairs: int) -> np.ndarray | None:
@@ -389,9 +512,7 @@ def check_bool(value, name: str) -> bool:
 
 def check_int(value, name: str) -> int:
     """Return ``value`` as an int of any sign (bools are refused)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    return int(value)
+    return check_scalar(value, name, integer=True)
 
 
 def check_increasing_indices(indices, name: str, size: int) -> list[int]:
@@ -441,13 +562,13 @@ def explain_nonfinite(named_arrays, pair: Pair | None = None, rows=None) -> None
         view = array.reshape(-1, array.shape[-1])
         if row_indexed and rows is not None:
             view = view[rows]
-        finite = np.isfinite(view)
-        if not finite.all():
-            r, c = np.argwhere(~finite)[0]
-            r = int(rows[r]) if (row_indexed and rows is not None) else int(r)
+        found = find_nonfinite(view)
+        if found is not None:
+            count, (r, c) = found
+            r = int(rows[r]) if (row_indexed and rows is not None) else r
             raise ValueError(
-                f"{name}{where} contains {int((~finite).sum())} NaN/Inf value(s) in the rows "
-                f"that count, first at flattened row {r}, column {int(c)} (shape "
+                f"{name}{where} contains {count} NaN/Inf value(s) in the rows "
+                f"that count, first at flattened row {r}, column {c} (shape "
                 f"{array.shape}); pass check_finite=False to get the non-finite result instead"
             )
     raise ValueError(
@@ -458,22 +579,12 @@ def explain_nonfinite(named_arrays, pair: Pair | None = None, rows=None) -> None
 
 def check_fraction(value, name: str) -> float:
     """Return ``value`` as a float in [0, 1] (e.g. the KD weight α)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number in [0, 1], got {value!r}")
-    value = float(value)
-    if not 0.0 <= value <= 1.0:  # also refuses NaN
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return value
+    return check_scalar(value, name, low=0, high=1)
 
 
 def check_positive(value, name: str) -> float:
     """Return ``value`` as a finite float > 0 (e.g. the temperature τ)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number > 0, got {value!r}")
-    value = float(value)
-    if not (np.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be finite and > 0, got {value}")
-    return value
+    return check_scalar(value, name, low=0, low_inclusive=False)
 
 
 def check_logits(x, name: str) -> np.ndarray:
@@ -488,11 +599,10 @@ def check_logits(x, name: str) -> np.ndarray:
             f"{name} has shape {arr.shape}: a softmax needs at least 2 classes (columns); "
             "for a single-logit binary classifier pass np.stack([np.zeros_like(z), z], axis=1)"
         )
-    bad = np.isnan(arr) | (arr == np.inf)
-    if bad.any():
-        index = tuple(int(i) for i in np.argwhere(bad)[0])
+    found = find_nonfinite(arr, np.isnan(arr) | (arr == np.inf))
+    if found is not None:
         raise ValueError(
-            f"{name} contains {int(bad.sum())} NaN/+inf value(s), first at index {index} "
+            f"{name} contains {found[0]} NaN/+inf value(s), first at index {found[1]} "
             f"(shape {arr.shape}); logits must be finite or -inf"
         )
     dead = ~np.isfinite(arr).any(axis=1)
@@ -586,11 +696,11 @@ def check_finite_rows(values: np.ndarray, name: str, selected=None, *,
         stop = min(start + block_rows, n_rows)
         rows = None if selected is None else start + np.flatnonzero(selected[start:stop])
         block = values[start:stop] if rows is None else values[rows]
-        finite = np.isfinite(block)
-        if not finite.all():
-            r, c = np.argwhere(~finite)[0]
-            r = start + int(r) if rows is None else int(rows[r])
+        found = find_nonfinite(block)
+        if found is not None:
+            r, c = found[1]
+            r = start + r if rows is None else int(rows[r])
             raise ValueError(
                 f"{name} contains NaN/Inf in the rows that count, first at flattened row {r}, "
-                f"column {int(c)} (flattened shape {values.shape}); {advice}"
+                f"column {c} (flattened shape {values.shape}); {advice}"
             )

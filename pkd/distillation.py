@@ -99,9 +99,7 @@ def xavier_uniform(student_dim: int, teacher_dim: int, *, seed=None,
     """
     d_s = V.check_positive_int(student_dim, "student_dim")
     d_t = V.check_positive_int(teacher_dim, "teacher_dim")
-    dtype = np.dtype(dtype)
-    if dtype not in V.FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    dtype = V.check_float_dtype(dtype)
     bound = np.sqrt(6.0 / (d_s + d_t))
     rng = V.as_generator(seed)
     return rng.uniform(-bound, bound, size=(d_s, d_t)).astype(dtype)
@@ -163,9 +161,7 @@ class ProgressiveDistillation:
         )
         self.hidden_weight = V.check_nonnegative(hidden_weight, "hidden_weight")
         self.layer_weights = V.check_layer_weights(layer_weights, len(self.layer_mapping))
-        if project not in ("auto", "always"):
-            raise ValueError(f'project must be "auto" or "always", got {project!r}')
-        self.project = project
+        self.project = V.check_choice(project, "project", ("auto", "always"))
         self.normalize = V.check_bool(normalize, "normalize")
         V.check_tokens(tokens)
         self.tokens = tokens

@@ -33,9 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _validation as V
+from ._validation import Pair
 from .distillation import ProgressiveDistillation, xavier_uniform
-
-Pair = tuple[int, int]
 
 METHODS = ("closed_form", "adam", "sgd")
 DEFAULT_LR = {"adam": 1e-2, "sgd": None}
@@ -154,8 +153,7 @@ def fit_projection(
     -------
     FitResult
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    method = V.check_choice(method, "method", METHODS)
     mapping = V.check_mapping(mapping)
     ridge = V.check_nonnegative(ridge, "ridge")
     if not shared and len(set(mapping)) != len(mapping):
@@ -163,9 +161,7 @@ def fit_projection(
     student_layers = V.as_layers(student_hidden, "student_hidden")
     teacher_layers = V.as_layers(teacher_hidden, "teacher_hidden")
     data = _FitData(student_layers, teacher_layers, mapping, attention_mask, tokens)
-    dtype = np.dtype(dtype) if dtype is not None else data.dtype
-    if dtype not in V.FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    dtype = V.check_float_dtype(dtype) if dtype is not None else data.dtype
     settings = {"method": method, "shared": shared, "ridge": ridge, "normalize": normalize,
                 "tokens": tokens}
 
@@ -310,10 +306,7 @@ def _closed_form(data: _FitData, shared: bool, ridge: float, dtype):
 
 def _default_lr(method, lr, normalize, data, shared, ridge):
     if lr is not None:
-        lr = float(lr)
-        if not np.isfinite(lr) or lr <= 0:
-            raise ValueError(f"lr must be finite and > 0, got {lr}")
-        return lr
+        return V.check_positive(lr, "lr")
     if method == "adam":
         return DEFAULT_LR["adam"]
     if normalize:

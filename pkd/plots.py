@@ -31,6 +31,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import LogFormatter
 from matplotlib.transforms import ScaledTranslation
 
+from pkd import _validation as V
 from pkd._atomic import atomic_write
 from pkd._validation import check_float_array, check_mapping
 
@@ -84,31 +85,17 @@ def _root_figure(ax: Axes) -> Figure:
         return ax.get_figure().figure
 
 
-def _number_pair(value, name: str, what: str) -> tuple[float, float]:
-    """Two real numbers as floats, or a TypeError naming ``name``."""
-    if (
-        isinstance(value, (str, bytes))
-        or not isinstance(value, (Sequence, np.ndarray))
-        or len(value) != 2
-        or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value)
-    ):
-        raise TypeError(f"{name} must be a {what} pair of numbers, got {value!r}")
-    return float(value[0]), float(value[1])
-
-
 def _check_figsize(figsize) -> tuple[float, float] | None:
     if figsize is None:
         return None
-    w, h = _number_pair(figsize, "figsize", "(width, height) in inches")
+    w, h = V.check_number_pair(figsize, "figsize", "(width, height) in inches")
     if not (np.isfinite(w) and np.isfinite(h) and w > 0 and h > 0):
         raise ValueError(f"figsize must be two finite positive numbers (inches), got {figsize!r}")
     return (w, h)
 
 
 def _check_title(title) -> str | None:
-    if title is not None and not isinstance(title, str):
-        raise TypeError(f"title must be a str or None, got {type(title).__name__}")
-    return title
+    return V.check_str(title, "title", optional=True)
 
 
 def _layer_ticks(ax_axis, n: int) -> None:
@@ -204,16 +191,12 @@ def _fit_colourbar_label(colourbar, label: str) -> None:
 def _check_heatmap_mappings(mappings, shape: tuple[int, int]) -> dict[str, list[tuple[int, int]]]:
     if mappings is None:
         return {}
-    if not isinstance(mappings, Mapping):
-        raise TypeError(
-            "mappings must be a dict {name: [(student_layer, teacher_layer), ...]}, "
-            f"got {type(mappings).__name__}"
-        )
+    mappings = V.check_str_keyed(mappings, "mappings",
+                                 "{name: [(student_layer, teacher_layer), ...]}",
+                                 key_meaning="legend labels", nonempty=False)
     n_s, n_t = shape
     checked = {}
     for name, pairs in mappings.items():
-        if not isinstance(name, str):
-            raise TypeError(f"mappings keys must be str (legend labels), got {name!r}")
         try:
             pairs = check_mapping(pairs)
         except (TypeError, ValueError) as err:
@@ -289,17 +272,16 @@ def alignment_heatmap(
     matplotlib.figure.Figure
     """
     M = check_float_array(matrix, "matrix", ndims=(2,), check_finite=False)
-    if np.isinf(M).any():
-        first = tuple(int(i) for i in np.argwhere(np.isinf(M))[0])
+    found = V.find_nonfinite(M, np.isinf(M))
+    if found is not None:
         raise ValueError(
-            f"matrix contains Inf (first at index {first}, shape {M.shape}); "
-            "use NaN for cells that were not computed"
+            f"matrix contains {found[0]} Inf value(s) (first at index {found[1]}, shape "
+            f"{M.shape}); use NaN for cells that were not computed"
         )
     finite = M[~np.isnan(M)]
     if finite.size == 0:
         raise ValueError(f"matrix of shape {M.shape} is all NaN: nothing to draw")
-    if not isinstance(value_label, str) or not value_label:
-        raise TypeError("value_label must be a non-empty str saying what the matrix holds")
+    V.check_str(value_label, "value_label", nonempty=True, what=" saying what the matrix holds")
     title = _check_title(title)
     figsize = _check_figsize(figsize)
     n_s, n_t = M.shape
@@ -531,10 +513,11 @@ def layer_losses(
                 f"steps must be {n_steps} numbers (one per row of history, shape {H.shape}), "
                 f"got shape {x.shape} and dtype {x.dtype}"
             )
-        if not np.isfinite(x).all():
-            raise ValueError("steps must be finite")
-    if not isinstance(loss_label, str):
-        raise TypeError(f"loss_label must be a str, got {type(loss_label).__name__}")
+        found = V.find_nonfinite(x) if x.dtype.kind == "f" else None
+        if found is not None:
+            raise ValueError(f"steps must be finite, but steps[{found[1][0]}] is "
+                             f"{x[found[1]]}")
+    V.check_str(loss_label, "loss_label")
     title = _check_title(title)
     figsize = _check_figsize(figsize)
 
@@ -669,18 +652,12 @@ def projection_spectrum(
     Exactly zero singular values cannot be drawn on a log axis; their count is
     written into the legend entry (e.g. ``"closed form (3 σ = 0 not shown)"``).
     """
-    if not isinstance(projections, Mapping) or len(projections) == 0:
-        raise TypeError(
-            "projections must be a non-empty dict {label: matrix or 1-D singular values}, "
-            f"got {type(projections).__name__}"
-        )
-    spectra = {}
-    for label, value in projections.items():
-        if not isinstance(label, str):
-            raise TypeError(f"projections keys must be str (legend labels), got {label!r}")
-        spectra[label] = _singular_values(value, label)
+    projections = V.check_str_keyed(projections, "projections",
+                                    "{label: matrix or 1-D singular values}",
+                                    key_meaning="legend labels")
+    spectra = {label: _singular_values(value, label) for label, value in projections.items()}
     if mp_edges is not None:
-        lo, hi = _number_pair(mp_edges, "mp_edges", "(lo, hi)")
+        lo, hi = V.check_number_pair(mp_edges, "mp_edges", "(lo, hi)")
         if not (np.isfinite(lo) and np.isfinite(hi) and 0 <= lo <= hi and hi > 0):
             raise ValueError(f"mp_edges must satisfy 0 <= lo <= hi, hi > 0, got {mp_edges!r}")
     title = _check_title(title)
@@ -749,7 +726,7 @@ def _mean_std(name: str, value) -> tuple[float, float, np.ndarray | None]:
                 f"got {value!r}"
             )
         runs = runs.astype(np.float64)
-        if not np.isfinite(runs).all():
+        if V.find_nonfinite(runs) is not None:
             raise ValueError(f"table[{name!r}] has NaN/Inf accuracies: {runs.tolist()}")
         std = float(runs.std(ddof=1)) if runs.size > 1 else 0.0
         return float(runs.mean()), std, runs
@@ -793,18 +770,11 @@ def accuracy_bars(
     -------
     matplotlib.figure.Figure
     """
-    if not isinstance(table, Mapping) or len(table) == 0:
-        raise TypeError(
-            "table must be a non-empty dict {method: (mean, std) or [run accuracies]}, "
-            f"got {type(table).__name__}"
-        )
-    rows = []
-    for name, value in table.items():
-        if not isinstance(name, str):
-            raise TypeError(f"table keys must be str (method names), got {name!r}")
-        rows.append((name, *_mean_std(name, value)))
+    table = V.check_str_keyed(table, "table", "{method: (mean, std) or [run accuracies]}",
+                              key_meaning="method names")
+    rows = [(name, *_mean_std(name, value)) for name, value in table.items()]
     if ylim is not None:
-        y0, y1 = _number_pair(ylim, "ylim", "(bottom, top)")
+        y0, y1 = V.check_number_pair(ylim, "ylim", "(bottom, top)")
         if not (np.isfinite(y0) and np.isfinite(y1) and y0 < y1):
             raise ValueError(f"ylim must be finite with bottom < top, got {ylim!r}")
     title = _check_title(title)
@@ -879,10 +849,7 @@ def save_figure(fig: Figure, path, *, dpi: float = 120) -> Path:
     """
     if not isinstance(fig, Figure):
         raise TypeError(f"fig must be a matplotlib Figure, got {type(fig).__name__}")
-    if isinstance(dpi, bool) or not isinstance(dpi, numbers.Real) or not (
-        np.isfinite(dpi) and dpi > 0
-    ):
-        raise ValueError(f"dpi must be a finite number > 0, got {dpi!r}")
+    dpi = V.check_scalar(dpi, "dpi", low=0, low_inclusive=False)
     path = Path(os.fspath(path))
     fmt = path.suffix[1:].lower()
     supported = fig.canvas.get_supported_filetypes()

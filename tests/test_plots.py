@@ -584,7 +584,7 @@ def test_save_figure_failure_keeps_old_file_and_removes_temp(tmp_path, monkeypat
         (None, "x.notaformat", 100, ValueError, "suffix"),
         (None, "missing/x.png", 100, ValueError, "does not exist"),
         (None, "x.png", 0, ValueError, "dpi"),
-        (None, "x.png", True, ValueError, "dpi"),
+        (None, "x.png", True, TypeError, "dpi"),
     ],
 )
 def test_save_figure_bad_input(tmp_path, fig, path, dpi, error, match):
