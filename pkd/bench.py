@@ -631,7 +631,7 @@ def call_overhead(calls: int = 2000, repeats: int = OVERHEAD_ROUNDS) -> dict:
     student, teacher, projection, _ = _case_arrays(n, d_s, d_t, np.float32, n_layers=4)
     cfg = pkd.ProgressiveDistillation([(k, k) for k in range(4)], projection=projection,
                                       project="always")
-    fused = engine.fused_pass(False, True, n * d_t)
+    fused = engine.fused_pass(False, True)
     y = np.empty((n, d_t), np.float32)
     grad_projection, grad_student = np.empty_like(projection), np.empty_like(student[0])
     rows, row_loss, scale = np.arange(n), np.empty(n), np.float32(2.0 / (n * d_t))

@@ -44,31 +44,23 @@ from .workspace import Workspace, empty_views, thread_workspace
 __all__ = ["HiddenPass", "SkippedPairWarning", "block_rows", "fused_pass", "hidden_loss",
            "named_gradients", "pair_loss_and_grad", "projection_applies"]
 
-# The fused pass is memory-bound, so its parallel twin gains nothing on this
-# project's measured machines and loses heavily when the cores are shared: it
-# never runs (docs/performance.md, "Parallel kernels").
-PARALLEL_MIN_ELEMENTS = 1 << 62
-
-
 class SkippedPairWarning(UserWarning):
     """A layer pair was skipped because ``skip_invalid=True``."""
 
 
 @functools.cache
 def _kernel_table() -> dict:
-    """(normalize, projected) -> (serial, parallel) kernels, imported on first use.
+    """(normalize, projected) -> fused-pass kernel, imported on first use.
 
     ``import pkd`` imports neither numba nor scipy: they are most of its import time.
     """
     from .kernels import mse, normalized
 
     return {
-        (False, True): (mse.mse_compact_serial, mse.mse_compact_parallel),
-        (False, False): (mse.mse_direct_serial, mse.mse_direct_parallel),
-        (True, True): (normalized.normalized_compact_serial,
-                       normalized.normalized_compact_parallel),
-        (True, False): (normalized.normalized_direct_serial,
-                        normalized.normalized_direct_parallel),
+        (False, True): mse.mse_compact,
+        (False, False): mse.mse_direct,
+        (True, True): normalized.normalized_compact,
+        (True, False): normalized.normalized_direct,
     }
 
 
@@ -79,8 +71,8 @@ def _scatter_rows():
     return scatter_rows
 
 
-def fused_pass(normalize: bool, projected: bool, n_elements: int):
-    """The fused-pass kernel for a case: serial below ``PARALLEL_MIN_ELEMENTS`` elements.
+def fused_pass(normalize: bool, projected: bool):
+    """The fused-pass kernel of a case (serial: see :mod:`pkd.kernels.mse`).
 
     Parameters
     ----------
@@ -89,11 +81,8 @@ def fused_pass(normalize: bool, projected: bool, n_elements: int):
     projected : bool
         The pass over ``Y = S P`` (compacted rows, G written in place) rather
         than the direct pass over S (G written into the student gradient).
-    n_elements : int
-        ``n_w · d_t``, the elements the pass reads.
     """
-    serial, parallel = _kernel_table()[(normalize, projected)]
-    return parallel if n_elements >= PARALLEL_MIN_ELEMENTS else serial
+    return _kernel_table()[(normalize, projected)]
 
 
 class _PairTask(NamedTuple):
@@ -169,7 +158,7 @@ def pair_loss_and_grad(
     row_loss = np.empty(n_selected, dtype=np.float64)
     task = _PairTask(student, teacher, projection, rows,
                      workspace.arange(n_total) if rows is None else rows, grad_scale, row_loss,
-                     fused_pass(normalize, projection is not None, n_selected * width_t),
+                     _kernel_table()[(normalize, projection is not None)],
                      grad_student, accumulate_student, grad_projection, accumulate_projection,
                      workspace)
     # Non-finite input is reported by the caller (V.explain_nonfinite), not by BLAS warnings.

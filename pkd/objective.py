@@ -26,12 +26,10 @@ from . import _validation as V
 from .distillation import HiddenLossResult, ProgressiveDistillation
 from .engine import named_gradients
 
-# From this many logits (B·C) on, the parallel twin of the fused pass is used.
-# On the 2-core Zen 3 VM it has not yet been measured to pay off
-# (B·C is small next to the hidden states, and the pass costs ~25 ns per
-# logit, mostly its three exp), so the serial twin is always used; lower this
-# once `pkd bench` shows a gain.
-PARALLEL_MIN_ELEMENTS = 1 << 62
+# The logit pass is compute-bound (three exp per logit), so from this many logits
+# (B·C) on, with two threads or more, its parallel twin runs; below, the fork and
+# join are not paid back (docs/performance.md, "Parallel kernels").
+PARALLEL_MIN_ELEMENTS = 1 << 20
 
 
 @dataclass
@@ -125,17 +123,19 @@ def _prepare_logits(student_logits, teacher_logits, labels):
 
 def _logit_part(student, teacher, labels, alpha, temperature, grad=None):
     """(CE, KL, ∂/∂z_s of (1 − α)CE + ατ²KL) from validated inputs, into ``grad`` if given."""
-    import numba  # on use: `import pkd` imports neither numba nor scipy
-
+    # On use: `import pkd` imports neither numba nor scipy.
     from .kernels import softmax as softmax_kernels
+    from .kernels._jit import available_threads
 
     n_examples = student.shape[0]
     grad = np.empty_like(student) if grad is None else grad
     ce_rows = np.empty(n_examples, dtype=np.float64)
     kl_rows = np.empty(n_examples, dtype=np.float64)
-    if student.size >= PARALLEL_MIN_ELEMENTS:
+    threads = available_threads() if student.size >= PARALLEL_MIN_ELEMENTS else 1
+    if threads > 1:
+        # One chunk of rows per thread; each row's result does not depend on the chunking.
         run = softmax_kernels.logit_loss_grad_parallel
-        n_chunks = max(1, min(numba.get_num_threads(), n_examples))
+        n_chunks = min(threads, n_examples)
     else:
         run, n_chunks = softmax_kernels.logit_loss_grad_serial, 1
     scratch = np.empty((n_chunks, 3, student.shape[1]), dtype=np.float64)

@@ -1,4 +1,4 @@
-"""Results do not depend on the thread count, nor on which twin (serial/parallel) runs."""
+"""Results do not depend on the thread count, nor on which logit twin (serial/parallel) runs."""
 
 import os
 import re
@@ -11,11 +11,9 @@ SCRIPT = r"""
 import hashlib, sys
 import numpy as np
 import pkd
-import pkd.engine
 import pkd.objective
 
-if sys.argv[1] == "parallel":  # force the parallel twins of every fused kernel
-    pkd.engine.PARALLEL_MIN_ELEMENTS = 0
+if sys.argv[1] == "parallel":  # force the parallel twin of the logit pass
     pkd.objective.PARALLEL_MIN_ELEMENTS = 0
 rng = np.random.default_rng(0)
 student = [rng.standard_normal((6, 50, 24), dtype=np.float32) for _ in range(3)]

@@ -89,6 +89,45 @@ def test_parallel_path_gives_identical_results(monkeypatch):
     np.testing.assert_array_equal(serial[2], parallel[2])
 
 
+def test_parallel_rule_respects_numba_and_threadpoolctl_limits(monkeypatch):
+    import numba
+
+    import pkd.objective as objective_module
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs NUMBA_NUM_THREADS >= 2")
+    z_s, z_t, labels = _logits(np.float32, B=9, C=6, seed=12)
+    used = []
+    def spying(name):
+        real = getattr(softmax_kernels, name)
+
+        def spy(*args):
+            used.append((name.rsplit("_", 1)[1], args[-1].shape[0]))  # twin, chunks
+            return real(*args)
+        return spy
+
+    for name in ("logit_loss_grad_serial", "logit_loss_grad_parallel"):
+        monkeypatch.setattr(softmax_kernels, name, spying(name))
+    monkeypatch.setattr(objective_module, "PARALLEL_MIN_ELEMENTS", 0)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2)
+        logit_loss_and_grad(z_s, z_t, labels, alpha=0.5, temperature=2.0)
+        numba.set_num_threads(1)
+        logit_loss_and_grad(z_s, z_t, labels, alpha=0.5, temperature=2.0)
+        numba.set_num_threads(2)
+        threadpoolctl = pytest.importorskip("threadpoolctl")
+        with threadpoolctl.threadpool_limits(limits=1):
+            logit_loss_and_grad(z_s, z_t, labels, alpha=0.5, temperature=2.0)
+    finally:
+        numba.set_num_threads(before)
+    assert used == [("parallel", 2), ("serial", 1), ("serial", 1)]
+    monkeypatch.setattr(objective_module, "PARALLEL_MIN_ELEMENTS", z_s.size + 1)
+    used.clear()
+    logit_loss_and_grad(z_s, z_t, labels, alpha=0.5, temperature=2.0)
+    assert used == [("serial", 1)]  # below the size threshold
+
+
 _finite_difference = reference.finite_difference
 
 

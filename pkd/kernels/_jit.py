@@ -39,6 +39,8 @@ options: after changing them here, delete ``pkd/kernels/__pycache__``.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import types
 from collections.abc import Callable
 
@@ -82,3 +84,39 @@ def twins(function: Callable, *, reassociate: bool = False,
     copy.__doc__ = function.__doc__
     parallel = numba.njit(parallel=True, **options)(copy)
     return serial, parallel
+
+
+_OPENMP_RUNTIMES = ("libgomp.so.1", "libiomp5.so", "libomp.so", "libomp.dylib")
+_omp_max_threads = None
+
+
+def available_threads() -> int:
+    """How many threads a parallel twin may use now.
+
+    ``numba.get_num_threads()`` (``NUMBA_NUM_THREADS``, ``numba.set_num_threads``),
+    lowered to the OpenMP runtime's ``omp_get_max_threads()`` when one is loaded:
+    Numba's OpenMP layer does not read that limit, which is the one
+    ``threadpoolctl.threadpool_limits`` sets.
+    """
+    threads = numba.get_num_threads()
+    if threads > 1:
+        limit = _openmp_limit()
+        if limit is not None:
+            threads = max(1, min(threads, limit))
+    return threads
+
+
+def _openmp_limit() -> int | None:
+    global _omp_max_threads
+    if _omp_max_threads is None:
+        for name in _OPENMP_RUNTIMES:  # only a runtime already loaded: never load one
+            try:
+                library = ctypes.CDLL(name, mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_LOCAL)
+            except OSError:
+                continue
+            _omp_max_threads = library.omp_get_max_threads
+            _omp_max_threads.restype = ctypes.c_int
+            break
+        else:
+            return None
+    return int(_omp_max_threads())

@@ -10,25 +10,27 @@ selected rows and ``out`` aliases ``y``. Without one, ``mse_direct`` reads the
 student itself and writes straight into the student gradient.
 
 Each row's squared residual goes into ``row_loss[i]`` (float64); the caller
-sums them in a fixed order, so the loss does not depend on the thread count.
+sums them in a fixed order. Serial: the pass is memory-bound, and a
+``parallel=True`` twin gained nothing measurable on two threads while losing
+heavily when the cores are shared (docs/performance.md, "Parallel kernels").
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
 
-from ._jit import twins
+from ._jit import kernel
 
 
-def _mse_compact(y, teacher, teacher_rows, grad_scale, row_loss):
+@kernel(reassociate=True, fuse_multiply_add=True)
+def mse_compact(y, teacher, teacher_rows, grad_scale, row_loss):
     """y : (M, d_t), overwritten with G = grad_scale·(y − teacher[teacher_rows]).
 
     teacher : (N, d_t); teacher_rows : (M,) int64; grad_scale : scalar of y's dtype;
     row_loss : (M,) float64, receives Σ_j (y_ij − t_ij)².
     """
     n_rows, width = y.shape
-    for i in prange(n_rows):
+    for i in range(n_rows):
         t_row = teacher[teacher_rows[i]]
         acc = 0.0
         for j in range(width):
@@ -38,14 +40,15 @@ def _mse_compact(y, teacher, teacher_rows, grad_scale, row_loss):
         row_loss[i] = acc
 
 
-def _mse_direct(student, teacher, rows, grad_scale, grad_student, accumulate, row_loss):
+@kernel(reassociate=True, fuse_multiply_add=True)
+def mse_direct(student, teacher, rows, grad_scale, grad_student, accumulate, row_loss):
     """No projection (Y = S): rows ``rows`` of student vs teacher, G into grad_student.
 
     student, teacher, grad_student : (N, d); rows : (M,) int64;
     row_loss : (M,) float64. With ``accumulate`` G is added to grad_student.
     """
     width = student.shape[1]
-    for k in prange(rows.shape[0]):
+    for k in range(rows.shape[0]):
         i = rows[k]
         acc = 0.0
         for j in range(width):
@@ -56,9 +59,3 @@ def _mse_direct(student, teacher, rows, grad_scale, grad_student, accumulate, ro
             else:
                 grad_student[i, j] = grad_scale * r
         row_loss[k] = acc
-
-
-mse_compact_serial, mse_compact_parallel = twins(_mse_compact, reassociate=True,
-                                                  fuse_multiply_add=True)
-mse_direct_serial, mse_direct_parallel = twins(_mse_direct, reassociate=True,
-                                                fuse_multiply_add=True)

@@ -1,6 +1,6 @@
 """Fused pass of PKD's normalized ("patient") loss and its gradient.
 
-Per row (DESIGN.md §1): u = y/max(‖y‖, ε), v = t/max(‖t‖, ε),
+Per row (docs/math.md): u = y/max(‖y‖, ε), v = t/max(‖t‖, ε),
 ℓ_i = ‖u − v‖², and ∂ℓ_i/∂y = ((u·v) u − v)/‖y‖ (‖y‖ > ε) or (u − v)/ε.
 The caller's ``grad_scale`` carries 2 w_i / n_w and the pair's weight.
 
@@ -8,6 +8,9 @@ Everything per row is computed in float64 (norms, dot product, loss, the
 gradient) and the gradient is rounded once into the input's dtype. The loss
 is summed directly as Σ (u_j − v_j)², not as 2 − 2 u·v, which would lose all
 digits when the student is close to the teacher.
+
+``EPS`` is the ε of the normalized loss, defined here once. Serial, like the
+MSE's pass: memory-bound (docs/performance.md, "Parallel kernels").
 """
 
 from __future__ import annotations
@@ -15,9 +18,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import prange
 
-from ._jit import kernel, twins
+from ._jit import kernel
 
 EPS = 1e-12
 
@@ -50,10 +52,8 @@ def _row_coefficients(y_sq, t_sq, dot, grad_scale):
     inv_y = 1.0 / y_den
     inv_t = 1.0 / t_den
     cosine = dot * inv_y * inv_t  # u·v
-    # Products of reciprocals, no quotient: LLVM moved a quotient used once by the
-    # caller's reassociating loop into that loop, (t_j·grad_scale)/(‖t‖‖y‖) with a
-    # vdivpd per 4 elements (1.36–1.46 against 1.07–1.22 ns/element, 256 × 256
-    # float32 in cache, Xeon VM).
+    # Products of reciprocals, no quotient: LLVM moves a quotient used once by the
+    # caller's reassociating loop into that loop, one division per SIMD vector.
     if y_norm > EPS:
         scale = grad_scale * (1.0 / y_norm)
         return inv_y, inv_t, scale * cosine * inv_y, scale * inv_t
@@ -103,18 +103,19 @@ def _rescaled_row(y_row, t_row, grad_scale, out_row, accumulate):
 
 
 # The two kernels index the 2-D arrays directly (no per-row helper taking views):
-# with one base array for the load and the store of Y, LLVM vectorises the loops,
-# 2.5× faster than the same code behind a row function (0.6 vs 1.6 ns/element).
+# with one base array for the load and the store of Y, LLVM vectorises the loops
+# (docs/performance.md, "Kernels").
 
 
-def _normalized_compact(y, teacher, teacher_rows, grad_scale, row_loss):
+@kernel(reassociate=True)
+def normalized_compact(y, teacher, teacher_rows, grad_scale, row_loss):
     """y : (M, d_t), overwritten with the scaled ∂ℓ/∂Y; see module docstring.
 
     teacher : (N, d_t); teacher_rows : (M,) int64; grad_scale : float64;
     row_loss : (M,) float64, receives ‖u_i − v_i‖².
     """
     n_rows, width = y.shape
-    for i in prange(n_rows):
+    for i in range(n_rows):
         r = teacher_rows[i]
         y_sq, t_sq, dot = _row_sums(y, i, teacher, r)
         if y_sq == math.inf or t_sq == math.inf:
@@ -131,10 +132,11 @@ def _normalized_compact(y, teacher, teacher_rows, grad_scale, row_loss):
         row_loss[i] = loss
 
 
-def _normalized_direct(student, teacher, rows, grad_scale, grad_student, accumulate, row_loss):
+@kernel(reassociate=True)
+def normalized_direct(student, teacher, rows, grad_scale, grad_student, accumulate, row_loss):
     """No projection: rows ``rows`` of student vs teacher, ∂ℓ/∂S into grad_student."""
     width = student.shape[1]
-    for k in prange(rows.shape[0]):
+    for k in range(rows.shape[0]):
         i = rows[k]
         y_sq, t_sq, dot = _row_sums(student, i, teacher, i)
         if y_sq == math.inf or t_sq == math.inf:
@@ -153,9 +155,3 @@ def _normalized_direct(student, teacher, rows, grad_scale, grad_student, accumul
             else:
                 grad_student[i, j] = u_coef * yj - v_coef * tj
         row_loss[k] = loss
-
-
-normalized_compact_serial, normalized_compact_parallel = twins(_normalized_compact,
-                                                               reassociate=True)
-normalized_direct_serial, normalized_direct_parallel = twins(_normalized_direct,
-                                                             reassociate=True)
