@@ -20,7 +20,7 @@ minimum-norm least-squares one, robust to rank-deficient hidden states (see
 ``method="adam" | "sgd"`` take ``steps`` gradient steps from a Xavier
 initialisation. Minibatches go through the fused kernels
 (:func:`pkd.engine.pair_loss_and_grad`). Full-batch steps of the plain MSE use
-the algebra instead (DESIGN.md §4): the loss and ∂ℓ/∂P depend on the data only
+the algebra instead (docs/math.md): the loss and ∂ℓ/∂P depend on the data only
 through G, C and q, so each step costs O(d_s²·d_t) whatever the number of
 rows; the result is the same up to rounding (tested).
 """

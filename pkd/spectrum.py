@@ -1,4 +1,4 @@
-"""Spectra of projection matrices (DESIGN.md §1, "Projection spectra").
+"""Spectra of projection matrices (docs/math.md, "Projection spectra").
 
 For a projection ``P`` (d_s × d_t) with singular values σ₁ ≥ ... ≥ σ_min:
 

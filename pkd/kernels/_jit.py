@@ -7,15 +7,16 @@ specialisations are built on first use and cached. Kernels keep the input's
 dtype: scalars that meet array elements are passed in already cast by the
 Python layer, and accumulators are explicitly float64.
 
-``twins`` builds a serial and a ``parallel=True`` version of the same source;
-the Python layer picks one at run time (see each kernel module for the
-measured threshold).
+``twins`` builds a serial and a ``parallel=True`` version of the same source,
+and :func:`available_threads` says how many threads the parallel one may use;
+the caller picks one by a rule of thread count and size (the logit pass of
+:mod:`pkd.objective` is the only kernel with twins: docs/performance.md,
+"Parallel kernels").
 
 ``reassociate=True`` turns on LLVM's ``reassoc`` flag: it lets the float64
-sums of a row (Σ r², norms, dot products) be split into SIMD lanes. Without
-it LLVM must add one element at a time, and the fused pass of the MSE ran
-4–6× slower than a memory copy (0.8 ns/element against 0.13–0.2 ns with the
-flag, measured on the 2-core Zen 3 VM).
+sums of a row (Σ r², norms, dot products) be split into SIMD lanes; without it
+LLVM must add one element at a time, and the fused pass runs several times
+slower than a memory copy (docs/performance.md, "Kernels").
 
 ``fuse_multiply_add=True`` adds the ``contract`` flag: ``acc + a·b`` may become
 one FMA, rounded once instead of twice. The product of two float32 values is
@@ -23,18 +24,16 @@ exact in float64, so float32 sums of squares and dot products are bit for
 bit what they were without it; float64 ones gain accuracy. It is for kernels
 whose fused expressions are sums of products only: in ``a·b − c·d`` an FMA
 rounds one product and not the other, and identical rows no longer give
-exactly 0 (the normalized pass's residual ``y/‖y‖ − t/‖t‖``). FMAs took the
-MSE pass from 0.37–0.43 to 0.32–0.38 ns/element, and the normalized pass (in
-its norms) from 1.07–1.22 to 1.00–1.11 (float32, 256 × 256, in cache; two
-runs on the Xeon VM, family 6 model 167).
+exactly 0 (the normalized pass's residual ``y/‖y‖ − t/‖t‖``).
 
 Neither flag drops NaN/Inf semantics (that would be ``nnan``/``ninf``, never
 used here), and the lane order is fixed in the compiled code, so results are
 identical from call to call and independent of the thread count; only
 machines with another SIMD width, or without FMA, may differ in the last bits.
 
-Numba's on-disk cache is keyed by each kernel's own source file, not by these
-options: after changing them here, delete ``pkd/kernels/__pycache__``.
+Numba's on-disk cache is keyed by each kernel's own source file, name, line and
+bytecode, not by these options: after changing them here, delete
+``pkd/kernels/__pycache__``.
 """
 
 from __future__ import annotations

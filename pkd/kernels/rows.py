@@ -5,13 +5,10 @@ compacted (one row per selected row) and must be written back to rows
 ``rows`` of the student gradient, the other rows being exactly zero.
 
 NumPy spells this ``out.fill(0); out[rows] = values`` (or ``out[rows] +=
-values``). Its fancy-index assignment was measured 2–3× slower than this
-loop on the 2-core Zen 3 VM (medians, 80% of rows selected):
-4096 × 768 float32, fill + assignment 4.1 ms against 1.45 ms here, about the
-time of a plain copy of the array (1.5 ms); 256 × 128 float32, 18 µs against
-5 µs. The loop zeroes the rows not selected in the same pass, so each row of
-``out`` is written once. Serial: it runs at the speed of a copy, and the
-fused pass of the same call gained nothing from ``parallel=True``.
+values``); its fancy-index assignment is several times slower than this loop,
+which runs at the speed of a plain copy and zeroes the rows not selected in
+the same pass, so each row of ``out`` is written once (docs/performance.md,
+"Kernels"). Serial: a copy is memory-bound.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Fused pass of the logit part of the PKD objective: CE, KL and ∂/∂z_s in one sweep.
 
-Per example row i (DESIGN.md §1), with student logits ``z_s``, teacher
+Per example row i (docs/math.md), with student logits ``z_s``, teacher
 logits ``z_t``, label ``y`` and temperature τ::
 
     log p   = log_softmax(z_s)          CE_i = −log p[y]
