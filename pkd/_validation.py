@@ -55,6 +55,23 @@ def find_nonfinite(values: np.ndarray, bad: np.ndarray | None = None):
     return int(bad.sum()), tuple(int(i) for i in first)
 
 
+def check_lower_bound(values: np.ndarray, name: str, *, low: float = 0.0, strict: bool = False,
+                      problem: str = "negative value(s)", advice: str = "") -> None:
+    """Refuse entries of ``values`` below ``low`` (at or below it with ``strict``); NaN passes.
+
+    The message names ``problem`` (e.g. ``"negative value(s)"``), how many there are,
+    the minimum and the first one's index, then ``advice``.
+    """
+    with np.errstate(invalid="ignore"):
+        bad = values <= low if strict else values < low
+    found = find_nonfinite(values, bad)
+    if found is not None:
+        raise ValueError(
+            f"{name} has {found[0]} {problem} (minimum {np.nanmin(values):g}, first at index "
+            f"{found[1]}){'; ' + advice if advice else ''}"
+        )
+
+
 def check_scalar(value, name: str, *, integer: bool = False, low=None, high=None,
                  low_inclusive: bool = True, hint: str = ""):
     """Return ``value`` as an ``int`` (``integer=True``) or a finite ``float`` in bounds, or raise.

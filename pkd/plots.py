@@ -291,11 +291,9 @@ def alignment_heatmap(
             f"mappings has {len(checked)} entries; at most {len(_MAPPING_STYLES)} can be told "
             "apart on one heatmap: draw them on several"
         )
-    if log and (finite <= 0).any():
-        raise ValueError(
-            f"log=True needs every non-NaN value of matrix to be > 0, but its minimum is "
-            f"{finite.min():g}; use log=False"
-        )
+    if log:
+        V.check_lower_bound(M, "matrix", strict=True, problem="value(s) <= 0",
+                            advice="log=True needs every non-NaN value > 0: use log=False")
     if annotate is None:
         annotate = n_s <= 12 and n_t <= 12
     try:
@@ -430,11 +428,9 @@ def _pair_labels(labels, n_pairs: int) -> list[str]:
 
 
 def _check_positive_for_log(values: np.ndarray, name: str) -> None:
-    if (values <= 0).any():
-        raise ValueError(
-            f"{name} has value(s) <= 0 (minimum {values.min():g}), which a log axis cannot "
-            "show; pass log=False"
-        )
+    V.check_lower_bound(values, name, strict=True,
+                        problem="value(s) <= 0, which a log axis cannot show",
+                        advice="pass log=False")
 
 
 def layer_losses(
@@ -487,8 +483,7 @@ def layer_losses(
     H = check_float_array(history, "history", ndims=(2,),
                           advice="losses must be finite to be drawn (a diverged run?)")
     n_steps, n_pairs = H.shape
-    if (H < 0).any():
-        raise ValueError(f"history has negative losses (minimum {H.min():g}); losses are >= 0")
+    V.check_lower_bound(H, "history", problem="negative loss(es)", advice="losses are >= 0")
     if log:
         _check_positive_for_log(H, "history")
     names = _pair_labels(labels, n_pairs)
@@ -500,8 +495,7 @@ def layer_losses(
                 f"floor has shape {floor.shape} but history has {n_pairs} pair column(s) "
                 f"(history shape {H.shape}): give one floor per pair"
             )
-        if (floor < 0).any():
-            raise ValueError(f"floor has negative values (minimum {floor.min():g})")
+        V.check_lower_bound(floor, "floor", advice="a loss floor is >= 0")
         if log:
             _check_positive_for_log(floor, "floor")
     if steps is None:
@@ -602,11 +596,8 @@ def _singular_values(value, label: str) -> np.ndarray:
                             advice="a projection with NaN/Inf has no spectrum")
     if arr.ndim == 2:
         return svdvals(arr.astype(np.float64, copy=False))
-    if (arr < 0).any():
-        raise ValueError(
-            f"projections[{label!r}] is 1-D, so it is read as singular values, but it has "
-            f"negative entries (minimum {arr.min():g}); pass the matrix instead"
-        )
+    V.check_lower_bound(arr, f"projections[{label!r}]", problem="negative entries",
+                        advice="a 1-D array is read as singular values: pass the matrix instead")
     return np.sort(arr.astype(np.float64))[::-1]
 
 

@@ -72,3 +72,14 @@ def test_check_choice_and_check_float_dtype():
         V.check_float_dtype(np.float16)
     with pytest.raises(TypeError, match="dtype must be float32 or float64"):
         V.check_float_dtype("not a dtype")
+
+
+def test_check_lower_bound_names_the_count_the_minimum_and_the_first_index():
+    values = np.array([[1.0, np.nan], [-2.0, 0.0]])
+    V.check_lower_bound(np.array([0.0, np.nan, 3.0]), "x")  # NaN and the bound itself pass
+    with pytest.raises(ValueError, match=r"x has 1 negative value\(s\) \(minimum -2, first at "
+                                         r"index \(1, 0\)\); do this"):
+        V.check_lower_bound(values, "x", advice="do this")
+    with pytest.raises(ValueError, match=r"x has 2 value\(s\) <= 0 \(minimum -2, first at "
+                                         r"index \(1, 0\)\)$"):
+        V.check_lower_bound(values, "x", strict=True, problem="value(s) <= 0")
