@@ -103,6 +103,11 @@ class _PairTask(NamedTuple):
     workspace: Workspace
 
 
+# The record without NamedTuple's Python-level __new__ (as its own ``_make`` does): the
+# engine runs it per pair, where microseconds count on small inputs.
+_new_task = tuple.__new__
+
+
 def pair_loss_and_grad(
     student: np.ndarray,
     teacher: np.ndarray,
@@ -156,11 +161,10 @@ def pair_loss_and_grad(
     else:
         grad_scale = dtype.type(2.0 * coef / (n_selected * width_t))
     row_loss = np.empty(n_selected, dtype=np.float64)
-    task = _PairTask(student, teacher, projection, rows,
-                     workspace.arange(n_total) if rows is None else rows, grad_scale, row_loss,
-                     _kernel_table()[(normalize, projection is not None)],
-                     grad_student, accumulate_student, grad_projection, accumulate_projection,
-                     workspace)
+    task = _new_task(_PairTask, (
+        student, teacher, projection, rows, workspace.arange(n_total) if rows is None else rows,
+        grad_scale, row_loss, _kernel_table()[(normalize, projection is not None)],
+        grad_student, accumulate_student, grad_projection, accumulate_projection, workspace))
     # Non-finite input is reported by the caller (V.explain_nonfinite), not by BLAS warnings.
     with np.errstate(invalid="ignore", over="ignore"):
         if projection is None:
