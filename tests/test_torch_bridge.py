@@ -672,3 +672,14 @@ def test_gradients_a_retained_graph_holds_are_never_handed_out_again():
     loss.backward()  # the saved gradients again, added to the first
     assert_close(S.grad, 2 * first_s, torch.float64)
     assert_close(P.grad, 2 * first_p, torch.float64)
+
+
+def test_bridge_goes_through_the_engine_interface_only():
+    # pkd.torch once reached into ProgressiveDistillation's private methods; it now calls
+    # pkd.engine's documented functions, so the configuration class may change freely.
+    import inspect
+    import re
+
+    source = inspect.getsource(pt)
+    assert re.findall(r"\b(?:config|plan\.config|ProgressiveDistillation)\._\w+", source) == []
+    assert "engine.hidden_loss(" in source and "engine.projection_applies(" in source
