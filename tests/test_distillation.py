@@ -642,3 +642,13 @@ def test_flags_must_be_true_or_false():
             with pytest.raises(TypeError, match=f"{name} must be True or False, got"):
                 call(value)
         call(np.bool_(False))  # NumPy bools are bools
+
+
+def test_engine_result_fields_are_those_of_hidden_loss_result():
+    # ProgressiveDistillation builds its HiddenLossResult from the engine's HiddenPass by
+    # position: the two must list the same fields in the same order.
+    import dataclasses
+
+    from pkd.engine import HiddenPass
+
+    assert HiddenPass._fields == tuple(f.name for f in dataclasses.fields(pkd.HiddenLossResult))
