@@ -321,6 +321,17 @@ def check_mapping(mapping) -> list[Pair]:
     return pairs
 
 
+def check_distinct_pairs(mapping: list[Pair], why: str) -> None:
+    """Refuse a layer mapping that lists a pair twice, saying ``why`` pairs must be distinct."""
+    seen = set()
+    for k, pair in enumerate(mapping):
+        if pair in seen:
+            raise ValueError(
+                f"{why}, but layer_mapping {mapping} repeats a pair: {pair} at position {k}"
+            )
+        seen.add(pair)
+
+
 def check_nonnegative(value, name: str) -> float:
     """Return ``value`` as a finite float >= 0."""
     return check_scalar(value, name, low=0)

@@ -317,11 +317,8 @@ class ProgressiveDistillation:
     # -- internals -----------------------------------------------------------------
 
     def _check_unique_pairs(self) -> None:
-        if len(set(self.layer_mapping)) != len(self.layer_mapping):
-            raise ValueError(
-                f"per-pair projections are keyed by pair, but layer_mapping "
-                f"{self.layer_mapping} repeats a pair"
-            )
+        V.check_distinct_pairs(self.layer_mapping,
+                               "per-pair projections need distinct pairs (they are keyed by pair)")
 
     def _check_projection_structure(self, projection):
         if projection is None:

@@ -156,8 +156,9 @@ def fit_projection(
     method = V.check_choice(method, "method", METHODS)
     mapping = V.check_mapping(mapping)
     ridge = V.check_nonnegative(ridge, "ridge")
-    if not shared and len(set(mapping)) != len(mapping):
-        raise ValueError(f"per-pair projections need distinct pairs, got {mapping}")
+    if not shared:
+        V.check_distinct_pairs(mapping,
+                               "per-pair projections need distinct pairs (they are keyed by pair)")
     student_layers = V.as_layers(student_hidden, "student_hidden")
     teacher_layers = V.as_layers(teacher_hidden, "teacher_hidden")
     data = _FitData(student_layers, teacher_layers, mapping, attention_mask, tokens)
