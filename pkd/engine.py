@@ -44,6 +44,7 @@ from .workspace import Workspace, empty_views, thread_workspace
 __all__ = ["HiddenPass", "SkippedPairWarning", "block_rows", "fused_pass", "hidden_loss",
            "named_gradients", "pair_loss_and_grad", "projection_applies"]
 
+
 class SkippedPairWarning(UserWarning):
     """A layer pair was skipped because ``skip_invalid=True``."""
 
