@@ -422,7 +422,7 @@ def test_optimal_maximize_picks_the_greatest_similarity():
     forbidden = similarity.copy()
     forbidden[:, 0] = -np.inf  # -inf forbids a pair of a similarity
     assert all(t != 0 for _, t in optimal(forbidden, maximize=True))
-    with pytest.raises(ValueError, match=r"similarity matrix has 1 NaN/\+inf.*constant layer"):
+    with pytest.raises(ValueError, match=r"similarity matrix has 3 NaN/\+inf.*constant layer"):
         optimal(np.where(np.eye(3, 7) > 0, np.nan, similarity), maximize=True)
     with pytest.raises(ValueError, match=r"cost has 3 NaN/-inf.*constant layer"):
         optimal(np.where(np.eye(3, 7) > 0, np.nan, similarity))
