@@ -123,7 +123,7 @@ def cross_squares(m: Moments) -> np.ndarray:
     return out
 
 
-def linear_cka(m: Moments, debiased: bool) -> np.ndarray:
+def linear_cka(m: Moments, debiased: bool, constant: str = "nan") -> np.ndarray:
     """Linear CKA of every pair, (n_s, n_t); NaN where a layer has no (estimated) variance.
 
     Debiased: the unbiased HSIC estimator (Song et al. 2012) in its feature-space
@@ -144,4 +144,45 @@ def linear_cka(m: Moments, debiased: bool) -> np.ndarray:
         norm_t = norm_t - ratio * q_t + scale * tr_t**2
     denominator = np.sqrt(np.maximum(norm_s, 0.0))[:, None] * np.sqrt(np.maximum(norm_t, 0.0))
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(denominator > 0, products / denominator, np.nan)
+        values = np.where(denominator > 0, products / denominator, np.nan)
+    if constant == "raise" and np.isnan(values).any():
+        s, t = np.argwhere(np.isnan(values))[0]
+        raise ValueError(
+            f"cka: the pair (student {s}, teacher {t}) is undefined: a layer is constant "
+            "over the rows used (or, debiased, too few rows to estimate its variance); "
+            "drop it, or pass constant='nan'"
+        )
+    return values
+
+
+def residuals(total: Moments, folds, ridge: float, cutoffs) -> np.ndarray:
+    """Best residual sums of every pair: (n_s, n_t) in-sample (``folds`` None), else
+    (k, n_s, n_t) on each held-out fold with ``P`` fitted on the other folds."""
+    n_s = total.layout.count("student")
+    if folds is None:
+        return np.stack([min_residuals(total, s, Solver(total.gram_of("student", s, False),
+                                                        ridge, cutoffs[s]))
+                         for s in range(n_s)])
+    out = np.empty((len(folds), n_s, total.layout.count("teacher")))
+    for f, test in enumerate(folds):
+        for s in range(n_s):
+            solver = Solver(difference_gram(total, test, s), ridge, cutoffs[s])
+            out[f, s] = heldout_residuals(total, test, s, solver)
+    return out
+
+
+def relative(m: Moments, residual: np.ndarray, constant: str, what: str) -> np.ndarray:
+    """``residual / (n d_t var_t)`` (1 − R²) with the teacher variance of ``m``; NaN (or a
+    ValueError, ``constant="raise"``) for a constant teacher layer."""
+    variance = teacher_variance(m)
+    if constant == "raise" and not np.all(variance > 0):
+        layers = np.flatnonzero(~(variance > 0)).tolist()
+        raise ValueError(
+            f"{what}: teacher layer(s) {layers} are constant over the rows used (variance "
+            "0), so the measure is undefined for them; drop those layers, or pass "
+            "constant='nan' to get NaN there"
+        )
+    widths = np.asarray(m.layout.widths["teacher"], dtype=np.float64)
+    mse = np.maximum(residual, 0.0) / (m.n * widths)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(variance > 0, mse / variance, np.nan)

@@ -241,6 +241,11 @@ class Moments:
         return shifted_product(self.cross[block], a, b, self.shift["student"][block],
                                self.shift["teacher"], n)
 
+    def sum_of(self, side: str, index: int) -> np.ndarray:
+        """The unshifted sum ``Σ w x`` of one layer."""
+        block = self.layout.block(side, index)
+        return self.sum[side][block] + self.n * self.shift[side][block]
+
     def teacher_traces(self) -> np.ndarray:
         """``tr H'_t`` for every teacher layer (shifted): (n_t,)."""
         return np.array([np.trace(g) for g in self.gram["teacher"]])
@@ -254,3 +259,25 @@ class Moments:
         """``tr Ĝ_l = tr G'_l − ‖a'_l‖²/n`` (shift invariant, so no cancellation): (n_l,)."""
         traces = np.array([np.trace(g) for g in self.gram[side]])
         return traces - self.layout.reduce(side, self.sum[side] ** 2) / self.n
+
+
+def merge_folds(first: list[Moments], second: list[Moments]) -> list[Moments]:
+    """Fold-wise sums of two lists of moments (each list sharing one shift), as new moments.
+
+    Different shifts are first moved to the combined mean (no cancellation,
+    whatever the two shifts: Chan et al.'s pairwise update).
+    """
+    merged, addend = [m.copy() for m in first], second
+    if not first[0].same_shift(second[0]):
+        n_a, n_b = float(sum(m.n for m in first)), float(sum(m.n for m in second))
+        mean = {}
+        for side in _SIDES:
+            sums = [sum(m.sum[side] for m in ms) + n * ms[0].shift[side]
+                    for ms, n in ((first, n_a), (second, n_b))]
+            mean[side] = (sums[0] + sums[1]) / (n_a + n_b)
+        addend = [m.copy() for m in second]
+        for moments in merged + addend:
+            moments.reshift(mean)
+    for mine, theirs in zip(merged, addend, strict=True):
+        mine.add(theirs)
+    return merged
