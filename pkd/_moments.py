@@ -148,7 +148,10 @@ class Moments:
         d_s, d_t = delta["student"], delta["teacher"]
         s_on_t = layout.reduce("teacher", self.cubic_cross["student"] * d_t)  # Σ r^s p^t
         t_on_s = layout.reduce("student", self.cubic_cross["teacher"] * d_s).T  # Σ p^s r^t
-        both = layout.reduce("teacher", layout.reduce("student", (self.cross * d_t).T * d_s).T)
+        # δ_sᵀ C'_st δ_t: one pass over C' (a GEMV per student layer).
+        both = np.stack([layout.reduce("teacher", (d_s[layout.block("student", k)]
+                                                    @ self.cross[layout.block("student", k)])
+                                       * d_t) for k in range(layout.count("student"))])
         u = (self.quartic_cross + 2.0 * s_on_t + 2.0 * t_on_s + 4.0 * both
              + np.outer(r_s + 2.0 * a_s, e_t) + np.outer(e_s, r_t + 2.0 * a_t)
              + n * np.outer(e_s, e_t))
