@@ -312,3 +312,20 @@ def test_constant_layers_give_nan_or_a_clear_error():
         stats.cka(constant="raise")
     with pytest.raises(ValueError, match="constant must be"):
         stats.cka(constant="drop")
+
+
+def test_heldout_with_ridge_equals_a_two_pass_ridge_fit():
+    rng = np.random.default_rng(10)
+    n, k, ridge = 300, 3, 5.0
+    S = rng.standard_normal((n, 6)) + 1.0
+    T = S @ rng.standard_normal((6, 4)) + rng.standard_normal((n, 4))
+    stats = AlignmentStats.from_arrays([S], [T], folds=k, chunk_rows=50)
+    fold = np.arange(n) % k
+    losses = []
+    for f in range(k):
+        train, test = fold != f, fold == f
+        P = np.linalg.solve(S[train].T @ S[train] + ridge * np.eye(6), S[train].T @ T[train])
+        losses.append(np.mean((S[test] @ P - T[test]) ** 2))
+    estimate = stats.min_mse(ridge, heldout=True)
+    assert relative(estimate.mean[0, 0], np.mean(losses)) < 1e-10
+    assert relative(estimate.std[0, 0], np.std(losses, ddof=1)) < 1e-8
