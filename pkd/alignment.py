@@ -211,21 +211,23 @@ class AlignmentStats:
                 known[k] = _accumulate.coarser(known[k], x.dtype)
         self._total_cache = None
         fold_of_row = ids % self._n_folds
-        n_total = students[0].shape[0]
-        for start in range(0, n_total, self._chunk_rows):
-            stop = min(start + self._chunk_rows, n_total)
+        n_total, chunk = students[0].shape[0], self._chunk_rows
+        # A window of k chunks, split by fold: each fold gets ~chunk_rows rows per GEMM, so
+        # folds cost no more passes over the cross statistics than no folds.
+        for start in range(0, n_total, chunk * self._n_folds):
+            stop = min(start + chunk * self._n_folds, n_total)
             rows = np.arange(start, stop, dtype=np.int64)
             if selected is not None:
                 rows = rows[selected[start:stop]]
             if rows.size and self.n_rows == 0:
-                shift = self._buffers.first_shift(students, teachers, rows)
+                shift = self._buffers.first_shift(students, teachers, rows[:chunk])
                 for moments in self._folds:  # one shift for every fold: merges are sums
                     moments.shift = {side: shift[side].copy() for side in _SIDES}
             folds = fold_of_row[rows]
             for f, moments in enumerate(self._folds):
                 part = rows[folds == f] if self._n_folds > 1 else rows
-                if part.size:
-                    self._buffers.add_rows(moments, students, teachers, part)
+                for lo in range(0, part.size, chunk):
+                    self._buffers.add_rows(moments, students, teachers, part[lo:lo + chunk])
             if progress is not None:
                 progress.update(stop - start)
 
