@@ -116,6 +116,8 @@ class Solver:
         diagonal = np.diag(gram)
         # Rule 1 for single columns: ‖S e_j‖ ≤ cutoff·σ₁ is a dead column.
         live = np.flatnonzero(diagonal > cutoff**2 * top)
+        if live.size == 0:  # a large explicit cutoff can leave no column
+            return empty
         scale = 1.0 / np.sqrt(diagonal[live])
         scaled = gram[np.ix_(live, live)] * scale[:, None] * scale[None, :]
         eigenvalues, vectors = linalg.eigh(scaled, driver="evd")
