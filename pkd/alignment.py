@@ -369,12 +369,12 @@ class AlignmentStats:
             merged = other.copy()
             merged._chunk_rows = self._chunk_rows
             return merged
-        merged = self.copy()
+        merged = AlignmentStats(chunk_rows=self._chunk_rows, folds=self.n_folds)
+        merged._layout = self._layout
         merged._folds = _moments.merge_folds(self._folds, other._folds)
         merged._examples = max(self._examples, other._examples)
-        for side in _SIDES:
-            merged._dtypes[side] = list(map(_accumulate.coarser, self._dtypes[side],
-                                            other._dtypes[side]))
+        merged._dtypes = {side: list(map(_accumulate.coarser, self._dtypes[side],
+                                         other._dtypes[side])) for side in _SIDES}
         return merged
 
     def __add__(self, other):
