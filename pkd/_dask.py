@@ -83,7 +83,8 @@ def _prefix_error(error: Exception, where: str) -> Exception:
         return ValueError(f"{where}: {error}")
 
 
-def alignment_block(students, teachers, mask, start: int, chunk_rows: int):
+def alignment_block(students, teachers, mask, start: int, chunk_rows: int,
+                    folds: int | None = None, per_example: int = 1):
     """Statistics of one row block, as ``to_dict()`` arrays, or None if the mask selects none.
 
     Parameters
@@ -92,7 +93,9 @@ def alignment_block(students, teachers, mask, start: int, chunk_rows: int):
         The block's rows of every layer.
     mask : ndarray (n,) or None
     start : int
-        The block's first row in the whole dataset (for messages).
+        The block's first row in the whole dataset (for messages and the fold rule).
+    per_example : int
+        Rows per example (``T`` for flattened 3-D input): row ``r`` is example ``r // T``.
     """
     from .alignment import AlignmentStats
 
@@ -104,7 +107,9 @@ def alignment_block(students, teachers, mask, start: int, chunk_rows: int):
             mask = check_mask(mask, (n,), "mask")
             if not mask.any():
                 return None
-        stats = AlignmentStats.from_arrays(students, teachers, mask, chunk_rows=chunk_rows)
+        stats = AlignmentStats(chunk_rows=chunk_rows, folds=folds)
+        stats.update(students, teachers, mask,
+                     examples=np.arange(start, start + n, dtype=np.int64) // per_example)
     except (ValueError, TypeError) as error:
         raise _prefix_error(error, where) from error
     return stats.to_dict()
@@ -148,31 +153,25 @@ def _open_on_worker(path: str, expected, role: str):
 
 
 def alignment_dump_rows(student_path: str, teacher_path: str, student_expected,
-                        teacher_expected, start: int, stop: int, mask, chunk_rows: int):
-    """Statistics of rows ``[start, stop)`` of two dumps, streamed ``chunk_rows`` at a time.
+                        teacher_expected, start: int, stop: int, mask, chunk_rows: int,
+                        folds: int | None = None):
+    """Statistics of rows ``[start, stop)`` of two dumps: the chunk loop of ``from_dumps``.
 
-    Returns ``to_dict()`` arrays, or None if ``mask`` (bool ``(stop - start,)``
-    or None) selects no row.
+    ``mask`` is the flat bool mask of these rows (or None). Returns ``to_dict()``
+    arrays, or None if it selects no row.
     """
+    from ._streaming import stream_dumps
     from .alignment import AlignmentStats
 
-    stats = AlignmentStats(chunk_rows=chunk_rows)
+    stats = AlignmentStats(chunk_rows=chunk_rows, folds=folds)
+    flat = None
     with contextlib.ExitStack() as stack:
         student = stack.enter_context(_open_on_worker(student_path, student_expected, "student"))
         teacher = stack.enter_context(_open_on_worker(teacher_path, teacher_expected, "teacher"))
-        for lo in range(start, stop, chunk_rows):
-            hi = min(lo + chunk_rows, stop)
-            rows_mask = None if mask is None else mask[lo - start:hi - start]
-            if rows_mask is not None and not rows_mask.any():
-                continue  # padding only: not even read
-            where = (f"rows [{lo}, {hi}) of {student_path} and {teacher_path} (row numbers "
-                     "below count from their start)")
-            try:
-                stats.update([layer.rows(lo, hi) for layer in student.layers],
-                             [layer.rows(lo, hi) for layer in teacher.layers],
-                             rows_mask)
-            except (ValueError, TypeError) as error:
-                raise _prefix_error(error, where) from error
+        if mask is not None:
+            flat = np.zeros(student.n_rows, dtype=bool)
+            flat[start:stop] = mask
+        stream_dumps(stats, student, teacher, flat, start, stop)
     return None if stats.n_rows == 0 else stats.to_dict()
 
 
@@ -330,14 +329,50 @@ def _flat_mask(mask, lead_shape: tuple, row_chunks: tuple):
 
 
 def from_dask(student_layers, teacher_layers, mask=None, *, chunk_rows: int,
-              split_every: int = DEFAULT_SPLIT_EVERY, scheduler=None) -> dict:
-    """The ``to_dict()`` statistics of layers held in dask arrays.
+              split_every: int = DEFAULT_SPLIT_EVERY, scheduler=None, folds=None) -> dict:
+    """The ``to_dict()`` statistics of layers held in dask arrays (``AlignmentStats.from_dask``).
 
-    See :meth:`pkd.alignment.AlignmentStats.from_dask` (which calls this).
+    Parameters
+    ----------
+    student_layers, teacher_layers : list of dask.array.Array, or one stacked dask array
+        Each ``(N, d)`` or ``(B, T, d)`` (or stacked ``(L, N, d)`` /
+        ``(L, B, T, d)``), float32 or float64, with known chunk sizes. Blocks
+        are row blocks of the first student layer (for 3-D input: its batch
+        chunks, whole sequences); other layers are rechunked to them and the
+        width to one chunk. Each block emits the full statistics, so make row
+        chunks large next to ``Σd_s·Σd_t`` (tens of thousands of rows for
+        BERT-size models).
+    mask : array_like or dask.array.Array, optional
+        0/1 of shape ``(N,)`` / ``(B, T)``. A numpy mask is checked here and
+        blocks it leaves empty get no task; a dask mask is checked in the tasks.
+    chunk_rows : int
+        Rows per accumulation step inside a task.
+    split_every : int
+        Fan-in (>= 2) of the merge tree.
+    scheduler : None, str, or distributed.Client
+        ``None``: dask's default; a scheduler name (``"threads"``,
+        ``"processes"``, ``"synchronous"``); a Client; or an address
+        (``"tcp://host:8786"``: a Client is connected, and closed at the end).
+    folds : int, optional
+        As in ``AlignmentStats``: example ``i`` (row, or sequence of 3-D input)
+        goes to fold ``i mod k`` wherever its block is; ``k`` times the
+        statistics per task.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Before any work for what the client can see (layer types, dtypes,
+        shapes, a numpy mask, folds); errors raised in a task keep their type
+        and name the rows of the block. A mask that selects no row.
+    ImportError
+        dask is not installed.
     """
+    from .alignment import AlignmentStats
+
     dask = _import_dask()
     chunk_rows = check_positive_int(chunk_rows, "chunk_rows")
     split_every = _check_split_every(split_every)
+    AlignmentStats(folds=folds)  # checks folds before any work
     _check_scheduler(scheduler)
     students = _dask_layers(student_layers, "student_layers")
     teachers = _dask_layers(teacher_layers, "teacher_layers")
@@ -371,7 +406,8 @@ def from_dask(student_layers, teacher_layers, mask=None, *, chunk_rows: int,
             start += n
             continue  # known on the client: no task at all
         layers = [b[k] for b in blocks]
-        parts.append(block(layers[:n_s], layers[n_s:], block_mask, start, chunk_rows))
+        parts.append(block(layers[:n_s], layers[n_s:], block_mask, start, chunk_rows, folds,
+                           lead_shape[1] if len(lead_shape) == 2 else 1))
         start += n
     return _run(parts, split_every, scheduler, f"the {lead_shape} rows")
 
@@ -410,25 +446,31 @@ def _check_dump(dump, name: str):
         (layer.shape, str(layer.stored_dtype)) for layer in dump.layers)
 
 
-def from_dumps(student, teacher, *, chunk_rows: int, scheduler=None, mask=None,
-               task_rows: int | None = None,
-               split_every: int = DEFAULT_SPLIT_EVERY) -> dict:
-    """The ``to_dict()`` statistics of two dumps, read by the workers.
+def from_dumps(student, teacher, *, chunk_rows: int, scheduler=None, mask="auto",
+               tokens="all", task_rows: int | None = None,
+               split_every: int = DEFAULT_SPLIT_EVERY, folds=None) -> dict:
+    """The ``to_dict()`` statistics of two dumps, read by the workers (``from_dumps_dask``).
 
-    See :meth:`pkd.alignment.AlignmentStats.from_dumps_dask` (which calls this).
+    Each task opens both dumps by path and runs the chunk loop of
+    ``AlignmentStats.from_dumps`` (:func:`pkd._streaming.stream_dumps`) on its
+    ``task_rows`` rows; ``mask`` (``"auto"``: the dumps' own masks), ``tokens``
+    and ``folds`` are those of ``from_dumps``. ``task_rows`` defaults to the
+    smallest multiple of ``chunk_rows`` with which a task reads at least 8× the
+    values it emits. The dumps must be ``.safetensors`` files readable under the
+    same absolute path on every worker; a worker that cannot find them, or sees
+    a different file, raises an error naming its host.
     """
+    from ._streaming import check_dumps, resolve_mask
+    from .alignment import AlignmentStats
+
     dask = _import_dask()
     chunk_rows = check_positive_int(chunk_rows, "chunk_rows")
     split_every = _check_split_every(split_every)
+    AlignmentStats(folds=folds)  # checks folds before any work
     _check_scheduler(scheduler)
+    check_dumps(student, teacher)
     student_path, student_expected = _check_dump(student, "student")
     teacher_path, teacher_expected = _check_dump(teacher, "teacher")
-    if student.lead_shape != teacher.lead_shape:
-        raise ValueError(
-            f"the dumps disagree on rows: student {student.path} has leading shape "
-            f"{student.lead_shape}, teacher {teacher.path} has {teacher.lead_shape}; both "
-            "must hold the hidden states of the same inputs"
-        )
     if task_rows is None:
         task_rows = default_task_rows([layer.width for layer in student.layers],
                                       [layer.width for layer in teacher.layers], chunk_rows)
@@ -436,8 +478,7 @@ def from_dumps(student, teacher, *, chunk_rows: int, scheduler=None, mask=None,
         task_rows = check_positive_int(task_rows, "task_rows")
     else:
         raise TypeError(f"task_rows must be a positive int or None, got {task_rows!r}")
-    flat_mask = None if mask is None else check_mask(mask, student.lead_shape,
-                                                     "mask").reshape(-1)
+    flat_mask = resolve_mask(student, teacher, mask, tokens)
     task = dask.delayed(alignment_dump_rows, pure=True)
     n_rows = student.n_rows
     parts = []
@@ -447,5 +488,5 @@ def from_dumps(student, teacher, *, chunk_rows: int, scheduler=None, mask=None,
         if rows_mask is not None and not rows_mask.any():
             continue
         parts.append(task(student_path, teacher_path, student_expected, teacher_expected,
-                          start, stop, rows_mask, chunk_rows))
+                          start, stop, rows_mask, chunk_rows, folds))
     return _run(parts, split_every, scheduler, f"the dumps {student.path} and {teacher.path}")
