@@ -271,8 +271,8 @@ def _pooled(hidden, mask, pool: str):
     """Pool one ``(B, T, d)`` tensor with the ``(B, T)`` mask: ``(B, d)`` or itself."""
     import torch
 
-    if pool == "none":
-        return hidden
+    if pool == "none":  # padding holds zeros, whatever the batch it was padded in
+        return hidden.masked_fill(~mask.unsqueeze(-1), 0.0)
     if pool == "cls":  # the first position the mask keeps: right for left padding too
         first = mask.to(torch.int8).argmax(dim=1)
         return hidden[torch.arange(hidden.shape[0]), first]
@@ -320,9 +320,9 @@ def dump_hidden_states(
         longer than the model takes is an error naming it.
     pool : {"none", "cls", "mean"}
         ``"none"``: token states ``(N, T, d)`` with ``attention_mask``
-        ``(N, T)``; all sequences are padded with zeros to T, the longest
-        tokenised text (found by a tokenisation pass before the model runs),
-        on the tokenizer's padding side. ``"cls"``: the first real token of
+        ``(N, T)``; all sequences are padded to T, the longest tokenised
+        text (found by a tokenisation pass before the model runs), on the
+        tokenizer's padding side, and every padding position holds zeros. ``"cls"``: the first real token of
         each text (the first position its attention mask keeps, so left
         padding is handled), ``(N, d)``. ``"mean"``: the mean over real
         tokens, ``(N, d)``. Pooled dumps store no mask (every row counts).
