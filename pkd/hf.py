@@ -322,10 +322,11 @@ def dump_hidden_states(
         ``"none"``: token states ``(N, T, d)`` with ``attention_mask``
         ``(N, T)``; all sequences are padded to T, the longest tokenised
         text (found by a tokenisation pass before the model runs), on the
-        tokenizer's padding side, and every padding position holds zeros. ``"cls"``: the first real token of
-        each text (the first position its attention mask keeps, so left
-        padding is handled), ``(N, d)``. ``"mean"``: the mean over real
-        tokens, ``(N, d)``. Pooled dumps store no mask (every row counts).
+        tokenizer's padding side, and every padding position holds zeros.
+        ``"cls"``: the first real token of each text (the first position its
+        attention mask keeps, so left padding is handled), ``(N, d)``.
+        ``"mean"``: the mean over real tokens, ``(N, d)``. Pooled dumps store
+        no mask (every row counts).
     dtype : {"float32", "float16"}
         Stored dtype (pooling is computed in the model's dtype, at least
         float32; float16 halves the disk, and pkd reads it back as float32).

@@ -474,10 +474,11 @@ class LazyLayer:
     def _plan_index(self, key) -> tuple[tuple, tuple, tuple[int, ...]]:
         """Split ``key`` into (what to read, what to take from it, the result's shape)."""
         key = key if isinstance(key, tuple) else (key,)
-        if sum(k is Ellipsis for k in key) > 1:
+        ellipses = [i for i, k in enumerate(key) if k is Ellipsis]
+        if len(ellipses) > 1:
             raise IndexError(f"{self!r}: an index can only have a single ellipsis ('...')")
-        if Ellipsis in key:
-            at = key.index(Ellipsis)
+        if ellipses:
+            at = ellipses[0]
             fill = (slice(None),) * (self.ndim - len(key) + 1)
             key = key[:at] + fill + key[at + 1:]
         if len(key) > self.ndim:

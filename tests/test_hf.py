@@ -21,7 +21,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import torch  # noqa: E402
-from _hf_models import TEXTS, hf_models, save_tiny_bert, texts_file  # noqa: E402,F401
+from _hf_models import TEXTS, save_tiny_bert  # noqa: E402
 
 import pkd.io  # noqa: E402
 from pkd import hf  # noqa: E402
@@ -199,7 +199,8 @@ def test_max_length_truncates(hf_models, tmp_path):
 
 def test_same_texts_from_every_format_and_check_same_texts(hf_models, texts_file, tmp_path):
     jsonl = tmp_path / "texts.jsonl"
-    jsonl.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    jsonl.write_text("".join(json.dumps({"id": i, "text": t}) + "\n"
+                             for i, t in enumerate(TEXTS)))
     tsv = tmp_path / "texts.tsv"
     tsv.write_text("id\ttext\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(TEXTS)))
     csv_file = tmp_path / "texts.csv"
