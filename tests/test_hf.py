@@ -333,3 +333,33 @@ def test_progress_bar_only_on_a_terminal(hf_models, texts_file, tmp_path):
     assert "it/s" not in done.stderr and "%|" not in done.stderr  # no bar in a log
     assert "padded to" in done.stderr  # the assumption is said
     assert "wrote" in done.stdout
+
+
+# ---------------------------------------------------------------------------- the whole path
+
+
+def test_fit_then_train_example(tmp_path):
+    """dump → analyze → fit --mapping optimal → load_projection → 20 steps: the loss falls."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "examples" / "fit_then_train.py"),
+                           str(tmp_path)], capture_output=True, text=True, timeout=900,
+                          cwd=tmp_path, env={**__import__("os").environ, "MPLBACKEND": "Agg"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    for name in ("analysis/summary.json", "fit/projection.safetensors", "student.safetensors"):
+        assert (tmp_path / name).is_file(), name
+    loaded = pkd.io.load_projection(tmp_path / "fit" / "projection.safetensors")
+    assert f"fit of a shared projection (32→64) on {loaded.mapping}" in out
+    # Witness: the fitted projection's loss on the dumped rows, in float64 NumPy.
+    printed = float(re.search(r"on the dumped texts: L_hidden = ([\d.]+)", out).group(1))
+    with pkd.io.load_dump(tmp_path / "student.safetensors") as s, \
+            pkd.io.load_dump(tmp_path / "teacher.safetensors") as t:
+        mask = s.attention_mask
+        P = loaded.projection.astype(np.float64)
+        losses = [np.mean((s[i][:][mask].astype(np.float64) @ P - t[j][:][mask]) ** 2)
+                  for i, j in loaded.mapping]
+    np.testing.assert_allclose(printed, np.mean(losses), rtol=1e-5)
+    runs = {name: (float(a), float(b)) for name, a, b in
+            re.findall(r"(\w+) init: held-out L_hidden ([\d.]+) -> ([\d.]+)", out)}
+    assert runs["fitted"][1] < runs["fitted"][0]  # training lowers the hidden loss
+    assert runs["fitted"][0] < runs["xavier"][0]  # and the fitted start beats Xavier's
