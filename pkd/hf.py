@@ -255,7 +255,7 @@ def _position_limit(model, tokenizer) -> int | None:
     return limit
 
 
-def _token_lengths(tokenizer, texts, batch_size: int, max_length: int | None):
+def _token_lengths(tokenizer, texts, max_length: int | None, batch_size: int = 1024):
     """Token counts of every text (after truncation to ``max_length``), as int64."""
     lengths = np.empty(len(texts), dtype=np.int64)
     for start in range(0, len(texts), batch_size):
@@ -267,12 +267,24 @@ def _token_lengths(tokenizer, texts, batch_size: int, max_length: int | None):
     return lengths
 
 
+def _check_lengths(lengths: np.ndarray, limit: int | None, first: int) -> None:
+    """Refuse texts longer than the model takes; ``first`` is the index of lengths[0]."""
+    if limit is None or lengths.max() <= limit:
+        return
+    others = int(np.count_nonzero(lengths > limit)) - 1
+    raise ValueError(
+        f"text {first + int(lengths.argmax())} (0-based) has {int(lengths.max())} tokens, more "
+        f"than the model takes ({limit})" + (f", and so do {others} more" if others else "")
+        + f"; pass max_length (--max-length {limit}) to truncate"
+    )
+
+
 def _pooled(hidden, mask, pool: str):
     """Pool one ``(B, T, d)`` tensor with the ``(B, T)`` mask: ``(B, d)`` or itself."""
     import torch
 
     if pool == "none":  # padding holds zeros, whatever the batch it was padded in
-        return hidden.masked_fill(~mask.unsqueeze(-1), 0.0)
+        return hidden if bool(mask.all()) else hidden.masked_fill_(~mask.unsqueeze(-1), 0.0)
     if pool == "cls":  # the first position the mask keeps: right for left padding too
         first = mask.to(torch.int8).argmax(dim=1)
         return hidden[torch.arange(hidden.shape[0]), first]
@@ -387,15 +399,11 @@ def dump_hidden_states(
                 f"(0 the embeddings, {n_hidden} the last layer), got {layers}"
             )
     limit = _position_limit(model, tokenizer)
-    lengths = _token_lengths(tokenizer, texts, batch_size, max_length)
-    longest = int(lengths.max())
-    if limit is not None and longest > limit:
-        over = np.flatnonzero(lengths > limit)
-        raise ValueError(
-            f"{over.size} text(s) have more tokens than the model takes ({limit}): the longest "
-            f"is text {int(lengths.argmax())} (0-based) with {longest}; pass max_length "
-            f"(--max-length {limit}) to truncate"
-        )
+    longest = None
+    if pool == "none":  # the stored length T; pooled dumps check each batch instead
+        lengths = _token_lengths(tokenizer, texts, max_length)
+        longest = int(lengths.max())
+        _check_lengths(lengths, limit, 0)
     side = getattr(tokenizer, "padding_side", "right")
     config = model.config
     info = {
@@ -437,6 +445,8 @@ def dump_hidden_states(
                 chunk = list(texts[start:start + batch_size])
                 batch = tokenizer(chunk, padding=True, truncation=max_length is not None,
                                   max_length=max_length, return_tensors="pt")
+                if pool != "none" and limit is not None and batch["input_ids"].shape[1] > limit:
+                    _check_lengths(batch["attention_mask"].sum(dim=1).numpy(), limit, start)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 out = model(**batch, output_hidden_states=True)
                 hidden = getattr(out, "hidden_states", None)

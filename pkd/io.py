@@ -1078,6 +1078,16 @@ def _refuse_torch(x, name: str) -> None:
         )
 
 
+class _Slot(NamedTuple):
+    """Where one tensor of a :class:`DumpWriter` lives in the file."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: np.dtype  # stored, little-endian
+    offset: int  # of its first byte in the file
+    row_bytes: int  # bytes per leading-axis entry
+
+
 _NP_TO_ST = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32",
              np.dtype(np.float64): "F64", np.dtype(np.uint8): "U8"}
 
@@ -1090,7 +1100,8 @@ class DumpWriter:
     its place in a temporary file next to ``path``; :meth:`close` renames it
     into place once all ``n_rows`` rows are written. An error, an interrupt,
     or a writer closed early leaves no file (and an existing ``path``
-    untouched). Memory: one batch, plus one padded copy of one layer of it.
+    untouched). Memory: one batch (plus a cast copy of one layer of it when
+    its dtype differs from the stored one).
 
     Token-level batches may be shorter than ``seq_len``: each is padded to
     ``seq_len`` on ``padding_side`` with zeros, and the stored
@@ -1142,7 +1153,7 @@ class DumpWriter:
         self.padding_side = padding_side
         self.metadata = _check_metadata(metadata)
         self.rows_written = 0
-        self._layout: list[tuple[str, tuple[int, ...], np.dtype, int]] | None = None
+        self._layout: list[_Slot] | None = None
         self._file = None
         self._stack = contextlib.ExitStack()
         self._tmp = self._stack.enter_context(atomic_path(self.path))
@@ -1172,11 +1183,23 @@ class DumpWriter:
             header["__metadata__"] = self.metadata
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # the format allows space padding; 8-byte aligned data
-        self._data_start = 8 + len(raw)
-        self._file = open(self._tmp, "r+b")  # noqa: SIM115 - closed in close()/abort()
-        self._file.write(len(raw).to_bytes(8, "little") + raw)
-        self._file.truncate(self._data_start + offset)
-        self._layout = [(k, s, d, self._data_start + o) for k, s, d, o in layout]
+        start = 8 + len(raw)
+        self._file = open(self._tmp, "r+b", buffering=0)  # noqa: SIM115 - closed in close()
+        self._write_at(0, len(raw).to_bytes(8, "little") + raw)
+        # The data region reads as zeros until written: padding is never written at all.
+        self._file.truncate(start + offset)
+        self._layout = [_Slot(k, s, d.newbyteorder("<"), start + o,
+                              int(np.prod(s[1:])) * d.itemsize) for k, s, d, o in layout]
+
+    def _write_at(self, offset: int, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            if hasattr(os, "pwrite"):
+                n = os.pwrite(self._file.fileno(), view, offset)
+            else:  # pragma: no cover - Windows
+                self._file.seek(offset)
+                n = self._file.write(view)
+            view, offset = view[n:], offset + n
 
     def _check_batch(self, layers, attention_mask):
         _refuse_torch(layers, "layers")
@@ -1197,8 +1220,8 @@ class DumpWriter:
             mask = check_mask(attention_mask, arrays[0].shape[:-1], "attention_mask")
         if self._layout is None:
             return arrays, mask, batch
-        expected = [(shape[1:], dtype) for key, shape, dtype, _ in self._layout
-                    if key != MASK_KEY]
+        expected = [(slot.shape[1:], slot.dtype) for slot in self._layout
+                    if slot.key != MASK_KEY]
         if len(arrays) != len(expected):
             raise ValueError(f"{where}: {len(arrays)} layers, but the first batch had "
                              f"{len(expected)}")
@@ -1213,7 +1236,7 @@ class DumpWriter:
                     f"{where}: layers[{i}] has sequence length {a.shape[1]}, longer than "
                     f"seq_len={self.seq_len}; give DumpWriter the longest length as seq_len"
                 )
-        has_mask = self._layout[-1][0] == MASK_KEY
+        has_mask = self._layout[-1].key == MASK_KEY
         if has_mask != (mask is not None):
             raise ValueError(
                 f"{where}: attention_mask is {'missing' if has_mask else 'given'}, but the "
@@ -1258,24 +1281,17 @@ class DumpWriter:
         if self._layout is None:
             self._start(arrays, mask)
         values = arrays + ([mask.astype(np.uint8)] if mask is not None else [])
-        for (_, shape, dtype, offset), value in zip(self._layout, values, strict=True):
-            row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
-            self._file.seek(offset + self.rows_written * row_bytes)
-            self._file.write(self._padded(value, shape, dtype).data)
-        self.rows_written += batch
-
-    def _padded(self, value: np.ndarray, shape, dtype: np.dtype) -> np.ndarray:
-        """``value`` cast to the stored dtype (little-endian) and padded to ``seq_len``."""
-        dtype = dtype.newbyteorder("<")
-        if value.ndim >= 2 and len(shape) >= 2 and value.shape[1] < shape[1]:
-            out = np.zeros((value.shape[0], *shape[1:]), dtype=dtype)
-            t = value.shape[1]
-            if self.padding_side == "right":
-                out[:, :t] = value
+        for slot, value in zip(self._layout, values, strict=True):
+            value = np.ascontiguousarray(value, dtype=slot.dtype)
+            base = slot.offset + self.rows_written * slot.row_bytes
+            if seq is not None and seq < self.seq_len:  # one write per sequence
+                shift = 0 if self.padding_side == "right" else (
+                    (self.seq_len - seq) * (slot.row_bytes // self.seq_len))
+                for b in range(batch):
+                    self._write_at(base + b * slot.row_bytes + shift, value[b])
             else:
-                out[:, shape[1] - t:] = value
-            return out
-        return np.ascontiguousarray(value, dtype=dtype)
+                self._write_at(base, value)
+        self.rows_written += batch
 
     # -- finishing ---------------------------------------------------------
 

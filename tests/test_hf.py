@@ -254,8 +254,10 @@ def bad_input_cases(tmp_path: Path, hf_models) -> dict:
         "max-length negative": (["--texts", good, "--max-length", "-3"], r"--max-length"),
         "batch-size 0": (["--texts", good, "--batch-size", "0"], r"--batch-size"),
         "bad layers": (["--texts", good, "--layers", "0,7"], r"--layers.*0\.\.4"),
-        "text too long": (["--texts", long_text], r"more tokens than the model takes \(64\).*"
-                                                  r"text 1 .*--max-length 64"),
+        "text too long": (["--texts", long_text], r"text 1 \(0-based\) has 82 tokens, more "
+                                                  r"than the model takes \(64\).*--max-length 64"),
+        "text too long, pooled": (["--texts", long_text, "--pool", "mean"],
+                                  r"text 1 \(0-based\) has 82 tokens.*--max-length 64"),
         "out not safetensors": (["--texts", good, "--out", tmp_path / "out" / "x.npz"],
                                 r"\.safetensors"),
     }
