@@ -279,17 +279,23 @@ def _check_lengths(lengths: np.ndarray, limit: int | None, first: int) -> None:
     )
 
 
-def _pooled(hidden, mask, pool: str):
-    """Pool one ``(B, T, d)`` tensor with the ``(B, T)`` mask: ``(B, d)`` or itself."""
-    import torch
+def _pooled(hidden: np.ndarray, mask: np.ndarray, pool: str, dtype: np.dtype) -> np.ndarray:
+    """Pool one ``(B, T, d)`` batch with its ``(B, T)`` bool mask; ``(B, d)`` or ``(B, T, d)``.
 
+    NumPy rather than torch: on small batches torch's intra-op thread pool
+    costs more than the arithmetic. ``hidden`` may be modified (its padding
+    zeroed).
+    """
     if pool == "none":  # padding holds zeros, whatever the batch it was padded in
-        return hidden if bool(mask.all()) else hidden.masked_fill_(~mask.unsqueeze(-1), 0.0)
+        if not mask.all():
+            hidden[~mask] = 0
+        return hidden.astype(dtype, copy=False)
     if pool == "cls":  # the first position the mask keeps: right for left padding too
-        first = mask.to(torch.int8).argmax(dim=1)
-        return hidden[torch.arange(hidden.shape[0]), first]
-    weights = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+        return hidden[np.arange(len(hidden)), mask.argmax(axis=1)].astype(dtype, copy=False)
+    if not mask.all():
+        hidden[~mask] = 0
+    counts = mask.sum(axis=1, keepdims=True)
+    return (hidden.sum(axis=1, dtype=np.float64) / counts).astype(dtype)
 
 
 def dump_hidden_states(
@@ -340,8 +346,8 @@ def dump_hidden_states(
         ``"mean"``: the mean over real tokens, ``(N, d)``. Pooled dumps store
         no mask (every row counts).
     dtype : {"float32", "float16"}
-        Stored dtype (pooling is computed in the model's dtype, at least
-        float32; float16 halves the disk, and pkd reads it back as float32).
+        Stored dtype (the mean is accumulated in float64; float16 halves the
+        disk, and pkd reads it back as float32).
     layers : sequence of int, optional
         ``hidden_states`` indices to keep, in order (default all,
         ``0..num_hidden_layers``). Stored as ``hidden_states.0``, ... in that
@@ -404,6 +410,7 @@ def dump_hidden_states(
         lengths = _token_lengths(tokenizer, texts, max_length)
         longest = int(lengths.max())
         _check_lengths(lengths, limit, 0)
+    stored = np.dtype(dtype)
     side = getattr(tokenizer, "padding_side", "right")
     config = model.config
     info = {
@@ -458,14 +465,13 @@ def dump_hidden_states(
                     writer = DumpWriter(path, len(texts),
                                         seq_len=longest if pool == "none" else None,
                                         metadata=info, padding_side=side)
-                mask = batch["attention_mask"].bool()
+                mask = batch["attention_mask"].cpu().numpy().astype(bool)
                 arrays = []
                 for i in layers:
                     h = hidden[i]
                     h = h.float() if h.dtype not in (torch.float32, torch.float64) else h
-                    arrays.append(_pooled(h, mask, pool).to(dtype=getattr(torch, dtype))
-                                  .cpu().numpy())
-                writer.append(arrays, mask.cpu().numpy() if pool == "none" else None)
+                    arrays.append(_pooled(h.cpu().numpy(), mask, pool, stored))
+                writer.append(arrays, mask if pool == "none" else None)
                 bar.update(len(chunk))
         return writer.close()
     except BaseException as exc:
