@@ -1354,7 +1354,8 @@ class DumpWriter:
     def __del__(self):
         # A writer dropped without close() leaves no temporary file behind.
         if not getattr(self, "closed", True):
-            self.abort()
+            with contextlib.suppress(Exception):  # at interpreter exit modules may be gone
+                self.abort()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.rows_written}/{self.n_rows} rows"
