@@ -18,7 +18,7 @@ from pkd.io import save_dump
 @pytest.fixture
 def dumps(tmp_path):
     rng = np.random.default_rng(0)
-    B, T = 6, 10
+    B, T = 30, 10  # 203 kept rows: more than 10 × the student width, no held-out estimates
     student = [rng.standard_normal((B, T, 8)).astype(np.float32) for _ in range(3)]
     maps = [rng.standard_normal((8, 12)).astype(np.float32) for _ in range(6)]
     teacher = [(student[k // 2] @ maps[k] + 0.1 * rng.standard_normal((B, T, 12)))
@@ -52,8 +52,9 @@ def test_analyze_writes_every_output_and_matches_alignment_stats(dumps, tmp_path
     assert summary["rows"] == int(mask.sum())
     assert {row["strategy"] for row in summary["strategies"]} == {"uniform", "skip", "last",
                                                                   "optimal"}
-    assert summary["optimal_mapping"] == [list(p) for p in
-                                          pkd.mapping.optimal(stats.relative_min_mse())]
+    assert summary["measure"] == cli.DEFAULT_MEASURE == "cka"  # a similarity: maximised
+    assert summary["optimal_mapping"] == [list(p) for p in pkd.mapping.optimal(-stats.cka())]
+    assert summary["heldout"] is None  # 203 rows > 10 × width 8
     csv = (out / "summary.csv").read_text().splitlines()
     assert csv[0] == "student_layer,teacher_layer,min_mse,relative_min_mse,cka"
     assert len(csv) == 1 + 3 * 6
@@ -161,8 +162,16 @@ def test_analyze_with_a_constant_teacher_layer(dumps, tmp_path, capsys):
     # As many teacher as student layers: no optimal mapping avoids the constant one.
     t_path = tmp_path / "t3.safetensors"
     save_dump(t_path, teacher[:3], attention_mask=mask)
-    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(tmp_path / "x")]) == 2
+    out = tmp_path / "x"  # by default the heatmaps are written and the summary says why
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out)]) == 0
+    assert "teacher layer(s) [0] are constant" in capsys.readouterr().out
+    summary = _strict_json(out / "summary.json")
+    assert summary["optimal_mapping"] is None and summary["chosen_mapping"] is None
+    assert "teacher layer(s) [0] are constant" in summary["no_optimal_mapping"]
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(tmp_path / "y"),
+                     "--mapping", "optimal"]) == 2
     assert "teacher layer(s) [0] are constant" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
     out = tmp_path / "u"
     assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out),
                      "--mapping", "uniform"]) == 0
@@ -173,8 +182,8 @@ def test_analyze_with_a_constant_teacher_layer(dumps, tmp_path, capsys):
 def test_analyze_student_deeper_than_teacher(tmp_path, capsys):
     rng = np.random.default_rng(5)
     s_path, t_path = tmp_path / "s.npz", tmp_path / "t.npz"
-    save_dump(s_path, [rng.standard_normal((50, 8)).astype(np.float32) for _ in range(4)])
-    save_dump(t_path, [rng.standard_normal((50, 12)).astype(np.float32) for _ in range(3)])
+    save_dump(s_path, [rng.standard_normal((100, 8)).astype(np.float32) for _ in range(4)])
+    save_dump(t_path, [rng.standard_normal((100, 12)).astype(np.float32) for _ in range(3)])
     out = tmp_path / "o"
     assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out),
                      "--mapping", "0:0,1:1,2:2"]) == 0
@@ -182,8 +191,20 @@ def test_analyze_student_deeper_than_teacher(tmp_path, capsys):
     assert [row["strategy"] for row in summary["strategies"]] == ["custom"]
     assert summary["optimal_mapping"] is None
     assert "student has more layers (4) than the teacher (3)" in capsys.readouterr().out
-    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(tmp_path / "x")]) == 2
+    # The default mapping: every heatmap, a summary saying why there is no mapping, exit 0.
+    out = tmp_path / "default"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(cli.ANALYZE_OUTPUTS)
+    printed = capsys.readouterr().out
+    assert "no increasing mapping exists: the student has more layers (4)" in printed
+    summary = _strict_json(out / "summary.json")
+    assert summary["strategies"] == [] and summary["chosen_mapping"] is None
+    assert summary["no_optimal_mapping"].startswith("no increasing mapping exists")
+    # Asked for explicitly, it is an error, before any streaming.
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(tmp_path / "x"),
+                     "--mapping", "optimal"]) == 2
     assert "give explicit pairs to --mapping" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_arguments_are_checked_before_streaming(dumps, tmp_path, monkeypatch, capsys):
@@ -257,7 +278,8 @@ def test_fit_saves_projection_with_metadata(dumps, tmp_path, capsys, method, sha
     s_path, t_path, student, teacher, mask = dumps
     out = tmp_path / "fit"
     args = ["fit", str(s_path), str(t_path), "--mapping", "0:1,1:3", "--method", method,
-            "--steps", "50", "--out", str(out)] + ([] if shared else ["--per-pair"])
+            "--out", str(out)] + ([] if shared else ["--per-pair"])
+    args += [] if method == "closed_form" else ["--steps", "50"]
     assert cli.main(args) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(cli.FIT_OUTPUTS)
     for name in ("layer_losses.png", "spectra.png"):
@@ -285,7 +307,8 @@ def test_fit_errors(dumps, tmp_path, capsys):
     assert cli.main(base + ["--mapping", "0:1,1:99"]) == 2
     assert "out of range" in capsys.readouterr().err
     assert cli.main(base + ["--mapping", "0:1", "--normalize"]) == 2
-    assert "closed form exists for the MSE only" in capsys.readouterr().err
+    err = capsys.readouterr().err  # in the CLI's spelling, not the library's
+    assert "--normalize needs --method adam or --method sgd" in err and "method=" not in err
     assert not (tmp_path / "f").exists()
 
 
@@ -298,11 +321,14 @@ def _saved_mapping(out):
 
 def test_fit_optimal_mapping(dumps, tmp_path):
     s_path, t_path, student, teacher, mask = dumps
-    out = tmp_path / "f"
-    assert cli.main(["fit", str(s_path), str(t_path), "--mapping", "optimal", "--out",
-                     str(out)]) == 0
-    relative = pkd.AlignmentStats.from_arrays(student, teacher, mask=mask).relative_min_mse()
-    assert _saved_mapping(out) == [list(p) for p in pkd.mapping.optimal(relative)]
+    stats = pkd.AlignmentStats.from_arrays(student, teacher, mask=mask)
+    base = ["fit", str(s_path), str(t_path), "--mapping", "optimal", "--out"]
+    assert cli.main(base + [str(tmp_path / "cka")]) == 0  # the default measure
+    assert _saved_mapping(tmp_path / "cka") == [list(p) for p in
+                                                pkd.mapping.optimal(-stats.cka())]
+    assert cli.main(base + [str(tmp_path / "rel"), "--measure", "relative"]) == 0
+    assert _saved_mapping(tmp_path / "rel") == [
+        list(p) for p in pkd.mapping.optimal(stats.relative_min_mse())]
 
 
 def test_fit_optimal_mapping_is_chosen_on_the_fitted_tokens(tmp_path):
