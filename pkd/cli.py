@@ -917,9 +917,11 @@ def cmd_fit(args) -> None:
     if floor is not None and args.method != "closed_form":
         spectra["closed form"] = best.projection_for(first)
     loss_name = "normalized loss" if args.normalize else "MSE"
+    # An exact fit reaches a loss of 0, which a log axis cannot show.
+    log = bool((result.history > 0).all() and (floor is None or (floor > 0).all()))
     figures = {
         out / "layer_losses.png": plots.layer_losses(
-            result.history, labels=mapping, floor=floor, loss_label=loss_name,
+            result.history, labels=mapping, floor=floor, loss_label=loss_name, log=log,
             title=f"Per-pair alignment loss ({args.method})"),
         out / "spectra.png": plots.projection_spectrum(
             spectra, mp_edges=xavier_mp_edges(d_s, d_t),

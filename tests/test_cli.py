@@ -647,3 +647,370 @@ def test_bench_refuses_fewer_than_five_repeats(capsys):
     assert cli.main(["bench", "--quick", "--repeats", "0"]) == 2
     assert "repeats must be an int >= 5 (the figures are medians), got 0" in \
         capsys.readouterr().err
+
+
+# --- embeddings are not a transformer layer ---------------------------------------------
+
+
+def _hf_like_dumps(tmp_path, n_s=7, n_t=13, rows=120, metadata=True, seed=3):
+    """Pooled dumps laid out as Hugging Face hidden_states: index 0 holds the embeddings."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((rows, 6))
+    student = [(base @ rng.standard_normal((6, 6)) + 0.5 * rng.standard_normal((rows, 6)))
+               .astype(np.float32) for _ in range(n_s)]
+    teacher = [(base @ rng.standard_normal((6, 10)) + 0.5 * rng.standard_normal((rows, 10)))
+               .astype(np.float32) for _ in range(n_t)]
+    meta = {"embeddings_index": "0"} if metadata else None
+    s_path, t_path = tmp_path / "s.safetensors", tmp_path / "t.safetensors"
+    save_dump(s_path, student, metadata=meta)
+    save_dump(t_path, teacher, metadata=meta)
+    return s_path, t_path
+
+
+def _strategies(out):
+    summary = _strict_json(out / "summary.json")
+    return {row["strategy"]: [tuple(p) for p in row["pairs"]] for row in summary["strategies"]}
+
+
+def test_fixed_mappings_leave_the_embeddings_out(tmp_path, capsys):
+    s_path, t_path = _hf_like_dumps(tmp_path)
+    out = tmp_path / "o"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out)]) == 0
+    assert "embeddings_index" not in capsys.readouterr().err  # the dumps say it: no note
+    found = _strategies(out)
+    # PKD-Skip of a 6-layer student and a 12-layer teacher, in hidden_states indices.
+    assert found["skip"] == [(1, 2), (2, 4), (3, 6), (4, 8), (5, 10)]
+    assert found["uniform"] == [(1, 2), (2, 4), (3, 6), (4, 8), (5, 10), (6, 12)]
+    assert found["last"] == [(1, 7), (2, 8), (3, 9), (4, 10), (5, 11)]
+    assert all(s != 0 and t != 0 for s, t in found["optimal"]) and len(found["optimal"]) == 6
+    summary = _strict_json(out / "summary.json")
+    assert summary["embeddings_index"]["student"] == summary["embeddings_index"]["teacher"] == 0
+    assert summary["include_embeddings"] is False
+    # --include-embeddings: every index is mapped, embeddings included.
+    out = tmp_path / "all"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out),
+                     "--include-embeddings"]) == 0
+    found = _strategies(out)
+    assert found["skip"] == pkd.mapping.skip(7, 13)
+    assert len(found["optimal"]) == 7
+
+
+def test_fit_skip_maps_transformer_layers(tmp_path):
+    s_path, t_path = _hf_like_dumps(tmp_path)
+    out = tmp_path / "f"
+    assert cli.main(["fit", str(s_path), str(t_path), "--mapping", "skip", "--out",
+                     str(out)]) == 0
+    assert _saved_mapping(out) == [[1, 2], [2, 4], [3, 6], [4, 8], [5, 10]]
+    with __import__("safetensors").safe_open(out / "projection.safetensors", "numpy") as f:
+        assert json.loads(f.metadata()["embeddings_index"]) == {"student": 0, "teacher": 0}
+
+
+def test_a_dump_without_the_convention_says_what_is_assumed(tmp_path, capsys):
+    s_path, t_path = _hf_like_dumps(tmp_path, metadata=False)
+    out = tmp_path / "o"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"no embeddings_index in {s_path} or {t_path}: treating every layer as a " \
+           "transformer layer; pass --embeddings-index 0" in err
+    summary = _strict_json(out / "summary.json")
+    assert summary["embeddings_index"]["student"] is None
+    assert summary["embeddings_index"]["student_source"].startswith("assumed")
+    assert any("no embeddings_index" in w for w in summary["warnings"])
+    assert _strategies(out)["skip"] == pkd.mapping.skip(7, 13)
+    # Said on the command line: the same as the metadata would give, and no note.
+    out = tmp_path / "given"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out),
+                     "--embeddings-index", "0"]) == 0
+    assert "no embeddings_index" not in capsys.readouterr().err
+    assert _strategies(out)["skip"] == [(1, 2), (2, 4), (3, 6), (4, 8), (5, 10)]
+    assert _strict_json(out / "summary.json")["embeddings_index"]["teacher_source"] == \
+        "--embeddings-index 0"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(tmp_path / "n"),
+                     "--embeddings-index", "none"]) == 0
+    assert "no embeddings_index" not in capsys.readouterr().err
+
+
+def test_embeddings_index_errors(tmp_path, capsys):
+    s_path, t_path = _hf_like_dumps(tmp_path)
+    base = ["analyze", str(s_path), str(t_path), "--out", str(tmp_path / "o")]
+    assert cli.main(base + ["--embeddings-index", "1"]) == 2
+    assert f"--embeddings-index 1 contradicts {s_path}" in capsys.readouterr().err
+    assert cli.main(base + ["--embeddings-index", "first"]) == 2
+    assert '--embeddings-index must be a layer index >= 0 or "none"' in capsys.readouterr().err
+    (tmp_path / "bare").mkdir()
+    bare_s, bare_t = _hf_like_dumps(tmp_path / "bare", metadata=False)
+    assert cli.main(["analyze", str(bare_s), str(bare_t), "--out", str(tmp_path / "o"),
+                     "--embeddings-index", "7"]) == 2
+    assert "embeddings index 7 (--embeddings-index 7) is out of range" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_heatmap_labels_the_embeddings():
+    from pkd import plots
+
+    rng = np.random.default_rng(0)
+    fig = plots.alignment_heatmap(rng.random((3, 5)), student_embeddings=0,
+                                  teacher_embeddings=0)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["emb", "1", "2", "3", "4"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["emb", "1", "2"]
+    plain = plots.alignment_heatmap(rng.random((3, 5))).axes[0]
+    assert [t.get_text() for t in plain.get_yticklabels()] == ["0", "1", "2"]
+    with pytest.raises(ValueError, match="teacher_embeddings=5 is out of range for 5"):
+        plots.alignment_heatmap(rng.random((3, 5)), teacher_embeddings=5)
+
+
+# --- masks are never silent; dumps of different texts are refused ------------------------
+
+
+def test_a_3d_pair_without_a_mask_is_named_and_recorded(dumps, tmp_path, capsys):
+    _, _, student, teacher, _ = dumps
+    s_path, t_path = tmp_path / "s.safetensors", tmp_path / "t.safetensors"
+    save_dump(s_path, student)
+    save_dump(t_path, teacher)
+    out = tmp_path / "o"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert f"neither {s_path} nor {t_path} has a 'attention_mask' mask" in captured.err
+    assert "padding included" in captured.err
+    assert "mask: no mask" in captured.out
+    summary = _strict_json(out / "summary.json")
+    assert summary["mask"] == "no mask" and summary["rows"] == 300
+    assert any("padding included" in w for w in summary["warnings"])
+
+
+def test_the_mask_used_is_named(dumps, tmp_path, capsys):
+    s_path, t_path, _, teacher, mask = dumps
+    out = tmp_path / "both"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out)]) == 0
+    assert f"mask: 'attention_mask' of {s_path} and {t_path} (identical)" in \
+        capsys.readouterr().out
+    bare = tmp_path / "bare.safetensors"
+    save_dump(bare, teacher)
+    out = tmp_path / "one"
+    assert cli.main(["analyze", str(s_path), str(bare), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    said = f"'attention_mask' of {s_path} ({bare} has none)"
+    assert f"mask: {said}" in captured.out
+    assert "padding included" not in captured.err  # a mask is used: no warning
+    summary = _strict_json(out / "summary.json")
+    assert summary["mask"] == said and summary["rows"] == int(mask.sum())
+
+
+def test_pooled_dumps_without_a_mask_need_no_warning(tmp_path, capsys):
+    s_path, t_path = _hf_like_dumps(tmp_path)
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(tmp_path / "o")]) == 0
+    assert capsys.readouterr().err == ""
+    assert _strict_json(tmp_path / "o" / "summary.json")["mask"] == "no mask"
+
+
+@pytest.mark.parametrize("command", ["analyze", "fit"])
+def test_dumps_of_different_texts_are_refused(dumps, tmp_path, capsys, command):
+    _, _, student, teacher, mask = dumps
+    s_path, t_path = tmp_path / "s.safetensors", tmp_path / "t.safetensors"
+    save_dump(s_path, student, attention_mask=mask,
+              metadata={"texts_sha256": "a" * 64, "n_texts": "30"})
+    save_dump(t_path, teacher, attention_mask=mask,
+              metadata={"texts_sha256": "b" * 64, "n_texts": "30"})
+    out = tmp_path / "o"
+    args = [command, str(s_path), str(t_path), "--out", str(out), "--mapping", "skip"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{s_path} and {t_path} were made from different texts" in err
+    assert "dump both models from the same texts file" in err
+    save_dump(t_path, teacher, attention_mask=mask,
+              metadata={"texts_sha256": "a" * 64, "n_texts": "31"})
+    assert cli.main(args) == 2
+    assert f"{s_path} holds 30 texts and {t_path} 31" in capsys.readouterr().err
+    assert not out.exists()
+    save_dump(t_path, teacher, attention_mask=mask,
+              metadata={"texts_sha256": "a" * 64, "n_texts": "30"})
+    assert cli.main(args) == 0
+
+
+# --- the strategy table compares like with like -------------------------------------------
+
+
+def test_strategy_table_has_per_pair_means_and_pair_counts(dumps, tmp_path, capsys):
+    s_path, t_path, *_ = dumps
+    out = tmp_path / "o"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out)]) == 0
+    summary = _strict_json(out / "summary.json")
+    relative, cka = np.array(summary["relative_min_mse"]), np.array(summary["cka"])
+    min_mse = np.array(summary["min_mse"])
+    counts = {}
+    for row in summary["strategies"]:
+        pairs = [tuple(p) for p in row["pairs"]]
+        assert row["n_pairs"] == len(pairs)
+        counts[row["strategy"]] = len(pairs)
+        assert row["mean_relative_min_mse"] == pytest.approx(np.mean([relative[p]
+                                                                      for p in pairs]))
+        assert row["mean_min_mse"] == pytest.approx(np.mean([min_mse[p] for p in pairs]))
+        assert row["mean_cka"] == pytest.approx(np.mean([cka[p] for p in pairs]))
+        assert not any(key.startswith("sum") for key in row)
+    assert counts == {"uniform": 3, "skip": 2, "last": 2, "optimal": 3}
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("strategy"))
+    assert header.split()[:2] == ["strategy", "pairs"] and "mean 1 − R²" in header
+    skip = next(line for line in lines if line.startswith("skip "))
+    assert skip.split()[1] == "2"
+
+
+# --- tokens="cls" under left padding ------------------------------------------------------
+
+
+def _left_padded(tmp_path, rng):
+    B, T = 60, 6  # 60 [CLS] rows > 10 × the width 4: no held-out estimates needed
+    student = rng.standard_normal((B, T, 4)).astype(np.float32)
+    first = rng.integers(0, T - 1, size=B)  # left padding: the text starts at first[b]
+    first[0] = 0
+    mask = (np.arange(T)[None, :] >= first[:, None]).astype(np.uint8)
+    t_cls = rng.standard_normal((B, T, 4)).astype(np.float32)
+    t_cls[np.arange(B), first] = student[np.arange(B), first]  # agrees on the first real token
+    t_zero = rng.standard_normal((B, T, 4)).astype(np.float32)
+    t_zero[:, 0] = student[:, 0]  # agrees at position 0, mostly padding
+    s_path, t_path = tmp_path / "s.npz", tmp_path / "t.npz"
+    save_dump(s_path, [student], attention_mask=mask)
+    save_dump(t_path, [t_zero, t_cls], attention_mask=mask)
+    return s_path, t_path, student, [t_zero, t_cls], mask, first
+
+
+def test_fit_tokens_cls_takes_the_first_real_token_under_left_padding(tmp_path, capsys):
+    rng = np.random.default_rng(11)
+    s_path, t_path, student, teacher, mask, first = _left_padded(tmp_path, rng)
+    out = tmp_path / "cls"
+    assert cli.main(["fit", str(s_path), str(t_path), "--mapping", "optimal", "--tokens", "cls",
+                     "--measure", "relative", "--out", str(out)]) == 0
+    assert _saved_mapping(out) == [[0, 1]]  # the teacher layer that agrees on real tokens
+    assert "0→1" in capsys.readouterr().out  # an exact fit (loss 0) is drawn on a linear axis
+    rows = np.arange(len(first))
+    want = pkd.fit_projection([student[rows, first]], [teacher[1][rows, first]], [(0, 0)],
+                              method="closed_form")
+    from safetensors.numpy import load_file
+
+    np.testing.assert_allclose(load_file(out / "projection.safetensors")["projection"],
+                               want.projection, rtol=1e-5, atol=1e-6)
+
+
+def test_analyze_tokens_cls_counts_one_row_per_sequence(tmp_path, capsys):
+    rng = np.random.default_rng(12)
+    s_path, t_path, *_ = _left_padded(tmp_path, rng)
+    out = tmp_path / "o"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--tokens", "cls", "--out",
+                     str(out), "--mapping", "0:1"]) == 0
+    summary = _strict_json(out / "summary.json")
+    assert summary["rows"] == 60 and summary["tokens"] == "cls"
+    assert summary["cka"][0][1] == pytest.approx(1.0)
+
+
+# --- measures -------------------------------------------------------------------------------
+
+
+def test_measure_relative_picks_the_least_loss_and_draws_it(dumps, tmp_path):
+    s_path, t_path, student, teacher, mask = dumps
+    out = tmp_path / "o"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out),
+                     "--measure", "relative"]) == 0
+    summary = _strict_json(out / "summary.json")
+    stats = pkd.AlignmentStats.from_arrays(student, teacher, mask=mask)
+    assert summary["measure"] == "relative" and summary["measure_maximize"] is False
+    assert summary["optimal_mapping"] == [list(p) for p in
+                                          pkd.mapping.optimal(stats.relative_min_mse())]
+
+
+def test_unknown_measure_lists_the_choices(dumps, tmp_path, capsys):
+    s_path, t_path, *_ = dumps
+    with pytest.raises(SystemExit):
+        cli.main(["analyze", str(s_path), str(t_path), "--out", str(tmp_path / "o"),
+                  "--measure", "r2"])
+    err = capsys.readouterr().err
+    for name in ("relative", "heldout", "cka", "cka-debiased", "rbf-cka"):
+        assert name in err
+
+
+# --- CLI polish -----------------------------------------------------------------------------
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"pkd {pkd.__version__}"
+
+
+def _help(*command):
+    out = subprocess.run([sys.executable, "-m", "pkd.cli", *command, "--help"],
+                         capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "COLUMNS": "200"}).stdout
+    return " ".join(out.split())  # argparse wraps lines; compare words
+
+
+def test_help_gives_every_default_and_the_files_written():
+    from pkd.alignment import DEFAULT_CHUNK_ROWS
+    from pkd.bench import VARIANTS
+
+    analyze = _help("analyze")
+    assert f"rows per streamed chunk (default: {DEFAULT_CHUNK_ROWS})" in analyze
+    assert f"(default: {cli.DEFAULT_MEASURE})" in analyze
+    for name in cli.ANALYZE_OUTPUTS:
+        assert name in analyze
+    fit = _help("fit")
+    assert "(default: closed_form)" in fit and "default 500" in fit
+    for name in cli.FIT_OUTPUTS:
+        assert name in fit
+    bench = _help("bench")
+    assert all(variant in bench for variant in VARIANTS)
+    assert "accuracy.png" in _help("demo")
+
+
+def test_chunk_rows_default_is_the_library_default():
+    from pkd.alignment import DEFAULT_CHUNK_ROWS
+
+    args = cli.build_parser().parse_args(["analyze", "s.npz", "t.npz", "--out", "o"])
+    assert args.chunk_rows == DEFAULT_CHUNK_ROWS
+
+
+def test_unknown_mapping_lists_every_choice(dumps, tmp_path, capsys):
+    s_path, t_path, *_ = dumps
+    for command in ("analyze", "fit"):
+        assert cli.main([command, str(s_path), str(t_path), "--out", str(tmp_path / "o"),
+                         "--mapping", "foo"]) == 2
+        assert "choose from uniform, skip, last, optimal" in capsys.readouterr().err
+
+
+def test_options_the_closed_form_ignores_are_refused(dumps, tmp_path, capsys):
+    s_path, t_path, *_ = dumps
+    base = ["fit", str(s_path), str(t_path), "--mapping", "0:1", "--out", str(tmp_path / "o")]
+    assert cli.main(base + ["--steps", "10", "--lr", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "--steps, --lr apply to --method adam or --method sgd only" in err
+    assert cli.main(base + ["--batch-size", "4"]) == 2
+    assert "--batch-size applies to --method adam or --method sgd only" in \
+        capsys.readouterr().err
+    assert cli.main(base + ["--method", "adam", "--steps", "0"]) == 2
+    assert "--steps must be" in capsys.readouterr().err
+    assert cli.main(base + ["--method", "adam", "--lr", "-1"]) == 2
+    assert "--lr must be" in capsys.readouterr().err
+    assert cli.main(base + ["--method", "sgd", "--normalize"]) == 2
+    assert "--method sgd with --normalize needs an explicit --lr" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_directory_given_as_a_dump_says_so(dumps, tmp_path, capsys):
+    s_path, t_path, *_ = dumps
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "hidden.safetensors").write_bytes(b"")
+    assert cli.main(["analyze", str(s_path), str(folder), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"teacher dump {folder} is a directory, not a dump file" in err
+    assert "it holds hidden.safetensors" in err
+
+
+def test_fit_draws_no_progress_bar_into_a_pipe(dumps, tmp_path, capsys):
+    s_path, t_path, *_ = dumps
+    assert cli.main(["fit", str(s_path), str(t_path), "--mapping", "0:1", "--method", "adam",
+                     "--steps", "20", "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "fit (adam)" not in err and "\r" not in err and "it/s" not in err
