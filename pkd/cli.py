@@ -379,34 +379,23 @@ def _selected_rows(lead_shape: tuple, mask, tokens):
 
 def _stream_stats(student, teacher, rows, chunk_rows: int, scheduler: str | None,
                   folds: int | None):
-    """One pass over both dumps; the statistics of every (student, teacher) layer pair."""
-    from tqdm.auto import tqdm
+    """One pass over both dumps; the statistics of every (student, teacher) layer pair.
 
+    ``rows`` (the mask and ``--tokens`` combined, resolved and said by the CLI) is
+    passed as the mask, so the library applies exactly the rows the console names.
+    """
     from .alignment import AlignmentStats
 
-    if scheduler is not None:
-        try:
-            return AlignmentStats.from_dumps_dask(student, teacher, chunk_rows=chunk_rows,
-                                                  scheduler=scheduler, mask=rows)
-        except ImportError as error:  # dask lives in the `dask` extra; the message says so
-            raise CommandError(str(error)) from None
-    options = {} if folds is None else {"folds": folds}
-    stats = AlignmentStats(chunk_rows=chunk_rows, **options)
-    flat_rows = None if rows is None else rows.reshape(-1)
-    seen_rows = False
-    with tqdm(total=student.n_rows, desc="streaming", unit="rows", file=sys.stderr,
-              disable=not _on_terminal(), leave=False) as bar:
-        chunks = zip(student.iter_chunks(chunk_rows), teacher.iter_chunks(chunk_rows),
-                     strict=True)
-        for (start, stop, s_chunk), (_, _, t_chunk) in chunks:
-            kept = None if flat_rows is None else flat_rows[start:stop]
-            if kept is None or kept.any():  # a chunk of padding only is skipped
-                stats.update(s_chunk, t_chunk, mask=kept)
-                seen_rows = True
-            bar.update(stop - start)
-    if not seen_rows:
-        raise CommandError("the attention mask selects no row: nothing to analyze")
-    return stats
+    common = {"chunk_rows": chunk_rows, "mask": rows, "folds": folds}
+    try:
+        if scheduler is not None:
+            return AlignmentStats.from_dumps_dask(student, teacher, scheduler=scheduler,
+                                                  **common)
+        return AlignmentStats.from_dumps(student, teacher, progress=_on_terminal(), **common)
+    except ImportError as error:  # dask lives in the `dask` extra; the message says so
+        raise CommandError(str(error)) from None
+    except (TypeError, ValueError) as error:
+        raise CommandError(str(error)) from None
 
 
 def _sample_rows(rows, n_rows: int, max_rows: int, seed: int = 0) -> np.ndarray:
@@ -464,7 +453,7 @@ def _as_cost(matrix: np.ndarray, maximize: bool) -> np.ndarray:
 
     A constant layer has no variance, so its measures are NaN: there is
     nothing to distil from it, so its pairs are forbidden rather than the
-    whole matrix refused.
+    whole matrix refused (:func:`_optimal` does the same).
     """
     cost = -matrix if maximize else matrix
     return np.where(np.isnan(cost), np.inf, cost)
@@ -476,11 +465,12 @@ def _optimal(matrix, maximize: bool, rows: list[int], cols: list[int], hint: str
 
     n_s, n_t = len(rows), len(cols)
     _check_optimal_exists(n_s, n_t, hint)
-    cost = _as_cost(np.asarray(matrix)[np.ix_(rows, cols)], maximize)
+    values = np.asarray(matrix)[np.ix_(rows, cols)]
+    undefined = np.isnan(values)
     try:
-        pairs = mapping.optimal(cost)
+        pairs = mapping.optimal(np.where(undefined, -np.inf if maximize else np.inf, values),
+                                maximize=maximize)
     except ValueError as error:
-        undefined = np.isinf(cost)
         constant = [cols[j] for j in np.flatnonzero(undefined.all(axis=0))]
         if not constant:
             raise CommandError(f"no optimal mapping: {error}{hint}") from None
@@ -598,19 +588,10 @@ def _plan(args, student, rows, console: Console, report_heldout: bool) -> Plan:
         console.warn(
             f"{rows_used} rows for a student width of {width} (≤ {ROWS_PER_WIDTH} × width): "
             "in-sample 1 − R² and CKA are optimistic with so few rows (a linear map fits "
-            "noise)"
-            + ("" if not report_heldout else
-               "; held-out estimates are reported beside them" if args.scheduler is None else
-               "; held-out estimates need the local streaming path (drop --scheduler)")
+            "noise)" + ("; held-out estimates are reported beside them" if report_heldout
+                        else "")
         )
     if reason is None:
-        return Plan(measure, None, rows_used, width)
-    if args.scheduler is not None:
-        if wanted:
-            raise CommandError(
-                "held-out estimates (--measure heldout, --heldout) are computed on the local "
-                "streaming path only: drop --scheduler"
-            )
         return Plan(measure, None, rows_used, width)
     return Plan(measure, folds, rows_used, width, reason)
 
