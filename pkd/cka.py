@@ -52,6 +52,9 @@ DEFAULT_MAX_ROWS = 4096
 # Packed kernel entries (n(n−1)/2) from which the prange twins of the RBF passes are used,
 # when Numba has more than one thread; below it the serial twins. Results are identical.
 PARALLEL_MIN_ENTRIES = 1 << 17
+# The median search partitions at most this many entries, narrowing its range until then.
+_MEDIAN_CANDIDATES = 1 << 16
+_MAX_NARROWING = 64
 # MinibatchCKA compares examples' Gram matrices when they are cheaper and fit in this.
 _GRAM_PATH_MAX_BYTES = 256 << 20
 
@@ -64,12 +67,17 @@ def _kernels():
     return rbf
 
 
-def _twin(name: str, n_entries: int):
-    """The serial twin, or the prange one for ``n_entries`` ≥ PARALLEL_MIN_ENTRIES on > 1 thread."""
+def _twin(name: str, n_entries: int, parallel: bool | None = None):
+    """The kernel ``name``'s twin: ``parallel`` None applies the rule below.
+
+    The prange twin runs when Numba has more than one thread and the pass has
+    at least ``PARALLEL_MIN_ENTRIES`` entries; the serial one otherwise.
+    """
     import numba
 
     rbf = _kernels()
-    parallel = n_entries >= PARALLEL_MIN_ENTRIES and numba.get_num_threads() > 1
+    if parallel is None:
+        parallel = n_entries >= PARALLEL_MIN_ENTRIES and numba.get_num_threads() > 1
     return getattr(rbf, f"{name}_{'parallel' if parallel else 'serial'}")
 
 
@@ -259,9 +267,10 @@ def _ratio(cross: float, self_x: float, self_y: float, what: str) -> float:
 class _RBFWorkspace:
     """Buffers of the RBF passes for ``n`` rows, reused across layers."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, parallel: bool | None = None):
         rbf = _kernels()
         self.n = n
+        self.parallel = parallel  # None: the rule of _twin
         self.n_entries = n * (n - 1) // 2
         self.gram = np.empty((n, n), order="F")  # dsyrk's output; then the median's scratch
         self.row_sums = np.empty(n)
@@ -284,7 +293,7 @@ class _RBFWorkspace:
         norms = np.diagonal(gram).copy()
         if not np.isfinite(norms).all():
             raise ValueError(f"{name}: squared row norms overflow float64; rescale the layer")
-        _twin("squared_distances", m)(gram, norms, packed)
+        _twin("squared_distances", m, self.parallel)(gram, norms, packed)
         median = self._median(packed)
         if median == 0.0:
             raise ValueError(
@@ -293,27 +302,72 @@ class _RBFWorkspace:
                 "RBF CKA is undefined; drop repeated rows (padding?) or the layer"
             )
         denominator = 2.0 * bandwidth * bandwidth * median
-        _twin("rbf_row_sums", m)(packed, n, denominator, self.row_sums, self.column_partials)
+        _twin("rbf_row_sums", m, self.parallel)(packed, n, denominator, self.row_sums,
+                                                self.column_partials)
         row_means = self.row_sums / n
         grand_mean = math.fsum(self.row_sums) / (n * n)
-        _twin("centre_packed", m)(packed, n, row_means, grand_mean, self.ones, diagonal)
+        _twin("centre_packed", m, self.parallel)(packed, n, row_means, grand_mean, self.ones,
+                                                 diagonal)
 
     def _median(self, packed: np.ndarray) -> float:
         """Median of the n² squared distances (diagonal zeros and both triangles included)."""
-        n, m = self.n, self.n_entries
+        n = self.n
         total = n * n
         ranks = (total // 2 - 1, total // 2) if total % 2 == 0 else (total // 2,)
         # Sorted, the n² entries are n zeros then every packed value twice (n ≥ 3: ranks ≥ n).
-        positions = sorted({(r - n) // 2 for r in ranks})
-        scratch = self.gram.reshape(-1, order="F")[:m]
-        np.copyto(scratch, packed)
-        scratch.partition(positions)
-        return float(np.mean([scratch[(r - n) // 2] for r in ranks]))
+        values = self._order_statistics(packed, sorted({(r - n) // 2 for r in ranks}))
+        return float(np.mean([values[(r - n) // 2] for r in ranks]))
+
+    def _order_statistics(self, packed: np.ndarray, positions: list[int]) -> dict:
+        """``{p: the p-th smallest entry of packed}`` for adjacent ``positions``.
+
+        Histogram all entries over ``[lo, hi)``, keep the bins that hold the
+        positions, narrow the range to them until few entries are left (or
+        the range cannot shrink), then partition those. Each round's counts
+        come from a full pass, so the ranks are exact whatever the rounding
+        at the bins' edges. The first range is ``[0, 2·mean)``: the entries
+        are ≥ 0, so fewer than half of them reach twice the mean; a position
+        outside the range widens it.
+        """
+        rbf = _kernels()
+        m = packed.shape[0]
+        histogram = _twin("histogram", m, self.parallel)
+        gather = _twin("gather", m, self.parallel)
+        counts = np.empty((rbf.N_GROUPS, rbf.N_BINS + 2), dtype=np.int64)
+        lo, hi = 0.0, 2.0 * float(packed.mean())
+        for _ in range(_MAX_NARROWING):
+            if not hi > lo:
+                lo, hi = 0.0, float(np.nextafter(packed.max(), np.inf))
+                if not packed.max() > 0.0:  # every entry is 0
+                    return dict.fromkeys(positions, 0.0)
+            histogram(packed, lo, hi, counts)
+            cumulative = np.cumsum(counts.sum(axis=0))  # entries in slots 0..s
+            first, last = (int(np.searchsorted(cumulative, p, side="right"))
+                           for p in (positions[0], positions[-1]))
+            if first == 0:  # below lo
+                lo = 0.0
+                continue
+            if last == rbf.N_BINS + 1:  # at or above hi
+                hi = float(np.nextafter(packed.max(), np.inf))
+                continue
+            below_first = int(cumulative[first - 1])
+            kept = int(cumulative[last]) - below_first
+            width = (hi - lo) / rbf.N_BINS
+            if kept <= _MEDIAN_CANDIDATES or width <= 4 * np.spacing(hi):
+                group_counts = counts[:, first:last + 1].sum(axis=1)
+                offsets = np.concatenate(([0], np.cumsum(group_counts)[:-1]))
+                out = np.empty(kept)
+                gather(packed, lo, hi, first, last, offsets, out)
+                out.partition([p - below_first for p in positions])
+                return {p: float(out[p - below_first]) for p in positions}
+            lo, hi = lo + (first - 1) * width, lo + last * width
+        raise AssertionError("the median search did not narrow down: please report this")
 
 
-def _inner_products(stack, stack_diagonal, packed, diagonal) -> np.ndarray:
+def _inner_products(stack, stack_diagonal, packed, diagonal, parallel=None) -> np.ndarray:
     out = np.empty(stack.shape[0])
-    _twin("packed_inner_products", stack.size)(stack, stack_diagonal, packed, diagonal, out)
+    _twin("packed_inner_products", stack.size, parallel)(stack, stack_diagonal, packed,
+                                                         diagonal, out)
     return out
 
 
@@ -378,8 +432,11 @@ def rbf_cka_matrix(student_layers, teacher_layers, *, bandwidth: float = 0.5,
 
 
 def _rbf_matrix(student: list, teacher: list, mask, bandwidth: float, max_rows, seed,
-                names: tuple[str, str]) -> np.ndarray:
-    """:func:`rbf_cka_matrix` on validated layers; ``names`` name the two sides in errors."""
+                names: tuple[str, str], parallel: bool | None = None) -> np.ndarray:
+    """:func:`rbf_cka_matrix` on validated layers; ``names`` name the two sides in errors.
+
+    ``parallel`` forces one twin of every pass (``pkd bench`` times both); None: the rule.
+    """
     lead = _lead_shape(student, teacher, names)
     selected = V.select_rows(lead, mask, mask_name="mask")
     n_available = math.prod(lead) if selected is None else selected.size
@@ -398,7 +455,7 @@ def _rbf_matrix(student: list, teacher: list, mask, bandwidth: float, max_rows, 
     # Keep the side with fewer layers; the other streams through.
     kept, streamed = (student, teacher) if len(student) <= len(teacher) else (teacher, student)
     kept_name, streamed_name = names if kept is student else names[::-1]
-    workspace = _RBFWorkspace(n)
+    workspace = _RBFWorkspace(n, parallel)
     m = workspace.n_entries
     stack, stack_diagonal = np.empty((len(kept), m)), np.empty((len(kept), n))
     kept_self = np.empty(len(kept))
@@ -406,7 +463,7 @@ def _rbf_matrix(student: list, teacher: list, mask, bandwidth: float, max_rows, 
         workspace.centred_kernel(rows_of(layer), bandwidth, _layer_name(kept_name, k),
                                  stack[k], stack_diagonal[k])
         kept_self[k] = _inner_products(stack[k:k + 1], stack_diagonal[k:k + 1],
-                                       stack[k], stack_diagonal[k])[0]
+                                       stack[k], stack_diagonal[k], parallel)[0]
     cross = np.empty((len(streamed), len(kept)))
     streamed_self = np.empty(len(streamed))
     packed, diagonal = np.empty(m), np.empty(n)
@@ -414,8 +471,9 @@ def _rbf_matrix(student: list, teacher: list, mask, bandwidth: float, max_rows, 
         workspace.centred_kernel(rows_of(layer), bandwidth,
                                  _layer_name(streamed_name, k),
                                  packed, diagonal)
-        streamed_self[k] = _inner_products(packed[None], diagonal[None], packed, diagonal)[0]
-        cross[k] = _inner_products(stack, stack_diagonal, packed, diagonal)
+        streamed_self[k] = _inner_products(packed[None], diagonal[None], packed, diagonal,
+                                           parallel)[0]
+        cross[k] = _inner_products(stack, stack_diagonal, packed, diagonal, parallel)
     value = cross / np.sqrt(np.outer(streamed_self, kept_self))
     if not np.isfinite(value).all():
         raise ValueError("RBF CKA is not finite for some pair: a layer's values are too large "

@@ -12,6 +12,10 @@ contiguous rows. The passes (see ``docs/math.md`` for the algebra):
    sums of the full symmetric ``K`` (unit diagonal);
 3. ``centre_packed``: ``K_ij − μ_i − μ_j + μ̄`` in place (double centring,
    ``μ`` the row means, ``μ̄`` the grand mean), and the centred diagonal;
+   Between 1 and 2, the median of D: ``histogram`` counts the entries per
+   bin, and ``gather`` copies out the few in the median's bin, which NumPy
+   partitions: no copy of D, and two parallel passes instead of a serial
+   partition of all n(n−1)/2 entries.
 4. ``packed_inner_products``: the Frobenius inner products ``⟨A_k, B⟩`` of
    symmetric matrices, ``2 Σ_packed + Σ_diagonal``: the HSIC sums.
 
@@ -33,12 +37,16 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._jit import twins
+from ._jit import kernel, twins
 
 # Rows per block of the row-sum pass; fixed, so that sums do not depend on the threads.
 BLOCK_ROWS = 64
 # Packed entries per chunk of the inner-product pass (128 KiB of float64, L2-resident).
 CHUNK = 1 << 14
+# The median's histogram: bins over [lo, hi), plus a slot below and one above.
+N_BINS = 4096
+# Fixed slices of the packed vector, each with its own histogram row (exact integer counts).
+N_GROUPS = 64
 
 
 def _squared_distances(gram, norms, out):
@@ -151,9 +159,60 @@ def _packed_inner_products(stack, stack_diagonal, vector, vector_diagonal, out):
         out[k] = 2.0 * total + diagonal
 
 
+@kernel
+def _slot(value, lo, hi, scale):
+    """Histogram slot of ``value``: 0 below ``lo``, N_BINS + 1 at or above ``hi``, else 1 + bin."""
+    if value < lo:
+        return 0
+    if value >= hi:
+        return N_BINS + 1
+    b = int((value - lo) * scale)
+    return 1 + (b if b < N_BINS else N_BINS - 1)
+
+
+def _histogram(packed, lo, hi, counts):
+    """Count the entries of ``packed`` per slot of :func:`_slot`, per fixed group of entries.
+
+    packed : (m,) float64, finite.
+    lo, hi : float, ``lo < hi``.
+    counts : (N_GROUPS, N_BINS + 2) int64, overwritten: row g counts the entries of group g
+        (entries ``g·ceil(m / N_GROUPS)`` onwards).
+    """
+    m = packed.shape[0]
+    per = (m + N_GROUPS - 1) // N_GROUPS
+    scale = N_BINS / (hi - lo)
+    for g in prange(N_GROUPS):
+        row = counts[g]
+        for b in range(N_BINS + 2):
+            row[b] = 0
+        for e in range(g * per, min(m, (g + 1) * per)):
+            row[_slot(packed[e], lo, hi, scale)] += 1
+
+
+def _gather(packed, lo, hi, first, last, offsets, out):
+    """Copy the entries whose slot is in ``[first, last]`` to ``out``, group by group.
+
+    offsets : (N_GROUPS,) int64, where each group's entries start in ``out`` (from the
+        counts of :func:`_histogram` with the same ``lo``, ``hi``).
+    out : (Σ counts,) float64.
+    """
+    m = packed.shape[0]
+    per = (m + N_GROUPS - 1) // N_GROUPS
+    scale = N_BINS / (hi - lo)
+    for g in prange(N_GROUPS):
+        k = offsets[g]
+        for e in range(g * per, min(m, (g + 1) * per)):
+            s = _slot(packed[e], lo, hi, scale)
+            if first <= s <= last:
+                out[k] = packed[e]
+                k += 1
+
+
 squared_distances_serial, squared_distances_parallel = twins(_squared_distances)
 rbf_row_sums_serial, rbf_row_sums_parallel = twins(_rbf_row_sums)
 centre_packed_serial, centre_packed_parallel = twins(_centre_packed)
+histogram_serial, histogram_parallel = twins(_histogram)
+gather_serial, gather_parallel = twins(_gather)
 # Sums of products only, so FMAs and split SIMD lanes are safe (see _jit).
 packed_inner_products_serial, packed_inner_products_parallel = twins(
     _packed_inner_products, reassociate=True, fuse_multiply_add=True)
