@@ -191,6 +191,28 @@ def test_packed_storage_holds_the_full_symmetric_matrix():
     np.testing.assert_allclose(diagonal, np.diagonal(Kc), atol=1e-14)
 
 
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("kind", ["normal", "repeated rows", "outlier", "integers", "zeros"])
+@pytest.mark.parametrize("n", [4, 5, 120, 301])
+def test_median_of_the_distances_is_numpys_over_the_full_matrix(n, kind, parallel, monkeypatch):
+    """The histogram search: narrowing (few candidates allowed), widening, ties, all zeros."""
+    monkeypatch.setattr(cka, "_MEDIAN_CANDIDATES", 7)
+    rng = np.random.default_rng(n)
+    X = rng.standard_normal((n, 5))
+    if kind == "repeated rows":
+        X[: n // 2 + 1] = X[0]
+    elif kind == "outlier":
+        X[-1] *= 1e6  # most distances far below twice the mean
+    elif kind == "integers":
+        X = np.round(X)  # many exactly equal distances
+    elif kind == "zeros":
+        X[:] = 0.0
+    ws = cka._RBFWorkspace(n, parallel)
+    full = ((X[:, None, :] - X[None, :, :]) ** 2).sum(-1)
+    rows, cols = np.tril_indices(n, -1)
+    assert ws._median(full[rows, cols].copy()) == np.median(full)
+
+
 # --- all pairs, subsample, mask ----------------------------------------------------------
 
 
