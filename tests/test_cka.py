@@ -124,13 +124,37 @@ def _gram_and_norms(n, seed=0):
 
 
 @pytest.mark.parametrize("twin", ["serial", "parallel"])
-def test_squared_distances_kernel_matches_its_twin(twin):
-    n = 150  # more than two row blocks, an odd middle row
+@pytest.mark.parametrize("n", [4, 150, 151])  # odd n: a middle row alone in its pair
+def test_squared_distances_kernel_and_its_histogram_match_their_twins(twin, n):
     gram, norms = _gram_and_norms(n)
     out = np.full(n * (n - 1) // 2, np.nan)
-    getattr(rbf, f"squared_distances_{twin}")(gram, norms, out)
+    counts = np.full((rbf.N_GROUPS, rbf.N_BINS + 2), -1, dtype=np.int64)
+    lo, hi = 0.0, float(np.median(naive.squared_distances(gram, norms)))  # half above hi
+    getattr(rbf, f"squared_distances_{twin}")(gram, norms, lo, hi, out, counts)
     np.testing.assert_array_equal(out, naive.squared_distances(gram, norms))
     assert out[naive._packed_index(3, 1)] == 0.0
+    expected = naive.histogram(out, n, lo, hi, rbf.N_GROUPS, rbf.N_BINS)
+    np.testing.assert_array_equal(counts, expected)
+    assert counts.sum() == out.size and counts[:, -1].sum() > 0
+
+
+@pytest.mark.parametrize("twin", ["serial", "parallel"])
+def test_histogram_and_gather_kernels_match_their_twins(twin):
+    n = 151
+    rng = np.random.default_rng(8)
+    packed = np.round(rng.random(n * (n - 1) // 2) * 50) / 7  # ties, values on bin edges
+    lo, hi = 1.0, 5.0
+    counts = np.full((rbf.N_GROUPS, rbf.N_BINS + 2), -1, dtype=np.int64)
+    getattr(rbf, f"histogram_{twin}")(packed, n, lo, hi, counts)
+    np.testing.assert_array_equal(counts, naive.histogram(packed, n, lo, hi, rbf.N_GROUPS,
+                                                          rbf.N_BINS))
+    first, last = 0, 2000
+    group_counts = counts[:, first:last + 1].sum(axis=1)
+    out = np.full(group_counts.sum(), np.nan)
+    offsets = np.concatenate(([0], np.cumsum(group_counts)[:-1]))
+    getattr(rbf, f"gather_{twin}")(packed, n, lo, hi, first, last, offsets, out)
+    np.testing.assert_array_equal(out, naive.gather(packed, n, lo, hi, first, last,
+                                                    rbf.N_GROUPS, rbf.N_BINS))
 
 
 @pytest.mark.parametrize("twin", ["serial", "parallel"])
@@ -210,7 +234,11 @@ def test_median_of_the_distances_is_numpys_over_the_full_matrix(n, kind, paralle
     ws = cka._RBFWorkspace(n, parallel)
     full = ((X[:, None, :] - X[None, :, :]) ** 2).sum(-1)
     rows, cols = np.tril_indices(n, -1)
-    assert ws._median(full[rows, cols].copy()) == np.median(full)
+    packed = full[rows, cols].copy()
+    hi = 2.0 * packed.mean() or 1.0  # the first range, as centred_kernel counts it
+    getattr(rbf, f"histogram_{'parallel' if parallel else 'serial'}")(packed, n, 0.0, hi,
+                                                                     ws.counts)
+    assert ws._median(packed, hi) == np.median(full)
 
 
 # --- all pairs, subsample, mask ----------------------------------------------------------
