@@ -215,11 +215,18 @@ def _histogram(packed, n, lo, hi, counts):
 def _gather(packed, n, lo, hi, first_slot, last_slot, offsets, out):
     """Copy the entries whose slot is in ``[first_slot, last_slot]`` to ``out``, group by group.
 
+    Slots of bins only: ``1 <= first_slot <= last_slot <= N_BINS``.
+
     offsets : (N_GROUPS,) int64, where each group's entries start in ``out`` (from the
         counts of the same ``lo``, ``hi``).
     out : (Σ counts,) float64.
     """
     scale = N_BINS / (hi - lo)
+    # A value window one bin wider on each side than the slots: the slot itself (the
+    # histogram's rounding) is computed only for the few values inside it.
+    width = (hi - lo) / N_BINS
+    window_lo = lo + (first_slot - 2) * width
+    window_hi = lo + (last_slot + 1) * width
     for g in prange(N_GROUPS):
         k = offsets[g]
         first, stop = _group_pairs(n, g)
@@ -230,10 +237,12 @@ def _gather(packed, n, lo, hi, first_slot, last_slot, offsets, out):
                     break
                 start = i * (i - 1) // 2
                 for e in range(start, start + i):
-                    s = _slot(packed[e], lo, hi, scale)
-                    if first_slot <= s <= last_slot:
-                        out[k] = packed[e]
-                        k += 1
+                    value = packed[e]
+                    if window_lo <= value < window_hi:
+                        s = _slot(value, lo, hi, scale)
+                        if first_slot <= s <= last_slot:
+                            out[k] = value
+                            k += 1
 
 
 squared_distances_serial, squared_distances_parallel = twins(_squared_distances)
