@@ -55,7 +55,6 @@ MEASURES = {
 # of d inputs fits a few times d rows closely by chance alone.
 ROWS_PER_WIDTH = 10
 DEFAULT_FOLDS = 5
-RBF_MAX_ROWS = 4096  # the rows RBF CKA uses at most (a reproducible subsample)
 FIXED_MAPPINGS = ("uniform", "skip", "last")
 GRADIENT_OPTIONS = ("steps", "lr", "batch_size", "seed")  # what --method closed_form ignores
 DEFAULT_STEPS = 500
@@ -418,9 +417,10 @@ def _gather_rows(dump, index: np.ndarray, chunk_rows: int) -> list[np.ndarray]:
 
 def _rbf_cka(student, teacher, rows, chunk_rows: int) -> np.ndarray:
     """RBF CKA of every layer pair on a reproducible subsample of the kept rows."""
-    from .cka import rbf_cka_matrix
+    from .cka import DEFAULT_MAX_ROWS, rbf_cka_matrix
 
-    index = _sample_rows(rows, student.n_rows, RBF_MAX_ROWS)
+    # Subsampled here, while reading, so no more than these rows are ever in memory.
+    index = _sample_rows(rows, student.n_rows, DEFAULT_MAX_ROWS)
     s_rows = _gather_rows(student, index, chunk_rows)
     t_rows = _gather_rows(teacher, index, chunk_rows)
     try:

@@ -1073,3 +1073,117 @@ def test_fit_draws_no_progress_bar_into_a_pipe(dumps, tmp_path, capsys):
                      "--steps", "20", "--out", str(tmp_path / "o")]) == 0
     err = capsys.readouterr().err
     assert "fit (adam)" not in err and "\r" not in err and "it/s" not in err
+
+
+def test_measure_cka_debiased_and_rbf_cka(dumps, tmp_path):
+    from pkd.cka import rbf_cka_matrix
+    from pkd.io import load_dump
+
+    s_path, t_path, student, teacher, mask = dumps
+    stats = pkd.AlignmentStats.from_dumps(load_dump(s_path), load_dump(t_path))
+    debiased = stats.cka(debiased=True)
+    out = tmp_path / "debiased"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out),
+                     "--measure", "cka-debiased"]) == 0
+    summary = _strict_json(out / "summary.json")
+    np.testing.assert_allclose(summary["cka_debiased"], debiased, rtol=1e-10)
+    assert summary["optimal_mapping"] == [list(p) for p in
+                                          pkd.mapping.optimal(debiased, maximize=True)]
+    assert "mean_cka_debiased" in summary["strategies"][0]
+    out = tmp_path / "rbf"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out),
+                     "--measure", "rbf-cka"]) == 0
+    summary = _strict_json(out / "summary.json")
+    rbf = rbf_cka_matrix(student, teacher, mask=mask)  # 203 rows: no subsample
+    np.testing.assert_allclose(summary["rbf_cka"], rbf, rtol=1e-9)
+    assert summary["optimal_mapping"] == [list(p) for p in
+                                          pkd.mapping.optimal(rbf, maximize=True)]
+    assert (out / "summary.csv").read_text().splitlines()[0].endswith(",rbf_cka")
+
+
+def test_rbf_cka_reads_a_reproducible_subsample(tmp_path, monkeypatch):
+    s_path, t_path = _hf_like_dumps(tmp_path, n_s=2, n_t=3, rows=300)
+    monkeypatch.setattr("pkd.cka.DEFAULT_MAX_ROWS", 64)
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out),
+                         "--measure", "rbf-cka", "--chunk-rows", "7"]) == 0
+    first, second = (_strict_json(out / "summary.json")["rbf_cka"] for out in outs)
+    assert first == second  # the same rows every run
+    from pkd.cka import rbf_cka_matrix
+    from pkd.io import load_dump
+
+    index = cli._sample_rows(None, 300, 64)
+    assert index.size == 64 and np.all(np.diff(index) > 0)
+    s, t = load_dump(s_path), load_dump(t_path)
+    want = rbf_cka_matrix([np.asarray(x)[index] for x in s.layers],
+                          [np.asarray(x)[index] for x in t.layers])
+    np.testing.assert_allclose(first, want, rtol=1e-12)
+
+
+def _few_rows(tmp_path, t1_noise, rows=60, seed=21):
+    """2-D dumps of ``rows`` rows, width 8 (≤ 10 × width): teacher 1 = teacher 0 + noise."""
+    rng = np.random.default_rng(seed)
+    student = rng.standard_normal((rows, 8)).astype(np.float32)
+    t0 = (student @ rng.standard_normal((8, 6)) + rng.standard_normal((rows, 6))).astype(
+        np.float32)
+    t1 = (t0 + t1_noise * rng.standard_normal((rows, 6))).astype(np.float32)
+    s_path, t_path = tmp_path / "s.safetensors", tmp_path / "t.safetensors"
+    save_dump(s_path, [student], metadata={"embeddings_index": "none"})
+    save_dump(t_path, [t0, t1], metadata={"embeddings_index": "none"})
+    return s_path, t_path
+
+
+def test_few_rows_report_heldout_estimates_and_warn(tmp_path, capsys):
+    from pkd.io import load_dump
+
+    s_path, t_path = _few_rows(tmp_path, t1_noise=3.0)
+    out = tmp_path / "o"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "60 rows for a student width of 8 (≤ 10 × width)" in captured.err
+    assert "held-out estimates are reported beside them" in captured.err
+    summary = _strict_json(out / "summary.json")
+    assert any("(≤ 10 × width)" in w for w in summary["warnings"])
+    stats = pkd.AlignmentStats.from_dumps(load_dump(s_path), load_dump(t_path), folds=5)
+    want = stats.relative_min_mse(heldout=True)
+    np.testing.assert_allclose(summary["heldout_relative_min_mse"], want.mean, rtol=1e-10)
+    np.testing.assert_allclose(summary["heldout_relative_min_mse_std"], want.std, rtol=1e-10)
+    heldout = summary["heldout"]
+    assert heldout["folds"] == 5 and heldout["reason"].startswith("rows (60) <= 10")
+    # A clear winner: teacher layer 0 is what the student predicts; layer 1 is mostly noise.
+    assert heldout["optimal_mapping"] == [[0, 0]] and heldout["runner_up"] == [[0, 1]]
+    assert heldout["gap"] > heldout["fold_spread"] and heldout["near_tie"] is False
+    assert "near-tie" not in captured.err
+    assert "held-out (5 folds): optimal 0:0, runner-up 0:1" in captured.out
+    assert "heldout_relative_min_mse" in (out / "summary.csv").read_text().splitlines()[0]
+    assert "mean held-out" in captured.out
+
+
+def test_a_near_tie_is_not_a_choice(tmp_path, capsys):
+    s_path, t_path = _few_rows(tmp_path, t1_noise=1e-3)  # two teacher layers alike
+    out = tmp_path / "o"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out),
+                     "--measure", "heldout", "--folds", "4"]) == 0
+    captured = capsys.readouterr()
+    assert "a near-tie is not a choice" in captured.err
+    summary = _strict_json(out / "summary.json")
+    heldout = summary["heldout"]
+    assert heldout["folds"] == 4 and heldout["reason"] == "asked for"
+    assert heldout["near_tie"] is True and 0 <= heldout["gap"] < heldout["fold_spread"]
+    assert summary["optimal_mapping"] == heldout["optimal_mapping"]  # the measure is heldout
+    assert any("near-tie" in w for w in summary["warnings"])
+
+
+def test_heldout_on_request_with_many_rows(dumps, tmp_path, capsys):
+    s_path, t_path, *_ = dumps
+    out = tmp_path / "o"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out),
+                     "--heldout"]) == 0
+    assert "≤ 10 × width" not in capsys.readouterr().err  # 203 rows > 80: no warning
+    summary = _strict_json(out / "summary.json")
+    assert summary["heldout"]["reason"] == "asked for"
+    assert not any("10 × width" in w for w in summary["warnings"])
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(tmp_path / "x"),
+                     "--heldout", "--folds", "1"]) == 2
+    assert "--folds must be >= 2" in capsys.readouterr().err
