@@ -13,8 +13,10 @@ $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e ".[demo]"
 	touch $@
 
+# torch is pinned first: the extras' range alone could pull a multi-GB CUDA build.
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e ".[dev,torch,demo]"
+	$(BIN)/pip install "torch==2.13.0"
+	$(BIN)/pip install -e ".[dev,torch,demo,hf,dask]"
 	touch $@
 
 demo: $(VENV)/.demo-installed

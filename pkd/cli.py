@@ -982,6 +982,64 @@ def cmd_demo(args) -> None:
         raise CommandError(f"{error} (install it with: pip install 'pkd[demo]')") from None
 
 
+# --- pkd dump -----------------------------------------------------------------------
+
+
+def cmd_dump(args) -> None:
+    import hashlib
+
+    from . import hf
+
+    out = _out_file(args.out, "--out")
+    if out.suffix.lower() != ".safetensors":
+        raise CommandError(f"--out {out}: a dump is written as .safetensors; end the name so")
+    for flag, value in (("--batch-size", args.batch_size), ("--max-length", args.max_length)):
+        if value is not None and value <= 0:
+            raise CommandError(f"{flag} must be a positive integer, got {value}")
+    layers = None
+    if args.layers is not None:
+        try:
+            layers = [int(i) for i in args.layers.split(",")]
+        except ValueError:
+            raise CommandError(f'--layers must be comma-separated hidden_states indices like '
+                               f'"0,2,4", got {args.layers!r}') from None
+    texts = hf.read_texts(args.texts, field=args.field, column=args.column)
+    try:
+        model, tokenizer = hf.load_model(args.model_dir)
+    except ImportError as error:
+        raise CommandError(str(error)) from None
+    source = {"texts_file": Path(args.texts).name,
+              "texts_file_sha256": hashlib.sha256(Path(args.texts).read_bytes()).hexdigest()}
+    source.update({"texts_field": args.field} if args.field else {})
+    source.update({"texts_column": args.column} if args.column else {})
+    hf.dump_hidden_states(model, tokenizer, texts, out, batch_size=args.batch_size,
+                          max_length=args.max_length, pool=args.pool, dtype=args.dtype,
+                          layers=layers, metadata=source,
+                          log=lambda note: print(f"pkd dump: {note}", file=sys.stderr))
+    print(f"wrote {out}: {len(texts)} texts, {type(model).__name__} "
+          f"({model.config.num_hidden_layers} layers), pool={args.pool}, {args.dtype}")
+
+
+def _add_dump_parser(sub) -> None:
+    dump = sub.add_parser("dump", help="hidden states of a local Hugging Face model on texts, "
+                                       "to a .safetensors dump")
+    dump.add_argument("model_dir", help="directory written by save_pretrained (model and "
+                                        "tokenizer); never downloads")
+    dump.add_argument("--texts", required=True, help=".txt (one per line), .jsonl, .csv, .tsv")
+    dump.add_argument("--out", required=True, help="the dump to write (.safetensors)")
+    dump.add_argument("--field", default=None, help="JSON key of the text (.jsonl)")
+    dump.add_argument("--column", default=None, help="column of the text (.csv, .tsv)")
+    dump.add_argument("--batch-size", type=int, default=32, help="texts per batch (default 32)")
+    dump.add_argument("--max-length", type=int, default=None, help="truncate to N tokens")
+    dump.add_argument("--pool", choices=("none", "cls", "mean"), default="none",
+                      help="none: token states + attention_mask (default); cls: first real "
+                           "token; mean: masked mean")
+    dump.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    dump.add_argument("--layers", default=None,
+                      help='hidden_states indices to keep, e.g. "0,2,4" (default all)')
+    dump.set_defaults(run=cmd_dump)
+
+
 # --- the parser ---------------------------------------------------------------------
 
 
@@ -1100,6 +1158,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"run only this variant (repeatable): {', '.join(VARIANTS)} "
                             f"(default: all; {', '.join(TORCH_VARIANTS)} need torch)")
     bench.set_defaults(run=cmd_bench)
+    _add_dump_parser(sub)
     return parser
 
 

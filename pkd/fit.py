@@ -20,9 +20,14 @@ minimum-norm least-squares one, robust to rank-deficient hidden states (see
 ``method="adam" | "sgd"`` take ``steps`` gradient steps from a Xavier
 initialisation. Minibatches go through the fused kernels
 (:func:`pkd.loss.pair_loss_and_grad`). Full-batch steps of the plain MSE use
-the algebra instead (DESIGN.md §4): the loss and ∂ℓ/∂P depend on the data only
+the algebra instead (docs/math.md): the loss and ∂ℓ/∂P depend on the data only
 through G, C and q, so each step costs O(d_s²·d_t) whatever the number of
 rows; the result is the same up to rounding (tested).
+
+Dumps (:class:`pkd.io.Dump`) are streamed: the closed form and full-batch
+MSE steps read the mapped layers chunk by chunk (one pass for the statistics,
+one for the final losses), so memory does not grow with the number of rows;
+minibatch steps and the normalized loss read the mapped layers whole.
 """
 
 from __future__ import annotations
@@ -105,13 +110,18 @@ def fit_projection(
     dtype=None,
     callback: Callable[[int, np.ndarray], None] | None = None,
     progress: bool = False,
+    chunk_rows: int = 4096,
 ) -> FitResult:
     """Fit the projection(s) that map student layers onto their teacher layers.
 
     Parameters
     ----------
-    student_hidden, teacher_hidden : list of arrays or one stacked array
-        Per-layer hidden states, each ``(N, d)`` or ``(B, T, d)``.
+    student_hidden, teacher_hidden : list of arrays, one stacked array, or pkd.io.Dump
+        Per-layer hidden states, each ``(N, d)`` or ``(B, T, d)``; or two
+        dumps (:func:`pkd.io.load_dump`), streamed ``chunk_rows`` rows at a
+        time by the closed form and full-batch MSE steps (see the module
+        docstring). A dump's own attention mask is used unless
+        ``attention_mask`` is given.
     mapping : sequence of (int, int)
         The layer pairs to align.
     method : {"closed_form", "adam", "sgd"}
@@ -149,6 +159,8 @@ def fit_projection(
         Called after every gradient step with the step's per-pair losses.
     progress : bool
         Show a tqdm progress bar.
+    chunk_rows : int
+        Rows read at a time from dumps.
 
     Returns
     -------
@@ -160,9 +172,17 @@ def fit_projection(
     ridge = V.check_nonnegative(ridge, "ridge")
     if not shared and len(set(mapping)) != len(mapping):
         raise ValueError(f"per-pair projections need distinct pairs, got {mapping}")
-    student_layers = V.as_layers(student_hidden, "student_hidden")
-    teacher_layers = V.as_layers(teacher_hidden, "teacher_hidden")
-    data = _FitData(student_layers, teacher_layers, mapping, attention_mask, tokens)
+    dumps = _dump_pair(student_hidden, teacher_hidden)
+    if dumps is not None:
+        attention_mask = _dump_mask(*dumps, attention_mask)
+    if dumps is not None and (method == "closed_form" or (batch_size is None and not normalize)):
+        data = _StreamedFitData(*dumps, mapping, attention_mask, tokens, chunk_rows)
+    else:
+        student_layers = V.as_layers(student_hidden if dumps is None else list(dumps[0].layers),
+                                     "student_hidden")
+        teacher_layers = V.as_layers(teacher_hidden if dumps is None else list(dumps[1].layers),
+                                     "teacher_hidden")
+        data = _FitData(student_layers, teacher_layers, mapping, attention_mask, tokens)
     dtype = np.dtype(dtype) if dtype is not None else data.dtype
     if dtype not in V.FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
@@ -295,6 +315,120 @@ class _FitData:
             losses[k] = pair_loss_and_grad(self.student[pair[0]], self.teacher[pair[1]], P,
                                            self.rows, normalize=normalize)
         return losses
+
+
+def _dump_pair(student, teacher):
+    """``(student, teacher)`` when both are dumps, None when neither is; else refuse."""
+    from .io import Dump
+
+    kinds = (isinstance(student, Dump), isinstance(teacher, Dump))
+    if kinds == (False, False):
+        return None
+    if kinds != (True, True):
+        raise TypeError(
+            "student_hidden and teacher_hidden must both be pkd.io.Dump or both arrays; for "
+            "one dump and one array, pass dump.layers (a tuple of lazy layers) for the dump"
+        )
+    from .io import check_same_texts
+
+    check_same_texts(student, teacher)
+    return student, teacher
+
+
+def _dump_mask(student, teacher, attention_mask):
+    """The mask to use with two dumps: the given one, else theirs (which must agree)."""
+    if attention_mask is not None:
+        return attention_mask
+    masks = [m for m in (student.attention_mask, teacher.attention_mask) if m is not None]
+    if len(masks) == 2 and not np.array_equal(*masks):
+        raise ValueError(
+            f"the attention masks of {student.path} and {teacher.path} differ; pass the one "
+            "to use as attention_mask"
+        )
+    return masks[0] if masks else None
+
+
+class _StreamedFitData:
+    """The mapped layers of two dumps, read in chunks: statistics and exact losses only."""
+
+    def __init__(self, student, teacher, mapping, attention_mask, tokens, chunk_rows):
+        self.mapping = mapping
+        self._dumps = (student, teacher)
+        self._chunk_rows = V.check_positive_int(chunk_rows, "chunk_rows")
+        for pair in mapping:
+            for dump, index, name in ((student, pair[0], "student_hidden"),
+                                      (teacher, pair[1], "teacher_hidden")):
+                if not 0 <= index < dump.n_layers:
+                    raise ValueError(
+                        f"layer pair {tuple(pair)} asks for layer {index} of {name} "
+                        f"({dump.path}), which has {dump.n_layers} layer(s) (valid indices "
+                        f"0..{dump.n_layers - 1})"
+                    )
+        self._s_keys = sorted({s for s, _ in mapping})
+        self._t_keys = sorted({t for _, t in mapping})
+        widths_s = {student.layers[k].width for k in self._s_keys}
+        widths_t = {teacher.layers[k].width for k in self._t_keys}
+        if len(widths_s) > 1 or len(widths_t) > 1:
+            raise ValueError(
+                f"fitting one projection shape needs equal widths per side; student widths "
+                f"{sorted(widths_s)}, teacher widths {sorted(widths_t)}"
+            )
+        self.widths = (widths_s.pop(), widths_t.pop())
+        self.dtype = V.result_dtype(*(student.layers[k] for k in self._s_keys),
+                                    *(teacher.layers[k] for k in self._t_keys))
+        lead = student.lead_shape
+        self.rows = V.select_rows(lead, attention_mask, tokens)
+        self.n_rows = student.n_rows if self.rows is None else len(self.rows)
+        selected = V.rows_mask(lead, self.rows)
+        self._selected = None if selected is None else selected.reshape(-1)
+        self._s_index = {k: i for i, k in enumerate(self._s_keys)}
+        self._t_index = {k: i for i, k in enumerate(self._t_keys)}
+        self._stats = None
+        self._grams: dict = {}
+
+    def _chunks(self):
+        """(student arrays, teacher arrays, selected rows of the chunk or None) per chunk."""
+        student, teacher = self._dumps
+        pairs = zip(student.iter_chunks(self._chunk_rows, self._s_keys),
+                    teacher.iter_chunks(self._chunk_rows, self._t_keys), strict=True)
+        for (start, stop, s_arrays), (_, _, t_arrays) in pairs:
+            keep = None if self._selected is None else self._selected[start:stop]
+            if keep is not None and not keep.any():
+                continue
+            yield s_arrays, t_arrays, keep
+
+    @property
+    def stats(self):
+        if self._stats is None:
+            from .alignment import AlignmentStats
+
+            self._stats = AlignmentStats.from_chunks(self._chunks())
+        return self._stats
+
+    def gram(self, pair):
+        """(G_s, C_st, q_t) of a pair, float64, from the statistics (cached)."""
+        if pair not in self._grams:
+            stats = self.stats
+            s, t = self._s_index[pair[0]], self._t_index[pair[1]]
+            self._grams[pair] = (stats.student_gram(s), stats.cross_gram(s, t),
+                                 stats.teacher_sq_norm(t))
+        return self._grams[pair]
+
+    def exact_losses(self, solution, shared, normalize=False) -> np.ndarray:
+        """Per-pair losses over all selected rows: a second pass through the fused kernels."""
+        from .loss import pair_loss_and_grad
+
+        totals = np.zeros(len(self.mapping))
+        for s_arrays, t_arrays, keep in self._chunks():
+            rows = None if keep is None else np.flatnonzero(keep).astype(np.int64)
+            n_chunk = s_arrays[0].shape[0] if rows is None else len(rows)
+            for k, pair in enumerate(self.mapping):
+                P = np.ascontiguousarray(solution if shared else solution[pair],
+                                         dtype=self.dtype)
+                S = np.ascontiguousarray(s_arrays[self._s_index[pair[0]]], dtype=self.dtype)
+                T = np.ascontiguousarray(t_arrays[self._t_index[pair[1]]], dtype=self.dtype)
+                totals[k] += n_chunk * pair_loss_and_grad(S, T, P, rows, normalize=normalize)
+        return totals / self.n_rows
 
 
 def _closed_form(data: _FitData, shared: bool, ridge: float, dtype):

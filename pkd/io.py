@@ -52,20 +52,36 @@ Safety and memory
 * Loading never modifies the file; :func:`save_dump` writes atomically (temp
   file + rename), so an interrupted save never leaves a partial dump.
 
-Writing a dump from Hugging Face transformers (index 0 of ``hidden_states``
-is the embedding output, index ``i`` the output of transformer layer ``i``)::
+Metadata
+--------
+:attr:`Dump.metadata` is free text (string → string). Dumps written by
+:func:`pkd.hf.dump_hidden_states` (``pkd dump``) record the model, the layers,
+the pooling and the texts; :attr:`Dump.embeddings_index`,
+:attr:`Dump.texts_sha256` and :attr:`Dump.n_texts` read the keys the rest of
+pkd relies on, and :func:`check_same_texts` refuses two dumps made from
+different texts. ``docs/dump-format.md`` lists every key.
 
-    import torch, pkd.io
-    with torch.no_grad():
-        out = model(**batch, output_hidden_states=True)
-    pkd.io.save_dump("teacher.safetensors", [h.numpy() for h in out.hidden_states],
-                     attention_mask=batch["attention_mask"].numpy())
+Writing a dump
+--------------
+* From a Hugging Face model: ``pkd dump MODEL_DIR --texts FILE --out
+  PATH.safetensors``, or :func:`pkd.hf.dump_hidden_states`.
+* Batch by batch from your own loop: :class:`DumpWriter` (memory bounded by
+  one batch).
+* Arrays already in memory: :func:`save_dump`. With transformers, index 0 of
+  ``hidden_states`` is the embedding output and index ``i`` the output of
+  transformer layer ``i``; pass NumPy arrays::
 
-(For a bfloat16 model write ``h.float().numpy()``.)
+      with torch.inference_mode():
+          out = model(**batch, output_hidden_states=True)
+      pkd.io.save_dump("teacher.safetensors",
+                       [h.float().cpu().numpy() for h in out.hidden_states],
+                       attention_mask=batch["attention_mask"].cpu().numpy(),
+                       metadata={"embeddings_index": "0"})
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import numbers
 import os
@@ -74,14 +90,24 @@ import zipfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from pkd._atomic import atomic_open, atomic_path
 from pkd._validation import as_layers, check_float_array, check_mask, check_positive_int
 
-__all__ = ["Dump", "DumpError", "LazyLayer", "load_dump", "save_dump"]
+__all__ = [
+    "Dump",
+    "DumpError",
+    "DumpWriter",
+    "LazyLayer",
+    "LoadedProjection",
+    "check_same_texts",
+    "load_dump",
+    "load_projection",
+    "save_dump",
+]
 
 STACKED_KEY = "hidden_states"
 MASK_KEY = "attention_mask"
@@ -421,6 +447,73 @@ class LazyLayer:
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return self._cast(out)
 
+    def __len__(self) -> int:
+        """The length of the first axis: B (3-D layers) or N (2-D)."""
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        """Read part of the layer: ints and slices, NumPy's rules (negative indices wrap).
+
+        ``layer[:10]``, ``layer[3]``, ``layer[2:5, :7]``, ``layer[..., 0]``.
+        From ``.safetensors`` only the covering rows are read (a strided
+        slice reads the range it spans); from ``.npz`` the layer is loaded
+        whole first. Index arrays and boolean masks are refused: read the
+        layer (``np.asarray(layer)``) or use :meth:`rows`.
+
+        Returns
+        -------
+        numpy.ndarray
+            dtype :attr:`dtype`.
+        """
+        read, post, shape = self._plan_index(key)
+        if 0 in shape:  # safetensors refuses empty slices at the end of an axis
+            return np.empty(shape, dtype=self.dtype)
+        arr = self._cast(self._source.get(self.key, self._prefix + read))
+        return arr[post]
+
+    def _plan_index(self, key) -> tuple[tuple, tuple, tuple[int, ...]]:
+        """Split ``key`` into (what to read, what to take from it, the result's shape)."""
+        key = key if isinstance(key, tuple) else (key,)
+        ellipses = [i for i, k in enumerate(key) if k is Ellipsis]
+        if len(ellipses) > 1:
+            raise IndexError(f"{self!r}: an index can only have a single ellipsis ('...')")
+        if ellipses:
+            at = ellipses[0]
+            fill = (slice(None),) * (self.ndim - len(key) + 1)
+            key = key[:at] + fill + key[at + 1:]
+        if len(key) > self.ndim:
+            raise IndexError(
+                f"{self!r}: too many indices ({len(key)}) for a layer of shape {self.shape}"
+            )
+        read, post, shape = [], [], []
+        for axis, k in enumerate(key):
+            n = self.shape[axis]
+            if isinstance(k, slice):
+                picked = range(*k.indices(n))
+                if len(picked) == 0:
+                    read.append(slice(0, 0))
+                    post.append(slice(None))
+                    shape.append(0)
+                    continue
+                low, high = min(picked), max(picked) + 1
+                read.append(slice(low, high))
+                post.append(slice(picked[0] - low, None, picked.step))
+                shape.append(len(picked))
+            elif isinstance(k, numbers.Integral) and not isinstance(k, (bool, np.bool_)):
+                if not -n <= k < n:
+                    raise IndexError(
+                        f"{self!r}: index {int(k)} is out of bounds for axis {axis} of size {n}"
+                    )
+                read.append(int(k) % n)
+            else:
+                raise TypeError(
+                    f"{self!r}: indices must be ints or slices, got {type(k).__name__}; for "
+                    "index arrays or boolean masks read the layer first (np.asarray(layer)) "
+                    "or stream it with rows()"
+                )
+        shape.extend(self.shape[len(key):])
+        return tuple(read), tuple(post), tuple(shape)
+
     def __repr__(self) -> str:
         return (f"LazyLayer({str(self._source.path)!r}, key={self.key!r}, index={self.index}, "
                 f"shape={self.shape}, dtype={self.dtype})")
@@ -486,6 +579,67 @@ class Dump:
                 f"(valid indices 0..{self.n_layers - 1}; negative indices do not wrap)"
             )
         return int(layer)
+
+    def __len__(self) -> int:
+        """L, the number of layers (``len(dump)``)."""
+        return len(self.layers)
+
+    def __getitem__(self, index):
+        """``dump[i]`` is ``dump.layers[i]`` (a :class:`LazyLayer`; slices give a tuple)."""
+        return self.layers[index]
+
+    def __iter__(self) -> Iterator[LazyLayer]:
+        """Iterate over the layers."""
+        return iter(self.layers)
+
+    def _metadata_int(self, key: str) -> int | None:
+        value = self.metadata.get(key)
+        if value is None or value == "none":
+            return None
+        if not value.isascii() or not value.isdigit():
+            raise DumpError(
+                f"{self.path}: metadata {key!r} must be a non-negative integer or 'none', "
+                f"got {value!r}"
+            )
+        return int(value)
+
+    @property
+    def embeddings_index(self) -> int | None:
+        """The layer holding the embedding output, from the metadata.
+
+        ``0`` for a dump of Hugging Face ``hidden_states`` (written by
+        ``pkd dump``); ``None`` when the metadata does not say, or says
+        ``"none"`` (the dump holds transformer layers only, e.g. a ``--layers``
+        subset without 0): :attr:`has_embeddings` tells the two apart.
+        """
+        index = self._metadata_int("embeddings_index")
+        if index is not None and index >= self.n_layers:
+            raise DumpError(
+                f"{self.path}: metadata 'embeddings_index' is {index} but the dump has "
+                f"{self.n_layers} layer(s)"
+            )
+        return index
+
+    @property
+    def has_embeddings(self) -> bool | None:
+        """Whether one layer is the embedding output: None when the metadata does not say."""
+        if "embeddings_index" not in self.metadata:
+            return None
+        return self.embeddings_index is not None
+
+    @property
+    def texts_sha256(self) -> str | None:
+        """SHA-256 of the texts the dump was made from (metadata), or None.
+
+        The hash of the texts themselves (see ``docs/dump-format.md``), not of
+        the file: the same texts from a ``.txt`` and a ``.jsonl`` agree.
+        """
+        return self.metadata.get("texts_sha256")
+
+    @property
+    def n_texts(self) -> int | None:
+        """Number of texts the dump was made from (metadata), or None."""
+        return self._metadata_int("n_texts")
 
     def width(self, layer: int) -> int:
         """Hidden width d of ``layer``."""
@@ -807,6 +961,10 @@ def save_dump(
     path = Path(path)
     fmt = _format_of(path)
     given_stacked = not isinstance(layers, (list, tuple))
+    _refuse_torch(layers, "layers")
+    for i, x in enumerate(layers if isinstance(layers, (list, tuple)) else ()):
+        _refuse_torch(x, f"layers[{i}]")
+    _refuse_torch(attention_mask, "attention_mask")
     arrays = [
         _check_save_layer(x, f"layers[{i}]") for i, x in enumerate(as_layers(layers, "layers"))
     ]
@@ -846,3 +1004,445 @@ def save_dump(
         with atomic_open(path, "wb") as f:
             np.savez(f, **tensors)
     return path
+
+
+# ---------------------------------------------------------------------------
+# Checking a pair of dumps.
+
+
+def check_same_texts(student: Dump, teacher: Dump) -> bool:
+    """Refuse two dumps that were not made from the same texts.
+
+    Parameters
+    ----------
+    student, teacher : Dump
+
+    Returns
+    -------
+    bool
+        True when both dumps carry ``texts_sha256`` (and they agree); False
+        when at least one does not say, so only the row counts were compared.
+
+    Raises
+    ------
+    DumpError
+        The dumps hold different numbers of rows (leading shapes differ), or
+        both record a text hash and the hashes differ, or both record
+        ``n_texts`` and the counts differ. The message names both files.
+    """
+    for name, dump in (("student", student), ("teacher", teacher)):
+        if not isinstance(dump, Dump):
+            raise TypeError(f"{name} must be a pkd.io.Dump (load_dump), got {type(dump).__name__}")
+
+    def said(dump: Dump) -> str:
+        file = dump.metadata.get("texts_file")
+        return (f"{dump.path} ({dump.n_texts if dump.n_texts is not None else '?'} texts"
+                + (f" from {file}" if file else "") + f", rows of shape {dump.lead_shape})")
+
+    if student.n_texts is not None and teacher.n_texts is not None \
+            and student.n_texts != teacher.n_texts:
+        raise DumpError(
+            f"the dumps were made from different texts: {said(student)} and {said(teacher)}; "
+            "dump both models from the same texts file"
+        )
+    if student.texts_sha256 is not None and teacher.texts_sha256 is not None \
+            and student.texts_sha256 != teacher.texts_sha256:
+        raise DumpError(
+            f"the dumps were made from different texts (their texts_sha256 differ): "
+            f"{said(student)} and {said(teacher)}; dump both models from the same texts file"
+        )
+    if student.lead_shape != teacher.lead_shape:
+        raise DumpError(
+            f"the dumps hold different rows: {said(student)} and {said(teacher)}; pkd pairs "
+            "rows one to one, so both must hold the same inputs (token-level dumps: the same "
+            "tokenizer, padding and --max-length)"
+        )
+    return student.texts_sha256 is not None and teacher.texts_sha256 is not None
+
+
+# ---------------------------------------------------------------------------
+# Writing a dump batch by batch.
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def _refuse_torch(x, name: str) -> None:
+    if _is_torch(x):
+        raise TypeError(
+            f"{name} is a torch tensor; dumps take NumPy arrays: pass "
+            "[h.float().cpu().numpy() for h in out.hidden_states] (and "
+            "attention_mask.cpu().numpy()), or dump a model's hidden states directly with "
+            "pkd.hf.dump_hidden_states or `pkd dump`"
+        )
+
+
+class _Slot(NamedTuple):
+    """Where one tensor of a :class:`DumpWriter` lives in the file."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: np.dtype  # stored, little-endian
+    offset: int  # of its first byte in the file
+    row_bytes: int  # bytes per leading-axis entry
+
+
+_NP_TO_ST = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32",
+             np.dtype(np.float64): "F64", np.dtype(np.uint8): "U8"}
+
+
+class DumpWriter:
+    """Write a ``.safetensors`` dump batch by batch, holding one batch at a time.
+
+    The file's size is known from ``n_rows`` (and ``seq_len``), so the header
+    is written at the first :meth:`append` and every batch goes straight to
+    its place in a temporary file next to ``path``; :meth:`close` renames it
+    into place once all ``n_rows`` rows are written. An error, an interrupt,
+    or a writer closed early leaves no file (and an existing ``path``
+    untouched). Memory: one batch (plus a cast copy of one layer of it when
+    its dtype differs from the stored one).
+
+    Token-level batches may be shorter than ``seq_len``: each is padded to
+    ``seq_len`` on ``padding_side`` with zeros, and the stored
+    ``attention_mask`` marks the real tokens (0 on the padding).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Ends in ``.safetensors``.
+    n_rows : int
+        Examples in the whole dump (the sum of the batch sizes), N or B.
+    seq_len : int, optional
+        T, the stored sequence length of token-level ``(B, T, d)`` layers.
+        Default: the first batch's length (then every batch must have it).
+        Give the longest tokenised length to pad shorter batches to it.
+    metadata : dict of str to str, optional
+        Stored in the header (:attr:`Dump.metadata`).
+    padding_side : {"right", "left"}
+        Where batches shorter than ``seq_len`` get their padding; use the
+        tokenizer's, so padding stays on one side.
+
+    Examples
+    --------
+    >>> with DumpWriter("t.safetensors", n_rows=len(texts), seq_len=T) as w:  # doctest: +SKIP
+    ...     for batch in batches:
+    ...         out = model(**batch, output_hidden_states=True)
+    ...         w.append([h.float().numpy() for h in out.hidden_states],
+    ...                  attention_mask=batch["attention_mask"].numpy())
+
+    Notes
+    -----
+    Layers are stored per key (``hidden_states.0`` ...): widths may differ.
+    Each layer keeps the dtype of the first batch (float16, float32 or
+    float64); later batches are cast to it (float16 → exact, wider → rounded).
+    """
+
+    def __init__(self, path: str | os.PathLike, n_rows: int, *, seq_len: int | None = None,
+                 metadata: Mapping[str, str] | None = None, padding_side: str = "right"):
+        self.path = Path(path)
+        if self.path.suffix.lower() != ".safetensors":
+            raise DumpError(
+                f"{self.path}: DumpWriter writes .safetensors only (a .npz cannot be written "
+                "batch by batch); give a path ending in .safetensors"
+            )
+        self.n_rows = check_positive_int(n_rows, "n_rows")
+        self.seq_len = None if seq_len is None else check_positive_int(seq_len, "seq_len")
+        if padding_side not in ("right", "left"):
+            raise ValueError(f'padding_side must be "right" or "left", got {padding_side!r}')
+        self.padding_side = padding_side
+        self.metadata = _check_metadata(metadata)
+        self.rows_written = 0
+        self._layout: list[_Slot] | None = None
+        self._file = None
+        self._stack = contextlib.ExitStack()
+        self._tmp = self._stack.enter_context(atomic_path(self.path))
+        self.closed = False
+
+    # -- layout ------------------------------------------------------------
+
+    def _start(self, arrays: list[np.ndarray], mask: np.ndarray | None) -> None:
+        """Write the header from the first batch's layers and open the data region."""
+        token_level = arrays[0].ndim == 3
+        if token_level and self.seq_len is None:
+            self.seq_len = arrays[0].shape[1]
+        lead = (self.n_rows, self.seq_len) if token_level else (self.n_rows,)
+        tensors = [(f"hidden_states.{i}", lead + a.shape[-1:], a.dtype)
+                   for i, a in enumerate(arrays)]
+        if mask is not None:
+            tensors.append((MASK_KEY, lead, np.dtype(np.uint8)))
+        header: dict[str, Any] = {}
+        layout, offset = [], 0
+        for key, shape, dtype in tensors:
+            size = int(np.prod(shape)) * dtype.itemsize
+            header[key] = {"dtype": _NP_TO_ST[dtype], "shape": list(shape),
+                           "data_offsets": [offset, offset + size]}
+            layout.append((key, shape, dtype, offset))
+            offset += size
+        if self.metadata:
+            header["__metadata__"] = self.metadata
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # the format allows space padding; 8-byte aligned data
+        start = 8 + len(raw)
+        self._file = open(self._tmp, "r+b", buffering=0)  # noqa: SIM115 - closed in close()
+        self._write_at(0, len(raw).to_bytes(8, "little") + raw)
+        # The data region reads as zeros until written: padding is never written at all.
+        self._file.truncate(start + offset)
+        self._layout = [_Slot(k, s, d.newbyteorder("<"), start + o,
+                              int(np.prod(s[1:])) * d.itemsize) for k, s, d, o in layout]
+
+    def _write_at(self, offset: int, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            if hasattr(os, "pwrite"):
+                n = os.pwrite(self._file.fileno(), view, offset)
+            else:  # pragma: no cover - Windows
+                self._file.seek(offset)
+                n = self._file.write(view)
+            view, offset = view[n:], offset + n
+
+    def _check_batch(self, layers, attention_mask):
+        _refuse_torch(layers, "layers")
+        arrays = []
+        for i, x in enumerate(as_layers(layers, "layers")):
+            _refuse_torch(x, f"layers[{i}]")
+            arrays.append(_check_save_layer(x, f"layers[{i}]"))
+        batch, where = arrays[0].shape[0], f"batch {self.rows_written}..."
+        for i, a in enumerate(arrays):
+            if a.shape[:-1] != arrays[0].shape[:-1]:
+                raise ValueError(
+                    f"{where}: layers[{i}] has shape {a.shape} but layers[0] has "
+                    f"{arrays[0].shape}; all layers need the same leading shape"
+                )
+        mask = None
+        if attention_mask is not None:
+            _refuse_torch(attention_mask, "attention_mask")
+            mask = check_mask(attention_mask, arrays[0].shape[:-1], "attention_mask")
+        if self._layout is None:
+            return arrays, mask, batch
+        expected = [(slot.shape[1:], slot.dtype) for slot in self._layout
+                    if slot.key != MASK_KEY]
+        if len(arrays) != len(expected):
+            raise ValueError(f"{where}: {len(arrays)} layers, but the first batch had "
+                             f"{len(expected)}")
+        for i, (a, (shape, _)) in enumerate(zip(arrays, expected, strict=True)):
+            if a.ndim - 1 != len(shape) or a.shape[-1] != shape[-1]:
+                raise ValueError(
+                    f"{where}: layers[{i}] has shape {a.shape}; the dump stores rows of shape "
+                    f"{shape} (from the first batch)"
+                )
+            if a.ndim == 3 and a.shape[1] > self.seq_len:
+                raise ValueError(
+                    f"{where}: layers[{i}] has sequence length {a.shape[1]}, longer than "
+                    f"seq_len={self.seq_len}; give DumpWriter the longest length as seq_len"
+                )
+        has_mask = self._layout[-1].key == MASK_KEY
+        if has_mask != (mask is not None):
+            raise ValueError(
+                f"{where}: attention_mask is {'missing' if has_mask else 'given'}, but the "
+                f"first batch {'had' if has_mask else 'had none'}; give one for every batch "
+                "or for none"
+            )
+        return arrays, mask, batch
+
+    def append(self, layers, attention_mask=None) -> None:
+        """Write the next batch of rows.
+
+        Parameters
+        ----------
+        layers : sequence of array_like
+            One array per layer: ``(b, d_l)`` (pooled) or ``(b, t, d_l)``
+            (token states, ``t <= seq_len``), float16/32/64, NumPy (not torch).
+        attention_mask : array_like, optional
+            0/1 of shape ``(b, t)`` (or ``(b,)``); needed when ``t < seq_len``.
+            Give it for every batch or for none.
+
+        Raises
+        ------
+        ValueError, TypeError
+            Shapes, dtypes or mask inconsistent with the first batch, more rows
+            than ``n_rows``, a shorter batch without a mask. The batch is not
+            written; the writer stays usable.
+        """
+        if self.closed:
+            raise DumpError(f"{self.path}: the writer is closed")
+        arrays, mask, batch = self._check_batch(layers, attention_mask)
+        if self.rows_written + batch > self.n_rows:
+            raise ValueError(
+                f"batch of {batch} rows after {self.rows_written} would exceed "
+                f"n_rows={self.n_rows}"
+            )
+        seq = arrays[0].shape[1] if arrays[0].ndim == 3 else None
+        if seq is not None and mask is None and seq != (self.seq_len or seq):
+            raise ValueError(
+                f"a batch of length {seq} is padded to seq_len={self.seq_len} and needs an "
+                "attention_mask (to mark the padding)"
+            )
+        if self._layout is None:
+            self._start(arrays, mask)
+        values = arrays + ([mask.astype(np.uint8)] if mask is not None else [])
+        for slot, value in zip(self._layout, values, strict=True):
+            value = np.ascontiguousarray(value, dtype=slot.dtype)
+            base = slot.offset + self.rows_written * slot.row_bytes
+            if seq is not None and seq < self.seq_len:  # one write per sequence
+                shift = 0 if self.padding_side == "right" else (
+                    (self.seq_len - seq) * (slot.row_bytes // self.seq_len))
+                for b in range(batch):
+                    self._write_at(base + b * slot.row_bytes + shift, value[b])
+            else:
+                self._write_at(base, value)
+        self.rows_written += batch
+
+    # -- finishing ---------------------------------------------------------
+
+    def close(self) -> Path:
+        """Finish the file and rename it into place.
+
+        Raises
+        ------
+        DumpError
+            Fewer than ``n_rows`` rows were appended (nothing is written).
+        """
+        if self.closed:
+            return self.path
+        if self.rows_written != self.n_rows:
+            error = DumpError(
+                f"{self.path}: {self.rows_written} of n_rows={self.n_rows} rows were "
+                "appended; nothing written"
+            )
+            self.abort(error)
+            raise error
+        self._file.close()
+        self.closed = True
+        self._stack.close()  # fsync and rename
+        return self.path
+
+    def abort(self, error: BaseException | None = None) -> None:
+        """Drop the temporary file; ``path`` is left as it was."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._file is not None:
+            self._file.close()
+        error = error or DumpError(f"{self.path}: writing aborted")
+        self._stack.__exit__(type(error), error, error.__traceback__)
+
+    def __enter__(self) -> DumpWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self.abort(exc)
+        else:
+            self.close()
+
+    def __del__(self):
+        # A writer dropped without close() leaves no temporary file behind.
+        if not getattr(self, "closed", True):
+            self.abort()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.rows_written}/{self.n_rows} rows"
+        return f"DumpWriter({str(self.path)!r}, {state})"
+
+
+# ---------------------------------------------------------------------------
+# Projections written by `pkd fit`.
+
+
+class LoadedProjection(NamedTuple):
+    """What :func:`load_projection` returns.
+
+    Attributes
+    ----------
+    projection : numpy.ndarray or dict
+        A shared ``(d_s, d_t)`` array, or ``{(s, t): (d_s, d_t) array}`` per
+        mapped pair: what ``ProgressiveDistillation(mapping, projection=...)``
+        takes.
+    mapping : list of (int, int) or None
+        The layer mapping the projection was fitted on (None if the file does
+        not say, which only a shared projection written elsewhere can be).
+    shared : bool
+    """
+
+    projection: np.ndarray | dict
+    mapping: list | None
+    shared: bool
+
+
+_PAIR_KEY = re.compile(r"projection\.(\d+)_(\d+)")
+
+
+def load_projection(path: str | os.PathLike) -> LoadedProjection:
+    """Read ``projection.safetensors`` as written by ``pkd fit``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A ``.safetensors`` file with one key ``projection`` (shared) or keys
+        ``projection.{s}_{t}`` (per pair), and the mapping as JSON in the
+        metadata key ``mapping``.
+
+    Returns
+    -------
+    LoadedProjection
+        ``(projection, mapping, shared)``; ``ProgressiveDistillation(mapping,
+        projection=projection)`` (or ``pkd.torch.PKDHiddenLoss`` of it) starts
+        from the fitted projection(s). float16 is returned as float32.
+
+    Raises
+    ------
+    FileNotFoundError, DumpError
+        No file; not safetensors; no projection key, or both forms; keys that
+        disagree with the recorded mapping; an array that is not a 2-D float.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such projection file")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            metadata = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DumpError(f"{path}: not a valid safetensors file: {exc}") from exc
+    pairs = {}
+    for key in tensors:
+        m = _PAIR_KEY.fullmatch(key)
+        if m:
+            pairs[(int(m.group(1)), int(m.group(2)))] = key
+        elif key != "projection":
+            raise DumpError(f"{path}: unexpected key {key!r}; a projection file holds "
+                            "'projection' or 'projection.{s}_{t}' keys (from `pkd fit`)")
+    shared = "projection" in tensors
+    if shared == bool(pairs):
+        raise DumpError(
+            f"{path}: expected one key 'projection' (shared) or keys 'projection.{{s}}_{{t}}' "
+            f"(per pair), found {sorted(tensors) or 'none'}"
+        )
+    for key, value in tensors.items():
+        if value.ndim != 2 or value.dtype.kind != "f":
+            raise DumpError(f"{path}: key {key!r} must be a 2-D float array, got "
+                            f"{value.dtype} of shape {value.shape}")
+        if value.dtype == np.float16:
+            tensors[key] = value.astype(np.float32)
+    mapping = None
+    if "mapping" in metadata:
+        try:
+            mapping = [tuple(int(i) for i in pair) for pair in json.loads(metadata["mapping"])]
+            if not all(len(pair) == 2 for pair in mapping):
+                raise ValueError("pairs of two layer indices")
+        except (ValueError, TypeError) as exc:
+            raise DumpError(f"{path}: metadata 'mapping' must be a JSON list of [s, t] pairs, "
+                            f"got {metadata['mapping']!r} ({exc})") from exc
+    if shared:
+        return LoadedProjection(tensors["projection"], mapping, True)
+    if mapping is None:
+        mapping = sorted(pairs)
+    elif set(mapping) != set(pairs):
+        raise DumpError(
+            f"{path}: the per-pair keys {sorted(pairs)} do not match the recorded mapping "
+            f"{mapping}"
+        )
+    return LoadedProjection({pair: tensors[pairs[pair]] for pair in mapping}, mapping, False)

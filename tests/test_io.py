@@ -866,3 +866,405 @@ def test_np_array_of_a_layer_is_a_writable_copy(tmp_path, fmt, stacked):
             np.testing.assert_array_equal(dump.layers[0].read(), layers[0])
         with pytest.raises(ValueError, match="a copy cannot be avoided"):
             np.array(dump.layers[0], copy=False)
+
+
+# --------------------------------------------------------------------------- array-like dumps
+
+INDEX_KEYS = [0, -1, 2, slice(None), slice(1, 3), slice(None, None, 2), slice(None, None, -1),
+              slice(4, 0, -2), slice(5, 2), slice(-2, None), (1, 2), (slice(0, 2), -1),
+              (slice(None), slice(1, 4)), (Ellipsis, 0), (1, Ellipsis), (2, 3, slice(1, 3)),
+              (slice(1, 3), slice(None), 4), ()]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("stacked", [False, True])
+def test_lazy_layer_indexing_equals_numpy(tmp_path, fmt, stacked):
+    rng = np.random.default_rng(21)
+    layers = _layers(rng, (5, 6), widths=(7, 7))
+    given = np.stack(layers) if stacked else layers
+    with load_dump(save_dump(tmp_path / f"d.{fmt}", given)) as dump:
+        layer = dump.layers[1]
+        assert len(layer) == 5 and layer.shape == (5, 6, 7) and layer.ndim == 3
+        assert layer.dtype == np.float32
+        for key in INDEX_KEYS:
+            got = layer[key]
+            want = layers[1][key]
+            assert got.shape == want.shape and got.dtype == want.dtype, key
+            np.testing.assert_array_equal(got, want, err_msg=str(key))
+        np.testing.assert_array_equal(np.stack(list(layer)), layers[1])  # iteration by row
+
+
+def test_lazy_layer_2d_indexing(tmp_path):
+    rng = np.random.default_rng(22)
+    layers = _layers(rng, (9,), widths=(4,))
+    with load_dump(save_dump(tmp_path / "d.safetensors", layers)) as dump:
+        for key in [3, -9, slice(2, 7), slice(None, None, 3), (slice(1, 4), 2)]:
+            np.testing.assert_array_equal(dump[0][key], layers[0][key])
+
+
+def test_lazy_layer_getitem_reads_only_the_covering_rows(tmp_path):
+    rng = np.random.default_rng(23)
+    layers = _layers(rng, (40, 3), widths=(2,))
+    with load_dump(save_dump(tmp_path / "d.safetensors", layers)) as dump:
+        read = []
+        real_get = dump._source.get
+        dump._source.get = lambda key, index: read.append(real_get(key, index).size) or \
+            real_get(key, index)
+        for key, rows in [(slice(0, 10), 10), (7, 1), (slice(30, 40, 3), 10), (-1, 1)]:
+            read.clear()
+            dump[0][key]
+            assert read == [rows * 3 * 2], key
+
+
+@pytest.mark.parametrize("key", [5, -6, (0, 6), (0, 0, 0, 0)])
+def test_lazy_layer_index_out_of_range(tmp_path, key):
+    rng = np.random.default_rng(24)
+    with load_dump(save_dump(tmp_path / "d.safetensors", _layers(rng, (5, 6)))) as dump:
+        with pytest.raises(IndexError, match="out of bounds|too many indices"):
+            dump[0][key]
+
+
+@pytest.mark.parametrize("key", [[0, 1], np.array([0, 2]), np.ones(5, dtype=bool), 1.5, True,
+                                 "a", None])
+def test_lazy_layer_refuses_fancy_indices(tmp_path, key):
+    rng = np.random.default_rng(25)
+    with load_dump(save_dump(tmp_path / "d.safetensors", _layers(rng, (5, 6)))) as dump:
+        with pytest.raises(TypeError, match="ints or slices.*np.asarray"):
+            dump[0][key]
+
+
+def test_dump_is_a_sequence_of_layers(tmp_path):
+    rng = np.random.default_rng(26)
+    layers = _layers(rng, (3, 4), widths=(2, 3, 4))
+    with load_dump(save_dump(tmp_path / "d.safetensors", layers)) as dump:
+        assert len(dump) == 3
+        assert dump[0] is dump.layers[0] and dump[-1] is dump.layers[2]
+        assert dump[1:] == dump.layers[1:]
+        assert [layer.width for layer in dump] == [2, 3, 4]
+        np.testing.assert_array_equal(dump[2][:2], layers[2][:2])
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def test_dump_metadata_properties(tmp_path):
+    rng = np.random.default_rng(27)
+    meta = {"embeddings_index": "0", "texts_sha256": "ab" * 32, "n_texts": "3"}
+    with load_dump(save_dump(tmp_path / "d.npz", _layers(rng, (3,)), metadata=meta)) as dump:
+        assert dump.embeddings_index == 0 and dump.has_embeddings is True
+        assert dump.texts_sha256 == "ab" * 32 and dump.n_texts == 3
+    with load_dump(save_dump(tmp_path / "e.safetensors", _layers(rng, (3,)))) as dump:
+        assert dump.embeddings_index is None and dump.has_embeddings is None
+        assert dump.texts_sha256 is None and dump.n_texts is None
+    meta = {"embeddings_index": "none"}
+    with load_dump(save_dump(tmp_path / "f.safetensors", _layers(rng, (3,)), metadata=meta)) \
+            as dump:
+        assert dump.embeddings_index is None and dump.has_embeddings is False
+
+
+@pytest.mark.parametrize(("meta", "message"), [({"embeddings_index": "x"}, "non-negative"),
+                                               ({"embeddings_index": "-1"}, "non-negative"),
+                                               ({"embeddings_index": "3"}, "has 3 layer"),
+                                               ({"n_texts": "1.5"}, "n_texts")])
+def test_bad_metadata_values(tmp_path, meta, message):
+    rng = np.random.default_rng(28)
+    with load_dump(save_dump(tmp_path / "d.safetensors", _layers(rng, (3,)), metadata=meta)) \
+            as dump, pytest.raises(DumpError, match=message):
+        dump.embeddings_index if "embeddings_index" in meta else dump.n_texts  # noqa: B018
+
+
+def test_check_same_texts(tmp_path):
+    rng = np.random.default_rng(29)
+
+    def dump(name, lead=(4,), **meta):
+        return load_dump(save_dump(tmp_path / name, _layers(rng, lead), metadata=meta))
+
+    a = dump("a.safetensors", texts_sha256="1" * 64, n_texts="4", texts_file="x.txt")
+    b = dump("b.safetensors", texts_sha256="1" * 64, n_texts="4")
+    c = dump("c.safetensors", texts_sha256="2" * 64, n_texts="4", texts_file="y.txt")
+    d = dump("d.safetensors")
+    e = dump("e.safetensors", lead=(5,))
+    f = dump("f.safetensors", texts_sha256="1" * 64, n_texts="5")
+    assert io.check_same_texts(a, b) is True
+    assert io.check_same_texts(a, d) is False  # d says nothing: rows compared only
+    with pytest.raises(DumpError, match=r"different texts.*a.safetensors.*x.txt.*c.safetensors"):
+        io.check_same_texts(a, c)
+    with pytest.raises(DumpError, match="different rows.*e.safetensors"):
+        io.check_same_texts(d, e)
+    with pytest.raises(DumpError, match="different texts.*4 texts.*5 texts"):
+        io.check_same_texts(a, f)
+    with pytest.raises(TypeError, match="pkd.io.Dump"):
+        io.check_same_texts(a, "b.safetensors")
+    for x in (a, b, c, d, e, f):
+        x.close()
+
+
+# --------------------------------------------------------------------------- DumpWriter
+
+
+def _batches(rng, sizes, lengths, widths=(6, 4), dtype=np.float32):
+    for b, t in zip(sizes, lengths, strict=True):
+        mask = np.arange(t) < rng.integers(1, t + 1, size=(b, 1))
+        yield [rng.standard_normal((b, t, d)).astype(dtype) for d in widths], mask
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_dump_writer_pads_batches_to_seq_len(tmp_path, side):
+    rng = np.random.default_rng(30)
+    batches = list(_batches(rng, [3, 2, 4], [5, 7, 2]))
+    path = tmp_path / "w.safetensors"
+    with io.DumpWriter(path, 9, seq_len=7, metadata={"k": "v"}, padding_side=side) as writer:
+        for layers, mask in batches:
+            writer.append(layers, attention_mask=mask)
+    # Witness: the padded arrays built here, written by safetensors' own writer and read back.
+    want, want_mask = [np.zeros((9, 7, d), np.float32) for d in (6, 4)], np.zeros((9, 7), bool)
+    row = 0
+    for layers, mask in batches:
+        b, t = mask.shape
+        cols = slice(0, t) if side == "right" else slice(7 - t, 7)
+        for w, x in zip(want, layers, strict=True):
+            w[row:row + b, cols] = x
+        want_mask[row:row + b, cols] = mask
+        row += b
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    raw = load_file(path)
+    np.testing.assert_array_equal(raw["hidden_states.0"], want[0])
+    np.testing.assert_array_equal(raw["hidden_states.1"], want[1])
+    np.testing.assert_array_equal(raw["attention_mask"], want_mask.astype(np.uint8))
+    assert raw["attention_mask"].dtype == np.uint8
+    with safe_open(str(path), framework="numpy") as f:
+        assert f.metadata() == {"k": "v"}
+    with load_dump(path) as dump:
+        np.testing.assert_array_equal(dump.attention_mask, want_mask)
+        np.testing.assert_array_equal(dump[1][:], want[1])
+
+
+def test_dump_writer_pooled_rows_and_dtypes(tmp_path):
+    rng = np.random.default_rng(31)
+    rows = [[rng.standard_normal((n, 3)).astype(np.float16),
+             rng.standard_normal((n, 5))] for n in (4, 1, 2)]
+    path = tmp_path / "p.safetensors"
+    writer = io.DumpWriter(path, 7)
+    for layers in rows:
+        writer.append(layers)
+    assert not path.exists()  # only once closed
+    assert writer.close() == path
+    with load_dump(path) as dump:
+        assert dump.lead_shape == (7,) and dump.attention_mask is None
+        assert dump[0].stored_dtype == np.float16 and dump[1].dtype == np.float64
+        np.testing.assert_array_equal(dump[0][:], np.concatenate([r[0] for r in rows]))
+        np.testing.assert_array_equal(dump[1][:], np.concatenate([r[1] for r in rows]))
+
+
+def test_dump_writer_without_seq_len_takes_the_first_batch(tmp_path):
+    rng = np.random.default_rng(32)
+    path = tmp_path / "w.safetensors"
+    with io.DumpWriter(path, 4) as writer:
+        writer.append(_layers(rng, (2, 3)))
+        with pytest.raises(ValueError, match="needs an attention_mask"):
+            writer.append(_layers(rng, (2, 2)))
+        with pytest.raises(ValueError, match="longer than seq_len=3"):
+            writer.append(_layers(rng, (2, 4)), attention_mask=np.ones((2, 4)))
+        writer.append(_layers(rng, (2, 3)))
+    with load_dump(path) as dump:
+        assert dump.lead_shape == (4, 3)
+
+
+def test_dump_writer_refuses_inconsistent_batches(tmp_path):
+    rng = np.random.default_rng(33)
+    path = tmp_path / "w.safetensors"
+    writer = io.DumpWriter(path, 6, seq_len=4)
+    writer.append(_layers(rng, (2, 4), widths=(3, 3)), attention_mask=np.ones((2, 4)))
+    cases = [
+        ((_layers(rng, (2, 4), widths=(3,)), np.ones((2, 4))), "1 layers, but the first batch"),
+        ((_layers(rng, (2, 4), widths=(3, 5)), np.ones((2, 4))), r"layers\[1\] has shape"),
+        ((_layers(rng, (2,), widths=(3, 3)), np.ones(2)), r"layers\[0\] has shape"),
+        ((_layers(rng, (2, 4), widths=(3, 3)), None), "attention_mask is missing"),
+        ((_layers(rng, (5, 4), widths=(3, 3)), np.ones((5, 4))), "exceed n_rows=6"),
+        ((_layers(rng, (2, 4), widths=(3, 3)), np.full((2, 4), 2)), "only 0 and 1"),
+    ]
+    for (layers, mask), message in cases:
+        with pytest.raises((ValueError, TypeError), match=message):
+            writer.append(layers, attention_mask=mask)
+    assert writer.rows_written == 2  # refused batches wrote nothing
+    with pytest.raises(DumpError, match="2 of n_rows=6 rows were appended; nothing written"):
+        writer.close()
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_dump_writer_leaves_nothing_on_error_and_keeps_an_old_file(tmp_path):
+    rng = np.random.default_rng(34)
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt), io.DumpWriter(path, 4) as writer:
+        writer.append(_layers(rng, (2,)))
+        raise KeyboardInterrupt
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+    writer = io.DumpWriter(tmp_path / "x.safetensors", 4)
+    writer.append(_layers(rng, (2,)))
+    del writer  # dropped without close: its temporary file goes too
+    import gc
+
+    gc.collect()
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_dump_writer_argument_errors(tmp_path):
+    with pytest.raises(DumpError, match=r"\.safetensors only"):
+        io.DumpWriter(tmp_path / "a.npz", 3)
+    with pytest.raises(ValueError, match="n_rows"):
+        io.DumpWriter(tmp_path / "a.safetensors", 0)
+    with pytest.raises(ValueError, match="padding_side"):
+        io.DumpWriter(tmp_path / "a.safetensors", 3, padding_side="middle")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        io.DumpWriter(tmp_path / "no" / "a.safetensors", 3)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dump_writer_memory_is_one_batch(tmp_path):
+    """Peak traced memory of 10 and 100 batches agree: nothing grows with the dump."""
+    def peak(n_batches: int) -> int:
+        rng = np.random.default_rng(35)
+        path = tmp_path / f"m{n_batches}.safetensors"
+        tracemalloc.start()
+        with io.DumpWriter(path, 32 * n_batches, seq_len=24, padding_side="left") as writer:
+            for _ in range(n_batches):
+                t = int(rng.integers(8, 25))
+                mask = np.arange(t) < rng.integers(1, t + 1, size=(32, 1))
+                writer.append([rng.standard_normal((32, t, 64), dtype=np.float32)
+                               for _ in range(5)], attention_mask=mask)
+        result = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert path.stat().st_size > n_batches * 32 * 24 * 64 * 4 * 5
+        return result
+
+    small, large = peak(10), peak(100)
+    batch_bytes = 5 * 32 * 24 * 64 * 4
+    assert large < 1.1 * small, (small, large)
+    assert large < 3 * batch_bytes, (large, batch_bytes)
+
+
+# --------------------------------------------------------------------------- torch tensors
+
+
+def test_save_dump_says_how_to_pass_torch_tensors(tmp_path):
+    torch = pytest.importorskip("torch")
+    hidden = tuple(torch.zeros(2, 3, 4) for _ in range(3))
+    for layers, mask in [(hidden, None), (torch.zeros(3, 2, 3, 4), None),
+                         ([h.numpy() for h in hidden], torch.ones(2, 3))]:
+        with pytest.raises(TypeError, match=r"h\.float\(\)\.cpu\(\)\.numpy\(\).*pkd\.hf"):
+            save_dump(tmp_path / "d.safetensors", layers, attention_mask=mask)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- projections
+
+
+def _fit_cli(tmp_path, *extra):
+    from pkd.cli import main
+
+    rng = np.random.default_rng(36)
+    mask = np.arange(6) < rng.integers(2, 7, size=(10, 1))
+    save_dump(tmp_path / "s.safetensors", _layers(rng, (10, 6), widths=(4, 4, 4)), mask)
+    save_dump(tmp_path / "t.safetensors", _layers(rng, (10, 6), widths=(5,) * 4), mask)
+    out = tmp_path / "fit"
+    assert main(["fit", str(tmp_path / "s.safetensors"), str(tmp_path / "t.safetensors"),
+                 "--mapping", "0:1,2:3", "--out", str(out), *extra]) == 0
+    return out / "projection.safetensors"
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_load_projection_from_pkd_fit(tmp_path, shared):
+    import pkd
+
+    path = _fit_cli(tmp_path, *(() if shared else ("--per-pair",)))
+    loaded = io.load_projection(path)
+    assert loaded.shared is shared and loaded.mapping == [(0, 1), (2, 3)]
+    with load_dump(tmp_path / "s.safetensors") as s, load_dump(tmp_path / "t.safetensors") as t:
+        fit = pkd.fit_projection(s, t, loaded.mapping, shared=shared)
+    if shared:
+        np.testing.assert_array_equal(loaded.projection, fit.projection)
+    else:
+        assert list(loaded.projection) == [(0, 1), (2, 3)]
+        for pair, P in loaded.projection.items():
+            np.testing.assert_array_equal(P, fit.projections[pair])
+    config = pkd.ProgressiveDistillation(loaded.mapping, projection=loaded.projection,
+                                         project="always")
+    assert config.shared_projection is shared
+
+
+def test_load_projection_errors(tmp_path):
+    P = np.zeros((2, 3), np.float32)
+    cases = {
+        "none.safetensors": ({"other": P}, None, "unexpected key 'other'"),
+        "both.safetensors": ({"projection": P, "projection.0_1": P}, None, "expected one key"),
+        "empty.safetensors": ({}, None, "expected one key"),
+        "badmap.safetensors": ({"projection": P}, {"mapping": "[[0]]"}, "JSON list of"),
+        "mismatch.safetensors": ({"projection.0_1": P}, {"mapping": "[[0, 2]]"}, "do not match"),
+        "ndim.safetensors": ({"projection": np.zeros(3, np.float32)}, None, "2-D float"),
+    }
+    for name, (tensors, meta, message) in cases.items():
+        _write_raw(tmp_path / name, tensors, meta)
+        with pytest.raises(DumpError, match=message):
+            io.load_projection(tmp_path / name)
+    with pytest.raises(FileNotFoundError):
+        io.load_projection(tmp_path / "absent.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(DumpError, match="not a valid safetensors"):
+        io.load_projection(tmp_path / "junk.safetensors")
+    _write_raw(tmp_path / "bare.safetensors", {"projection.1_2": P, "projection.0_1": P})
+    loaded = io.load_projection(tmp_path / "bare.safetensors")  # no metadata: from the keys
+    assert loaded.mapping == [(0, 1), (1, 2)] and not loaded.shared
+
+
+# --------------------------------------------------------------------------- fit on dumps
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"shared": False}, {"ridge": 0.3},
+                                    {"method": "adam", "steps": 15, "seed": 0},
+                                    {"method": "sgd", "steps": 15, "seed": 0, "batch_size": 7},
+                                    {"method": "adam", "steps": 5, "seed": 0, "normalize": True}])
+def test_fit_projection_on_dumps_equals_arrays(tmp_path, kwargs):
+    import pkd
+
+    rng = np.random.default_rng(37)
+    mask = np.arange(8) < rng.integers(1, 9, size=(12, 1))
+    student, teacher = _layers(rng, (12, 8), (6,) * 3), _layers(rng, (12, 8), (9,) * 4)
+    for layer in student + teacher:
+        layer[~mask] = np.nan  # padding may hold anything: the dumps' mask must be used
+    save_dump(tmp_path / "s.safetensors", student, mask)
+    save_dump(tmp_path / "t.npz", teacher, mask)
+    mapping = [(0, 1), (2, 3), (1, 1)]
+    with load_dump(tmp_path / "s.safetensors") as s, load_dump(tmp_path / "t.npz") as t:
+        got = pkd.fit_projection(s, t, mapping, chunk_rows=5, **kwargs)
+    want = pkd.fit_projection(student, teacher, mapping, attention_mask=mask, **kwargs)
+    np.testing.assert_allclose(got.layer_losses, want.layer_losses, rtol=1e-10)
+    for pair in mapping:
+        np.testing.assert_allclose(got.projection_for(pair), want.projection_for(pair),
+                                   rtol=1e-5, atol=1e-7)
+    # Witness for the closed form: least squares on the unpadded rows.
+    if not kwargs:
+        S = np.concatenate([student[s][mask] for s, _ in mapping]).astype(np.float64)
+        T = np.concatenate([teacher[t][mask] for _, t in mapping]).astype(np.float64)
+        np.testing.assert_allclose(got.projection, np.linalg.lstsq(S, T, rcond=None)[0],
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_fit_projection_dump_errors(tmp_path):
+    import pkd
+
+    rng = np.random.default_rng(38)
+    save_dump(tmp_path / "s.safetensors", _layers(rng, (6,)), metadata={"n_texts": "6"})
+    save_dump(tmp_path / "t.safetensors", _layers(rng, (6,)), metadata={"n_texts": "7"})
+    save_dump(tmp_path / "u.safetensors", _layers(rng, (6,)))
+    with load_dump(tmp_path / "s.safetensors") as s, load_dump(tmp_path / "t.safetensors") as t, \
+            load_dump(tmp_path / "u.safetensors") as u:
+        with pytest.raises(DumpError, match="different texts"):
+            pkd.fit_projection(s, t, [(0, 0)])
+        with pytest.raises(TypeError, match=r"both be pkd\.io\.Dump"):
+            pkd.fit_projection(s, list(u.layers), [(0, 0)])
+        with pytest.raises(ValueError, match=r"layer 3 of student_hidden .*s.safetensors"):
+            pkd.fit_projection(s, u, [(3, 0)])
