@@ -142,31 +142,6 @@ def _check_dump_path(path: str, role: str) -> None:
         )
 
 
-def _texts_fingerprint(dump) -> tuple[str | None, str | None]:
-    """(texts SHA-256, number of texts) a dump records, None where it does not say."""
-    return dump.metadata.get("texts_sha256"), dump.metadata.get("n_texts")
-
-
-def _check_same_texts(student, teacher) -> None:
-    """Refuse two dumps made from different texts: their rows would not correspond.
-
-    Compares the ``texts_sha256`` / ``n_texts`` metadata ``pkd dump`` records,
-    where both dumps carry it.
-    """
-    (s_hash, s_count), (t_hash, t_count) = _texts_fingerprint(student), _texts_fingerprint(teacher)
-    if s_hash and t_hash and s_hash != t_hash:
-        raise CommandError(
-            f"{student.path} and {teacher.path} were made from different texts (texts "
-            f"SHA-256 {s_hash[:12]}… and {t_hash[:12]}…): their rows do not describe the same "
-            "inputs; dump both models from the same texts file"
-        )
-    if s_count and t_count and s_count != t_count:
-        raise CommandError(
-            f"{student.path} holds {s_count} texts and {teacher.path} {t_count}: their rows "
-            "do not describe the same inputs; dump both models from the same texts file"
-        )
-
-
 @dataclass
 class MaskUse:
     """The mask a command applies, and where it came from (said on the console and kept)."""
@@ -177,7 +152,7 @@ class MaskUse:
 
 def _load_pair(args, console: Console):
     """Open both dumps and check they describe the same rows; return (s, t, MaskUse)."""
-    from .io import MASK_KEY, load_dump
+    from .io import MASK_KEY, check_same_texts, load_dump
 
     mask_key = args.mask_key
     _check_dump_path(args.student, "student")
@@ -187,13 +162,7 @@ def _load_pair(args, console: Console):
         teacher = load_dump(args.teacher, mask_key=mask_key)
     except FileNotFoundError as error:
         raise CommandError(str(error)) from None
-    _check_same_texts(student, teacher)
-    if student.lead_shape != teacher.lead_shape:
-        raise CommandError(
-            f"the dumps disagree on rows: {args.student} has leading shape "
-            f"{student.lead_shape}, {args.teacher} has {teacher.lead_shape}; both must hold "
-            "the hidden states of the same inputs"
-        )
+    check_same_texts(student, teacher)  # the same texts (where recorded) and rows
     owners = [d for d in (student, teacher) if d.attention_mask is not None]
     if not owners and mask_key != MASK_KEY:
         # A dump may lack the default mask, but a key asked for by name that no dump
@@ -247,19 +216,6 @@ def _parse_embeddings_option(text: str | None):
     return value
 
 
-def _dump_embeddings_index(dump) -> int | None:
-    """The embeddings' index a dump records in its metadata (None when it does not say)."""
-    text = dump.metadata.get("embeddings_index")
-    if text is None or text.strip().lower() in ("", "none"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise CommandError(
-            f"{dump.path}: its metadata embeddings_index={text!r} is not a layer index"
-        ) from None
-
-
 @dataclass
 class Layers:
     """The layer convention of one dump: which index (if any) holds the embeddings."""
@@ -279,7 +235,7 @@ def _layer_conventions(student, teacher, args, console: Console) -> tuple[Layers
     """Both dumps' layer conventions; one note on stderr for the dumps that do not say."""
     option = _parse_embeddings_option(args.embeddings_index)
     silent = [path for dump, path in ((student, args.student), (teacher, args.teacher))
-              if option is None and "embeddings_index" not in dump.metadata]
+              if option is None and dump.has_embeddings is None]
     if silent:
         console.warn(
             f"no embeddings_index in {' or '.join(map(str, silent))}: treating every layer "
@@ -293,8 +249,8 @@ def _layer_conventions(student, teacher, args, console: Console) -> tuple[Layers
 
 def _layer_convention(dump, path: str, option) -> Layers:
     """The embeddings' index of ``dump``: its metadata, ``--embeddings-index``, or none."""
-    recorded = "embeddings_index" in dump.metadata
-    own = _dump_embeddings_index(dump)
+    recorded = dump.has_embeddings is not None
+    own = dump.embeddings_index
     if option is None:
         if not recorded:
             return Layers(dump.n_layers, None, "assumed: no embeddings (no metadata)")

@@ -80,7 +80,7 @@ def test_analyze_refuses_dumps_of_different_rows_and_leaves_nothing(dumps, tmp_p
     save_dump(other, [t[:4] for t in teacher])
     out = tmp_path / "never"
     assert cli.main(["analyze", str(s_path), str(other), "--out", str(out)]) == 2
-    assert "disagree on rows" in capsys.readouterr().err
+    assert "the dumps hold different rows" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -794,6 +794,11 @@ def test_embeddings_index_errors(tmp_path, capsys):
     base = ["analyze", str(s_path), str(t_path), "--out", str(tmp_path / "o")]
     assert cli.main(base + ["--embeddings-index", "1"]) == 2
     assert f"--embeddings-index 1 contradicts {s_path}" in capsys.readouterr().err
+    for metadata, said in (({"embeddings_index": "x"}, "must be a non-negative integer"),
+                           ({"embeddings_index": "9"}, "'embeddings_index' is 9 but")):
+        save_dump(s_path, [np.ones((120, 2), np.float32)] * 7, metadata=metadata)
+        assert cli.main(base) == 2
+        assert said in capsys.readouterr().err
     assert cli.main(base + ["--embeddings-index", "first"]) == 2
     assert '--embeddings-index must be a layer index >= 0 or "none"' in capsys.readouterr().err
     (tmp_path / "bare").mkdir()
@@ -876,12 +881,14 @@ def test_dumps_of_different_texts_are_refused(dumps, tmp_path, capsys, command):
     args = [command, str(s_path), str(t_path), "--out", str(out), "--mapping", "skip"]
     assert cli.main(args) == 2
     err = capsys.readouterr().err
-    assert f"{s_path} and {t_path} were made from different texts" in err
+    assert "the dumps were made from different texts (their texts_sha256 differ)" in err
+    assert str(s_path) in err and str(t_path) in err
     assert "dump both models from the same texts file" in err
     save_dump(t_path, teacher, attention_mask=mask,
               metadata={"texts_sha256": "a" * 64, "n_texts": "31"})
     assert cli.main(args) == 2
-    assert f"{s_path} holds 30 texts and {t_path} 31" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{s_path} (30 texts" in err and f"{t_path} (31 texts" in err
     assert not out.exists()
     save_dump(t_path, teacher, attention_mask=mask,
               metadata={"texts_sha256": "a" * 64, "n_texts": "30"})
