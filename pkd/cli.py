@@ -814,14 +814,10 @@ def cmd_fit(args) -> None:
         chosen_by = plan.measure
     else:
         mapping = _parse_mapping_arg(args.mapping, s_layers, t_layers, args.include_embeddings)
-    used_s = sorted({s for s, _ in mapping})
-    used_t = sorted({t for _, t in mapping})
-    student_layers = [np.asarray(student.layers[i]) if i in used_s else None
-                      for i in range(student.n_layers)]
-    teacher_layers = [np.asarray(teacher.layers[i]) if i in used_t else None
-                      for i in range(teacher.n_layers)]
+    # The dumps themselves: the closed form and full-batch steps stream the mapped layers.
+    student_layers, teacher_layers = student, teacher
     common = {"shared": args.shared, "ridge": ridge, "attention_mask": mask.mask,
-              "tokens": args.tokens}
+              "tokens": args.tokens, "chunk_rows": chunk_rows}
     gradient = {} if args.method == "closed_form" else {
         "steps": DEFAULT_STEPS if args.steps is None else args.steps, "lr": args.lr,
         "batch_size": args.batch_size, "seed": DEFAULT_SEED if args.seed is None else args.seed,
