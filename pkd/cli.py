@@ -914,8 +914,9 @@ def cmd_bench(args) -> None:
     if args.json:  # checked now: the full run takes most of an hour
         _out_file(args.json, "--json")
     dtypes = None if args.dtype is None else tuple(dict.fromkeys(args.dtype))
+    # stdout as it is now: run_bench's default is the stream of the moment pkd.bench was imported.
     result = run_bench(quick=args.quick, dtypes=dtypes, variants=variants,
-                       repeats=args.repeats, progress=_on_terminal())
+                       repeats=args.repeats, progress=_on_terminal(), out=sys.stdout)
     if args.json:
         write_json(result, args.json)
         print(f"wrote {args.json}")
@@ -999,7 +1000,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Every option's default in its help (where there is one), the file lists as written."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
+        if action.default is None or isinstance(action.default, bool) \
+                or "default" in (action.help or ""):
             return action.help  # the help says what happens without the option
         return super()._get_help_string(action)
 
@@ -1008,6 +1010,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .alignment import DEFAULT_CHUNK_ROWS
     from .bench import TORCH_VARIANTS, VARIANTS
+    from .fit import DEFAULT_LR
 
     parser = argparse.ArgumentParser(
         prog="pkd", description="Patient Knowledge Distillation on the CPU.",
@@ -1083,7 +1086,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--steps", type=int, default=None,
                      help=f"gradient steps (adam, sgd; default {DEFAULT_STEPS})")
     fit.add_argument("--lr", type=float, default=None,
-                     help="learning rate (adam, sgd; default: 1e-3 for adam, 1/L for sgd)")
+                     help=f"learning rate (adam, sgd; default: {DEFAULT_LR['adam']:g} for adam, "
+                          "1/L for sgd, L the loss's curvature)")
     fit.add_argument("--batch-size", type=int, default=None,
                      help="rows per step (adam, sgd; default: every row)")
     fit.add_argument("--seed", type=int, default=None,

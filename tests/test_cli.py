@@ -1194,3 +1194,23 @@ def test_heldout_on_request_with_many_rows(dumps, tmp_path, capsys):
     assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(tmp_path / "x"),
                      "--heldout", "--folds", "1"]) == 2
     assert "--folds must be >= 2" in capsys.readouterr().err
+
+
+def test_dumps_from_pkd_dump_carry_their_conventions(hf_models, texts_file, tmp_path, capsys):
+    """pkd dump → pkd analyze: embeddings and mask from the dumps, said, no assumption noted."""
+    paths = {}
+    for role in ("student", "teacher"):
+        paths[role] = tmp_path / f"{role}.safetensors"
+        assert cli.main(["dump", str(hf_models[role]), "--texts", str(texts_file), "--out",
+                         str(paths[role])]) == 0
+    capsys.readouterr()
+    out = tmp_path / "o"
+    assert cli.main(["analyze", str(paths["student"]), str(paths["teacher"]), "--out", str(out),
+                     "--mapping", "skip"]) == 0
+    captured = capsys.readouterr()
+    assert "no embeddings_index" not in captured.err and "padding included" not in captured.err
+    assert "embeddings: student index 0, teacher index 0" in captured.out
+    summary = _strict_json(out / "summary.json")
+    # 2 and 4 transformer layers: PKD-Skip maps student layer 1 to teacher layer 2.
+    assert _strategies(out)["skip"] == [(1, 2)] and summary["chosen_mapping"] == "skip"
+    assert summary["mask"].startswith("'attention_mask' of ") and "(identical)" in summary["mask"]
