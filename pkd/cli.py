@@ -1,4 +1,4 @@
-"""The ``pkd`` command: ``demo``, ``analyze``, ``fit``, ``bench``.
+"""The ``pkd`` command: ``demo``, ``analyze``, ``fit``, ``bench``, ``dump``.
 
 Every command validates its inputs before any expensive work, computes
 everything, and only then writes its outputs: each to a temporary file, all
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +120,12 @@ def _check_option(check, value, flag: str):
         return check(value, flag)
     except (TypeError, ValueError) as error:
         raise CommandError(str(error)) from None
+
+
+def _positive_int(value, name):
+    from ._validation import check_positive_int
+
+    return check_positive_int(value, name)
 
 
 def _check_ridge(ridge: float) -> float:
@@ -296,11 +302,15 @@ def _parse_mapping_arg(text: str, student: Layers, teacher: Layers, include_embe
     if name in FIXED_MAPPINGS:
         strategies = _fixed_strategies(student, teacher, include_embeddings)
         if name not in strategies:  # say why, with the counts the strategy saw
+            s_layers = student.mappable(include_embeddings)
+            t_layers = teacher.mappable(include_embeddings)
+            left_out = len(s_layers) < student.count or len(t_layers) < teacher.count
             try:
-                mapping.MAPPINGS[name](len(student.mappable(include_embeddings)),
-                                       len(teacher.mappable(include_embeddings)))
+                mapping.MAPPINGS[name](len(s_layers), len(t_layers))
             except ValueError as error:
-                raise CommandError(f"--mapping {text}: {_layers_phrase(error)}") from None
+                note = (" (counted in transformer layers: the embeddings are left out unless "
+                        "--include-embeddings)" if left_out else "")
+                raise CommandError(f"--mapping {text}: {error}{note}") from None
         return strategies[name]
     if ":" not in name:
         raise CommandError(
@@ -311,12 +321,6 @@ def _parse_mapping_arg(text: str, student: Layers, teacher: Layers, include_embe
         return mapping.parse_mapping(text, student.count, teacher.count)
     except (ValueError, TypeError) as error:
         raise CommandError(f"--mapping {text!r}: {error}") from None
-
-
-def _layers_phrase(error: Exception) -> str:
-    """A strategy's error, with a note that the counts are transformer layers."""
-    return f"{error} (counted in transformer layers: the embeddings are left out unless " \
-           "--include-embeddings)"
 
 
 # --- rows, statistics and measures ----------------------------------------------
@@ -438,6 +442,10 @@ def _optimal(matrix, maximize: bool, rows: list[int], cols: list[int], hint: str
     return [(rows[s], cols[t]) for s, t in pairs]
 
 
+# Appended to the reason there is no optimal mapping when --mapping optimal was asked for.
+_EXPLICIT_HINT = "; give explicit pairs to --mapping"
+
+
 def _check_optimal_exists(n_s: int, n_t: int, hint: str = "") -> None:
     if n_s > n_t:
         raise CommandError(
@@ -471,9 +479,9 @@ def _near_tie(mean: np.ndarray, std: np.ndarray, rows: list[int], cols: list[int
     The spread is the fold-to-fold standard deviation of the pairs in which
     the two mappings differ, combined as independent (root of summed squares).
     """
-    cost = _as_cost(mean[np.ix_(rows, cols)], False)
     from . import mapping
 
+    cost = _as_cost(mean[np.ix_(rows, cols)], False)
     try:
         best = mapping.optimal(cost)
     except ValueError:
@@ -518,7 +526,6 @@ class Plan:
     rows_used: int
     student_width: int
     heldout_reason: str | None = None
-    notes: list = field(default_factory=list)
 
 
 def _plan(args, student, rows, console: Console, report_heldout: bool) -> Plan:
@@ -734,16 +741,6 @@ def _print_analysis(stats, s_layers, t_layers, widths, ridge, mask, plan, table,
               f"{_pairs_text(heldout['optimal_mapping'])}, runner-up "
               f"{_pairs_text(heldout['runner_up'])}, gap {heldout['gap']:.3g} vs spread "
               f"{heldout['fold_spread']:.3g}: {verdict}")
-
-
-# Appended to the reason there is no optimal mapping when --mapping optimal was asked for.
-_EXPLICIT_HINT = "; give explicit pairs to --mapping"
-
-
-def _positive_int(value, name):
-    from ._validation import check_positive_int
-
-    return check_positive_int(value, name)
 
 
 # --- pkd fit ------------------------------------------------------------------------
