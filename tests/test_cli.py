@@ -1214,3 +1214,20 @@ def test_dumps_from_pkd_dump_carry_their_conventions(hf_models, texts_file, tmp_
     # 2 and 4 transformer layers: PKD-Skip maps student layer 1 to teacher layer 2.
     assert _strategies(out)["skip"] == [(1, 2)] and summary["chosen_mapping"] == "skip"
     assert summary["mask"].startswith("'attention_mask' of ") and "(identical)" in summary["mask"]
+
+
+def test_scheduler_path_gives_the_local_numbers(tmp_path, capsys):
+    """--scheduler streams through from_dumps_dask: the same mask, folds and matrices."""
+    pytest.importorskip("dask")
+    s_path, t_path = _few_rows(tmp_path, t1_noise=3.0)
+    outs = {"local": [], "dask": ["--scheduler", "synchronous"]}
+    summaries = {}
+    for name, extra in outs.items():
+        out = tmp_path / name
+        assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out)] + extra) == 0
+        summaries[name] = _strict_json(out / "summary.json")
+    local, dask = summaries["local"], summaries["dask"]
+    assert dask["heldout"]["folds"] == 5 and dask["rows"] == local["rows"] == 60
+    for key in ("cka", "relative_min_mse", "heldout_relative_min_mse"):
+        np.testing.assert_allclose(dask[key], local[key], rtol=1e-9)
+    assert dask["optimal_mapping"] == local["optimal_mapping"]
