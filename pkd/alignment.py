@@ -90,7 +90,7 @@ class AlignmentStats:
         self._folds: list[_moments.Moments] = []
         self._dtypes: dict[str, list[np.dtype]] = {}
         self._examples = 0  # the next example index of update()'s default fold rule
-        self._total_cache = None
+        self._total_cache, self._residual_cache = None, {}
         self._buffers = None
         if (student_widths is None) != (teacher_widths is None):
             raise ValueError(
@@ -209,7 +209,7 @@ class AlignmentStats:
             known = self._dtypes[side]
             for k, x in enumerate(layers):
                 known[k] = _accumulate.coarser(known[k], x.dtype)
-        self._total_cache = None
+        self._total_cache, self._residual_cache = None, {}
         fold_of_row = ids % self._n_folds
         n_total, chunk = students[0].shape[0], self._chunk_rows
         # A window of k chunks, split by fold: each fold gets ~chunk_rows rows per GEMM, so
@@ -416,10 +416,8 @@ class AlignmentStats:
 
     @classmethod
     def from_dict(cls, data: Mapping, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> AlignmentStats:
-        """Rebuild statistics from :meth:`to_dict`'s arrays (a dict or an ``np.load`` file).
-
-        Raises ValueError on a missing key, an unknown format or a wrong shape.
-        """
+        """Rebuild statistics from :meth:`to_dict`'s arrays (a dict or an ``np.load`` file);
+        ValueError on a missing key, an unknown format or a wrong shape."""
         from ._serial import unpack
 
         layout, folds, dtypes, n_folds, examples = unpack(data, _FORMAT_VERSION,
@@ -489,8 +487,11 @@ class AlignmentStats:
         self._require_rows()
         if heldout:
             _accumulate.check_heldout(self._n_folds, self.fold_rows, self._examples)
-        return _estimates.residuals(self._total(), self._folds if heldout else None,
-                                    ridge, cutoffs)
+        key = (ridge, tuple(cutoffs), heldout)  # min_mse and relative_min_mse share the work
+        if key not in self._residual_cache:
+            self._residual_cache[key] = _estimates.residuals(
+                self._total(), self._folds if heldout else None, ridge, cutoffs)
+        return self._residual_cache[key].copy()
 
     def min_mse(self, ridge: float = 0.0, *, cutoff: float | None = None,
                 heldout: bool = False):
