@@ -17,20 +17,25 @@ from .closed_form import Solver
 NEAR_EXACT_FIT = 1e-6
 
 
-def basis_times_cross(m: Moments, basis: np.ndarray, s: int) -> np.ndarray:
+def basis_times_cross(m: Moments, basis: np.ndarray, s: int,
+                      shifted: np.ndarray | None = None) -> np.ndarray:
     """``basisᵀ C_s·`` for every teacher column, (k, Σd_t), without forming ``C_s·``.
 
     ``C_s· = C'_s· + a'_s c_tᵀ + c_s (b' + n c_t)ᵀ``: one GEMM on the contiguous
-    rows of ``C'`` and a rank-2 update (all in scipy's BLAS, one thread pool).
+    rows of ``C'`` (or ``shifted = basisᵀ C'_s·`` if already computed) and a
+    rank-2 update, all in scipy's BLAS (one thread pool).
     """
     from scipy.linalg import blas
 
     block = m.layout.block("student", s)
     c_s, c_t = m.shift["student"][block], m.shift["teacher"]
-    z = blas.dgemm(1.0, basis, m.cross[block].T, trans_a=True, trans_b=True)
+    if shifted is None:
+        shifted = blas.dgemm(1.0, basis, m.cross[block].T, trans_a=True, trans_b=True)
+    else:
+        shifted = shifted.copy(order="F")  # the caller's array is left as it is
     left = blas.dgemm(1.0, basis, np.column_stack([m.sum["student"][block], c_s]), trans_a=True)
     right = np.asfortranarray(np.vstack([c_t, m.sum["teacher"] + float(m.n) * c_t]))
-    return blas.dgemm(1.0, left, right, beta=1.0, c=z, overwrite_c=True)
+    return blas.dgemm(1.0, left, right, beta=1.0, c=shifted, overwrite_c=True)
 
 
 def residual_sum(m: Moments, s: int, t: int, P: np.ndarray) -> float:
@@ -61,11 +66,9 @@ def min_residuals(m: Moments, s: int, solver: Solver) -> np.ndarray:
     residual = q - layout.reduce("teacher", explained)
     # q − explained cancels when the fit is nearly exact: those pairs are recomputed from
     # P* in the shifted coordinates of residual_sum.
-    near_exact = np.flatnonzero(residual < NEAR_EXACT_FIT * q)
-    for t in near_exact:
+    for t in np.flatnonzero(residual < NEAR_EXACT_FIT * q):
         block = layout.block("teacher", t)
-        cross = solver.basis.T @ m.cross_rows(s, False)[:, block]
-        P = solver.basis @ (cross * solver.inverse[:, None])
+        P = solver.basis @ (z[:, block] * solver.inverse[:, None])
         residual[t] = residual_sum(m, s, t, P)
     return residual
 
@@ -85,17 +88,25 @@ def heldout_residuals(total: Moments, test: Moments, s: int, solver: Solver) -> 
     ``P = B Z`` with ``Z = diag(inverse) Bᵀ C_train``; the residual on the test rows
     is :func:`residual_sum`'s formula, evaluated for every teacher column at once.
     """
+    from scipy.linalg import blas
+
     layout = test.layout
     basis = solver.basis
     block = layout.block("student", s)
     c_s, c_t = test.shift["student"][block], test.shift["teacher"]
     if solver.rank == 0:
         return test.teacher_sq_norms()
-    train_cross = basis_times_cross(total, basis, s) - basis_times_cross(test, basis, s)
-    z = train_cross * solver.inverse[:, None]
-    shifted_cross = basis.T @ test.cross[block]  # Bᵀ C'_test
-    w = basis.T @ symmetric(test.gram["student"][s]) @ basis
-    quad = np.einsum("ij,ij->j", z, w @ z - 2.0 * shifted_cross)
+    w = basis.T @ symmetric(test.gram["student"][s]) @ basis  # Bᵀ G'_test B
+    ridge_free = bool(np.all(solver.inverse == 1.0))
+    if ridge_free:
+        # Rotate B (still G_train-orthonormal) to diagonalise W: tr(PᵀG'P) needs no GEMM.
+        w, rotation = np.linalg.eigh(w)
+        basis = basis @ rotation
+    shifted_test = blas.dgemm(1.0, basis, test.cross[block].T, trans_a=True, trans_b=True)
+    z = (basis_times_cross(total, basis, s)
+         - basis_times_cross(test, basis, s, shifted_test)) * solver.inverse[:, None]
+    quad = (w[:, None] * z if ridge_free else w @ z) - 2.0 * shifted_test
+    quad = np.einsum("ij,ij->j", z, quad)
     delta = c_t - z.T @ (basis.T @ c_s)
     fitted_sum = z.T @ (basis.T @ test.sum["student"][block])
     per_column = quad + 2.0 * delta * (test.sum["teacher"] - fitted_sum) + test.n * delta**2

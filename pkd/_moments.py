@@ -32,10 +32,16 @@ def shifted_product(product, sum_x, sum_y, delta_x, delta_y, n: float) -> np.nda
     """``Σ w (x' + δx)(y' + δy)ᵀ`` from ``Σ w x' y'ᵀ`` and the sums ``Σ w x'``, ``Σ w y'``.
 
     The one un-shift formula: ``δ = c`` gives the uncentred statistic,
-    ``δ = −a'/n`` the centred one, ``δ = c_old − c_new`` a re-shift.
+    ``δ = −a'/n`` the centred one, ``δ = c_old − c_new`` a re-shift. Computed as
+    ``product + a'_x δyᵀ + δx (a'_y + n δy)ᵀ`` with in-place rank-1 updates.
     """
-    out = product + np.outer(sum_x, delta_y)
-    out += np.outer(delta_x, sum_y + n * delta_y)
+    from scipy.linalg import blas
+
+    out = np.array(product, dtype=np.float64, order="F")  # a copy; dger updates it in place
+    tail = sum_y + n * delta_y  # zero when centring: that update is skipped
+    out = blas.dger(1.0, np.asarray(sum_x, dtype=np.float64), delta_y, a=out, overwrite_a=True)
+    if tail.any():
+        out = blas.dger(1.0, delta_x, tail, a=out, overwrite_a=True)
     return out
 
 
@@ -148,7 +154,10 @@ class Moments:
         d_s, d_t = delta["student"], delta["teacher"]
         s_on_t = layout.reduce("teacher", self.cubic_cross["student"] * d_t)  # Σ r^s p^t
         t_on_s = layout.reduce("student", self.cubic_cross["teacher"] * d_s).T  # Σ p^s r^t
-        both = layout.reduce("teacher", layout.reduce("student", (self.cross * d_t).T * d_s).T)
+        # δ_sᵀ C'_st δ_t: one pass over C' (a GEMV per student layer).
+        both = np.stack([layout.reduce("teacher", (d_s[layout.block("student", k)]
+                                                    @ self.cross[layout.block("student", k)])
+                                       * d_t) for k in range(layout.count("student"))])
         u = (self.quartic_cross + 2.0 * s_on_t + 2.0 * t_on_s + 4.0 * both
              + np.outer(r_s + 2.0 * a_s, e_t) + np.outer(e_s, r_t + 2.0 * a_t)
              + n * np.outer(e_s, e_t))

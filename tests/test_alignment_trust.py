@@ -125,6 +125,13 @@ def test_the_default_cutoff_follows_the_data_dtype():
     G, C = S.T @ S, S.T @ T
     assert np.abs(solve_projection(G, C, dtype=np.float64)[4]).max() > 1e6
     assert np.abs(solve_projection(G, C)[4]).max() == 0.0  # float32 rule unless told
+    # Five copies of one column: each has norm σ₁/√5 ≤ 0.9·σ₁, so all are dead columns.
+    copies = np.repeat(X[:, :1], 5, axis=1)
+    assert np.abs(solve_projection(copies.T @ copies, copies.T @ T, cutoff=0.9)).max() == 0.0
+    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+        solve_projection(G, C, dtype=np.int32)
+    with pytest.raises(ValueError, match="cutoff must be < 1"):
+        as32.min_mse(cutoff=1.5)
 
 
 # ------------------------------------------------------------------ held-out folds
@@ -312,3 +319,20 @@ def test_constant_layers_give_nan_or_a_clear_error():
         stats.cka(constant="raise")
     with pytest.raises(ValueError, match="constant must be"):
         stats.cka(constant="drop")
+
+
+def test_heldout_with_ridge_equals_a_two_pass_ridge_fit():
+    rng = np.random.default_rng(10)
+    n, k, ridge = 300, 3, 5.0
+    S = rng.standard_normal((n, 6)) + 1.0
+    T = S @ rng.standard_normal((6, 4)) + rng.standard_normal((n, 4))
+    stats = AlignmentStats.from_arrays([S], [T], folds=k, chunk_rows=50)
+    fold = np.arange(n) % k
+    losses = []
+    for f in range(k):
+        train, test = fold != f, fold == f
+        P = np.linalg.solve(S[train].T @ S[train] + ridge * np.eye(6), S[train].T @ T[train])
+        losses.append(np.mean((S[test] @ P - T[test]) ** 2))
+    estimate = stats.min_mse(ridge, heldout=True)
+    assert relative(estimate.mean[0, 0], np.mean(losses)) < 1e-10
+    assert relative(estimate.std[0, 0], np.std(losses, ddof=1)) < 1e-8
