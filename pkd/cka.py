@@ -28,6 +28,10 @@ matrices ``K`` and ``L`` (n × n), centred by ``H = I − 11ᵀ/n``::
   of every layer pair summed over minibatches and normalised once, for data
   that does not fit in memory.
 
+RBF memory: ``n(n−1)/2`` float64 per kept kernel (64 MiB at 4,096 rows) for
+the side with fewer layers, plus an n × n Gram buffer and one more kernel,
+which are kept per thread for the next call (:func:`release_buffers`).
+
 Every layer is centred in float64 after subtracting its first row, so a
 constant layer (or a dead column) centres to exactly 0: CKA is then
 undefined and an error says so, instead of a number made of rounding.
