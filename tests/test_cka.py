@@ -319,6 +319,22 @@ def test_buffers_kept_between_calls_change_nothing_and_can_be_released():
     np.testing.assert_array_equal(cka.rbf_cka_matrix(student, teacher), first)
 
 
+def test_alignment_stats_streaming_cka_agrees_with_the_direct_estimates():
+    """AlignmentStats' CKA from streaming statistics: an independent computation."""
+    import inspect
+
+    import pkd
+
+    student, teacher = _layers(n=150, widths=(5, 12)), _layers(n=150, widths=(7, 3), seed=6)
+    stats = pkd.AlignmentStats.from_arrays(student, teacher, chunk_rows=64)
+    expected = [[cka.linear_cka(s, t) for t in teacher] for s in student]
+    np.testing.assert_allclose(stats.cka(), expected, rtol=1e-9)
+    if "debiased" not in inspect.signature(stats.cka).parameters:
+        pytest.skip("this AlignmentStats.cka has no debiased= (branch trust-core)")
+    expected = [[cka.debiased_linear_cka(s, t) for t in teacher] for s in student]
+    np.testing.assert_allclose(stats.cka(debiased=True), expected, rtol=1e-9)
+
+
 # --- minibatch CKA -----------------------------------------------------------------------
 
 
