@@ -28,6 +28,20 @@ matrices ``K`` and ``L`` (n × n), centred by ``H = I − 11ᵀ/n``::
   of every layer pair summed over minibatches and normalised once, for data
   that does not fit in memory.
 
+The CKA authors' demo input and their published values:
+
+>>> import numpy as np
+>>> from pkd.cka import debiased_linear_cka, linear_cka, rbf_cka
+>>> state = np.random.RandomState(1337)  # their np.random.seed(1337)
+>>> X = state.randn(100, 10)
+>>> Y = state.randn(100, 10) + X
+>>> [round(f(X, Y), 5) for f in (linear_cka, debiased_linear_cka, rbf_cka)]
+[0.55761, 0.51346, 0.65483]
+
+RBF memory: ``n(n−1)/2`` float64 per kept kernel (64 MiB at 4,096 rows) for
+the side with fewer layers, plus an n × n Gram buffer and one more kernel,
+which are kept per thread for the next call (:func:`release_buffers`).
+
 Every layer is centred in float64 after subtracting its first row, so a
 constant layer (or a dead column) centres to exactly 0: CKA is then
 undefined and an error says so, instead of a number made of rounding.

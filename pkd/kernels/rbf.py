@@ -3,30 +3,33 @@
 A symmetric n × n matrix is kept as its strict lower triangle, packed row
 by row (``packed[i(i−1)/2 + j]`` holds entry ``(i, j)``, ``j < i``), with its
 diagonal apart: half the memory of the full matrix, and every pass reads
-contiguous rows. The passes (see ``docs/math.md`` for the algebra):
+contiguous rows. The passes (the algebra is in :mod:`pkd.cka`):
 
 1. ``squared_distances``: ``D_ij = G_ii + G_jj − 2 G_ij`` from the lower
    triangle of the float64 Gram matrix (clamped at 0: rounding may leave
    ``−1e−16`` where two rows coincide), counted in a histogram as written;
-2. ``rbf_row_sums``: ``K_ij = exp(−D_ij / denominator)`` in place, and the row
+2. the median of D: ``gather`` copies out the few entries in the
+   histogram's median bin, which NumPy partitions (``histogram`` recounts a
+   narrower range when the bin holds too many): no copy of D, and one
+   parallel pass instead of a serial partition of n(n−1)/2 entries;
+3. ``rbf_row_sums``: ``K_ij = exp(−D_ij / denominator)`` in place, and the row
    sums of the full symmetric ``K`` (unit diagonal);
-3. ``centre_packed``: ``K_ij − μ_i − μ_j + μ̄`` in place (double centring,
+4. ``centre_packed``: ``K_ij − μ_i − μ_j + μ̄`` in place (double centring,
    ``μ`` the row means, ``μ̄`` the grand mean), and the centred diagonal;
-   Between 1 and 2, the median of D: ``gather`` copies out the few entries
-   in the histogram's median bin, which NumPy partitions (``histogram``
-   recounts a narrower range when the bin holds too many): no copy of D,
-   and one parallel pass instead of a serial partition of n(n−1)/2 entries.
-4. ``packed_inner_products``: the Frobenius inner products ``⟨A_k, B⟩`` of
+5. ``packed_inner_products``: the Frobenius inner products ``⟨A_k, B⟩`` of
    symmetric matrices, ``2 Σ_packed + Σ_diagonal``: the HSIC sums.
 
-Results do not depend on the thread count. Passes 1 and 3 write each entry
-from one thread, with no sum. Pass 2 sums each row's lower part in one
+Results do not depend on the thread count. Every entry is written by one
+thread. The histogram counts are integers, per fixed group of rows
+(``N_GROUPS``), and ``gather`` writes each group's entries at offsets taken
+from those counts. ``rbf_row_sums`` sums each row's lower part in one
 thread, and its upper part (a column of the triangle) in fixed blocks of
 ``BLOCK_ROWS`` rows whose partial sums are added in block order after the
-parallel loop. Pass 4 splits the packed vectors into fixed chunks of
-``CHUNK`` entries and adds the chunks' sums in order. Rows (or blocks) ``h``
-and ``n − 1 − h`` go to the same iteration so that each iteration of a
-triangle has the same work (prange hands each thread a contiguous range).
+parallel loop. ``packed_inner_products`` splits the packed vectors into
+fixed chunks of ``CHUNK`` entries and adds the chunks' sums in order. Rows
+(or blocks) ``h`` and ``n − 1 − h`` go to the same iteration, so that every
+iteration over a triangle has the same work (prange hands each thread a
+contiguous range of iterations).
 
 Every kernel has a serial and a ``prange`` twin (:func:`pkd.kernels._jit.twins`);
 :mod:`pkd.cka` picks one by a documented rule.
