@@ -1125,11 +1125,26 @@ class DumpWriter:
 
     Examples
     --------
-    >>> with DumpWriter("t.safetensors", n_rows=len(texts), seq_len=T) as w:  # doctest: +SKIP
-    ...     for batch in batches:
-    ...         out = model(**batch, output_hidden_states=True)
-    ...         w.append([h.float().numpy() for h in out.hidden_states],
-    ...                  attention_mask=batch["attention_mask"].numpy())
+    Two batches of token states, the second shorter (``seq_len`` 4):
+
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = Path(tmp.name) / "t.safetensors"
+    >>> with DumpWriter(path, n_rows=3, seq_len=4) as writer:
+    ...     writer.append([np.ones((2, 4, 8), np.float32)], attention_mask=np.ones((2, 4)))
+    ...     writer.append([np.ones((1, 2, 8), np.float32)], attention_mask=np.ones((1, 2)))
+    >>> with load_dump(path) as dump:
+    ...     print(dump.lead_shape, dump.attention_mask.sum(axis=1), dump[0][2, :, 0])
+    (3, 4) [4 4 2] [1. 1. 0. 0.]
+    >>> tmp.cleanup()
+
+    From a model, batch by batch (``T``: the longest tokenised text)::
+
+        with DumpWriter("t.safetensors", n_rows=len(texts), seq_len=T) as writer:
+            for batch in batches:
+                out = model(**batch, output_hidden_states=True)
+                writer.append([h.float().numpy() for h in out.hidden_states],
+                              attention_mask=batch["attention_mask"].numpy())
 
     Notes
     -----
