@@ -1231,3 +1231,17 @@ def test_scheduler_path_gives_the_local_numbers(tmp_path, capsys):
     for key in ("cka", "relative_min_mse", "heldout_relative_min_mse"):
         np.testing.assert_allclose(dask[key], local[key], rtol=1e-9)
     assert dask["optimal_mapping"] == local["optimal_mapping"]
+
+
+def test_rbf_cka_on_enough_rows_for_the_parallel_kernels(tmp_path):
+    """600 rows: past pkd.cka's parallel threshold, the path real dumps take."""
+    from pkd.cka import rbf_cka_matrix
+    from pkd.io import load_dump
+
+    s_path, t_path = _hf_like_dumps(tmp_path, n_s=2, n_t=3, rows=600)
+    out = tmp_path / "o"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out),
+                     "--measure", "rbf-cka"]) == 0
+    s, t = load_dump(s_path), load_dump(t_path)
+    want = rbf_cka_matrix([np.asarray(x) for x in s.layers], [np.asarray(x) for x in t.layers])
+    np.testing.assert_allclose(_strict_json(out / "summary.json")["rbf_cka"], want, rtol=1e-9)
