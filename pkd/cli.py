@@ -754,6 +754,19 @@ writes into --out:
   spectra.png             singular values of the fitted projection"""
 
 
+# pkd.fit's argument names as ``pkd fit`` spells them, for the errors the library raises.
+_FIT_SPELLING = (("method='closed_form'", "--method closed_form"),
+                 ("method='adam' or 'sgd'", "--method adam or --method sgd"),
+                 ("normalize=True", "--normalize"), ("an explicit lr", "an explicit --lr"),
+                 ("ridge > 0", "--ridge > 0"), ("ridge=0", "--ridge 0"))
+
+
+def _cli_spelling(message: str) -> str:
+    for library, cli in _FIT_SPELLING:
+        message = message.replace(library, cli)
+    return message
+
+
 def _check_fit_options(args) -> None:
     """Options the method ignores are refused; the others checked under their CLI names."""
     from ._validation import check_positive
@@ -811,6 +824,13 @@ def cmd_fit(args) -> None:
         chosen_by = plan.measure
     else:
         mapping = _parse_mapping_arg(args.mapping, s_layers, t_layers, args.include_embeddings)
+    repeated = sorted({pair for pair in mapping if mapping.count(pair) > 1})
+    if not args.shared and repeated:
+        raise CommandError(
+            f"--per-pair fits one projection per pair, but --mapping {args.mapping} repeats "
+            f"{', '.join(f'{s}:{t}' for s, t in repeated)}: give each pair once, or drop "
+            "--per-pair"
+        )
     # The dumps themselves: the closed form and full-batch steps stream the mapped layers.
     student_layers, teacher_layers = student, teacher
     common = {"shared": args.shared, "ridge": ridge, "attention_mask": mask.mask,
@@ -834,7 +854,7 @@ def cmd_fit(args) -> None:
                     fit_projection(student_layers, teacher_layers, mapping,
                                    method="closed_form", **common))
     except (ValueError, TypeError) as error:
-        raise CommandError(str(error)) from None
+        raise CommandError(_cli_spelling(str(error))) from None
 
     first = mapping[0]
     d_s, d_t = result.projection_for(first).shape

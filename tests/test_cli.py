@@ -1245,3 +1245,20 @@ def test_rbf_cka_on_enough_rows_for_the_parallel_kernels(tmp_path):
     s, t = load_dump(s_path), load_dump(t_path)
     want = rbf_cka_matrix([np.asarray(x) for x in s.layers], [np.asarray(x) for x in t.layers])
     np.testing.assert_allclose(_strict_json(out / "summary.json")["rbf_cka"], want, rtol=1e-9)
+
+
+def test_fit_errors_use_the_cli_spelling(dumps, tmp_path, capsys):
+    s_path, t_path, student, teacher, mask = dumps
+    zero = tmp_path / "zero.safetensors"
+    save_dump(zero, [np.zeros_like(a) for a in student], attention_mask=mask)
+    out = tmp_path / "o"
+    assert cli.main(["fit", str(zero), str(t_path), "--mapping", "0:0", "--method", "sgd",
+                     "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--method closed_form returns the minimum-norm projection" in err
+    assert "an explicit --lr or --ridge > 0" in err and "method=" not in err
+    assert cli.main(["fit", str(s_path), str(t_path), "--mapping", "0:1,0:1", "--per-pair",
+                     "--out", str(out)]) == 2
+    assert "--per-pair fits one projection per pair, but --mapping 0:1,0:1 repeats 0:1" in \
+        capsys.readouterr().err
+    assert not out.exists()
