@@ -41,16 +41,21 @@ Safety and memory
 * ``.npz`` is always read with ``allow_pickle=False``: an object array is
   refused, loading a dump never runs code. Array headers are read first, so a
   malformed file is refused before any data is loaded.
-* ``.safetensors`` is read lazily: :meth:`LazyLayer.rows` and
-  :meth:`Dump.iter_chunks` read only the requested rows from the memory-mapped
-  file, so a dump larger than memory streams with a peak of one chunk per
-  layer. **Use safetensors for large dumps.**
+* ``.safetensors`` is read lazily: :meth:`LazyLayer.rows`, indexing
+  (``dump[0][:10]``) and :meth:`Dump.iter_chunks` read only the requested
+  rows from the memory-mapped file, so a dump larger than memory streams with
+  a peak of one chunk per layer. **Use safetensors for large dumps.**
 * ``.npz`` members are zip entries that can only be read whole: each access to
   a per-layer key loads that layer, :meth:`Dump.iter_chunks` loads each
   requested layer once, and a stacked ``hidden_states`` is loaded whole on
   first access and kept (read-only) until :meth:`Dump.close`.
-* Loading never modifies the file; :func:`save_dump` writes atomically (temp
-  file + rename), so an interrupted save never leaves a partial dump.
+* Loading never modifies the file; :func:`save_dump` and :class:`DumpWriter`
+  write atomically (temp file + rename), so an interrupted save never leaves
+  a partial dump.
+
+A :class:`Dump` is a sequence of its layers (``len(dump)``, ``dump[i]``,
+``for layer in dump``); a :class:`LazyLayer` takes NumPy's int and slice
+indices and ``len()``.
 
 Metadata
 --------
@@ -1354,7 +1359,8 @@ class DumpWriter:
     def __del__(self):
         # A writer dropped without close() leaves no temporary file behind.
         if not getattr(self, "closed", True):
-            self.abort()
+            with contextlib.suppress(Exception):  # at interpreter exit modules may be gone
+                self.abort()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.rows_written}/{self.n_rows} rows"
