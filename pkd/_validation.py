@@ -409,7 +409,7 @@ def check_mask(mask, lead_shape: tuple, name: str = "mask") -> np.ndarray:
 
 
 def check_tokens(tokens) -> int | None:
-    """``"all"`` → None, ``"cls"`` → 0, an int position → itself (>= 0)."""
+    """``"all"`` → None, ``"cls"`` → 0 (its position when nothing is masked), an int → itself."""
     if isinstance(tokens, str):
         if tokens not in ("all", "cls"):
             raise ValueError(f'tokens must be "all", "cls" or an int position, got {tokens!r}')
@@ -431,7 +431,10 @@ def select_rows(
     mask : array_like, optional
         0/1 of shape ``lead_shape``.
     tokens : {"all", "cls"} or int
-        For 3-D input: every position, position 0 ([CLS]), or one position.
+        For 3-D input: every position; "cls", the first position the mask
+        keeps in each sequence (position 0 without a mask; under left padding
+        the first real token, a sequence the mask drops entirely gives none);
+        or one position (kept where the mask keeps it).
     """
     selected = None
     position = check_tokens(tokens)
@@ -449,7 +452,13 @@ def select_rows(
         selected[:, position] = True
     if mask is not None:
         m = check_mask(mask, lead_shape, mask_name)
-        selected = m if selected is None else selected & m
+        if isinstance(tokens, str) and tokens == "cls":
+            # The first kept position of each sequence: position 0 may be padding.
+            kept = np.flatnonzero(m.any(axis=1))
+            selected = np.zeros(lead_shape, dtype=bool)
+            selected[kept, m[kept].argmax(axis=1)] = True
+        else:
+            selected = m if selected is None else selected & m
     if selected is None:
         return None
     rows = selected.ravel().nonzero()[0]

@@ -131,7 +131,9 @@ class ProgressiveDistillation:
     project : {"auto", "always"}
         When the projection is applied (see the module docstring).
     tokens : {"all", "cls"} or int
-        For 3-D hidden states, which positions count ("cls" = position 0).
+        For 3-D hidden states, which positions count ("cls": the first
+        position the attention mask keeps in each sequence, position 0
+        without a mask).
 
     Examples
     --------

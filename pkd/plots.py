@@ -98,11 +98,23 @@ def _check_title(title) -> str | None:
     return V.check_str(title, "title", optional=True)
 
 
-def _layer_ticks(ax_axis, n: int) -> None:
-    """Integer ticks at every layer (or every k-th one when there are many)."""
+def _layer_ticks(ax_axis, n: int, embeddings: int | None = None) -> None:
+    """Integer ticks at every layer (or every k-th one when there are many); "emb" marks
+    the embeddings' index, which always gets its tick."""
     step = 1 if n <= 16 else int(np.ceil(n / 16))
-    ticks = np.arange(0, n, step)
-    ax_axis.set_ticks(ticks, labels=[str(int(t)) for t in ticks])
+    ticks = set(range(0, n, step)) | ({embeddings} if embeddings is not None else set())
+    ticks = sorted(ticks)
+    ax_axis.set_ticks(ticks, labels=["emb" if t == embeddings else str(t) for t in ticks])
+
+
+def _check_embeddings(value, n: int, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int layer index or None, got {value!r}")
+    if not 0 <= value < n:
+        raise ValueError(f"{name}={value} is out of range for {n} layers (0..{n - 1})")
+    return int(value)
 
 
 class _PlainLogFormatter(LogFormatter):
@@ -230,6 +242,8 @@ def alignment_heatmap(
     cmap: str = "viridis",
     ax: Axes | None = None,
     figsize: tuple[float, float] | None = None,
+    student_embeddings: int | None = None,
+    teacher_embeddings: int | None = None,
 ) -> Figure:
     """Heatmap of a student × teacher alignment matrix, with layer mappings marked.
 
@@ -266,6 +280,10 @@ def alignment_heatmap(
     figsize : (float, float), optional
         Figure size in inches when ``ax`` is None; by default sized so that
         cells are roughly square.
+    student_embeddings, teacher_embeddings : int, optional
+        The row (student) and column (teacher) that hold the embeddings
+        rather than a transformer layer (index 0 of Hugging Face
+        ``hidden_states``): their tick reads "emb".
 
     Returns
     -------
@@ -285,6 +303,8 @@ def alignment_heatmap(
     title = _check_title(title)
     figsize = _check_figsize(figsize)
     n_s, n_t = M.shape
+    student_embeddings = _check_embeddings(student_embeddings, n_s, "student_embeddings")
+    teacher_embeddings = _check_embeddings(teacher_embeddings, n_t, "teacher_embeddings")
     checked = _check_heatmap_mappings(mappings, (n_s, n_t))
     if len(checked) > len(_MAPPING_STYLES):
         raise ValueError(
@@ -326,8 +346,8 @@ def alignment_heatmap(
 
     ax.set_xlabel("teacher layer")
     ax.set_ylabel("student layer")
-    _layer_ticks(ax.xaxis, n_t)
-    _layer_ticks(ax.yaxis, n_s)
+    _layer_ticks(ax.xaxis, n_t, teacher_embeddings)
+    _layer_ticks(ax.yaxis, n_s, student_embeddings)
     ax.tick_params(which="minor", length=0)
     # Thin white grid between cells.
     ax.set_xticks(np.arange(-0.5, n_t, 1.0), minor=True)

@@ -303,6 +303,27 @@ def test_tokens_cls_uses_position_zero_only():
     np.testing.assert_allclose(result.grad_student[0][:, :1], want.grad_student[0], rtol=1e-14)
 
 
+def test_tokens_cls_takes_the_first_real_token_under_left_padding():
+    # Left padding: sequence b starts at position first[b]; sequence 3 is all padding.
+    student, teacher = _layers(4, (4, 5), 6), _layers(12, (4, 5), 6, seed=1)
+    first = np.array([0, 2, 4, 5])
+    mask = np.arange(5)[None, :] >= first[:, None]
+    cfg = ProgressiveDistillation(tokens="cls")
+    result = cfg.loss_and_grad(student, teacher, attention_mask=mask.astype(np.int64))
+    rows = np.arange(3)  # the sequences with a real token
+    want = ProgressiveDistillation().loss_and_grad(
+        [a[rows, first[rows]] for a in student], [a[rows, first[rows]] for a in teacher])
+    assert result.loss == pytest.approx(want.loss, rel=1e-14)
+    expected = np.zeros_like(student[0])
+    expected[rows, first[rows]] = want.grad_student[0]
+    np.testing.assert_allclose(result.grad_student[0], expected, rtol=1e-14, atol=0)
+    # Without a mask, "cls" is position 0, even where that is padding.
+    plain = cfg.loss_and_grad(student, teacher)
+    at_zero = ProgressiveDistillation().loss_and_grad([a[:, 0] for a in student],
+                                                      [a[:, 0] for a in teacher])
+    assert plain.loss == pytest.approx(at_zero.loss, rel=1e-14)
+
+
 @pytest.mark.parametrize("index", [2, 4])
 def test_tokens_int_uses_that_position_only(index):
     student, teacher = _layers(4, (3, 5), 6), _layers(12, (3, 5), 6, seed=1)
