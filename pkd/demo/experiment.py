@@ -98,7 +98,7 @@ class Settings:
     test_fraction: float = 0.2
     val_fraction: float = 0.2
     curve_fractions: tuple = (0.02, 0.05, 0.1, 0.25, 1.0)
-    curve_seeds: int = 5
+    curve_seeds: int = 3
     curve_method: str = "pkd_optimal"
     dtype: str = "float64"
     history_window: int = 25

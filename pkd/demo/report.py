@@ -382,12 +382,23 @@ def interpretation(summary: dict) -> str:
     verdicts = {m: _noise_verdict(paired[m], one_image, n) for m in PKD_METHODS}
     better = [methods[m]["label"] for m in PKD_METHODS if verdicts[m] == "better"]
     worse = [methods[m]["label"] for m in PKD_METHODS if verdicts[m] == "worse"]
+    diffs = [paired[m]["mean_diff"] for m in PKD_METHODS]
     if not better and not worse:
+        if max(diffs) < 0:
+            lean = (f" All three are below logit KD on average (by {-max(diffs):.2f}–"
+                    f"{-min(diffs):.2f} points, {-max(diffs) / one_image:.1f}–"
+                    f"{-min(diffs) / one_image:.1f} test images): if anything, the "
+                    "hidden-state loss costs a little here.")
+        elif min(diffs) > 0:
+            lean = (" All three are above logit KD on average, by less than the spread: "
+                    "a lean, not a measured gain.")
+        else:
+            lean = ""
         parts.append(
             "No PKD variant differs from logit KD by more than the spread of the paired "
             "differences (or one test image): on this data PKD does not measurably beat "
             "logit KD; the teacher's soft labels on the transfer set already carry what "
-            "this student takes from it."
+            "this student takes from it." + lean
         )
     else:
         if better:
