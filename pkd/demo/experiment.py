@@ -387,16 +387,14 @@ def choose_optimal(stats: AlignmentStats, n_student: int,
 
     Like PKD-Skip and PKD-Last, the last student layer is left to the logit
     loss, so the three PKD runs differ only in the teacher layers they choose.
-    A similarity (CKA) is turned into the cost ``1 − CKA``: the same argmin
-    as maximising the summed CKA.
+    A similarity (CKA) is maximised, a cost (1 − R²) minimised.
     """
+    rows = list(range(n_student - 1))
     if measure == "cka":
-        cost = 1.0 - stats.cka()
-    elif measure == "relative":
-        cost = stats.relative_min_mse()
-    else:
-        raise ValueError(f"measure must be one of {tuple(MEASURE_TEXT)}, got {measure!r}")
-    return mappings.optimal(cost, student_layers=list(range(n_student - 1)))
+        return mappings.optimal(stats.cka(), student_layers=rows, maximize=True)
+    if measure == "relative":
+        return mappings.optimal(stats.relative_min_mse(), student_layers=rows)
+    raise ValueError(f"measure must be one of {tuple(MEASURE_TEXT)}, got {measure!r}")
 
 
 def seed_material(seed: np.random.SeedSequence, data: Digits, settings: Settings,
