@@ -1,21 +1,29 @@
-"""The demo experiment: one teacher, a student trained five ways over several seeds.
+"""The demo experiment: distillation with few labels, a student trained five ways.
 
-Every student run of a seed starts from the same initial weights (and, for
-the PKD runs, the same Xavier projection), sees the same minibatches in the
-same order, and is trained for the same number of Adam steps with the same
-learning rate. Only the loss differs:
+The setting in which distillation is used in practice: the teacher (12
+residual blocks of width 128) learns from every training label; the student
+(4 blocks of width 64) sees the labels of only a small stratified part of the
+training set, and the teacher's outputs (logits and hidden states) on every
+training input, the transfer set. Each step draws a minibatch of labelled
+rows and a minibatch of transfer rows. Only the loss differs between the
+methods:
 
-- ``ce``: cross-entropy only (α = 0);
-- ``kd``: logit KD, ``(1 − α)·CE + α·τ²·KL`` (Hinton et al.);
+- ``ce``: cross-entropy on the labelled rows only (all a student without a
+  teacher can do);
+- ``kd``: logit KD, ``(1 − α)·CE(labelled) + α·τ²·KL(transfer)`` (Hinton et al.);
 - ``pkd_skip``, ``pkd_last``, ``pkd_optimal``: logit KD plus PKD's hidden-state
-  loss through a shared 64→128 projection trained jointly with the student,
-  with the PKD-Skip, PKD-Last or "optimal" layer mapping. The optimal mapping
-  is chosen per seed by :class:`~pkd.alignment.AlignmentStats` on the trained
-  teacher and that seed's CE-only student (relative best-reachable loss,
-  1 − R², as the cost); the PKD run itself starts from the common init.
+  loss on the transfer rows, through a shared 64→128 projection trained
+  jointly with the student, with the PKD-Skip, PKD-Last or "optimal" layer
+  mapping. The optimal mapping is chosen per seed, by the measure named in
+  :data:`MAPPING_MEASURE`, on the trained teacher and that seed's CE-only
+  student; the PKD run itself starts from the common init.
 
-Test accuracy is measured once, after the last step: nothing is selected on
-the test set.
+Every run of a seed starts from the same initial weights (and, for the PKD
+runs, the same Xavier projection), sees the same labelled subset and the
+same minibatches in the same order, and takes the same number of Adam steps
+with the same learning rate. Accuracy is measured once, after the last step,
+on the evaluation set the caller names: the validation set when settings are
+chosen (:mod:`pkd.demo.selection`), the test set in the final runs.
 """
 
 from __future__ import annotations
@@ -28,11 +36,12 @@ import numpy as np
 from .. import mapping as mappings
 from ..alignment import AlignmentStats
 from ..distillation import ProgressiveDistillation, xavier_uniform
-from ..objective import PKDObjective, logit_loss_and_grad
-from .data import Digits
+from ..objective import logit_loss_and_grad
+from .data import Digits, labelled_subset
 from .mlp import Adam, ResidualMLP
 
 METHODS = ("ce", "kd", "pkd_skip", "pkd_last", "pkd_optimal")
+PKD_METHODS = ("pkd_skip", "pkd_last", "pkd_optimal")
 LABELS = {
     "ce": "CE only",
     "kd": "logit KD",
@@ -41,22 +50,34 @@ LABELS = {
     "pkd_optimal": "PKD-optimal",
 }
 
+# The layer-similarity measure that picks PKD-optimal's mapping: the one the
+# mapping analysis recommends (linear CKA, a similarity: higher is better).
+# Change it here only; "relative" (1 − R², a cost) is the other choice.
+MAPPING_MEASURE = "cka"
+MEASURE_TEXT = {
+    "cka": "linear CKA (a similarity; the mapping maximises its sum)",
+    "relative": "relative best-reachable loss 1 − R² (a cost; the mapping minimises its sum)",
+}
+
 
 @dataclass(frozen=True)
 class Settings:
     """Everything that defines a demo run (written to summary.json).
 
-    The loss hyperparameters are fixed in advance from the paper, not tuned
-    on this data: α = 0.7 and τ = 10 are PKD's presets (Sun et al. 2019).
-    The hidden loss is PKD's own normalized ("patient") loss rather than the
-    plain MSE: the teacher's residual stream grows several-fold in scale
-    from its first block to its last, so an MSE would weigh the deep pairs
-    of PKD-Last far more than the shallow pairs of PKD-Skip and β would have
-    to be chosen per mapping; the normalized loss lies in [0, 4] per pair
-    whatever the layer's scale. β = 1 (the paper's β, which also averages
-    over the d_t = 128 hidden dimensions, would be 128 here, inside the
-    paper's range 10 – 1000) makes the hidden term start at the size of the
-    cross-entropy (≈ 2).
+    The architecture, the teacher's training, the batch sizes and the split
+    are fixed by design. The student's learning rate and steps, the labelled
+    fraction, α, τ and the hidden weight λ were chosen on the validation
+    split by :func:`pkd.demo.selection.select` (its record is in
+    ``analysis/results/demo/selection/``), before any test accuracy was
+    computed, and are the same for every method. The hidden loss is PKD's
+    normalized ("patient") loss: it lies in [0, 4] per pair whatever the
+    scale of the layer, so one λ serves every mapping (the paper's β is
+    λ·d_t).
+
+    ``curve_fractions`` and ``curve_seeds`` define the accuracy-against-
+    labelled-fraction curve of CE, KD and ``curve_method`` (the PKD variant
+    with the best validation accuracy in the selection); three seeds per
+    fraction keep ``pkd demo`` within its time budget on two cores.
     """
 
     teacher_width: int = 128
@@ -64,15 +85,22 @@ class Settings:
     student_width: int = 64
     student_blocks: int = 4
     batch_size: int = 64
-    lr: float = 1e-3
+    labelled_batch_size: int = 32
+    teacher_lr: float = 1e-3
     teacher_steps: int = 3000
-    student_steps: int = 1500
+    lr: float = 1e-3
+    student_steps: int = 500
     n_seeds: int = 5
+    labelled_fraction: float = 0.1
     alpha: float = 0.7
     temperature: float = 10.0
-    hidden_weight: float = 1.0
+    hidden_weight: float = 10.0
     normalize: bool = True
     test_fraction: float = 0.2
+    val_fraction: float = 0.2
+    curve_fractions: tuple = (0.02, 0.05, 0.1, 0.25, 1.0)
+    curve_seeds: int = 3
+    curve_method: str = "pkd_optimal"
     dtype: str = "float64"
     history_window: int = 25
 
@@ -82,8 +110,9 @@ class Settings:
 
     @classmethod
     def quick(cls) -> Settings:
-        """Same code path, fewer steps and seeds (for tests and a first look)."""
-        return cls(teacher_steps=300, student_steps=150, n_seeds=2, history_window=10)
+        """Same code path, far fewer steps and seeds: a smoke run, its numbers mean nothing."""
+        return cls(teacher_steps=120, student_steps=40, n_seeds=2, curve_fractions=(0.05, 0.1),
+                   curve_seeds=1, history_window=5)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -99,7 +128,7 @@ class StudentRun:
         One of :data:`METHODS`.
     seed_index : int
     accuracy : float
-        Test accuracy in percent.
+        Accuracy in percent on the evaluation set, after the last step.
     model : ResidualMLP
     mapping : list of (int, int) or None
         The PKD layer mapping (None for CE and KD).
@@ -109,6 +138,11 @@ class StudentRun:
         The trained projection (PKD runs only).
     initial_projection : (d_s, d_t) array or None
         Its Xavier initialisation.
+    checkpoint_scores : dict of int to (float, float)
+        ``(accuracy, nll)`` on the evaluation set after each requested step.
+    nll : float
+        Mean cross-entropy (negative log-likelihood, nats) on the evaluation
+        set after the last step: a finer tie-breaker than accuracy.
     seconds : float
     """
 
@@ -120,18 +154,45 @@ class StudentRun:
     history: np.ndarray | None = None
     projection: np.ndarray | None = None
     initial_projection: np.ndarray | None = None
+    checkpoint_scores: dict = field(default_factory=dict)
+    nll: float = float("nan")
     seconds: float = 0.0
 
 
 @dataclass
 class SeedOutcome:
-    """Everything about one student seed: the runs and the alignment analysis."""
+    """Everything about one student seed at one labelled fraction."""
 
     seed_index: int
+    fraction: float
+    n_labelled: int
     runs: dict = field(default_factory=dict)
     relative_min_mse: np.ndarray | None = None
     cka: np.ndarray | None = None
     optimal_mapping: list | None = None
+
+
+@dataclass
+class SeedMaterial:
+    """What every run of a seed shares: init, projection, labelled rows and minibatches.
+
+    Attributes
+    ----------
+    init : ResidualMLP
+    projection : (d_s, d_t) array
+    labelled : (n_labelled,) int64 array
+        Training rows whose labels the student sees.
+    labelled_batches : (steps, b_l) int64 array
+        Training rows (all in ``labelled``) of every labelled minibatch.
+    transfer_batches : (steps, b) int64 array
+        Training rows of every transfer minibatch (any training row).
+    """
+
+    init: ResidualMLP
+    projection: np.ndarray
+    labelled: np.ndarray
+    labelled_batches: np.ndarray
+    transfer_batches: np.ndarray
 
 
 def accuracy(model: ResidualMLP, x: np.ndarray, y: np.ndarray) -> float:
@@ -139,13 +200,24 @@ def accuracy(model: ResidualMLP, x: np.ndarray, y: np.ndarray) -> float:
     return float(100.0 * np.mean(model.predict(x) == y))
 
 
+def mean_nll(model: ResidualMLP, x: np.ndarray, y: np.ndarray) -> float:
+    """Mean cross-entropy of ``model`` on ``(x, y)`` (nats)."""
+    logits = model.forward(x)[0]
+    ce, _, _ = logit_loss_and_grad(logits, logits, y, alpha=0.0, temperature=1.0)
+    return ce
+
+
 def batch_schedule(n_rows: int, batch_size: int, steps: int, rng: np.random.Generator):
     """Row indices of every minibatch, epoch by epoch without replacement.
 
+    A batch size above ``n_rows`` is cut to ``n_rows`` (every batch is then
+    the whole set, reshuffled).
+
     Returns
     -------
-    (steps, batch_size) int64 array
+    (steps, min(batch_size, n_rows)) int64 array
     """
+    batch_size = min(batch_size, n_rows)
     per_epoch = n_rows // batch_size  # drop the ragged last batch: equal-size batches
     epochs = -(-steps // per_epoch)
     order = np.concatenate([rng.permutation(n_rows)[:per_epoch * batch_size]
@@ -154,7 +226,7 @@ def batch_schedule(n_rows: int, batch_size: int, steps: int, rng: np.random.Gene
 
 
 def train_teacher(data: Digits, settings: Settings, seed, progress=None) -> ResidualMLP:
-    """Train the 12-block teacher with cross-entropy and Adam.
+    """Train the 12-block teacher with cross-entropy on every training label.
 
     Parameters
     ----------
@@ -170,14 +242,13 @@ def train_teacher(data: Digits, settings: Settings, seed, progress=None) -> Resi
     model = ResidualMLP(data.n_features, settings.teacher_width, settings.teacher_blocks,
                         data.n_classes, seed=np.random.default_rng(init_seed),
                         dtype=settings.dtype)
-    optimiser = Adam(model.params, lr=settings.lr)
+    optimiser = Adam(model.params, lr=settings.teacher_lr)
     schedule = batch_schedule(len(data.y_train), settings.batch_size, settings.teacher_steps,
                               np.random.default_rng(batch_seed))
     for rows in schedule:
         logits, _, cache = model.forward(data.x_train[rows])
-        labels = data.y_train[rows]
         # alpha = 0: plain cross-entropy (the teacher logits are then unused).
-        _, _, grad = logit_loss_and_grad(logits, logits, labels, alpha=0.0,
+        _, _, grad = logit_loss_and_grad(logits, logits, data.y_train[rows], alpha=0.0,
                                          temperature=1.0)
         optimiser.step(model.backward(cache, grad))
         if progress is not None:
@@ -198,38 +269,37 @@ class TeacherOutputs:
         return cls(logits=logits, hidden=hidden)
 
 
-def _objective(method: str, settings: Settings, layer_mapping, projection):
-    """The PKDObjective of a method (None for CE-only, which uses α = 0 directly)."""
-    if method == "ce":
+def _padded(grad: np.ndarray | None, n_before: int) -> np.ndarray | None:
+    """``grad`` (transfer rows) below ``n_before`` zero rows (the labelled rows of the batch)."""
+    if grad is None:
         return None
-    if method == "kd":
-        return PKDObjective(alpha=settings.alpha, temperature=settings.temperature)
-    hidden = ProgressiveDistillation(layer_mapping, hidden_weight=settings.hidden_weight,
-                                     normalize=settings.normalize, projection=projection)
-    return PKDObjective(alpha=settings.alpha, temperature=settings.temperature, hidden=hidden)
+    full = np.zeros((n_before + grad.shape[0], grad.shape[1]), dtype=grad.dtype)
+    full[n_before:] = grad
+    return full
 
 
-def train_student(method: str, data: Digits, teacher: TeacherOutputs, init: ResidualMLP,
-                  initial_projection: np.ndarray, schedule: np.ndarray, settings: Settings,
-                  *, seed_index: int = 0, layer_mapping=None, progress=None) -> StudentRun:
-    """Train one student from ``init`` with the loss of ``method``.
+def train_student(method: str, data: Digits, teacher: TeacherOutputs, material: SeedMaterial,
+                  settings: Settings, evaluation: tuple, *, seed_index: int = 0,
+                  layer_mapping=None, checkpoints=(), progress=None) -> StudentRun:
+    """Train one student from the seed's common init with the loss of ``method``.
 
     Parameters
     ----------
     method : str
         One of :data:`METHODS`.
     data : Digits
+        Only its training rows are used (inputs; labels of ``material.labelled``).
     teacher : TeacherOutputs
-        The teacher's outputs on ``data.x_train`` (rows indexed by ``schedule``).
-    init : ResidualMLP
-        The common initial student (copied, not modified).
-    initial_projection : (d_s, d_t) array
-        The common Xavier projection (copied, not modified; PKD methods only).
-    schedule : (steps, batch) int array
-        The minibatches (see :func:`batch_schedule`).
+        The teacher's outputs on ``data.x_train``.
+    material : SeedMaterial
+        Init, projection, labelled rows and minibatches (copied, not modified).
     settings : Settings
+    evaluation : (x (N, d_in) array, y (N,) int array)
+        Where accuracy is measured (validation or test).
     layer_mapping : list of (int, int), optional
         Required for the PKD methods.
+    checkpoints : iterable of int
+        Steps (1-based) after which accuracy and NLL on ``evaluation`` are also recorded.
     progress : tqdm bar, optional
     """
     if method not in METHODS:
@@ -238,47 +308,68 @@ def train_student(method: str, data: Digits, teacher: TeacherOutputs, init: Resi
     if pkd and layer_mapping is None:
         raise ValueError(f"method {method!r} needs a layer_mapping")
     start = time.perf_counter()
-    model = init.copy()
+    model = material.init.copy()
     params = dict(model.params)
-    projection = None
+    projection = hidden_loss = None
     if pkd:
-        projection = initial_projection.copy()
-        params["P"] = projection  # the same array the objective reads: updated in place
+        projection = material.projection.copy()
+        params["P"] = projection  # the same array the hidden loss reads: updated in place
+        hidden_loss = ProgressiveDistillation(layer_mapping, hidden_weight=settings.hidden_weight,
+                                              normalize=settings.normalize,
+                                              projection=projection)
     optimiser = Adam(params, lr=settings.lr)
-    objective = _objective(method, settings, layer_mapping, projection)
     used_teacher = sorted({t for _, t in layer_mapping}) if pkd else []
-    history = np.empty((len(schedule), len(layer_mapping))) if pkd else None
+    history = np.empty((len(material.labelled_batches), len(layer_mapping))) if pkd else None
+    checkpoints = {int(c) for c in checkpoints}
+    reached = {}
+    alpha, temperature = settings.alpha, settings.temperature
 
-    for step, rows in enumerate(schedule):
-        logits, student_hidden, cache = model.forward(data.x_train[rows])
-        labels, teacher_logits = data.y_train[rows], teacher.logits[rows]
-        grad_hidden = None
-        extra = {}
+    for step, (labelled_rows, transfer_rows) in enumerate(
+            zip(material.labelled_batches, material.transfer_batches, strict=True)):
+        labels = data.y_train[labelled_rows]
         if method == "ce":
-            _, _, grad_logits = logit_loss_and_grad(logits, teacher_logits, labels,
-                                                    alpha=0.0, temperature=1.0)
-        elif method == "kd":
-            grad_logits = objective.loss_and_grad(logits, teacher_logits, labels).grad_logits
+            logits, _, cache = model.forward(data.x_train[labelled_rows])
+            _, _, grad_logits = logit_loss_and_grad(logits, logits, labels, alpha=0.0,
+                                                    temperature=1.0)
+            grads = model.backward(cache, grad_logits)
         else:
-            teacher_hidden = [teacher.hidden[t][rows] if t in used_teacher else None
-                              for t in range(len(teacher.hidden))]
-            result = objective.loss_and_grad(logits, teacher_logits, labels, student_hidden,
-                                             teacher_hidden)
-            grad_logits, grad_hidden = result.grad_logits, result.grad_student
-            extra["P"] = result.grad_projection
-            history[step] = result.layer_losses
-        grads = model.backward(cache, grad_logits, grad_hidden)
-        grads.update(extra)
+            n_l = len(labelled_rows)
+            rows = np.concatenate([labelled_rows, transfer_rows])
+            logits, student_hidden, cache = model.forward(data.x_train[rows])
+            grad_logits = np.empty_like(logits)
+            _, _, grad_ce = logit_loss_and_grad(logits[:n_l], logits[:n_l], labels, alpha=0.0,
+                                                temperature=1.0)
+            grad_logits[:n_l] = (1.0 - alpha) * grad_ce
+            teacher_logits = teacher.logits[transfer_rows]
+            # alpha = 1: τ²·KL only; the transfer rows' labels are unseen, and the labels
+            # argument (the teacher's own argmax) gets weight 0.
+            _, _, grad_kd = logit_loss_and_grad(logits[n_l:], teacher_logits,
+                                                teacher_logits.argmax(axis=1), alpha=1.0,
+                                                temperature=temperature)
+            grad_logits[n_l:] = alpha * grad_kd
+            grad_hidden = None
+            if pkd:
+                teacher_hidden = [teacher.hidden[t][transfer_rows] if t in used_teacher
+                                  else None for t in range(len(teacher.hidden))]
+                result = hidden_loss.loss_and_grad([h[n_l:] for h in student_hidden],
+                                                   teacher_hidden)
+                grad_hidden = [_padded(g, n_l) for g in result.grad_student]
+                history[step] = result.layer_losses
+            grads = model.backward(cache, grad_logits, grad_hidden)
+            if pkd:
+                grads["P"] = result.grad_projection
         optimiser.step(grads)
+        if step + 1 in checkpoints:
+            reached[step + 1] = (accuracy(model, *evaluation), mean_nll(model, *evaluation))
         if progress is not None:
             progress.update()
 
     return StudentRun(
-        method=method, seed_index=seed_index,
-        accuracy=accuracy(model, data.x_test, data.y_test), model=model,
-        mapping=None if not pkd else [tuple(map(int, p)) for p in layer_mapping],
+        method=method, seed_index=seed_index, accuracy=accuracy(model, *evaluation),
+        model=model, mapping=None if not pkd else [tuple(map(int, p)) for p in layer_mapping],
         history=history, projection=projection,
-        initial_projection=initial_projection if pkd else None,
+        initial_projection=material.projection if pkd else None,
+        checkpoint_scores=reached, nll=mean_nll(model, *evaluation),
         seconds=time.perf_counter() - start,
     )
 
@@ -290,55 +381,155 @@ def alignment_stats(student: ResidualMLP, teacher: TeacherOutputs,
     return AlignmentStats.from_arrays(student_hidden, teacher.hidden)
 
 
-def choose_optimal(stats: AlignmentStats, n_student: int) -> list:
-    """The optimal mapping of student layers ``0 .. n_student − 2`` by relative min-MSE.
+def choose_optimal(stats: AlignmentStats, n_student: int,
+                   measure: str = MAPPING_MEASURE) -> list:
+    """The optimal mapping of student layers ``0 .. n_student − 2`` by ``measure``.
 
     Like PKD-Skip and PKD-Last, the last student layer is left to the logit
     loss, so the three PKD runs differ only in the teacher layers they choose.
+    A similarity (CKA) is maximised, a cost (1 − R²) minimised.
     """
-    cost = stats.relative_min_mse()
-    return mappings.optimal(cost, student_layers=list(range(n_student - 1)))
+    rows = list(range(n_student - 1))
+    if measure == "cka":
+        return mappings.optimal(stats.cka(), student_layers=rows, maximize=True)
+    if measure == "relative":
+        return mappings.optimal(stats.relative_min_mse(), student_layers=rows)
+    raise ValueError(f"measure must be one of {tuple(MEASURE_TEXT)}, got {measure!r}")
 
 
-def seed_material(seed: np.random.SeedSequence, data: Digits, settings: Settings):
-    """The initial student, Xavier projection and minibatches every run of a seed shares.
+def seed_material(seed: np.random.SeedSequence, data: Digits, settings: Settings,
+                  fraction: float) -> SeedMaterial:
+    """The init, projection, labelled rows and minibatches every run of a seed shares.
 
-    Spawns the first three children of ``seed`` (pass a fresh copy to derive
-    them again without disturbing ``seed``).
+    The first five children of ``seed``, derived from a copy (``seed`` is not
+    advanced: the same seed gives the same material every time). The labelled rows of one seed are
+    nested across fractions (:func:`~pkd.demo.data.labelled_subset`); the
+    transfer minibatches do not depend on the fraction.
     """
-    init_seed, projection_seed, batch_seed = seed.spawn(3)
+    # A fresh copy: spawning advances the sequence, and a seed's runs at several
+    # fractions must share the same children.
+    fresh = np.random.SeedSequence(seed.entropy, spawn_key=seed.spawn_key,
+                                   pool_size=seed.pool_size)
+    init_seed, projection_seed, label_seed, labelled_batch_seed, transfer_seed = fresh.spawn(5)
     init = ResidualMLP(data.n_features, settings.student_width, settings.student_blocks,
                        data.n_classes, seed=np.random.default_rng(init_seed),
                        dtype=settings.dtype)
     projection = xavier_uniform(settings.student_width, settings.teacher_width,
                                 seed=np.random.default_rng(projection_seed),
                                 dtype=settings.dtype)
-    schedule = batch_schedule(len(data.y_train), settings.batch_size, settings.student_steps,
-                              np.random.default_rng(batch_seed))
-    return init, projection, schedule
+    labelled = labelled_subset(data.y_train, fraction, label_seed)
+    positions = batch_schedule(len(labelled), settings.labelled_batch_size,
+                               settings.student_steps, np.random.default_rng(labelled_batch_seed))
+    transfer = batch_schedule(len(data.y_train), settings.batch_size, settings.student_steps,
+                              np.random.default_rng(transfer_seed))
+    return SeedMaterial(init=init, projection=projection, labelled=labelled,
+                        labelled_batches=labelled[positions], transfer_batches=transfer)
 
 
 def run_seed(seed_index: int, seed: np.random.SeedSequence, data: Digits,
-             teacher: TeacherOutputs, settings: Settings, progress=None) -> SeedOutcome:
-    """The five student runs of one seed (CE first: the optimal mapping needs it)."""
-    init, projection, schedule = seed_material(seed, data, settings)
-    outcome = SeedOutcome(seed_index=seed_index)
-    common = {"seed_index": seed_index, "progress": progress}
+             teacher: TeacherOutputs, settings: Settings, evaluation: tuple, *,
+             fraction: float | None = None, methods=METHODS, checkpoints=(),
+             progress=None) -> SeedOutcome:
+    """The runs of one seed at one labelled fraction (CE first: the optimal mapping needs it).
+
+    Parameters
+    ----------
+    seed_index : int
+    seed : numpy.random.SeedSequence
+    data : Digits
+    teacher : TeacherOutputs
+    settings : Settings
+    evaluation : (x, y)
+        Where accuracy is measured.
+    fraction : float, optional
+        Labelled fraction (default ``settings.labelled_fraction``).
+    methods : sequence of str
+        A subset of :data:`METHODS`; CE runs first, and also when only
+        PKD-optimal needs it.
+    checkpoints : iterable of int
+        Passed to :func:`train_student`.
+    progress : tqdm bar, optional
+    """
+    fraction = settings.labelled_fraction if fraction is None else fraction
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"methods must be among {METHODS}, got {unknown}")
+    material = seed_material(seed, data, settings, fraction)
+    outcome = SeedOutcome(seed_index=seed_index, fraction=fraction,
+                          n_labelled=int(len(material.labelled)))
 
     def run(method, layer_mapping=None):
         if progress is not None:
-            progress.set_description(f"student seed {seed_index}: {LABELS[method]}")
-        outcome.runs[method] = train_student(method, data, teacher, init, projection,
-                                             schedule, settings, layer_mapping=layer_mapping,
-                                             **common)
+            progress.set_description(f"{fraction:.0%} labelled, seed {seed_index}: "
+                                     f"{LABELS[method]}")
+        outcome.runs[method] = train_student(
+            method, data, teacher, material, settings, evaluation, seed_index=seed_index,
+            layer_mapping=layer_mapping, checkpoints=checkpoints, progress=progress)
 
-    run("ce")
-    stats = alignment_stats(outcome.runs["ce"].model, teacher, data.x_train)
-    outcome.relative_min_mse = stats.relative_min_mse()
-    outcome.cka = stats.cka()
-    outcome.optimal_mapping = choose_optimal(stats, settings.student_blocks)
-    run("kd")
-    run("pkd_skip", mappings.skip(settings.student_blocks, settings.teacher_blocks))
-    run("pkd_last", mappings.last(settings.student_blocks, settings.teacher_blocks))
-    run("pkd_optimal", outcome.optimal_mapping)
+    if "ce" in methods or "pkd_optimal" in methods:
+        run("ce")
+    if "pkd_optimal" in methods:
+        stats = alignment_stats(outcome.runs["ce"].model, teacher, data.x_train)
+        outcome.relative_min_mse = stats.relative_min_mse()
+        outcome.cka = stats.cka()
+        outcome.optimal_mapping = choose_optimal(stats, settings.student_blocks)
+    n_s, n_t = settings.student_blocks, settings.teacher_blocks
+    mapping_of = {"pkd_skip": mappings.skip(n_s, n_t), "pkd_last": mappings.last(n_s, n_t),
+                  "pkd_optimal": outcome.optimal_mapping}
+    for method in METHODS[1:]:
+        if method in methods:
+            run(method, mapping_of.get(method))
     return outcome
+
+
+@dataclass
+class Prepared:
+    """The split and the trained teacher that the selection and the final runs share.
+
+    Attributes
+    ----------
+    data : Digits
+    teacher : ResidualMLP
+    outputs : TeacherOutputs
+        The teacher's outputs on ``data.x_train`` (the transfer set).
+    split_seed : int
+    seconds : dict of str to float
+        ``data`` and ``teacher`` wall times.
+    """
+
+    data: Digits
+    teacher: ResidualMLP
+    outputs: TeacherOutputs
+    split_seed: int
+    seconds: dict
+
+
+def prepare(seed: int, settings: Settings, progress=None) -> Prepared:
+    """The split of base seed ``seed`` and the teacher trained on it.
+
+    Children 0 (split) and 1 (teacher) of ``SeedSequence(seed)``; the final
+    runs take their student seeds from children 2, 3, ... and the selection
+    from another sequence, so that the selection and the final runs share the
+    split and the teacher but no student seed.
+    """
+    from .data import load_split
+
+    split_child, teacher_child = np.random.SeedSequence(seed).spawn(2)
+    split_seed = int(split_child.generate_state(1)[0])
+    tick = time.perf_counter()
+    data = load_split(split_seed, settings.test_fraction, settings.val_fraction,
+                      dtype=settings.dtype)
+    seconds = {"data": time.perf_counter() - tick}
+    tick = time.perf_counter()
+    if progress is not None:
+        progress.set_description(f"teacher {settings.teacher_blocks}×{settings.teacher_width}")
+    teacher = train_teacher(data, settings, teacher_child, progress=progress)
+    outputs = TeacherOutputs.of(teacher, data.x_train)
+    seconds["teacher"] = time.perf_counter() - tick
+    return Prepared(data=data, teacher=teacher, outputs=outputs, split_seed=split_seed,
+                    seconds=seconds)
+
+
+def student_seeds(seed: int, n_seeds: int) -> list:
+    """The final runs' student seeds: children 2 .. 2 + n_seeds − 1 of ``SeedSequence(seed)``."""
+    return np.random.SeedSequence(seed).spawn(2 + n_seeds)[2:]
