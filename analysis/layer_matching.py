@@ -1,0 +1,680 @@
+"""Layer-matching benchmark: does a similarity measure find the corresponding layer?
+
+The sanity check of Kornblith et al. (ICML 2019, section 6.1 and Table 2) at
+CPU size. Several copies of one deep network are trained from different seeds
+(same data, same split, same architecture and schedule; only the initial
+weights and the minibatch order differ). For every ordered pair of copies
+(i, j), i ≠ j, and every layer l of copy i, each measure names the layer of
+copy j most similar to l; it is right when that is layer l itself. A measure
+that cannot find the corresponding layer of an identically built and trained
+network cannot be trusted to pick a layer mapping between a student and a
+teacher.
+
+The network is a plain (non-residual) MLP on scikit-learn's digits: ``L``
+blocks ``h ← relu(LayerNorm(h W + b))`` of width ``W``, then a linear
+classifier, trained with Adam on cross-entropy (torch, CPU, one thread). The
+hidden states are the ``L`` block outputs on the held-out images, in float32.
+
+Measures (rows: the query layer of copy i; columns: the layers of copy j):
+
+- ``relative``: in-sample 1 − R² (:meth:`pkd.AlignmentStats.relative_min_mse`),
+  the query layer as the *student* predicting each layer of copy j: the cost
+  behind ``--mapping optimal`` (lower = more similar);
+- ``relative-target``: the same, with the query layer as the *teacher*,
+  predicted from each layer of copy j;
+- ``heldout`` / ``heldout-target``: the same two, held out: fitted on k − 1
+  folds, scored on the remaining fold, averaged over the k folds
+  (``AlignmentStats(..., folds=k).relative_min_mse(heldout=True).mean``);
+- ``cka``: linear CKA (:meth:`pkd.AlignmentStats.cka`);
+- ``cka-debiased``: debiased linear CKA (``stats.cka(debiased=True)``);
+- ``rbf-cka-<b>``: RBF CKA with σ = b × the median pairwise distance
+  (:func:`pkd.cka.rbf_cka_matrix`), for each bandwidth fraction ``b``.
+
+Ties: a query whose own layer ties with k − 1 others for the best value
+(within :data:`TIE_TOLERANCE`) earns 1/k, the expected score of breaking the
+tie at random; so a measure that says "everything is equally similar" scores
+chance, not 100%.
+
+Two settings: ``all rows`` (every held-out image, rows ≫ width) and
+``few rows`` (a fixed random subset with rows < width, where in-sample
+regression can fit anything).
+
+Writes ``layer_matching.json``, ``layer_matching.md``, ``layer_matching.png``
+and ``choices.png`` into ``analysis/results/layer_matching/``.
+
+Run (from the repository root):
+
+    .venv/bin/python analysis/layer_matching.py           # full: 10 copies, a few minutes
+    .venv/bin/python analysis/layer_matching.py --quick   # smoke run, into
+                                                          # results/layer_matching-quick/
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import output_dir, write_json, write_text
+
+from pkd.alignment import AlignmentStats
+from pkd.demo.data import load_split
+
+NAME = "layer_matching"
+# Two values of one measure closer than this are a tie (every measure here lies in
+# [0, 1] up to rounding, or slightly above 1 for 1 − R² with R² < 0).
+TIE_TOLERANCE = 1e-9
+# Kornblith et al. 2019, Table 2: ten CNNs on CIFAR-10, accuracy (%) of identifying
+# the corresponding layer, for the measures this benchmark shares with it.
+KORNBLITH = {
+    "relative-target": "45.4 (linear regression)",
+    "cka": "99.3",
+    "rbf-cka": "99.1–99.3",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything that fixes a run (and keys the hidden-state cache)."""
+
+    n_copies: int = 10
+    n_blocks: int = 10
+    width: int = 64
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 1e-3
+    test_fraction: float = 0.3
+    few_rows: int = 48
+    folds: int = 5
+    bandwidths: tuple[float, ...] = (0.2, 0.5, 0.8)
+    seed: int = 0
+    quick: bool = False
+
+    @classmethod
+    def quick_run(cls, **changes) -> Settings:
+        """A smoke run of the same code path: 2 copies of a 4-block net, 2 epochs."""
+        base = dict(n_copies=2, n_blocks=4, width=16, epochs=2, few_rows=12, quick=True)
+        return cls(**{**base, **changes})
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "bandwidths": list(self.bandwidths)}
+
+    def training_key(self) -> str:
+        """A hash of the settings that change the hidden states."""
+        keys = ("n_copies", "n_blocks", "width", "epochs", "batch_size", "lr",
+                "test_fraction", "seed")
+        text = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _network(n_in: int, width: int, n_blocks: int, n_classes: int):
+    import torch
+
+    class DeepMLP(torch.nn.Module):
+        """``n_blocks`` blocks relu(LayerNorm(h W + b)), then a linear classifier."""
+
+        def __init__(self):
+            super().__init__()
+            widths = [n_in] + [width] * n_blocks
+            self.blocks = torch.nn.ModuleList(
+                torch.nn.Sequential(torch.nn.Linear(a, b), torch.nn.LayerNorm(b),
+                                    torch.nn.ReLU())
+                for a, b in zip(widths[:-1], widths[1:]))
+            self.head = torch.nn.Linear(width, n_classes)
+
+        def hidden_states(self, x):
+            states = []
+            for block in self.blocks:
+                x = block(x)
+                states.append(x)
+            return states
+
+        def forward(self, x):
+            return self.head(self.hidden_states(x)[-1])
+
+    return DeepMLP()
+
+
+def train_copy(data, settings: Settings, seed: int):
+    """Train one copy; return its block outputs on the test images and its accuracy.
+
+    Returns
+    -------
+    hidden : ndarray, shape (L, N_test, W), float32
+    accuracy : float
+        Test accuracy in percent.
+    """
+    import torch
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = _network(data.n_features, settings.width, settings.n_blocks, data.n_classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    n = x.shape[0]
+    model.train()
+    for _ in range(settings.epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, settings.batch_size):
+            batch = order[start:start + settings.batch_size]
+            loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        states = model.hidden_states(torch.from_numpy(data.x_test))
+        predicted = model.head(states[-1]).argmax(dim=1).numpy()
+    hidden = np.stack([s.numpy() for s in states]).astype(np.float32)
+    return hidden, float(100.0 * np.mean(predicted == data.y_test))
+
+
+def train_copies(settings: Settings, cache: Path | None, log=print) -> dict:
+    """Hidden states of every copy on the held-out images, from the cache if it has them.
+
+    Returns
+    -------
+    dict with ``hidden`` (n_copies, L, N_test, W) float32, ``accuracy`` (n_copies,)
+    percent, ``n_train``, ``n_test``, ``copy_seeds`` and ``train_s`` (seconds spent
+    training; 0 when read from the cache).
+    """
+    if cache is not None and cache.is_file():
+        with np.load(cache) as stored:
+            if str(stored["key"]) == settings.training_key():
+                log(f"hidden states read from {cache}")
+                return {"hidden": stored["hidden"], "accuracy": stored["accuracy"],
+                        "n_train": int(stored["n_train"]), "n_test": int(stored["n_test"]),
+                        "copy_seeds": stored["copy_seeds"].tolist(), "train_s": 0.0}
+    import torch
+
+    torch.set_num_threads(1)  # tiny matrices: one thread is as fast, and the cores are shared
+    torch.use_deterministic_algorithms(True)
+    children = np.random.SeedSequence(settings.seed).spawn(1 + settings.n_copies)
+    split_seed = int(children[0].generate_state(1)[0])
+    data = load_split(split_seed, settings.test_fraction, dtype=np.float32)
+    copy_seeds = [int(c.generate_state(1)[0]) for c in children[1:]]
+    started = time.perf_counter()
+    hidden, accuracy = [], []
+    for k, seed in enumerate(copy_seeds):
+        h, acc = train_copy(data, settings, seed)
+        hidden.append(h)
+        accuracy.append(acc)
+        log(f"copy {k}: test accuracy {acc:.2f}% ({time.perf_counter() - started:.1f} s)")
+    out = {"hidden": np.stack(hidden), "accuracy": np.array(accuracy),
+           "n_train": int(len(data.y_train)), "n_test": int(len(data.y_test)),
+           "copy_seeds": copy_seeds, "train_s": time.perf_counter() - started}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".npz", delete=False) as f:
+            np.savez(f, key=settings.training_key(), hidden=out["hidden"],
+                     accuracy=out["accuracy"], n_train=out["n_train"],
+                     n_test=out["n_test"], copy_seeds=np.array(copy_seeds))
+        Path(f.name).replace(cache)
+    return out
+
+
+# --------------------------------------------------------------------------- measures
+
+
+def measures(settings: Settings) -> dict[str, dict]:
+    """Every measure of the benchmark: key -> label, kind ("cost" or "similarity")."""
+    table = {
+        "relative": {"label": "1 − R², in-sample (student side)", "kind": "cost"},
+        "relative-target": {"label": "1 − R², in-sample (teacher side)", "kind": "cost"},
+        "heldout": {"label": f"1 − R², held out, {settings.folds} folds (student side)",
+                    "kind": "cost"},
+        "heldout-target": {"label": f"1 − R², held out, {settings.folds} folds "
+                                    "(teacher side)", "kind": "cost"},
+        "cka": {"label": "linear CKA", "kind": "similarity"},
+        "cka-debiased": {"label": "debiased linear CKA", "kind": "similarity"},
+    }
+    for b in settings.bandwidths:
+        table[f"rbf-cka-{b:g}"] = {"label": f"RBF CKA, σ = {b:g} × median distance",
+                                  "kind": "similarity"}
+    return table
+
+
+def layer_matrices(a: np.ndarray, b: np.ndarray, settings: Settings) -> dict[str, np.ndarray]:
+    """Every measure between the layers of two copies, oriented query-by-candidate.
+
+    Parameters
+    ----------
+    a, b : ndarray, shape (L, N, W), float32
+        The block outputs of copy i (the queries) and copy j (the candidates)
+        on the same N inputs.
+
+    Returns
+    -------
+    dict of str to ndarray, shape (L, L), float64
+        Entry ``[l, m]``: the measure between layer l of ``a`` and layer m of ``b``.
+    """
+    from pkd.cka import rbf_cka_matrix
+
+    forward = AlignmentStats.from_arrays(list(a), list(b), folds=settings.folds)
+    backward = AlignmentStats.from_arrays(list(b), list(a), folds=settings.folds)
+    out = {
+        "relative": forward.relative_min_mse(),
+        # backward's students are b's layers: its transpose has a's layers as rows.
+        "relative-target": backward.relative_min_mse().T,
+        "heldout": forward.relative_min_mse(heldout=True).mean,
+        "heldout-target": backward.relative_min_mse(heldout=True).mean.T,
+        "cka": forward.cka(),
+        "cka-debiased": forward.cka(debiased=True),
+    }
+    for bandwidth in settings.bandwidths:
+        out[f"rbf-cka-{bandwidth:g}"] = rbf_cka_matrix(list(a), list(b), bandwidth=bandwidth)
+    return out
+
+
+def credit(matrix: np.ndarray, maximize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """How often each query layer's own counterpart is the measure's best candidate.
+
+    Parameters
+    ----------
+    matrix : ndarray, shape (L, L)
+        Query layers by candidate layers; NaN is never best.
+    maximize : bool
+        True for a similarity, False for a cost.
+
+    Returns
+    -------
+    credit : ndarray, shape (L,)
+        1/k when query l's own layer is among the k candidates tied for the
+        best value (within :data:`TIE_TOLERANCE`), else 0; 0 when every
+        candidate is NaN.
+    chosen : ndarray, shape (L, L)
+        Row l spreads one unit over the candidates tied for the best (1/k each):
+        the expected choice under random tie-breaking.
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    n_query, n_candidate = matrix.shape
+    values = matrix if maximize else -matrix
+    scores = np.zeros(n_query)
+    chosen = np.zeros((n_query, n_candidate))
+    for q in range(n_query):
+        row = values[q]
+        finite = np.isfinite(row)
+        if not finite.any():
+            continue
+        best = np.flatnonzero(finite & (row >= row[finite].max() - TIE_TOLERANCE))
+        chosen[q, best] = 1.0 / best.size
+        scores[q] = chosen[q, q] if q < n_candidate else 0.0
+    return scores, chosen
+
+
+def few_rows_subset(n_rows: int, settings: Settings) -> np.ndarray:
+    """The fixed random rows of the few-rows setting, in increasing order."""
+    if settings.few_rows > n_rows:
+        raise ValueError(f"few_rows = {settings.few_rows} exceeds the {n_rows} held-out rows")
+    rng = np.random.default_rng(np.random.SeedSequence([settings.seed, 1]))
+    return np.sort(rng.choice(n_rows, size=settings.few_rows, replace=False))
+
+
+def score_setting(hidden: np.ndarray, settings: Settings, log=print) -> dict:
+    """Accuracy of every measure over every ordered pair of copies and every layer.
+
+    Parameters
+    ----------
+    hidden : ndarray, shape (n_copies, L, N, W), float32
+
+    Returns
+    -------
+    dict with, per measure, ``accuracy`` (overall), ``per_layer`` (L,), ``per_pair``
+    (one per ordered pair, in ``pairs`` order), ``tied_queries`` (queries whose best
+    value was shared) and ``chosen`` (L, L): the share of queries at layer l that
+    picked layer m.
+    """
+    n_copies, n_layers = hidden.shape[:2]
+    table = measures(settings)
+    pairs = [(i, j) for i in range(n_copies) for j in range(n_copies) if i != j]
+    credits = {key: np.zeros((len(pairs), n_layers)) for key in table}
+    chosen = {key: np.zeros((n_layers, n_layers)) for key in table}
+    tied = {key: 0 for key in table}
+    started = time.perf_counter()
+    for p, (i, j) in enumerate(pairs):
+        matrices = layer_matrices(hidden[i], hidden[j], settings)
+        for key, spec in table.items():
+            scores, picks = credit(matrices[key], maximize=spec["kind"] == "similarity")
+            credits[key][p] = scores
+            chosen[key] += picks
+            tied[key] += int(np.sum(picks.max(axis=1) < 1.0))
+        if (p + 1) % max(1, len(pairs) // 5) == 0 or p + 1 == len(pairs):
+            log(f"  pair {p + 1}/{len(pairs)} ({time.perf_counter() - started:.1f} s)")
+    return {
+        "pairs": [[i, j] for i, j in pairs],
+        "measure_s": time.perf_counter() - started,
+        "measures": {
+            key: {
+                **table[key],
+                "accuracy": float(credits[key].mean()),
+                "per_layer": credits[key].mean(axis=0).tolist(),
+                "per_pair": credits[key].mean(axis=1).tolist(),
+                "tied_queries": tied[key],
+                "chosen": (chosen[key] / len(pairs)).tolist(),
+            }
+            for key in table
+        },
+    }
+
+
+def identity_accuracy(hidden_copy: np.ndarray, settings: Settings) -> dict[str, float]:
+    """Each measure's accuracy when a copy is matched against itself (a sanity floor)."""
+    table = measures(settings)
+    matrices = layer_matrices(hidden_copy, hidden_copy, settings)
+    return {key: float(credit(matrices[key], spec["kind"] == "similarity")[0].mean())
+            for key, spec in table.items()}
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(settings: Settings, cache: Path | None, log=print) -> dict:
+    """Train (or read) the copies, then score every measure in both settings."""
+    from threadpoolctl import threadpool_limits
+
+    started = time.perf_counter()
+    with threadpool_limits(limits=1, user_api="blas"):  # small GEMMs; the cores are shared
+        copies = train_copies(settings, cache, log=log)
+        hidden = copies["hidden"]
+        n_copies, n_layers, n_rows, width = hidden.shape
+        subset = few_rows_subset(n_rows, settings)
+        settings_rows = {"all_rows": hidden, "few_rows": hidden[:, :, subset]}
+        results = {}
+        for name, states in settings_rows.items():
+            log(f"{name}: {states.shape[2]} rows × width {width}, "
+                f"{n_copies * (n_copies - 1)} ordered pairs × {n_layers} layers")
+            results[name] = {"n_rows": int(states.shape[2]), **score_setting(states, settings,
+                                                                            log=log)}
+        identity = identity_accuracy(hidden[0], settings)
+    return {
+        "settings": {**settings.as_dict(), "n_train": copies["n_train"],
+                     "n_test": copies["n_test"], "copy_seeds": copies["copy_seeds"],
+                     "few_rows_subset": subset.tolist(), "tie_tolerance": TIE_TOLERANCE},
+        "copies": {"test_accuracy": copies["accuracy"].tolist(),
+                   "hidden_dtype": str(hidden.dtype), "n_layers": n_layers, "width": width},
+        "results": results,
+        "identity_accuracy": identity,
+        "kornblith_2019": KORNBLITH,
+        "timing_s": {"train": round(copies["train_s"], 2),
+                     **{f"measures_{k}": round(v["measure_s"], 2) for k, v in results.items()},
+                     "total": round(time.perf_counter() - started, 2)},
+    }
+
+
+def _json_safe(value):
+    """``value`` with every non-finite float replaced by None (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _percent(value: float) -> str:
+    return f"{100.0 * value:.1f}"
+
+
+def interpretation(result: dict) -> str:
+    """What the numbers show, written from them."""
+    main = result["results"]["all_rows"]["measures"]
+    few = result["results"]["few_rows"]["measures"]
+    n_rows_all = result["results"]["all_rows"]["n_rows"]
+    n_rows_few = result["results"]["few_rows"]["n_rows"]
+    width = result["copies"]["width"]
+    best = max(main, key=lambda k: main[k]["accuracy"])
+    tops = [k for k in main if main[k]["accuracy"] >= main[best]["accuracy"] - 1e-12]
+    parts = [
+        f"With {n_rows_all} held-out rows per layer (width {width}), "
+        + ("the best measures are " + ", ".join(main[k]["label"] for k in tops)
+           if len(tops) > 1 else f"the best measure is {main[best]['label']}")
+        + f" ({_percent(main[best]['accuracy'])}% of queries matched). "
+        f"In-sample 1 − R² (pkd's default cost, student side) scores "
+        f"{_percent(main['relative']['accuracy'])}%, held out "
+        f"{_percent(main['heldout']['accuracy'])}%; linear CKA "
+        f"{_percent(main['cka']['accuracy'])}%.",
+        f"With {n_rows_few} rows (fewer than the width {width}), in-sample 1 − R² scores "
+        f"{_percent(few['relative']['accuracy'])}% ({few['relative']['tied_queries']} of "
+        f"its queries ended in ties), held out {_percent(few['heldout']['accuracy'])}%, "
+        f"linear CKA {_percent(few['cka']['accuracy'])}%.",
+    ]
+    if result["settings"]["quick"]:
+        parts.append("This was a --quick run: the numbers only show that the pipeline works; "
+                     "run without --quick for the benchmark.")
+    return " ".join(parts)
+
+
+def markdown(result: dict) -> str:
+    """layer_matching.md: the tables, what they show, and how to rerun them."""
+    s, copies = result["settings"], result["copies"]
+    main, few = result["results"]["all_rows"], result["results"]["few_rows"]
+    n_copies = len(copies["test_accuracy"])
+    n_pairs = len(main["pairs"])
+    n_layers, width = copies["n_layers"], copies["width"]
+    accuracy = np.array(copies["test_accuracy"])
+    lines = [
+        "# Layer matching: does a measure find the corresponding layer of another copy?",
+        "",
+        f"{n_copies} copies of a {n_layers}-block MLP (width {width}, LayerNorm, ReLU) trained "
+        f"on scikit-learn's digits from different seeds (test accuracy "
+        f"{accuracy.mean():.2f} ± {accuracy.std(ddof=1) if n_copies > 1 else 0.0:.2f}%). "
+        f"For each of the {n_pairs} ordered pairs of copies and each of the {n_layers} "
+        f"layers of the first, a measure is right when its most similar layer of the "
+        f"second copy is the same layer ({n_pairs * n_layers} queries per setting; "
+        "ties earn 1/k). Hidden states: the block outputs on held-out images, float32.",
+        "",
+        f"| measure | accuracy (%), {main['n_rows']} rows | accuracy (%), {few['n_rows']} rows "
+        "| Kornblith et al. 2019, Table 2 (%) |",
+        "|---|---|---|---|",
+    ]
+    for key, row in main["measures"].items():
+        reference = result["kornblith_2019"].get(key)
+        if reference is None and key.startswith("rbf-cka"):
+            reference = result["kornblith_2019"]["rbf-cka"]
+        ties = (f" ({few['measures'][key]['tied_queries']} tied)"
+                if few["measures"][key]["tied_queries"] else "")
+        lines.append(f"| {row['label']} (`{key}`) | {_percent(row['accuracy'])} "
+                     f"| {_percent(few['measures'][key]['accuracy'])}{ties} "
+                     f"| {reference or '–'} |")
+    lines += [
+        "",
+        interpretation(result),
+        "",
+        "*Student side*: the query layer predicts each layer of the other copy (the "
+        "direction of `pkd analyze --mapping optimal`, where a student layer is mapped "
+        "onto teacher layers). *Teacher side*: the query layer is predicted from each "
+        "layer of the other copy (linear regression in Kornblith et al. fits one "
+        "network's layer from the other's). CKA is symmetric.",
+        "",
+        "![accuracy per measure](layer_matching.png)",
+        "",
+        f"## Per layer ({main['n_rows']} rows)",
+        "",
+        "| measure | " + " | ".join(str(l) for l in range(n_layers)) + " |",
+        "|---|" + "---|" * n_layers,
+    ]
+    for key, row in main["measures"].items():
+        lines.append(f"| `{key}` | " + " | ".join(_percent(v) for v in row["per_layer"]) + " |")
+    lines += [
+        "",
+        f"## Per layer ({few['n_rows']} rows)",
+        "",
+        "| measure | " + " | ".join(str(l) for l in range(n_layers)) + " |",
+        "|---|" + "---|" * n_layers,
+    ]
+    for key, row in few["measures"].items():
+        lines.append(f"| `{key}` | " + " | ".join(_percent(v) for v in row["per_layer"]) + " |")
+    identity = result["identity_accuracy"]
+    lines += [
+        "",
+        "![which layer each measure picked](choices.png)",
+        "",
+        "## How it was made",
+        "",
+        f"- Network: {n_layers} blocks `relu(LayerNorm(h W + b))` of width {width}, a linear "
+        f"classifier; Adam lr {s['lr']}, batch {s['batch_size']}, {s['epochs']} epochs, "
+        "torch on the CPU with one thread, deterministic algorithms.",
+        f"- Data: scikit-learn digits, {s['n_train']} training / {s['n_test']} held-out "
+        f"images (one split, seed {s['seed']}); the measures see the {main['n_rows']} "
+        f"held-out rows, or a fixed random subset of {few['n_rows']} of them.",
+        f"- Held-out 1 − R²: {s['folds']} folds of the rows. RBF CKA bandwidths: "
+        + ", ".join(f"{b:g}" for b in s["bandwidths"]) + " × the median pairwise distance "
+        "(each layer its own).",
+        f"- Ties: values within {s['tie_tolerance']:g} of the best count as tied.",
+        "- A copy against itself (identity check, copy 0, all rows): "
+        + ", ".join(f"`{k}` {_percent(v)}%" for k, v in identity.items()) + ".",
+        f"- Wall time: {result['timing_s']['total']:.1f} s (training "
+        f"{result['timing_s']['train']:.1f} s; measures "
+        f"{result['timing_s']['measures_all_rows']:.1f} s with all rows, "
+        f"{result['timing_s']['measures_few_rows']:.1f} s with few rows).",
+        "- Rerun: `.venv/bin/python analysis/layer_matching.py` (`--quick` for a smoke run).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _colours(keys) -> dict[str, str]:
+    return {key: f"C{k}" for k, key in enumerate(keys)}
+
+
+def build_figure(result: dict):
+    """Accuracy per measure in both settings (left), per layer in each (right)."""
+    from matplotlib.figure import Figure
+
+    main, few = result["results"]["all_rows"], result["results"]["few_rows"]
+    keys = list(main["measures"])
+    colours = _colours(keys)
+    n_layers, width = result["copies"]["n_layers"], result["copies"]["width"]
+    fig = Figure(figsize=(16.0, 5.6), layout="constrained")
+    axes = fig.subplot_mosaic([["bars", "all_rows", "few_rows"]],
+                              width_ratios=[1.5, 1.0, 1.0])
+    ax = axes["bars"]
+    x = np.arange(len(keys))
+    for offset, setting, hatch in ((-0.2, main, None), (0.2, few, "//")):
+        values = [100.0 * setting["measures"][k]["accuracy"] for k in keys]
+        ax.bar(x + offset, values, width=0.4, color=[colours[k] for k in keys],
+               alpha=0.9 if hatch is None else 0.45, hatch=hatch, edgecolor="black",
+               linewidth=0.5, label=f"{setting['n_rows']} rows")
+        for xi, v in zip(x + offset, values):
+            ax.annotate(f"{v:.0f}", (xi, v), xytext=(0, 2), textcoords="offset points",
+                        ha="center", va="bottom", fontsize="x-small")
+    ax.axhline(100.0 / n_layers, color="0.3", linestyle=":", linewidth=1.0)
+    ax.annotate(f"chance (1/{n_layers})", (x[-1] + 0.45, 100.0 / n_layers),
+                xytext=(0, 2), textcoords="offset points", ha="right", fontsize="x-small")
+    ax.set_xticks(x, labels=[k.replace("-", "-\n", 1) for k in keys], fontsize="small")
+    ax.set_ylim(0, 110)
+    ax.set_ylabel("queries whose most similar layer is the corresponding one (%)")
+    ax.set_title(f"Layer matching accuracy per measure (width {width})", fontsize="medium")
+    ax.legend(fontsize="small", loc="lower left")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    layers = np.arange(n_layers)
+    for name, setting in (("all_rows", main), ("few_rows", few)):
+        ax = axes[name]
+        for key in keys:
+            ax.plot(layers, 100.0 * np.asarray(setting["measures"][key]["per_layer"]), "o-",
+                    color=colours[key], label=key, markersize=3, linewidth=1.2)
+        ax.set_xticks(layers)
+        ax.set_ylim(-3, 103)
+        ax.set_xlabel("query layer")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"Per layer, {setting['n_rows']} rows", fontsize="medium")
+        ax.grid(True, alpha=0.3)
+    axes["few_rows"].legend(fontsize="x-small", loc="lower left", ncols=2)
+    return fig
+
+
+def build_choices_figure(result: dict):
+    """One panel per measure and setting: share of queries at layer l picking layer m."""
+    from matplotlib.figure import Figure
+
+    settings_rows = [result["results"]["all_rows"], result["results"]["few_rows"]]
+    keys = list(settings_rows[0]["measures"])
+    n_layers = result["copies"]["n_layers"]
+    fig = Figure(figsize=(2.3 * len(keys) + 1.0, 5.4), layout="constrained")
+    axes = fig.subplots(2, len(keys), squeeze=False, sharex=True, sharey=True)
+    image = None
+    for r, setting in enumerate(settings_rows):
+        for c, key in enumerate(keys):
+            ax = axes[r, c]
+            image = ax.imshow(np.asarray(setting["measures"][key]["chosen"]), vmin=0, vmax=1,
+                              cmap="viridis", origin="upper")
+            ax.set_xticks(np.arange(n_layers))
+            ax.set_yticks(np.arange(n_layers))
+            ax.tick_params(labelsize="xx-small")
+            if r == 0:
+                ax.set_title(key, fontsize="small")
+            if c == 0:
+                ax.set_ylabel(f"{setting['n_rows']} rows\nquery layer", fontsize="small")
+            if r == 1:
+                ax.set_xlabel("chosen layer", fontsize="small")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="share of queries")
+    fig.suptitle("Which layer of the other copy each measure picked (diagonal = right)",
+                 fontsize="medium")
+    return fig
+
+
+def print_table(result: dict) -> None:
+    main, few = result["results"]["all_rows"], result["results"]["few_rows"]
+    print(f"\n{'measure':<18}{main['n_rows']:>6} rows{few['n_rows']:>6} rows")
+    for key, row in main["measures"].items():
+        print(f"{key:<18}{_percent(row['accuracy']):>10}"
+              f"{_percent(few['measures'][key]['accuracy']):>11}")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="2 copies of a 4-block net, 2 epochs (a smoke run; writes to "
+                             "layer_matching-quick/)")
+    parser.add_argument("--copies", type=int, default=None,
+                        help="number of copies (default 10; 2 with --quick)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default analysis/results/layer_matching)")
+    parser.add_argument("--cache", default=None,
+                        help="file caching the trained copies' hidden states (default: in "
+                             "the system's temporary directory, keyed by the settings)")
+    parser.add_argument("--no-cache", action="store_true", help="always train the copies")
+    args = parser.parse_args(argv)
+    changes = {"seed": args.seed}
+    if args.copies is not None:
+        if args.copies < 2:
+            parser.error("--copies must be >= 2 (the benchmark compares pairs of copies)")
+        changes["n_copies"] = args.copies
+    settings = Settings.quick_run(**changes) if args.quick else Settings(**changes)
+    out = output_dir(NAME, args.out, args.quick)
+    if args.no_cache:
+        cache = None
+    elif args.cache is not None:
+        cache = Path(args.cache)
+    else:
+        cache = Path(tempfile.gettempdir()) / f"pkd-{NAME}-{settings.training_key()}.npz"
+    result = _json_safe(run(settings, cache))
+    from pkd import plots
+
+    written = [write_json(out / "layer_matching.json", result),
+               write_text(out / "layer_matching.md", markdown(result)),
+               plots.save_figure(build_figure(result), out / "layer_matching.png"),
+               plots.save_figure(build_choices_figure(result), out / "choices.png")]
+    print_table(result)
+    print(f"\n{interpretation(result)}\n")
+    print("wrote:\n" + "\n".join(f"  {p}" for p in written))
+    return result
+
+
+if __name__ == "__main__":
+    main()
