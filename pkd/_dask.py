@@ -83,7 +83,8 @@ def _prefix_error(error: Exception, where: str) -> Exception:
         return ValueError(f"{where}: {error}")
 
 
-def alignment_block(students, teachers, mask, start: int, chunk_rows: int):
+def alignment_block(students, teachers, mask, start: int, chunk_rows: int,
+                    folds: int | None = None, per_example: int = 1):
     """Statistics of one row block, as ``to_dict()`` arrays, or None if the mask selects none.
 
     Parameters
@@ -92,7 +93,9 @@ def alignment_block(students, teachers, mask, start: int, chunk_rows: int):
         The block's rows of every layer.
     mask : ndarray (n,) or None
     start : int
-        The block's first row in the whole dataset (for messages).
+        The block's first row in the whole dataset (for messages and the fold rule).
+    per_example : int
+        Rows per example (``T`` for flattened 3-D input): row ``r`` is example ``r // T``.
     """
     from .alignment import AlignmentStats
 
@@ -104,7 +107,9 @@ def alignment_block(students, teachers, mask, start: int, chunk_rows: int):
             mask = check_mask(mask, (n,), "mask")
             if not mask.any():
                 return None
-        stats = AlignmentStats.from_arrays(students, teachers, mask, chunk_rows=chunk_rows)
+        stats = AlignmentStats(chunk_rows=chunk_rows, folds=folds)
+        stats.update(students, teachers, mask,
+                     examples=np.arange(start, start + n, dtype=np.int64) // per_example)
     except (ValueError, TypeError) as error:
         raise _prefix_error(error, where) from error
     return stats.to_dict()
@@ -148,31 +153,25 @@ def _open_on_worker(path: str, expected, role: str):
 
 
 def alignment_dump_rows(student_path: str, teacher_path: str, student_expected,
-                        teacher_expected, start: int, stop: int, mask, chunk_rows: int):
-    """Statistics of rows ``[start, stop)`` of two dumps, streamed ``chunk_rows`` at a time.
+                        teacher_expected, start: int, stop: int, mask, chunk_rows: int,
+                        folds: int | None = None):
+    """Statistics of rows ``[start, stop)`` of two dumps: the chunk loop of ``from_dumps``.
 
-    Returns ``to_dict()`` arrays, or None if ``mask`` (bool ``(stop - start,)``
-    or None) selects no row.
+    ``mask`` is the flat bool mask of these rows (or None). Returns ``to_dict()``
+    arrays, or None if it selects no row.
     """
+    from ._streaming import stream_dumps
     from .alignment import AlignmentStats
 
-    stats = AlignmentStats(chunk_rows=chunk_rows)
+    stats = AlignmentStats(chunk_rows=chunk_rows, folds=folds)
+    flat = None
     with contextlib.ExitStack() as stack:
         student = stack.enter_context(_open_on_worker(student_path, student_expected, "student"))
         teacher = stack.enter_context(_open_on_worker(teacher_path, teacher_expected, "teacher"))
-        for lo in range(start, stop, chunk_rows):
-            hi = min(lo + chunk_rows, stop)
-            rows_mask = None if mask is None else mask[lo - start:hi - start]
-            if rows_mask is not None and not rows_mask.any():
-                continue  # padding only: not even read
-            where = (f"rows [{lo}, {hi}) of {student_path} and {teacher_path} (row numbers "
-                     "below count from their start)")
-            try:
-                stats.update([layer.rows(lo, hi) for layer in student.layers],
-                             [layer.rows(lo, hi) for layer in teacher.layers],
-                             rows_mask)
-            except (ValueError, TypeError) as error:
-                raise _prefix_error(error, where) from error
+        if mask is not None:
+            flat = np.zeros(student.n_rows, dtype=bool)
+            flat[start:stop] = mask
+        stream_dumps(stats, student, teacher, flat, start, stop)
     return None if stats.n_rows == 0 else stats.to_dict()
 
 
@@ -330,14 +329,17 @@ def _flat_mask(mask, lead_shape: tuple, row_chunks: tuple):
 
 
 def from_dask(student_layers, teacher_layers, mask=None, *, chunk_rows: int,
-              split_every: int = DEFAULT_SPLIT_EVERY, scheduler=None) -> dict:
+              split_every: int = DEFAULT_SPLIT_EVERY, scheduler=None, folds=None) -> dict:
     """The ``to_dict()`` statistics of layers held in dask arrays.
 
     See :meth:`pkd.alignment.AlignmentStats.from_dask` (which calls this).
     """
+    from .alignment import AlignmentStats
+
     dask = _import_dask()
     chunk_rows = check_positive_int(chunk_rows, "chunk_rows")
     split_every = _check_split_every(split_every)
+    AlignmentStats(folds=folds)  # checks folds before any work
     _check_scheduler(scheduler)
     students = _dask_layers(student_layers, "student_layers")
     teachers = _dask_layers(teacher_layers, "teacher_layers")
@@ -371,7 +373,8 @@ def from_dask(student_layers, teacher_layers, mask=None, *, chunk_rows: int,
             start += n
             continue  # known on the client: no task at all
         layers = [b[k] for b in blocks]
-        parts.append(block(layers[:n_s], layers[n_s:], block_mask, start, chunk_rows))
+        parts.append(block(layers[:n_s], layers[n_s:], block_mask, start, chunk_rows, folds,
+                           lead_shape[1] if len(lead_shape) == 2 else 1))
         start += n
     return _run(parts, split_every, scheduler, f"the {lead_shape} rows")
 
@@ -410,25 +413,24 @@ def _check_dump(dump, name: str):
         (layer.shape, str(layer.stored_dtype)) for layer in dump.layers)
 
 
-def from_dumps(student, teacher, *, chunk_rows: int, scheduler=None, mask=None,
-               task_rows: int | None = None,
-               split_every: int = DEFAULT_SPLIT_EVERY) -> dict:
+def from_dumps(student, teacher, *, chunk_rows: int, scheduler=None, mask="auto",
+               tokens="all", task_rows: int | None = None,
+               split_every: int = DEFAULT_SPLIT_EVERY, folds=None) -> dict:
     """The ``to_dict()`` statistics of two dumps, read by the workers.
 
     See :meth:`pkd.alignment.AlignmentStats.from_dumps_dask` (which calls this).
     """
+    from ._streaming import check_dumps, resolve_mask
+    from .alignment import AlignmentStats
+
     dask = _import_dask()
     chunk_rows = check_positive_int(chunk_rows, "chunk_rows")
     split_every = _check_split_every(split_every)
+    AlignmentStats(folds=folds)  # checks folds before any work
     _check_scheduler(scheduler)
+    check_dumps(student, teacher)
     student_path, student_expected = _check_dump(student, "student")
     teacher_path, teacher_expected = _check_dump(teacher, "teacher")
-    if student.lead_shape != teacher.lead_shape:
-        raise ValueError(
-            f"the dumps disagree on rows: student {student.path} has leading shape "
-            f"{student.lead_shape}, teacher {teacher.path} has {teacher.lead_shape}; both "
-            "must hold the hidden states of the same inputs"
-        )
     if task_rows is None:
         task_rows = default_task_rows([layer.width for layer in student.layers],
                                       [layer.width for layer in teacher.layers], chunk_rows)
@@ -436,8 +438,7 @@ def from_dumps(student, teacher, *, chunk_rows: int, scheduler=None, mask=None,
         task_rows = check_positive_int(task_rows, "task_rows")
     else:
         raise TypeError(f"task_rows must be a positive int or None, got {task_rows!r}")
-    flat_mask = None if mask is None else check_mask(mask, student.lead_shape,
-                                                     "mask").reshape(-1)
+    flat_mask = resolve_mask(student, teacher, mask, tokens)
     task = dask.delayed(alignment_dump_rows, pure=True)
     n_rows = student.n_rows
     parts = []
@@ -447,5 +448,5 @@ def from_dumps(student, teacher, *, chunk_rows: int, scheduler=None, mask=None,
         if rows_mask is not None and not rows_mask.any():
             continue
         parts.append(task(student_path, teacher_path, student_expected, teacher_expected,
-                          start, stop, rows_mask, chunk_rows))
+                          start, stop, rows_mask, chunk_rows, folds))
     return _run(parts, split_every, scheduler, f"the dumps {student.path} and {teacher.path}")

@@ -1,104 +1,68 @@
 """Streaming alignment statistics between every student and every teacher layer.
 
 :class:`AlignmentStats` reads the hidden states once, in chunks of rows, and
-keeps in float64 the statistics of DESIGN §1 for every (student layer ``s``,
-teacher layer ``t``) pair::
+keeps in float64, for every (student layer ``s``, teacher layer ``t``) pair,
+the statistics of ``docs/numerics.md``::
 
-    G_s = Sᵀ W S   (d_s × d_s)   a_s = Sᵀ w     H_t = Tᵀ W T   (d_t × d_t)   b_t = Tᵀ w
-    C_st = Sᵀ W T  (d_s × d_t)   q_t = Σ_i w_i ‖t_i‖² = tr(H_t)               n_w = Σ_i w_i
+    G_s = Sᵀ W S   a_s = Sᵀ w   H_t = Tᵀ W T   b_t = Tᵀ w   C_st = Sᵀ W T   n_w = Σ_i w_i
 
-with ``w`` the 0/1 row weights of a mask. From them alone, with no second
-pass over the rows: the minimum-MSE matrix (:meth:`AlignmentStats.min_mse`,
-:meth:`AlignmentStats.relative_min_mse`), linear CKA
-(:meth:`AlignmentStats.cka`), closed-form projections
-(:meth:`AlignmentStats.projection`) and the exact loss of any projection
-(:meth:`AlignmentStats.pair_loss`).
+(``w`` the 0/1 row weights of a mask) plus per-row norm products for the
+debiased CKA. From them alone, with no second pass over the rows: the
+best-reachable loss (:meth:`~AlignmentStats.min_mse`,
+:meth:`~AlignmentStats.relative_min_mse`), in-sample or held out over folds,
+linear CKA (plain or debiased), closed-form projections and the exact loss of
+any projection (:meth:`~AlignmentStats.pair_loss`).
 
-Statistics are additive: :meth:`AlignmentStats.merge` (or ``+``, or
-``sum([...])``) combines partial statistics of disjoint row sets, which is
-what parallel and distributed runs need; :meth:`AlignmentStats.to_dict` /
-:meth:`AlignmentStats.from_dict` move them around as plain arrays.
+Rows are accumulated shifted by a per-layer vector close to their mean
+(:mod:`pkd._moments`), so that centred statistics do not cancel; statistics of
+disjoint row sets merge exactly (:meth:`~AlignmentStats.merge`, ``+``).
 
-Numerics
---------
-*Shifted accumulation.* Hidden states can have means far larger than their
-spread (every value ≈ 100, standard deviation 1e-3); the centred forms
-``Ĝ = G − a aᵀ/n_w`` of CKA would then cancel catastrophically. Each layer's
-rows are therefore accumulated as ``x − c``, with ``c`` the column mean of
-the first chunk (rounded to the input's dtype, so that for float32 input the
-difference is exact in float64). With ``x' = x − c``, ``a' = Σ w x'`` etc.,
-the uncentred statistics are recovered exactly (in real arithmetic) by::
+The closed form (:mod:`pkd.closed_form`) keeps only the directions the data's
+precision supports: singular values of ``S`` above ``cutoff·σ₁``, with the
+default cutoff set by the hidden states' dtype (``1e-6`` for float32,
+``2e-15`` for float64, as ``numpy.linalg.lstsq(rcond=cutoff)``), because a
+fit on rounding noise reports a loss no student in that dtype can reach. The
+statistics therefore remember each layer's dtype; merging mixed dtypes keeps
+the coarser.
 
-    G = G' + a' cᵀ + c a'ᵀ + n_w c cᵀ     a = a' + n_w c
-    C = C' + a_s c_tᵀ + c_s b'ᵀ            q = q' + 2 c_t·b' + n_w ‖c_t‖²
-
-and the centred ones by ``Ĝ = G' − a' a'ᵀ/n_w`` (centring is shift
-invariant), with no cancellation when ``c`` is near the mean. Merging
-statistics with different shifts moves both to their combined mean first
-(Chan et al.'s pairwise update), so it is exact too.
-
-*Closed form.* DESIGN's projection has no intercept: ``P`` maps ``S`` to
-``T`` linearly, so the closed form uses the uncentred ``G``, ``C``, ``q``.
-Hidden states are often exactly rank-deficient (LayerNorm outputs lie in a
-hyperplane), so for ``ridge = 0`` the projection is the minimum-norm
-least-squares solution, computed from a symmetric eigendecomposition of the
-Jacobi-scaled Gram matrix ``G̃ = D G D``, ``D = diag(G)^(-1/2)``.
-Eigenvalues ``λ̃ ≤ cutoff · λ̃_max`` (default ``cutoff = 1e-12``, float32
-precision squared: singular values of the scaled data below ~1e-6·σ₁) are
-treated as zero: such directions are rounding noise of float32 data, and
-keeping them reports a lower "best" loss with projection weights of 1e7
-(DESIGN §1). The scaling makes the cut relative to each column's own size,
-so badly scaled but exact columns (1e-3 next to 1e3) are kept, as
-``numpy.linalg.lstsq`` keeps them. The solution is finally projected onto
-the row space of ``S`` (the orthogonal complement of the cut directions
-``D Ũ_cut``), which makes it the minimum-norm one. The smallest MSE is then
-``(q − Σ_k ‖z_k‖²/λ̃_k) / (n_w d_t)`` with ``z = Ũ_keptᵀ D C``, clipped at 0;
-one eigendecomposition per student layer serves every teacher layer.
-With ``ridge = ρ > 0`` the projection is ``(G + ρ I)⁻¹ C`` exactly (no
-cutoff, no scaling) and ``min_mse`` is the plain (unpenalised) MSE it reaches.
-
-Precision limit: without an intercept, layers whose mean dwarfs their spread
-make ``S`` itself ill-conditioned; the closed form then resolves only the
-directions above the cutoff. CKA and :meth:`AlignmentStats.pair_loss` work
-in the shifted coordinates and keep full accuracy.
+Folds (``folds=k``): example ``i`` (a row of 2-D input, a sequence of 3-D
+input, counted across updates) goes to fold ``i mod k``, whatever the chunking;
+each fold keeps its own statistics and the totals are their merge. Held-out
+estimates fit on ``k − 1`` folds and score on the remaining one with the same
+algebra (:class:`FoldEstimate`).
 """
 
 from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
+from . import _accumulate, _estimates, _moments
 from ._validation import (
     as_layers,
     check_bool,
-    check_finite_rows,
-    check_float_array,
     check_layer_index,
-    check_mask,
     check_nonnegative,
-    check_paired,
     check_positive_int,
     check_projection,
 )
+from .closed_form import Solver, check_cutoff, default_cutoff, solve_projection
 
-__all__ = ["AlignmentStats", "DEFAULT_CUTOFF"]
+__all__ = ["AlignmentStats", "FoldEstimate", "solve_projection"]
 
-DEFAULT_CUTOFF = 1e-12
-"""Relative eigenvalue cutoff of the ``ridge = 0`` closed form (float32 precision squared)."""
-
-# min_mse recomputes pairs whose best residual is below this fraction of q_t (the
-# subtraction q_t − explained would keep fewer than ~10 of float64's 16 digits).
-_NEAR_EXACT_FIT = 1e-6
-
-DEFAULT_CHUNK_ROWS = 1024  # measured: 1.08× its GEMMs vs 1.15× at 4096, 1/4 the buffer
-_FORMAT_VERSION = 1
+DEFAULT_CHUNK_ROWS = 1024  # the smaller buffer costs fewer page faults; docs/performance.md
+_FORMAT_VERSION = 2
+_SIDES = ("student", "teacher")
 
 
-def _symmetric(upper: np.ndarray) -> np.ndarray:
-    """The full symmetric matrix whose upper triangle (diagonal included) is ``upper``'s."""
-    return np.triu(upper) + np.triu(upper, 1).T
+class FoldEstimate(NamedTuple):
+    """A held-out estimate over ``k`` folds: ``mean`` and ``std`` (ddof=1), each (n_s, n_t)."""
+
+    mean: np.ndarray
+    std: np.ndarray
 
 
 def _check_widths(widths, name: str) -> tuple[int, ...]:
@@ -109,125 +73,28 @@ def _check_widths(widths, name: str) -> tuple[int, ...]:
     return tuple(check_positive_int(w, f"{name}[{k}]") for k, w in enumerate(widths))
 
 
-def _check_cutoff(cutoff) -> float:
-    cutoff = check_nonnegative(cutoff, "cutoff")
-    if cutoff >= 1.0:
+def _check_folds(folds) -> int:
+    """``None`` → 1 (no folds); otherwise an int >= 2."""
+    if folds is None:
+        return 1
+    if isinstance(folds, (bool, np.bool_)) or not isinstance(folds, numbers.Integral):
+        raise TypeError(f"folds must be an int >= 2 or None, got {folds!r}")
+    if folds < 2:
         raise ValueError(
-            f"cutoff must be < 1 (a fraction of the largest eigenvalue), got {cutoff}"
+            f"folds must be >= 2 (fit on k − 1 folds, score on the other), got {folds}; "
+            "pass folds=None for in-sample statistics only"
         )
-    return cutoff
+    return int(folds)
 
 
-class _Solver:
-    """The closed form for one student layer, shared by all teacher layers.
-
-    ``P = basis @ ((basisᵀ C) * inverse[:, None])`` and the MSE reduction of
-    teacher column j is ``Σ_k gain_k (basisᵀ C)_kj²``. ``null`` (or ``None``) spans the cut
-    directions, projected out of ``P`` to make it the minimum-norm solution.
-    """
-
-    def __init__(self, gram: np.ndarray, ridge: float, cutoff: float):
-        import scipy.linalg
-
-        if ridge > 0:
-            eigenvalues, vectors = scipy.linalg.eigh(gram, driver="evd")
-            eigenvalues = np.maximum(eigenvalues, 0.0)  # -tiny from rounding: G is PSD
-            self.basis = vectors
-            self.inverse = 1.0 / (eigenvalues + ridge)
-            # Unpenalised MSE of (G+ρI)⁻¹C: q − Σ_k z_k² (λ_k + 2ρ)/(λ_k + ρ)².
-            self.gain = (eigenvalues + 2.0 * ridge) * self.inverse**2
-            self.null = None
-            return
-        diagonal = np.diag(gram)
-        scale = np.ones_like(diagonal)
-        nonzero = diagonal > 0
-        scale[nonzero] = 1.0 / np.sqrt(diagonal[nonzero])
-        eigenvalues, vectors = scipy.linalg.eigh(gram * scale[:, None] * scale[None, :],
-                                              driver="evd")
-        # An all-zero layer (λ̃_max = 0) keeps nothing: it explains nothing.
-        keep = eigenvalues > cutoff * max(eigenvalues[-1], 0.0)
-        self.basis = scale[:, None] * vectors[:, keep]
-        self.inverse = 1.0 / eigenvalues[keep]
-        self.gain = self.inverse
-        null = scale[:, None] * vectors[:, ~keep]
-        self.null = np.linalg.qr(null)[0] if null.shape[1] else None
-
-    def solve(self, cross: np.ndarray) -> np.ndarray:
-        z = self.basis.T @ cross
-        projection = self.basis @ (z * self.inverse[:, None])
-        if self.null is not None:
-            projection -= self.null @ (self.null.T @ projection)
-        return projection
+def _check_constant(constant) -> str:
+    if constant not in ("nan", "raise"):
+        raise ValueError(f"constant must be 'nan' or 'raise', got {constant!r}")
+    return constant
 
 
-def solve_projection(gram, cross, ridge: float = 0.0, *,
-                     cutoff: float = DEFAULT_CUTOFF) -> np.ndarray:
-    """The closed form ``P`` of ``(G + ρI) P = C`` from Gram statistics.
-
-    ``ridge = 0``: the minimum-norm least-squares solution, with the relative
-    eigenvalue ``cutoff`` applied to the Jacobi-scaled G (see the module
-    docstring); ``ridge > 0``: exactly ``(G + ρI)⁻¹ C``. A shared projection
-    over several pairs solves the summed equations: pass ``Σ_k G_k`` and
-    ``Σ_k C_k``.
-
-    Parameters
-    ----------
-    gram : (d_s, d_s) array of float32/float64
-        G = Sᵀ W S (symmetric positive semi-definite). Accumulate it in
-        float64 (as :class:`AlignmentStats` does) for rank-deficient data: the
-        rounding of a float32 G (~1e-7·λ_max) lies above the cutoff and would
-        be taken for signal.
-    cross : (d_s, d_t) array of float32/float64
-        C = Sᵀ W T.
-    ridge : float
-        ρ >= 0.
-    cutoff : float
-        Relative eigenvalue cutoff for ``ridge = 0``.
-
-    Returns
-    -------
-    (d_s, d_t) float64 array
-
-    Raises
-    ------
-    TypeError
-        ``gram`` or ``cross`` is not a float array.
-    ValueError
-        Empty, mismatched or non-finite arrays; a ``gram`` that is not
-        symmetric (beyond the rounding of its dtype) or has a negative diagonal.
-    """
-    ridge = check_nonnegative(ridge, "ridge")
-    cutoff = _check_cutoff(cutoff)
-    gram = check_float_array(gram, "gram", ndims=(2,))
-    cross = check_float_array(cross, "cross", ndims=(2,)).astype(np.float64, copy=False)
-    if gram.shape[0] != gram.shape[1] or cross.shape[0] != gram.shape[0]:
-        raise ValueError(
-            f"gram must be (d_s, d_s) and cross (d_s, d_t); got {gram.shape} and {cross.shape}"
-        )
-    tolerance = 1e4 * np.finfo(gram.dtype).eps  # rounding of a GEMM in the input's precision
-    gram = gram.astype(np.float64, copy=False)
-    _check_gram(gram, tolerance)
-    return _Solver(gram, ridge, cutoff).solve(cross)
-
-
-def _check_gram(gram: np.ndarray, tolerance: float) -> None:
-    """A Gram matrix ``Sᵀ W S`` is symmetric with a non-negative diagonal.
-
-    The solver reads one triangle only, so a non-symmetric ``gram`` would be
-    used silently; summed Gram matrices are symmetric up to rounding.
-    """
-    scale = float(np.abs(gram).max())
-    asymmetry = float(np.abs(gram - gram.T).max())
-    if asymmetry > tolerance * scale:
-        raise ValueError(
-            f"gram (shape {gram.shape}) is not symmetric (max |G − Gᵀ| = {asymmetry:.3g}, "
-            f"max |G| = {scale:.3g}): pass a Gram matrix Sᵀ W S, or a sum of them"
-        )
-    if np.diag(gram).min() < 0:
-        raise ValueError(
-            f"gram (shape {gram.shape}) has a negative diagonal entry "
-            f"({np.diag(gram).min():.3g}): a Gram matrix Sᵀ W S is positive semi-definite"
-        )
+def _coarser(a: np.dtype, b: np.dtype) -> np.dtype:
+    return a if a.itemsize <= b.itemsize else b
 
 
 class AlignmentStats:
@@ -236,21 +103,15 @@ class AlignmentStats:
     Parameters
     ----------
     student_widths, teacher_widths : sequence of int, optional
-        Hidden widths ``d_s`` of the student layers and ``d_t`` of the teacher
-        layers. Give both (statistics of zero rows, e.g. the start of a
-        reduction) or neither (set by the first :meth:`update`).
+        Hidden widths ``d_s`` and ``d_t`` of the layers. Give both (statistics
+        of zero rows, e.g. the start of a reduction) or neither (set by the
+        first :meth:`update`).
     chunk_rows : int
-        Rows per accumulation step. The float64 chunk buffer holds
-        ``chunk_rows · (Σ d_s + Σ d_t)`` values; with the statistics
-        themselves (``Σd_s·Σd_t + Σd_s² + Σd_t²`` values) this is the whole
-        memory: it does not grow with the number of rows.
-
-    Notes
-    -----
-    Layer lists are 0-based, in the order given to :meth:`update`. Sums and
-    Gram matrices are kept for shifted rows ``x − c`` (see the module
-    docstring); the accessors (:meth:`student_gram`, :meth:`cross_gram`, ...)
-    return the statistics of DESIGN §1, uncentred or centred.
+        Rows per accumulation step; the float64 chunk buffer holds
+        ``chunk_rows · (Σ d_s + Σ d_t)`` values, so memory does not grow with N.
+    folds : int, optional
+        ``k >= 2``: keep the statistics of ``k`` folds (module docstring), ``k``
+        times the memory, for held-out estimates (``heldout=True``).
 
     Examples
     --------
@@ -258,75 +119,79 @@ class AlignmentStats:
     >>> rng = np.random.default_rng(0)
     >>> student_hidden = [rng.standard_normal((200, 8)) for _ in range(3)]
     >>> teacher_hidden = [rng.standard_normal((200, 16)) for _ in range(6)]
-    >>> stats = AlignmentStats.from_arrays(student_hidden, teacher_hidden)
+    >>> stats = AlignmentStats.from_arrays(student_hidden, teacher_hidden, folds=5)
     >>> stats.relative_min_mse().shape    # (n_s, n_t): 1 − R² of the best projection
     (3, 6)
-    >>> stats.projection(2, 5).shape      # closed form for student 2 → teacher 5
-    (8, 16)
+    >>> stats.relative_min_mse(heldout=True).mean.shape
+    (3, 6)
     """
 
     def __init__(self, student_widths=None, teacher_widths=None, *,
-                 chunk_rows: int = DEFAULT_CHUNK_ROWS):
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS, folds: int | None = None):
         self._chunk_rows = check_positive_int(chunk_rows, "chunk_rows")
-        self._student_widths: tuple[int, ...] | None = None
-        self._teacher_widths: tuple[int, ...] | None = None
-        self._n_rows = 0
-        self._scratch: tuple[np.ndarray, np.ndarray] | None = None
+        self._n_folds = _check_folds(folds)
+        self._layout: _moments.Layout | None = None
+        self._folds: list[_moments.Moments] = []
+        self._dtypes: dict[str, list[np.dtype]] = {}
+        self._examples = 0  # the next example index of update()'s default fold rule
+        self._total_cache = None
+        self._buffers = None
         if (student_widths is None) != (teacher_widths is None):
             raise ValueError(
                 "give both student_widths and teacher_widths, or neither (the first "
                 "update() then sets them)"
             )
         if student_widths is not None:
-            self._allocate(
-                _check_widths(student_widths, "student_widths"),
-                _check_widths(teacher_widths, "teacher_widths"),
-            )
+            self._allocate(_check_widths(student_widths, "student_widths"),
+                           _check_widths(teacher_widths, "teacher_widths"))
 
-    def _allocate(self, student_widths: tuple[int, ...], teacher_widths: tuple[int, ...]):
-        self._student_widths = student_widths
-        self._teacher_widths = teacher_widths
-        self._student_offsets = np.concatenate([[0], np.cumsum(student_widths)]).astype(np.int64)
-        self._teacher_offsets = np.concatenate([[0], np.cumsum(teacher_widths)]).astype(np.int64)
-        total_s, total_t = int(self._student_offsets[-1]), int(self._teacher_offsets[-1])
-        self._student_shift = np.zeros(total_s)
-        self._teacher_shift = np.zeros(total_t)
-        self._student_sum = np.zeros(total_s)
-        self._teacher_sum = np.zeros(total_t)
-        # Fortran order so that scipy's dsyrk/dgemm accumulate in place (beta = 1);
-        # the per-layer Gram matrices hold valid data in their upper triangle only.
-        self._student_gram = [np.zeros((d, d), order="F") for d in student_widths]
-        self._teacher_gram = [np.zeros((d, d), order="F") for d in teacher_widths]
-        # C' in C order: its transpose is the Fortran array dgemm updates, and each
-        # student's block of rows is contiguous for the min-MSE GEMMs.
-        self._cross = np.zeros((total_s, total_t))
+    def _allocate(self, student_widths, teacher_widths, dtypes=None) -> None:
+        self._layout = _moments.Layout(student_widths, teacher_widths)
+        zero = {side: np.zeros(self._layout.total[side]) for side in _SIDES}
+        self._folds = [_moments.Moments(self._layout, zero) for _ in range(self._n_folds)]
+        self._dtypes = dtypes or {side: [None] * self._layout.count(side) for side in _SIDES}
 
     # ------------------------------------------------------------------ properties
 
     @property
     def n_student(self) -> int:
         """Number of student layers (0 before the first update if no widths were given)."""
-        return 0 if self._student_widths is None else len(self._student_widths)
+        return 0 if self._layout is None else self._layout.count("student")
 
     @property
     def n_teacher(self) -> int:
         """Number of teacher layers (0 before the first update if no widths were given)."""
-        return 0 if self._teacher_widths is None else len(self._teacher_widths)
+        return 0 if self._layout is None else self._layout.count("teacher")
 
     @property
     def student_widths(self) -> tuple[int, ...]:
         """Hidden width ``d_s`` of every student layer."""
-        return () if self._student_widths is None else self._student_widths
+        return () if self._layout is None else self._layout.widths["student"]
 
     @property
     def teacher_widths(self) -> tuple[int, ...]:
         """Hidden width ``d_t`` of every teacher layer."""
-        return () if self._teacher_widths is None else self._teacher_widths
+        return () if self._layout is None else self._layout.widths["teacher"]
+
+    @property
+    def student_dtypes(self) -> tuple:
+        """The coarsest dtype seen per student layer (None before any row): sets the cutoff."""
+        return tuple(self._dtypes.get("student", ()))
 
     @property
     def n_rows(self) -> int:
-        """``n_w``: the number of rows accumulated (rows a mask selects)."""
-        return self._n_rows
+        """``n_w``: the number of rows accumulated (rows a mask selects), all folds."""
+        return sum(m.n for m in self._folds)
+
+    @property
+    def n_folds(self) -> int | None:
+        """``k``, or None for statistics without folds."""
+        return None if self._n_folds == 1 else self._n_folds
+
+    @property
+    def fold_rows(self) -> tuple[int, ...]:
+        """Rows accumulated in each fold."""
+        return tuple(m.n for m in self._folds)
 
     @property
     def chunk_rows(self) -> int:
@@ -334,16 +199,14 @@ class AlignmentStats:
         return self._chunk_rows
 
     def __repr__(self) -> str:
-        return (
-            f"AlignmentStats(n_student={self.n_student}, n_teacher={self.n_teacher}, "
-            f"n_rows={self.n_rows}, student_widths={self.student_widths}, "
-            f"teacher_widths={self.teacher_widths})"
-        )
+        return (f"AlignmentStats(n_student={self.n_student}, n_teacher={self.n_teacher}, "
+                f"n_rows={self.n_rows}, student_widths={self.student_widths}, "
+                f"teacher_widths={self.teacher_widths}, folds={self.n_folds})")
 
     # ------------------------------------------------------------------ accumulation
 
-    def update(self, student_layers, teacher_layers, mask=None, *,
-               check_finite: bool = True) -> AlignmentStats:
+    def update(self, student_layers, teacher_layers, mask=None, *, check_finite: bool = True,
+               examples=None) -> AlignmentStats:
         """Accumulate one chunk of rows (in steps of ``chunk_rows``); returns ``self``.
 
         Parameters
@@ -354,167 +217,84 @@ class AlignmentStats:
         teacher_layers : list of ndarray or ndarray
             Likewise ``(N, d_t)`` or ``(B, T, d_t)``, same leading shape.
         mask : array_like, optional
-            0/1 (or bool) of shape ``(N,)`` or ``(B, T)``: the rows that count
-            (attention mask, token selection). Rows it leaves out are never
-            read. ``None``: every row counts.
+            0/1 (or bool) of shape ``(N,)`` or ``(B, T)``: the rows that count.
+            Rows it leaves out are never read. ``None``: every row counts.
         check_finite : bool
             Refuse NaN/Inf in the rows that count (checked before anything is
             accumulated, so a refused update leaves the statistics unchanged).
+        examples : array_like of int, optional
+            With folds: the example each row belongs to, ``(N,)`` or ``(B, T)``
+            (fold = example mod k). Default: the row index (2-D) or the
+            sequence index (3-D), counted on from the previous updates.
 
         Raises
         ------
         ValueError
             Row counts that differ between layers, widths or layer counts that
             differ from earlier updates, a mask of the wrong shape or that
-            selects no row, non-finite values.
+            selects no row, non-finite values, bad ``examples``.
         """
-        self._update(student_layers, teacher_layers, mask, check_finite, progress=None)
+        self._update(student_layers, teacher_layers, mask, check_finite, None, examples)
         return self
 
-    def _update(self, student_layers, teacher_layers, mask, check_finite, progress) -> None:
+    def _update(self, student_layers, teacher_layers, mask, check_finite, progress,
+                examples=None) -> None:
         check_finite = check_bool(check_finite, "check_finite")
-        students, teachers, selected = self._prepare(
-            student_layers, teacher_layers, mask, check_finite
-        )
-        if self._student_widths is None:
-            self._allocate(
-                tuple(x.shape[1] for x in students), tuple(x.shape[1] for x in teachers)
-            )
+        students, teachers, selected, lead_shape = _accumulate.prepare(
+            self._layout, student_layers, teacher_layers, mask, check_finite, self._chunk_rows)
+        ids = _accumulate.example_ids(lead_shape, examples, self._examples)
+        if self._layout is None:
+            self._allocate(tuple(x.shape[1] for x in students),
+                           tuple(x.shape[1] for x in teachers))
+        if self._buffers is None:
+            self._buffers = _accumulate.ChunkBuffers(self._layout, self._chunk_rows)
+        self._examples = max(self._examples, int(ids.max()) + 1)
+        for side, layers in (("student", students), ("teacher", teachers)):
+            known = self._dtypes[side]
+            for k, x in enumerate(layers):
+                known[k] = x.dtype if known[k] is None else _coarser(known[k], x.dtype)
+        self._total_cache = None
+        fold_of_row = ids % self._n_folds
         n_total = students[0].shape[0]
         for start in range(0, n_total, self._chunk_rows):
             stop = min(start + self._chunk_rows, n_total)
-            if selected is None:
-                rows = np.arange(start, stop, dtype=np.int64)
-            else:
-                rows = (start + np.flatnonzero(selected[start:stop])).astype(np.int64)
-            if rows.size:
-                self._add_rows(students, teachers, rows)
+            rows = np.arange(start, stop, dtype=np.int64)
+            if selected is not None:
+                rows = rows[selected[start:stop]]
+            if rows.size and self.n_rows == 0:
+                shift = self._buffers.first_shift(students, teachers, rows)
+                for moments in self._folds:  # one shift for every fold: merges are sums
+                    moments.shift = {side: shift[side].copy() for side in _SIDES}
+            folds = fold_of_row[rows]
+            for f, moments in enumerate(self._folds):
+                part = rows[folds == f] if self._n_folds > 1 else rows
+                if part.size:
+                    self._buffers.add_rows(moments, students, teachers, part)
             if progress is not None:
                 progress.update(stop - start)
 
-    def _prepare(self, student_layers, teacher_layers, mask, check_finite):
-        """Validate one update; returns 2-D views and the flat bool mask (or None)."""
-        students = as_layers(student_layers, "student_layers")
-        teachers = as_layers(teacher_layers, "teacher_layers")
-        arrays = {}
-        for side, layers in (("student_layers", students), ("teacher_layers", teachers)):
-            for k, layer in enumerate(layers):
-                name = f"{side}[{k}]"
-                arrays[name] = check_float_array(layer, name, check_finite=False)
-        reference_name = "student_layers[0]"
-        reference = arrays[reference_name]
-        for name, array in arrays.items():
-            if name != reference_name:
-                check_paired(reference, array, None, names=(reference_name, name))
-        if self._student_widths is not None:
-            for side, layers, widths in (
-                ("student", students, self._student_widths),
-                ("teacher", teachers, self._teacher_widths),
-            ):
-                if len(layers) != len(widths):
-                    raise ValueError(
-                        f"{side}_layers has {len(layers)} layer(s), but these statistics "
-                        f"hold {len(widths)} {side} layer(s) of widths {widths}: every "
-                        "update must give the same layers"
-                    )
-                for k in range(len(layers)):
-                    width = arrays[f"{side}_layers[{k}]"].shape[-1]
-                    if width != widths[k]:
-                        raise ValueError(
-                            f"{side}_layers[{k}] has width {width}, but these statistics "
-                            f"were built for {side} widths {widths} (layer {k}: "
-                            f"{widths[k]}): every update must give the same layers"
-                        )
-        lead_shape = reference.shape[:-1]
-        selected = None
-        if mask is not None:
-            selected = check_mask(mask, lead_shape, "mask").reshape(-1)
-            if not selected.any():
-                raise ValueError(
-                    f"mask selects no row of the {selected.size} rows (leading shape "
-                    f"{lead_shape}): there is nothing to accumulate; skip this chunk"
-                )
-        # Non-contiguous 3-D input is copied once here; contiguous input is a view.
-        flat = {name: a.reshape(-1, a.shape[-1]) for name, a in arrays.items()}
-        if check_finite:
-            for name, values in flat.items():
-                check_finite_rows(values, name, selected, block_rows=self._chunk_rows)
-        n_s = len(students)
-        views = list(flat.values())
-        return views[:n_s], views[n_s:], selected
-
-    def _scratch_buffers(self, m: int) -> tuple[np.ndarray, np.ndarray]:
-        """Fortran-ordered (m, Σd_s) and (m, Σd_t) float64 views of reusable buffers."""
-        total_s, total_t = int(self._student_offsets[-1]), int(self._teacher_offsets[-1])
-        if self._scratch is None or self._scratch[0].size < m * total_s:
-            rows = min(self._chunk_rows, max(m, 1))
-            self._scratch = (np.empty(rows * total_s), np.empty(rows * total_t))
-        flat_s, flat_t = self._scratch
-        return (
-            flat_s[: m * total_s].reshape((m, total_s), order="F"),
-            flat_t[: m * total_t].reshape((m, total_t), order="F"),
-        )
-
-    def _fill(self, layers, offsets, shift, sums, rows, buffer) -> None:
-        from .kernels.gram import fill_shifted_transposed
-
-        transposed = buffer.T  # (Σd, m), C-contiguous: row j is feature j
-        for k, values in enumerate(layers):
-            lo, hi = offsets[k], offsets[k + 1]
-            fill_shifted_transposed(values, rows, shift[lo:hi], transposed[lo:hi], sums[lo:hi])
-
-    def _set_shift(self, layers, offsets, shift, rows, buffer) -> None:
-        """Shift = column means of the first chunk, rounded to each layer's dtype."""
-        sums = np.zeros_like(shift)
-        self._fill(layers, offsets, np.zeros_like(shift), sums, rows, buffer)
-        for k, values in enumerate(layers):
-            lo, hi = offsets[k], offsets[k + 1]
-            shift[lo:hi] = (sums[lo:hi] / rows.size).astype(values.dtype)
-
-    def _add_rows(self, students, teachers, rows) -> None:
-        from scipy.linalg import blas
-
-        xs, xt = self._scratch_buffers(rows.size)
-        if self._n_rows == 0:
-            self._set_shift(students, self._student_offsets, self._student_shift, rows, xs)
-            self._set_shift(teachers, self._teacher_offsets, self._teacher_shift, rows, xt)
-        self._fill(students, self._student_offsets, self._student_shift, self._student_sum,
-                   rows, xs)
-        self._fill(teachers, self._teacher_offsets, self._teacher_shift, self._teacher_sum,
-                   rows, xt)
-        for grams, offsets, x in (
-            (self._student_gram, self._student_offsets, xs),
-            (self._teacher_gram, self._teacher_offsets, xt),
-        ):
-            for k in range(len(grams)):
-                block = x[:, offsets[k]:offsets[k + 1]]  # Fortran-contiguous (m, d)
-                grams[k] = blas.dsyrk(1.0, block, beta=1.0, c=grams[k], trans=1,
-                                      overwrite_c=True)
-        # All n_s·n_t cross products in one GEMM: C'ᵀ += X_Tᵀ X_S.
-        self._cross = blas.dgemm(1.0, xt, xs, beta=1.0, c=self._cross.T, trans_a=True,
-                                 overwrite_c=True).T
-        self._n_rows += int(rows.size)
+    # ------------------------------------------------------------------ constructors
 
     @classmethod
     def from_arrays(cls, student_layers, teacher_layers, mask=None, *,
                     chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: bool = False,
-                    check_finite: bool = True) -> AlignmentStats:
+                    check_finite: bool = True, folds: int | None = None) -> AlignmentStats:
         """Statistics of whole arrays, accumulated ``chunk_rows`` rows at a time.
 
-        Parameters are those of :meth:`update`; ``progress=True`` shows a tqdm
-        bar over the rows. Arrays may be memory-mapped (e.g. ``np.load(...,
-        mmap_mode="r")``): only one chunk is copied at a time.
+        Parameters are those of :meth:`update` and ``__init__``; ``progress=True``
+        shows a tqdm bar over the rows. Arrays may be memory-mapped: only one
+        chunk is copied at a time.
         """
-        stats = cls(chunk_rows=chunk_rows)
+        stats = cls(chunk_rows=chunk_rows, folds=folds)
         bar = None
         if check_bool(progress, "progress"):
             from tqdm.auto import tqdm
 
             first = as_layers(student_layers, "student_layers")[0]
-            total = int(np.prod(np.shape(first)[:-1]))
-            bar = tqdm(total=total, unit="row", desc="alignment statistics")
+            bar = tqdm(total=int(np.prod(np.shape(first)[:-1])), unit="row",
+                       desc="alignment statistics")
         try:
-            stats._update(student_layers, teacher_layers, mask, check_finite, progress=bar)
+            stats._update(student_layers, teacher_layers, mask, check_finite, bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -522,19 +302,16 @@ class AlignmentStats:
 
     @classmethod
     def from_chunks(cls, chunks: Iterable, *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-                    progress: bool = False, check_finite: bool = True) -> AlignmentStats:
+                    progress: bool = False, check_finite: bool = True,
+                    folds: int | None = None) -> AlignmentStats:
         """Statistics of a stream of chunks, e.g. batches read from disk or a model.
 
-        Parameters
-        ----------
-        chunks : iterable
-            Each item is ``(student_layers, teacher_layers)`` or
-            ``(student_layers, teacher_layers, mask)``, as :meth:`update` takes them
-            (``mask`` may be ``None``).
-        chunk_rows, progress, check_finite
-            As in :meth:`from_arrays`; ``progress`` counts chunks.
+        Each item of ``chunks`` is ``(student_layers, teacher_layers)`` or
+        ``(student_layers, teacher_layers, mask)`` as :meth:`update` takes them;
+        examples are counted across chunks for the fold rule. ``progress``
+        counts chunks.
         """
-        stats = cls(chunk_rows=chunk_rows)
+        stats = cls(chunk_rows=chunk_rows, folds=folds)
         iterator = iter(chunks)
         check_bool(check_finite, "check_finite")  # before the first chunk is read
         if check_bool(progress, "progress"):
@@ -549,9 +326,9 @@ class AlignmentStats:
                     f"(student_layers, teacher_layers, mask), got {type(chunk).__name__}"
                     + (f" of length {len(chunk)}" if isinstance(chunk, (tuple, list)) else "")
                 )
-            mask = chunk[2] if len(chunk) == 3 else None
             try:
-                stats.update(chunk[0], chunk[1], mask, check_finite=check_finite)
+                stats.update(chunk[0], chunk[1], chunk[2] if len(chunk) == 3 else None,
+                             check_finite=check_finite)
             except (ValueError, TypeError) as error:
                 raise type(error)(f"chunks[{k}]: {error}") from error
             count += 1
@@ -560,198 +337,131 @@ class AlignmentStats:
         return stats
 
     @classmethod
-    def from_dask(cls, student_layers, teacher_layers, mask=None, *,
-                  chunk_rows: int = DEFAULT_CHUNK_ROWS, split_every: int = 4,
-                  scheduler=None) -> AlignmentStats:
-        """Statistics of hidden states held in dask arrays, computed on a Dask scheduler.
+    def from_dumps(cls, student, teacher, *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                   mask="auto", tokens="all", folds: int | None = None,
+                   progress: bool = False) -> AlignmentStats:
+        """Statistics of two hidden-state dumps (:class:`pkd.io.Dump`), streamed once.
 
-        Each row block gets its statistics (:meth:`from_arrays`, pkd's kernels)
-        in its own task; the blocks' statistics are merged in a tree of fixed
-        fan-in, in row order, so the result does not depend on the scheduler
-        or the number of workers. It equals :meth:`from_arrays` on the same
-        rows up to rounding (~1e-15 relative). Needs the ``pkd[dask]`` extra.
-
-        Parameters
-        ----------
-        student_layers, teacher_layers : list of dask.array.Array, or one stacked dask array
-            As in :meth:`update`, as dask arrays: each ``(N, d)`` or ``(B, T, d)``
-            (or stacked ``(L, N, d)`` / ``(L, B, T, d)``), float32 or float64,
-            with known chunk sizes. Blocks are row blocks of the first student
-            layer (for 3-D input: its batch chunks, whole sequences); layers
-            chunked differently are rechunked to them, and the width is
-            rechunked to one chunk. Each block emits the full statistics
-            (``Σd_s·Σd_t + Σd_s² + Σd_t²`` float64 values), so make row chunks
-            large next to that: tens of thousands of rows for BERT-size models.
-        mask : array_like or dask.array.Array, optional
-            0/1 of shape ``(N,)`` / ``(B, T)``. A numpy mask is checked here and
-            blocks it leaves empty get no task; a dask mask is checked in the
-            tasks. ``None``: every row counts.
-        chunk_rows : int
-            Rows per accumulation step inside a task (see ``__init__``).
-        split_every : int
-            Fan-in (>= 2) of the merge tree; a merge task holds this many
-            statistics plus two working copies.
-        scheduler : None, str, or distributed.Client
-            ``None``: dask's default (the active ``distributed.Client`` if any,
-            else threads); a scheduler name (``"threads"``, ``"processes"``,
-            ``"synchronous"``); a ``distributed.Client``; or a scheduler address
-            (``"tcp://host:8786"``: a Client is connected, and closed at the end).
-
-        Raises
-        ------
-        TypeError, ValueError
-            As :meth:`update`, before any work for what the client can see
-            (layer types, dtypes, shapes, a numpy mask); errors raised in a
-            task (non-finite values, a dask mask that is not 0/1) keep their
-            type and name the rows of the block. A mask that selects no row.
-        ImportError
-            dask is not installed.
-        """
-        from ._dask import from_dask
-
-        data = from_dask(student_layers, teacher_layers, mask, chunk_rows=chunk_rows,
-                         split_every=split_every, scheduler=scheduler)
-        return cls.from_dict(data, chunk_rows=chunk_rows)
-
-    @classmethod
-    def from_dumps_dask(cls, student, teacher, *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-                        scheduler=None, mask=None, task_rows: int | None = None,
-                        split_every: int = 4) -> AlignmentStats:
-        """Statistics of two dumps, read and reduced by Dask workers (``pkd analyze --scheduler``).
-
-        Only file paths, row ranges and mask slices are sent: each task opens
-        both dumps by path, streams its ``task_rows`` rows ``chunk_rows`` at a
-        time (memory per task: one chunk of every layer plus the statistics)
-        and returns their statistics; they are merged as in :meth:`from_dask`.
-        **The dumps must be readable under the same absolute path on every
-        worker** (a shared filesystem); a worker that cannot find them, or sees
-        a different file, raises an error naming its host. Needs ``pkd[dask]``.
+        The one streaming path over dumps (``pkd analyze``/``pkd fit`` and the
+        Dask workers run the same chunk loop, :mod:`pkd._streaming`).
 
         Parameters
         ----------
         student, teacher : pkd.io.Dump
-            Opened with :func:`pkd.io.load_dump`; ``.safetensors`` only (a
-            ``.npz`` layer can only be read whole, by every task).
+            Dumps of the same inputs (same leading shape).
         chunk_rows : int
-            Rows read and accumulated at a time inside a task.
-        scheduler : None, str, or distributed.Client
-            As in :meth:`from_dask`; ``pkd analyze --scheduler ADDRESS`` passes
-            the address.
-        mask : array_like, optional
-            0/1 of the dumps' leading shape ``(B, T)`` / ``(N,)`` (e.g.
-            ``student.attention_mask``). ``None``: every row counts (the dumps'
-            own masks are not applied).
-        task_rows : int, optional
-            Rows per task. Default: the smallest multiple of ``chunk_rows``
-            with which a task reads at least 8× the values it emits.
-        split_every : int
-            As in :meth:`from_dask`.
+            Rows read and accumulated at a time (one chunk of every layer in memory).
+        mask : "auto", array_like or None
+            ``"auto"``: the teacher dump's attention mask if it has one, else the
+            student's; both present and different is an error. An array of the
+            dumps' leading shape, or None (every row counts).
+        tokens : {"all", "cls"} or int
+            For 3-D dumps: every position, position 0, or one position.
+        folds : int, optional
+            As in ``__init__``; for 3-D dumps whole sequences go to one fold.
+        progress : bool
+            A tqdm bar over the rows (on stderr).
+        """
+        from ._streaming import check_dumps, resolve_mask, stream_dumps
 
-        Raises
-        ------
-        TypeError, ValueError
-            Before any work: arguments that are not dumps, a ``.npz`` dump,
-            dumps of different leading shapes, a bad mask. From the tasks
-            (same type, naming the rows): NaN/Inf in the rows that count, a
-            dump missing on a worker (``FileNotFoundError``) or different from
-            the client's. A mask that selects no row; an address where no
-            scheduler answers.
+        check_dumps(student, teacher)
+        flat_mask = resolve_mask(student, teacher, mask, tokens)
+        stats = cls(chunk_rows=chunk_rows, folds=folds)
+        stream_dumps(stats, student, teacher, flat_mask, 0, student.n_rows,
+                     progress=check_bool(progress, "progress"))
+        return stats
+
+    @classmethod
+    def from_dask(cls, student_layers, teacher_layers, mask=None, *,
+                  chunk_rows: int = DEFAULT_CHUNK_ROWS, split_every: int = 4,
+                  scheduler=None, folds: int | None = None) -> AlignmentStats:
+        """Statistics of hidden states held in dask arrays, computed on a Dask scheduler.
+
+        Each row block (whole sequences for 3-D input) gets its statistics in
+        its own task; they are merged in a tree of fixed fan-in, in row order,
+        so the result does not depend on the scheduler. See :mod:`pkd._dask`
+        for the parameters (``scheduler``: None, a name, a Client or an
+        address; ``mask``: numpy or dask 0/1). Needs the ``pkd[dask]`` extra.
+        """
+        from ._dask import from_dask
+
+        data = from_dask(student_layers, teacher_layers, mask, chunk_rows=chunk_rows,
+                         split_every=split_every, scheduler=scheduler, folds=folds)
+        return cls.from_dict(data, chunk_rows=chunk_rows)
+
+    @classmethod
+    def from_dumps_dask(cls, student, teacher, *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                        scheduler=None, mask="auto", tokens="all", task_rows: int | None = None,
+                        split_every: int = 4, folds: int | None = None) -> AlignmentStats:
+        """:meth:`from_dumps` with the dumps read by Dask workers (``pkd analyze --scheduler``).
+
+        Only paths, row ranges and mask slices travel; each task runs the chunk
+        loop of :meth:`from_dumps` on its ``task_rows`` rows. The dumps
+        (``.safetensors``) must be readable under the same absolute path on every
+        worker. ``mask`` and ``tokens`` as in :meth:`from_dumps` (the dumps' own
+        masks by default). Needs ``pkd[dask]``.
         """
         from ._dask import from_dumps
 
         data = from_dumps(student, teacher, chunk_rows=chunk_rows, scheduler=scheduler,
-                          mask=mask, task_rows=task_rows, split_every=split_every)
+                          mask=mask, tokens=tokens, task_rows=task_rows,
+                          split_every=split_every, folds=folds)
         return cls.from_dict(data, chunk_rows=chunk_rows)
 
     # ------------------------------------------------------------------ combining
 
     def copy(self) -> AlignmentStats:
         """An independent copy (the scratch buffers are not copied)."""
-        other = AlignmentStats(chunk_rows=self._chunk_rows)
-        if self._student_widths is None:
-            return other
-        other._allocate(self._student_widths, self._teacher_widths)
-        other._n_rows = self._n_rows
-        for name in ("_student_shift", "_teacher_shift", "_student_sum", "_teacher_sum"):
-            getattr(other, name)[...] = getattr(self, name)
-        other._student_gram = [g.copy(order="F") for g in self._student_gram]
-        other._teacher_gram = [h.copy(order="F") for h in self._teacher_gram]
-        other._cross = self._cross.copy()
+        other = AlignmentStats(chunk_rows=self._chunk_rows, folds=self.n_folds)
+        other._layout, other._examples = self._layout, self._examples
+        other._folds = [m.copy() for m in self._folds]
+        other._dtypes = {side: list(v) for side, v in self._dtypes.items()}
         return other
 
-    def _reshift(self, student_shift: np.ndarray, teacher_shift: np.ndarray) -> None:
-        """Re-express the statistics (in place) for rows shifted by the new vectors."""
-        n = float(self._n_rows)
-        delta_s = self._student_shift - student_shift  # x − new = (x − old) + delta
-        delta_t = self._teacher_shift - teacher_shift
-        for grams, offsets, sums, delta in (
-            (self._student_gram, self._student_offsets, self._student_sum, delta_s),
-            (self._teacher_gram, self._teacher_offsets, self._teacher_sum, delta_t),
-        ):
-            for k in range(len(grams)):
-                lo, hi = offsets[k], offsets[k + 1]
-                a, c = sums[lo:hi], delta[lo:hi]
-                update = np.outer(a, c)
-                update += update.T
-                update += n * np.outer(c, c)
-                grams[k] = np.asfortranarray(_symmetric(grams[k]) + update)
-        self._cross += np.outer(self._student_sum + n * delta_s, delta_t)
-        self._cross += np.outer(delta_s, self._teacher_sum)
-        self._student_sum += n * delta_s
-        self._teacher_sum += n * delta_t
-        self._student_shift = student_shift.copy()
-        self._teacher_shift = teacher_shift.copy()
-
     def merge(self, other: AlignmentStats) -> AlignmentStats:
-        """Statistics of the union of two disjoint row sets, as a new object.
+        """Statistics of the union of two disjoint row sets (fold by fold), as a new object.
 
         Raises
         ------
         TypeError
             ``other`` is not an :class:`AlignmentStats`.
         ValueError
-            The two hold different layer counts or widths.
+            Different layer counts, widths or numbers of folds.
         """
         if not isinstance(other, AlignmentStats):
             raise TypeError(
                 f"can only merge AlignmentStats with AlignmentStats, got {type(other).__name__}"
             )
-        if other._student_widths is None or (
-            other._n_rows == 0 and self._student_widths is not None
-        ):
-            if other._student_widths is not None:
-                self._check_compatible(other)
+        if self._n_folds != other._n_folds:
+            raise ValueError(
+                f"cannot merge statistics with folds={self.n_folds} and folds={other.n_folds}: "
+                "accumulate both with the same folds"
+            )
+        if self._layout is not None and other._layout is not None:
+            self._check_compatible(other)
+        if other._layout is None or other.n_rows == 0:
             return self.copy()
-        if self._student_widths is None or self._n_rows == 0:
-            if self._student_widths is not None:
-                self._check_compatible(other)
+        if self._layout is None or self.n_rows == 0:
             merged = other.copy()
             merged._chunk_rows = self._chunk_rows
             return merged
-        self._check_compatible(other)
-        merged, addend = self.copy(), other
-        same_shift = np.array_equal(self._student_shift, other._student_shift) and (
-            np.array_equal(self._teacher_shift, other._teacher_shift)
-        )
-        if not same_shift:
+        merged, addend = self.copy(), other._folds
+        if not self._folds[0].same_shift(other._folds[0]):
             # Move both to the combined mean (no cancellation, whatever the two shifts).
-            n_a, n_b = float(self._n_rows), float(other._n_rows)
-            n = n_a + n_b
-            mean_s = (n_a * self._student_shift + self._student_sum
-                      + n_b * other._student_shift + other._student_sum) / n
-            mean_t = (n_a * self._teacher_shift + self._teacher_sum
-                      + n_b * other._teacher_shift + other._teacher_sum) / n
-            merged._reshift(mean_s, mean_t)
-            addend = other.copy()
-            addend._reshift(mean_s, mean_t)
-        merged._n_rows += addend._n_rows
-        merged._student_sum += addend._student_sum
-        merged._teacher_sum += addend._teacher_sum
-        for k in range(len(merged._student_gram)):
-            merged._student_gram[k] += addend._student_gram[k]
-        for k in range(len(merged._teacher_gram)):
-            merged._teacher_gram[k] += addend._teacher_gram[k]
-        merged._cross += addend._cross
+            n_a, n_b = float(self.n_rows), float(other.n_rows)
+            mean_a, mean_b = self._total().mean(), other._total().mean()
+            mean = {side: (n_a * mean_a[side] + n_b * mean_b[side]) / (n_a + n_b)
+                    for side in _SIDES}
+            addend = [m.copy() for m in other._folds]
+            for moments in merged._folds + addend:
+                moments.reshift(mean)
+        for mine, theirs in zip(merged._folds, addend, strict=True):
+            mine.add(theirs)
+        merged._examples = max(self._examples, other._examples)
+        for side in _SIDES:
+            merged._dtypes[side] = [
+                b if a is None else a if b is None else _coarser(a, b)
+                for a, b in zip(self._dtypes[side], other._dtypes[side], strict=True)]
         return merged
 
     def __add__(self, other):
@@ -766,9 +476,8 @@ class AlignmentStats:
         return NotImplemented
 
     def _check_compatible(self, other: AlignmentStats) -> None:
-        if (self._student_widths, self._teacher_widths) != (
-            other._student_widths, other._teacher_widths
-        ):
+        if (self.student_widths, self.teacher_widths) != (other.student_widths,
+                                                           other.teacher_widths):
             raise ValueError(
                 "cannot merge statistics of different layers: "
                 f"{self.n_student} student layers of widths {self.student_widths} and "
@@ -777,41 +486,40 @@ class AlignmentStats:
                 f"{other.n_teacher} teacher layers of widths {other.teacher_widths}"
             )
 
+    def _total(self) -> _moments.Moments:
+        """The moments of all folds (their merge; all folds share one shift)."""
+        if len(self._folds) == 1:
+            return self._folds[0]
+        if self._total_cache is None:
+            total = self._folds[0].copy()
+            for moments in self._folds[1:]:
+                total.add(moments)
+            self._total_cache = total
+        return self._total_cache
+
     # ------------------------------------------------------------------ plain arrays
 
     def to_dict(self) -> dict[str, np.ndarray]:
         """The statistics as a dict of plain numpy arrays (``np.savez``-ready).
 
-        Keys: ``format_version`` (0-d int64, currently 1), ``student_widths``,
-        ``teacher_widths`` (1-D int64), ``n_rows`` (0-d int64), ``student_shift``
-        (Σd_s,), ``teacher_shift`` (Σd_t,), ``student_sum`` (Σd_s,),
-        ``teacher_sum`` (Σd_t,), ``cross_gram`` (Σd_s × Σd_t), ``student_gram_{s}``
-        (d_s × d_s) and ``teacher_gram_{t}`` (d_t × d_t). Layers are
-        concatenated along features in layer order. Sums and Gram matrices are
-        of the *shifted* rows ``x − shift`` (so ``student_sum`` is ``a'``, not
-        ``a_s``); :meth:`from_dict` reads them back.
+        Format 2: ``format_version``, ``student_widths``, ``teacher_widths``,
+        ``folds`` (0 for none), ``examples``, ``student_dtype_bits`` /
+        ``teacher_dtype_bits`` (32 or 64 per layer, 0 if unknown), the shared
+        ``student_shift``/``teacher_shift``, and per fold (leading axis of
+        length k, 1 without folds) the shifted moments of :mod:`pkd._moments`.
+        :meth:`from_dict` reads them back.
         """
-        if self._student_widths is None:
+        if self._layout is None:
             raise ValueError(
                 "these statistics have no layers yet (no widths given, no update): "
                 "nothing to export"
             )
-        data = {
-            "format_version": np.asarray(_FORMAT_VERSION, dtype=np.int64),
-            "student_widths": np.asarray(self._student_widths, dtype=np.int64),
-            "teacher_widths": np.asarray(self._teacher_widths, dtype=np.int64),
-            "n_rows": np.asarray(self._n_rows, dtype=np.int64),
-            "student_shift": self._student_shift.copy(),
-            "teacher_shift": self._teacher_shift.copy(),
-            "student_sum": self._student_sum.copy(),
-            "teacher_sum": self._teacher_sum.copy(),
-            "cross_gram": self._cross.copy(),
-        }
-        for s, gram in enumerate(self._student_gram):
-            data[f"student_gram_{s}"] = _symmetric(gram)
-        for t, gram in enumerate(self._teacher_gram):
-            data[f"teacher_gram_{t}"] = _symmetric(gram)
-        return data
+        from ._serial import pack
+
+        bits = {side: np.array([0 if d is None else 8 * d.itemsize for d in self._dtypes[side]],
+                               dtype=np.int64) for side in _SIDES}
+        return pack(self._layout, self._folds, bits, _FORMAT_VERSION,
+                    folds_k=0 if self.n_folds is None else self._n_folds, examples=self._examples)
 
     @classmethod
     def from_dict(cls, data: Mapping, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> AlignmentStats:
@@ -822,67 +530,22 @@ class AlignmentStats:
         ValueError
             A missing key, an unknown format version, or an array of the wrong shape.
         """
+        from ._serial import unpack
 
-        def get(key):
-            try:
-                return np.asarray(data[key])
-            except KeyError:
-                raise ValueError(
-                    f"data has no key {key!r}: pass the dict AlignmentStats.to_dict() "
-                    "returned (or np.load of the file np.savez wrote from it)"
-                ) from None
-
-        version = get("format_version")
-        if version.shape != () or int(version) != _FORMAT_VERSION:
-            raise ValueError(
-                f"data['format_version'] is {version.tolist()!r}; this version of pkd reads "
-                f"format {_FORMAT_VERSION}"
-            )
-        widths = []
-        for key in ("student_widths", "teacher_widths"):
-            value = get(key)
-            if value.ndim != 1 or value.dtype.kind not in "iu":
-                raise ValueError(f"data[{key!r}] must be a 1-D int array, got {value!r}")
-            widths.append(_check_widths(value.tolist(), f"data[{key!r}]"))
-        n_rows = get("n_rows")
-        if n_rows.shape != () or n_rows.dtype.kind not in "iu" or int(n_rows) < 0:
-            raise ValueError(f"data['n_rows'] must be a 0-d int >= 0, got {n_rows!r}")
-        stats = cls(widths[0], widths[1], chunk_rows=chunk_rows)
-        stats._n_rows = int(n_rows)
-        total_s, total_t = int(stats._student_offsets[-1]), int(stats._teacher_offsets[-1])
-        expected = {
-            "student_shift": (total_s,), "teacher_shift": (total_t,),
-            "student_sum": (total_s,), "teacher_sum": (total_t,),
-            "cross_gram": (total_s, total_t),
-        }
-        expected.update({f"student_gram_{s}": (d, d) for s, d in enumerate(widths[0])})
-        expected.update({f"teacher_gram_{t}": (d, d) for t, d in enumerate(widths[1])})
-        for key, shape in expected.items():
-            value = get(key)
-            if value.dtype.kind != "f" or value.shape != shape:
-                raise ValueError(
-                    f"data[{key!r}] must be a float array of shape {shape} (from the "
-                    f"widths), got dtype {value.dtype} and shape {value.shape}"
-                )
-            if not np.isfinite(value).all():
-                raise ValueError(f"data[{key!r}] contains NaN/Inf")
-            value = value.astype(np.float64)
-            if key.startswith(("student_gram_", "teacher_gram_")):
-                side, index = key.rsplit("_", 1)
-                getattr(stats, f"_{side}")[int(index)] = np.asfortranarray(value)
-            elif key == "cross_gram":
-                stats._cross = np.ascontiguousarray(value)
-            else:
-                getattr(stats, f"_{key}")[...] = value
+        layout, folds, bits, n_folds, examples = unpack(data, _FORMAT_VERSION, _check_widths)
+        stats = cls(chunk_rows=chunk_rows, folds=n_folds or None)
+        stats._layout, stats._folds, stats._examples = layout, folds, examples
+        stats._dtypes = {side: [None if b == 0 else np.dtype(f"float{b}") for b in bits[side]]
+                         for side in _SIDES}
         return stats
 
     # ------------------------------------------------------------------ statistics
 
     def _require_rows(self) -> None:
-        if self._n_rows == 0:
+        if self.n_rows == 0:
             raise ValueError(
                 "these statistics hold no rows yet: call update() (or build them with "
-                "AlignmentStats.from_arrays / from_chunks) first"
+                "AlignmentStats.from_arrays / from_chunks / from_dumps) first"
             )
 
     def _student_index(self, s) -> int:
@@ -893,269 +556,208 @@ class AlignmentStats:
         self._require_rows()
         return check_layer_index(t, self.n_teacher, "t", "teacher")
 
-    def _block(self, side: str, index: int):
-        offsets = self._student_offsets if side == "student" else self._teacher_offsets
-        return slice(int(offsets[index]), int(offsets[index + 1]))
-
-    def _gram(self, side: str, index: int, centered: bool) -> np.ndarray:
-        grams = self._student_gram if side == "student" else self._teacher_gram
-        shift = self._student_shift if side == "student" else self._teacher_shift
-        sums = self._student_sum if side == "student" else self._teacher_sum
-        block = self._block(side, index)
-        gram = _symmetric(grams[index])
-        a, c, n = sums[block], shift[block], float(self._n_rows)
-        if centered:
-            return gram - np.outer(a, a) / n
-        update = np.outer(a, c)
-        update += update.T
-        update += n * np.outer(c, c)
-        return gram + update
-
-    def _cross_rows(self, s: int, centered: bool = False) -> np.ndarray:
-        """C_s· (or Ĉ_s·) for student layer ``s`` and every teacher column: (d_s, Σd_t)."""
-        block = self._block("student", s)
-        n = float(self._n_rows)
-        a = self._student_sum[block]
-        if centered:
-            return self._cross[block] - np.outer(a / n, self._teacher_sum)
-        c = self._student_shift[block]
-        cross = self._cross[block] + np.outer(a + n * c, self._teacher_shift)
-        cross += np.outer(c, self._teacher_sum)
-        return cross
-
-    def _basis_times_cross(self, basis: np.ndarray, s: int) -> np.ndarray:
-        """``basisᵀ C_s·`` for every teacher column, (k, Σd_t), without forming C_s·.
-
-        ``C_s· = C'_s· + u c_tᵀ + c_s b'ᵀ`` (``u = a'_s + n_w c_s``): one GEMM on the
-        contiguous rows of C' and a rank-2 GEMM update, all in scipy's BLAS (as for
-        eigh: alternating numpy's and scipy's OpenBLAS thread pools leaves one
-        spinning while the other works, measured 2× slower).
-        """
-        from scipy.linalg import blas
-
-        block = self._block("student", s)
-        c = self._student_shift[block]
-        u = self._student_sum[block] + float(self._n_rows) * c
-        z = blas.dgemm(1.0, basis, self._cross[block].T, trans_a=True, trans_b=True)
-        left = blas.dgemm(1.0, basis, np.column_stack([u, c]), trans_a=True)
-        right = np.asfortranarray(np.vstack([self._teacher_shift, self._teacher_sum]))
-        return blas.dgemm(1.0, left, right, beta=1.0, c=z, overwrite_c=True)
-
-    def _teacher_sq_norms(self) -> np.ndarray:
-        """q_t for every teacher layer: tr(H'_t) + 2 c_t·b'_t + n_w ‖c_t‖²."""
-        n = float(self._n_rows)
-        out = np.empty(self.n_teacher)
-        for t, gram in enumerate(self._teacher_gram):
-            block = self._block("teacher", t)
-            c, b = self._teacher_shift[block], self._teacher_sum[block]
-            out[t] = np.trace(gram) + 2.0 * (c @ b) + n * (c @ c)
-        return out
+    def _cutoffs(self, cutoff) -> list[float]:
+        """The cutoff per student layer: given, or the default of the layer's dtype."""
+        if cutoff is not None:
+            return [check_cutoff(cutoff)] * self.n_student
+        return [default_cutoff(d or np.float32) for d in self._dtypes["student"]]
 
     def student_gram(self, s: int, *, centered: bool = False) -> np.ndarray:
         """``G_s = Sᵀ W S`` (or ``Ĝ_s = G_s − a_s a_sᵀ/n_w``), shape (d_s, d_s), float64."""
-        return self._gram("student", self._student_index(s), centered)
+        return self._total().gram_of("student", self._student_index(s), centered)
 
     def teacher_gram(self, t: int, *, centered: bool = False) -> np.ndarray:
         """``H_t = Tᵀ W T`` (or ``Ĥ_t = H_t − b_t b_tᵀ/n_w``), shape (d_t, d_t), float64."""
-        return self._gram("teacher", self._teacher_index(t), centered)
+        return self._total().gram_of("teacher", self._teacher_index(t), centered)
 
     def cross_gram(self, s: int, t: int, *, centered: bool = False) -> np.ndarray:
         """``C_st = Sᵀ W T`` (or ``Ĉ_st = C_st − a_s b_tᵀ/n_w``), shape (d_s, d_t), float64."""
         s, t = self._student_index(s), self._teacher_index(t)
-        return self._cross_rows(s, centered)[:, self._block("teacher", t)]
+        return self._total().cross_rows(s, centered)[:, self._layout.block("teacher", t)]
 
     def student_sum(self, s: int) -> np.ndarray:
         """``a_s = Sᵀ w``, shape (d_s,), float64."""
-        block = self._block("student", self._student_index(s))
-        return self._student_sum[block] + self._n_rows * self._student_shift[block]
+        block = self._layout.block("student", self._student_index(s))
+        m = self._total()
+        return m.sum["student"][block] + m.n * m.shift["student"][block]
 
     def teacher_sum(self, t: int) -> np.ndarray:
         """``b_t = Tᵀ w``, shape (d_t,), float64."""
-        block = self._block("teacher", self._teacher_index(t))
-        return self._teacher_sum[block] + self._n_rows * self._teacher_shift[block]
+        block = self._layout.block("teacher", self._teacher_index(t))
+        m = self._total()
+        return m.sum["teacher"][block] + m.n * m.shift["teacher"][block]
 
     def teacher_sq_norm(self, t: int) -> float:
         """``q_t = Σ_i w_i ‖t_i‖²``."""
-        return float(self._teacher_sq_norms()[self._teacher_index(t)])
+        return float(self._total().teacher_sq_norms()[self._teacher_index(t)])
 
     def teacher_variance(self) -> np.ndarray:
-        """``var_t = (q_t − ‖b_t‖²/n_w) / (n_w d_t)``, the mean per-dimension variance.
-
-        Returns
-        -------
-        ndarray, shape (n_t,), float64
-        """
+        """``var_t = (q_t − ‖b_t‖²/n_w) / (n_w d_t)``, the mean per-dimension variance: (n_t,)."""
         self._require_rows()
-        n = float(self._n_rows)
-        out = np.empty(self.n_teacher)
-        for t, gram in enumerate(self._teacher_gram):
-            b = self._teacher_sum[self._block("teacher", t)]
-            # Shift invariant, so computed from the shifted sums: no cancellation.
-            out[t] = max(np.trace(gram) - (b @ b) / n, 0.0) / (n * self._teacher_widths[t])
+        return _estimates.teacher_variance(self._total())
+
+    def _check_folds_usable(self) -> None:
+        if self._n_folds == 1:
+            raise ValueError(
+                "heldout=True needs statistics accumulated with folds=k (k >= 2), e.g. "
+                "AlignmentStats.from_arrays(..., folds=5); these have no folds"
+            )
+        empty = [f for f, m in enumerate(self._folds) if m.n == 0]
+        if empty:
+            raise ValueError(
+                f"fold(s) {empty} of folds={self._n_folds} hold no rows: there are fewer "
+                f"examples ({self._examples}) than folds, or the mask leaves none in them; "
+                "use fewer folds or more rows"
+            )
+
+    def _residuals(self, ridge, cutoff, heldout: bool):
+        """Residual sums ``(n_s, n_t)`` (in-sample) or ``(k, n_s, n_t)`` with the test rows."""
+        ridge = check_nonnegative(ridge, "ridge")
+        cutoffs = self._cutoffs(cutoff)
+        self._require_rows()
+        total = self._total()
+        if not heldout:
+            return np.stack([
+                _estimates.min_residuals(
+                    total, s, Solver(total.gram_of("student", s, False), ridge, cutoffs[s]))
+                for s in range(self.n_student)])
+        self._check_folds_usable()
+        out = np.empty((self._n_folds, self.n_student, self.n_teacher))
+        for f, test in enumerate(self._folds):
+            for s in range(self.n_student):
+                solver = Solver(_estimates.difference_gram(total, test, s), ridge, cutoffs[s])
+                out[f, s] = _estimates.heldout_residuals(total, test, s, solver)
         return out
 
-    def min_mse(self, ridge: float = 0.0, *, cutoff: float = DEFAULT_CUTOFF) -> np.ndarray:
-        """The smallest MSE any linear projection reaches, for every layer pair.
+    def _constant(self, variance: np.ndarray, constant: str, what: str) -> None:
+        if constant == "raise" and not np.all(variance > 0):
+            layers = np.flatnonzero(~(variance > 0)).tolist()
+            raise ValueError(
+                f"{what}: teacher layer(s) {layers} are constant over the rows used (variance "
+                "0), so the measure is undefined for them; drop those layers, or pass "
+                "constant='nan' to get NaN there"
+            )
 
-        ``min_mse[s, t] = (q_t − 2 tr(P*ᵀ C_st) + tr(P*ᵀ G_s P*)) / (n_w d_t)``
-        with ``P*`` the closed form of :meth:`projection` (DESIGN §1).
+    def min_mse(self, ridge: float = 0.0, *, cutoff: float | None = None,
+                heldout: bool = False):
+        """The smallest MSE a linear projection reaches, for every layer pair.
+
+        ``min_mse[s, t] = Σ_i w_i ‖P*ᵀ s_i − t_i‖² / (n_w d_t)`` with ``P*`` the
+        closed form of :meth:`projection` (``docs/numerics.md``).
 
         Parameters
         ----------
         ridge : float
-            ``ρ ≥ 0``. With ``ρ > 0`` the value is the (unpenalised) MSE of the
-            ridge projection ``(G_s + ρ I)⁻¹ C_st``.
-        cutoff : float
-            Relative eigenvalue cutoff for ``ridge = 0`` (module docstring).
+            ``ρ ≥ 0``: with ``ρ > 0`` the (unpenalised) MSE of ``(G_s + ρ I)⁻¹ C_st``.
+        cutoff : float, optional
+            Relative singular-value cutoff for ``ridge = 0``; default by the
+            student layer's dtype (:func:`pkd.closed_form.default_cutoff`).
+        heldout : bool
+            Fit on ``k − 1`` folds, score on the remaining one (needs ``folds``).
 
         Returns
         -------
-        ndarray, shape (n_s, n_t), float64
+        ndarray (n_s, n_t) float64, or FoldEstimate of two such arrays if ``heldout``
         """
-        from scipy.linalg import blas
+        residuals = self._residuals(ridge, cutoff, check_bool(heldout, "heldout"))
+        widths = np.asarray(self.teacher_widths, dtype=np.float64)
+        if not heldout:
+            return np.maximum(residuals, 0.0) / (self.n_rows * widths)
+        rows = np.asarray(self.fold_rows, dtype=np.float64)[:, None, None]
+        mse = np.maximum(residuals, 0.0) / (rows * widths)
+        return FoldEstimate(mse.mean(axis=0), mse.std(axis=0, ddof=1))
 
-        ridge = check_nonnegative(ridge, "ridge")
-        cutoff = _check_cutoff(cutoff)
-        self._require_rows()
-        q = self._teacher_sq_norms()
-        scale = float(self._n_rows) * np.asarray(self._teacher_widths, dtype=np.float64)
-        out = np.empty((self.n_student, self.n_teacher))
-        for s in range(self.n_student):
-            solver = _Solver(self._gram("student", s, False), ridge, cutoff)
-            if solver.basis.shape[1] == 0:  # an all-zero layer explains nothing
-                residual = q.copy()
-            else:
-                z = self._basis_times_cross(solver.basis, s)
-                explained = blas.dgemv(1.0, z * z, solver.gain, trans=1)  # (Σd_t,)
-                residual = q - np.add.reduceat(explained, self._teacher_offsets[:-1])
-            # q − explained cancels when the fit is nearly exact (a teacher mean that S
-            # reaches, little noise): it keeps ~16 − log10(q/residual) digits. Those pairs
-            # are recomputed from P* in the shifted coordinates of pair_loss.
-            near_exact = np.flatnonzero(residual < _NEAR_EXACT_FIT * q)
-            cross = self._cross_rows(s) if near_exact.size else None
-            for t in near_exact:
-                projection = solver.solve(cross[:, self._block("teacher", t)])
-                residual[t] = self._residual_sum(s, t, projection)
-            out[s] = np.maximum(residual, 0.0) / scale
-        return out
-
-    def relative_min_mse(self, ridge: float = 0.0, *,
-                         cutoff: float = DEFAULT_CUTOFF) -> np.ndarray:
+    def relative_min_mse(self, ridge: float = 0.0, *, cutoff: float | None = None,
+                         heldout: bool = False, constant: str = "nan"):
         """``min_mse / var_t``: the fraction of each teacher layer's variance no
         projection explains (``1 − R²``), comparable across teacher layers.
 
-        Raw ``min_mse`` favours small-variance teacher layers (DESIGN §1); use
-        this (or :meth:`cka`) to choose a layer mapping. A constant teacher
-        layer (``var_t = 0``) gives NaN. ``var_t`` is centred but a projection
-        has no intercept, so a teacher mean that no ``Pᵀ s`` reaches counts as
-        unexplained: the value can exceed 1 (R² < 0, as in ``r2_score``).
+        ``var_t`` is centred but a projection has no intercept, so a teacher mean
+        that no ``Pᵀ s`` reaches counts as unexplained (the value can exceed 1).
+        Held out, each fold is normalised by its own teacher variance. In-sample
+        values with few rows (≤ the student width) are ~0 whatever the data:
+        use ``heldout=True`` there.
 
         Parameters
         ----------
-        ridge, cutoff
+        ridge, cutoff, heldout
             As in :meth:`min_mse`.
+        constant : {"nan", "raise"}
+            A constant teacher layer (variance 0) has no relative loss: NaN
+            there (which :func:`pkd.mapping.optimal` refuses), or a ValueError.
 
         Returns
         -------
-        ndarray, shape (n_s, n_t), float64
+        ndarray (n_s, n_t) float64, or FoldEstimate if ``heldout``
         """
-        mse = self.min_mse(ridge, cutoff=cutoff)
-        variance = self.teacher_variance()
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(variance > 0, mse / variance, np.nan)
+        constant = _check_constant(constant)
+        residuals = self._residuals(ridge, cutoff, check_bool(heldout, "heldout"))
+        widths = np.asarray(self.teacher_widths, dtype=np.float64)
+        folds = self._folds if heldout else [self._total()]
+        if not heldout:
+            residuals = residuals[None]
+        values = []
+        for f, moments in enumerate(folds):
+            variance = _estimates.teacher_variance(moments)
+            where = f"fold {f} of {len(folds)}" if heldout else "relative_min_mse"
+            self._constant(variance, constant, where)
+            mse = np.maximum(residuals[f], 0.0) / (moments.n * widths)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                values.append(np.where(variance > 0, mse / variance, np.nan))
+        values = np.stack(values)
+        if not heldout:
+            return values[0]
+        return FoldEstimate(values.mean(axis=0), values.std(axis=0, ddof=1))
 
-    def cka(self) -> np.ndarray:
-        """Linear CKA of every pair: ``‖Ĉ_st‖_F² / (‖Ĝ_s‖_F ‖Ĥ_t‖_F)``.
+    def cka(self, debiased: bool = False, *, constant: str = "nan") -> np.ndarray:
+        """Linear CKA of every pair: ``‖Ĉ_st‖_F² / (‖Ĝ_s‖_F ‖Ĥ_t‖_F)``, (n_s, n_t).
 
-        Computed from the shifted statistics, so it stays accurate for layers
-        whose mean dwarfs their spread. A layer that is constant over the
-        selected rows has no centred Gram matrix: its row/column is NaN.
-
-        Returns
-        -------
-        ndarray, shape (n_s, n_t), float64, values in [0, 1]
+        ``debiased=True``: the unbiased HSIC estimator (Song et al. 2012, as in
+        Kornblith et al. 2019) in place of each squared norm, from the same
+        statistics (``docs/numerics.md``); needs at least 4 rows. Computed in
+        shifted coordinates, so layers whose mean dwarfs their spread keep
+        their digits. A constant layer (or a debiased norm estimate ≤ 0) gives
+        NaN in its row/column, or a ValueError with ``constant="raise"``.
         """
+        constant = _check_constant(constant)
         self._require_rows()
-        student_norms = np.array(
-            [np.linalg.norm(self._gram("student", s, True)) for s in range(self.n_student)]
-        )
-        teacher_norms = np.array(
-            [np.linalg.norm(self._gram("teacher", t, True)) for t in range(self.n_teacher)]
-        )
-        out = np.empty((self.n_student, self.n_teacher))
-        for s in range(self.n_student):
-            cross = self._cross_rows(s, centered=True)
-            squares = np.einsum("ij,ij->j", cross, cross)
-            out[s] = np.add.reduceat(squares, self._teacher_offsets[:-1])
-        denominator = student_norms[:, None] * teacher_norms[None, :]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(denominator > 0, out / denominator, np.nan)
+        if check_bool(debiased, "debiased") and self.n_rows < 4:
+            raise ValueError(
+                f"debiased CKA needs at least 4 rows (its estimator divides by n − 3), these "
+                f"statistics hold {self.n_rows}"
+            )
+        values = _estimates.linear_cka(self._total(), debiased)
+        if constant == "raise" and np.isnan(values).any():
+            s, t = np.argwhere(np.isnan(values))[0]
+            raise ValueError(
+                f"cka: the pair (student {s}, teacher {t}) is undefined: a layer is constant "
+                "over the rows used (or, debiased, too few rows to estimate its variance); "
+                "drop it, or pass constant='nan'"
+            )
+        return values
 
     def projection(self, s: int, t: int, ridge: float = 0.0, *,
-                   cutoff: float = DEFAULT_CUTOFF) -> np.ndarray:
-        """Closed-form projection for the pair ``(s, t)``.
+                   cutoff: float | None = None) -> np.ndarray:
+        """Closed-form projection ``P*`` (d_s, d_t) for the pair ``(s, t)``, float64.
 
-        ``ridge = 0``: the minimum-norm least-squares solution of
-        ``G_s P = C_st`` with the relative eigenvalue ``cutoff`` (module
-        docstring); ``ridge = ρ > 0``: ``(G_s + ρ I)⁻¹ C_st``.
-
-        Parameters
-        ----------
-        s, t : int
-            The student and teacher layer (negative indices do not wrap).
-        ridge : float
-            ρ >= 0.
-        cutoff : float
-            Relative eigenvalue cutoff for ``ridge = 0``.
-
-        Returns
-        -------
-        ndarray, shape (d_s, d_t), float64
+        ``ridge = 0``: the minimum-norm least-squares solution on the directions
+        above ``cutoff · σ₁`` (:mod:`pkd.closed_form`); ``ridge = ρ > 0``:
+        ``(G_s + ρ I)⁻¹ C_st``. Negative indices do not wrap.
         """
         ridge = check_nonnegative(ridge, "ridge")
-        cutoff = _check_cutoff(cutoff)
         s, t = self._student_index(s), self._teacher_index(t)
-        solver = _Solver(self._gram("student", s, False), ridge, cutoff)
-        return solver.solve(self._cross_rows(s)[:, self._block("teacher", t)])
+        m = self._total()
+        solver = Solver(m.gram_of("student", s, False), ridge, self._cutoffs(cutoff)[s])
+        return solver.solve(m.cross_rows(s, False)[:, self._layout.block("teacher", t)])
 
     def pair_loss(self, s: int, t: int, projection) -> float:
-        """Exact MSE ``Σ_i w_i ‖Pᵀ s_i − t_i‖² / (n_w d_t)`` of a given projection.
+        """Exact MSE ``Σ_i w_i ‖Pᵀ s_i − t_i‖² / (n_w d_t)`` of a given (d_s, d_t) projection.
 
-        Computed from the statistics (no pass over the rows), in the shifted
-        coordinates: with ``r'_i = t'_i − Pᵀ s'_i`` and ``δ = c_t − Pᵀ c_s``,
-        ``Σ w ‖r‖² = q' − 2 tr(Pᵀ C') + tr(Pᵀ G' P) + 2 δ·(b' − Pᵀ a') + n_w ‖δ‖²``.
-        Rounding can make an exact fit a tiny negative number; it is clipped at 0.
-
-        Parameters
-        ----------
-        s, t : int
-            The layer pair.
-        projection : ndarray, shape (d_s, d_t)
-            Any projection, e.g. a Xavier init or a trained one.
-
-        Returns
-        -------
-        float
-            The MSE, >= 0.
+        Computed from the statistics in shifted coordinates (no pass over the
+        rows, no cancellation of large means); clipped at 0.
         """
         s, t = self._student_index(s), self._teacher_index(t)
-        d_s, d_t = self._student_widths[s], self._teacher_widths[t]
+        d_s, d_t = self.student_widths[s], self.teacher_widths[t]
         P = check_projection(projection, d_s, d_t, "projection", pair=(s, t))
-        total = self._residual_sum(s, t, P.astype(np.float64, copy=False))
-        return max(float(total), 0.0) / (self._n_rows * d_t)
-
-    def _residual_sum(self, s: int, t: int, P: np.ndarray) -> float:
-        """``Σ_i w_i ‖Pᵀ s_i − t_i‖²`` in shifted coordinates (see :meth:`pair_loss`)."""
-        block_s, block_t = self._block("student", s), self._block("teacher", t)
-        gram = _symmetric(self._student_gram[s])
-        cross = self._cross[block_s, block_t]
-        a, b = self._student_sum[block_s], self._teacher_sum[block_t]
-        delta = self._teacher_shift[block_t] - P.T @ self._student_shift[block_s]
-        total = (
-            np.trace(self._teacher_gram[t])
-            - 2.0 * np.vdot(P, cross)
-            + np.vdot(P, gram @ P)
-            + 2.0 * (delta @ (b - P.T @ a))
-            + self._n_rows * (delta @ delta)
-        )
-        return float(total)
+        total = _estimates.residual_sum(self._total(), s, t, P.astype(np.float64, copy=False))
+        return max(float(total), 0.0) / (self.n_rows * d_t)

@@ -303,8 +303,8 @@ def _closed_form(data: _FitData, shared: bool, ridge: float, dtype):
     if shared:
         G = sum(data.gram(pair)[0] for pair in data.mapping)
         C = sum(data.gram(pair)[1] for pair in data.mapping)
-        return solve_projection(G, C, ridge).astype(dtype)
-    return {pair: solve_projection(*data.gram(pair)[:2], ridge).astype(dtype)
+        return solve_projection(G, C, ridge, dtype=data.dtype).astype(dtype)
+    return {pair: solve_projection(*data.gram(pair)[:2], ridge, dtype=data.dtype).astype(dtype)
             for pair in data.mapping}
 
 

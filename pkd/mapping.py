@@ -10,7 +10,8 @@ the per-layer lists the caller passes (DESIGN.md §1). The fixed schemes are
 
 PKD-Skip and PKD-Last leave the last student layer to the logit loss, as the
 paper does. ``optimal(cost)`` picks the strictly increasing mapping of least
-summed cost from an alignment matrix (e.g. relative min-MSE or 1 − CKA).
+summed cost from an alignment matrix (e.g. relative min-MSE), or with
+``maximize=True`` the one of greatest summed similarity (e.g. CKA).
 
 Hugging Face ``hidden_states`` tuples hold the embeddings at index 0; use
 :func:`to_hidden_states_indices` to shift a mapping onto them.
@@ -23,6 +24,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ._validation import (
+    check_bool,
     check_float_array,
     check_increasing_indices,
     check_int,
@@ -108,21 +110,28 @@ def last(n_s: int, n_t: int) -> list[Pair]:
     return [(m, n_t - n_s + m) for m in range(n_s - 1)]
 
 
-def optimal(cost, student_layers: Sequence[int] | None = None) -> list[Pair]:
-    """The strictly increasing mapping of least summed cost, by dynamic programming.
+def optimal(matrix, student_layers: Sequence[int] | None = None, *,
+            maximize: bool = False) -> list[Pair]:
+    """The strictly increasing mapping of least summed cost (or greatest similarity).
 
     Teacher layers ``t_0 < t_1 < ... < t_{k-1}`` are chosen for the student
-    layers ``r_0 < ... < r_{k-1}`` to minimise ``Σ_i cost[r_i, t_i]``, in
-    O(k·n_t) time with suffix minima.
+    layers ``r_0 < ... < r_{k-1}`` to minimise ``Σ_i matrix[r_i, t_i]`` (maximise
+    with ``maximize=True``), by dynamic programming in O(k·n_t) time with
+    suffix minima.
 
     Parameters
     ----------
-    cost : array_like, shape (n_s, n_t)
-        float32/float64 alignment cost, lower is better (e.g. relative min-MSE,
-        1 − CKA). ``+inf`` marks a forbidden pair; NaN and ``-inf`` are refused
-        in the rows used (other rows are ignored). Computed in float64.
+    matrix : array_like, shape (n_s, n_t)
+        float32/float64 alignment cost, lower is better (e.g. relative min-MSE),
+        or with ``maximize=True`` a similarity, higher is better (e.g. CKA).
+        ``+inf`` (``-inf`` when maximizing) marks a forbidden pair; NaN and
+        the opposite infinity are refused in the rows used (other rows are
+        ignored): a NaN usually means a constant layer, forbid its pairs
+        explicitly. Computed in float64.
     student_layers : sequence of int, optional
         Strictly increasing row indices to map; default every row ``0..n_s-1``.
+    maximize : bool
+        ``matrix`` is a similarity to maximise rather than a cost.
 
     Returns
     -------
@@ -142,7 +151,11 @@ def optimal(cost, student_layers: Sequence[int] | None = None) -> list[Pair]:
     earliest second one, and so on. Sums that are equal in exact arithmetic
     but differ by rounding are not ties.
     """
-    cost = check_float_array(cost, "cost", ndims=(2,), check_finite=False)
+    name = "matrix (a similarity: maximize=True)" if check_bool(maximize, "maximize") \
+        else "matrix"
+    cost = check_float_array(matrix, name, ndims=(2,), check_finite=False)
+    if maximize:
+        cost = -cost.astype(np.float64)
     n_s, n_t = cost.shape
     if student_layers is None:
         rows = list(range(n_s))
@@ -161,10 +174,15 @@ def optimal(cost, student_layers: Sequence[int] | None = None) -> list[Pair]:
     bad = np.isnan(used) | (used == -np.inf)
     if bad.any():
         i, j = np.argwhere(bad)[0]
+        kind = ("similarity matrix has {} NaN/+inf", "similarities must be finite or -inf "
+                "(-inf forbids a pair)") if maximize else ("cost has {} NaN/-inf",
+                                                           "costs must be finite or +inf "
+                                                           "(+inf forbids a pair)")
         raise ValueError(
-            f"cost has {int(bad.sum())} NaN/-inf value(s) in the rows used, first at "
-            f"({rows[i]}, {int(j)}) (shape {cost.shape}); costs must be finite or +inf "
-            "(+inf forbids a pair)"
+            f"{kind[0].format(int(bad.sum()))} value(s) in the rows used, first at "
+            f"({rows[i]}, {int(j)}) (shape {cost.shape}); {kind[1]}. A NaN usually means a "
+            "constant layer (no variance): forbid its pairs explicitly, e.g. "
+            "np.where(np.isnan(m), np.inf, m) for a cost"
         )
 
     # best[i, j]: least cost of rows i..k-1 with row i on teacher j (inf if infeasible).
@@ -188,8 +206,9 @@ def optimal(cost, student_layers: Sequence[int] | None = None) -> list[Pair]:
     total = best[0].min()
     if not np.isfinite(total):
         raise ValueError(
-            f"no feasible mapping for cost of shape {cost.shape} and student layers "
-            f"{rows}: every strictly increasing assignment uses a +inf (forbidden) pair"
+            f"no feasible mapping for a matrix of shape {cost.shape} and student layers "
+            f"{rows}: every strictly increasing assignment uses a forbidden pair (+inf "
+            "cost, -inf similarity)"
         )
     # Walk forward taking the earliest teacher that attains the optimum: the
     # lexicographically smallest optimal sequence (np.argmin returns the first).

@@ -213,3 +213,45 @@ def finite_difference(loss, array, eps=1e-6):
     for index in np.ndindex(array.shape):
         grad[index] = central_difference(loss, array, index, eps)
     return grad
+
+
+# --- debiased CKA and held-out fits (tests of AlignmentStats' folds and fourth moments) ---
+
+
+def reference_unbiased_hsic(K, L):
+    """Song et al. (2012)'s unbiased HSIC of two n × n kernel matrices, n >= 4, O(n²).
+
+    With K̃, L̃ the kernels with zeroed diagonals:
+    [tr(K̃L̃) + 1ᵀK̃1 · 1ᵀL̃1 / ((n−1)(n−2)) − 2/(n−2) · 1ᵀK̃L̃1] / (n(n−3)).
+    """
+    K = np.array(K, dtype=np.float64)
+    L = np.array(L, dtype=np.float64)
+    n = K.shape[0]
+    np.fill_diagonal(K, 0.0)
+    np.fill_diagonal(L, 0.0)
+    ones = np.ones(n)
+    trace = np.sum(K * L.T)
+    totals = (ones @ K @ ones) * (ones @ L @ ones) / ((n - 1) * (n - 2))
+    middle = 2.0 / (n - 2) * (ones @ K @ L @ ones)
+    return (trace + totals - middle) / (n * (n - 3))
+
+
+def reference_debiased_cka(X, Y, w=None):
+    """Debiased linear CKA: unbiased HSIC of the linear kernels of the rows ``w`` keeps."""
+    X = np.asarray(X, dtype=np.float64)
+    Y = np.asarray(Y, dtype=np.float64)
+    if w is not None:
+        keep = np.asarray(w) > 0
+        X, Y = X[keep], Y[keep]
+    K, L = X @ X.T, Y @ Y.T
+    return reference_unbiased_hsic(K, L) / np.sqrt(
+        reference_unbiased_hsic(K, K) * reference_unbiased_hsic(L, L))
+
+
+def reference_heldout_mse(S, T, train, rcond=1e-6):
+    """Fit ``P`` by lstsq(rcond) on the ``train`` rows, return its MSE on the other rows."""
+    S = np.asarray(S, dtype=np.float64)
+    T = np.asarray(T, dtype=np.float64)
+    train = np.asarray(train, dtype=bool)
+    P = np.linalg.lstsq(S[train], T[train], rcond=rcond)[0]
+    return np.mean((S[~train] @ P - T[~train]) ** 2)

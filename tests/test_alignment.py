@@ -329,6 +329,8 @@ def assert_same_stats(a, b, tol=1e-12):
         assert abs(a.teacher_sq_norm(t) - b.teacher_sq_norm(t)) <= tol * b.teacher_sq_norm(t)
     assert rel_err(a.min_mse(), b.min_mse()) <= 1e3 * tol
     assert rel_err(a.cka(), b.cka()) <= 1e2 * tol
+    if b.n_rows >= 4:  # the fourth-order moments (debiased CKA) merge and chunk alike
+        assert rel_err(a.cka(debiased=True), b.cka(debiased=True)) <= 1e3 * tol
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64, 299, 300, 5000])
@@ -457,9 +459,13 @@ def test_to_dict_round_trip(tmp_path):
     data = stats.to_dict()
     assert all(isinstance(v, np.ndarray) for v in data.values())
     assert sorted(data) == sorted([
-        "format_version", "student_widths", "teacher_widths", "n_rows", "student_shift",
+        "format_version", "student_widths", "teacher_widths", "folds", "examples",
+        "student_dtype_bits", "teacher_dtype_bits", "n_rows", "student_shift",
         "teacher_shift", "student_sum", "teacher_sum", "cross_gram", "student_gram_0",
-        "student_gram_1", "teacher_gram_0"])
+        "student_gram_1", "teacher_gram_0", "quartic_cross", "student_quartic",
+        "teacher_quartic", "student_cubic_cross", "teacher_cubic_cross", "student_cubic",
+        "teacher_cubic"])
+    assert data["n_rows"].shape == (1,) and data["cross_gram"].shape == (1, 7, 5)
     assert_same_stats(AlignmentStats.from_dict(data), stats, tol=0.0)
     np.savez(tmp_path / "stats.npz", **data)
     with np.load(tmp_path / "stats.npz") as loaded:
@@ -673,14 +679,18 @@ def test_bad_dicts_are_refused(stats):
     missing = {k: v for k, v in data.items() if k != "cross_gram"}
     with pytest.raises(ValueError, match="no key 'cross_gram'"):
         AlignmentStats.from_dict(missing)
-    with pytest.raises(ValueError, match=r"data\['student_gram_1'\].*\(4, 4\).*\(3, 3\)"):
+    with pytest.raises(ValueError, match=r"data\['student_gram_1'\].*\(1, 4, 4\).*\(3, 3\)"):
         AlignmentStats.from_dict({**data, "student_gram_1": np.zeros((3, 3))})
-    with pytest.raises(ValueError, match="format"):
-        AlignmentStats.from_dict({**data, "format_version": np.asarray(2)})
+    with pytest.raises(ValueError, match="format 2.*accumulated again"):
+        AlignmentStats.from_dict({**data, "format_version": np.asarray(1)})
     with pytest.raises(ValueError, match="n_rows"):
-        AlignmentStats.from_dict({**data, "n_rows": np.asarray(-1)})
+        AlignmentStats.from_dict({**data, "n_rows": np.asarray([-1])})
     with pytest.raises(ValueError, match="NaN"):
-        AlignmentStats.from_dict({**data, "teacher_sum": np.full(5, np.nan)})
+        AlignmentStats.from_dict({**data, "teacher_sum": np.full((1, 5), np.nan)})
+    with pytest.raises(ValueError, match="folds"):
+        AlignmentStats.from_dict({**data, "folds": np.asarray(1)})
+    with pytest.raises(ValueError, match="dtype_bits"):
+        AlignmentStats.from_dict({**data, "student_dtype_bits": np.asarray([16, 64])})
 
 
 # ------------------------------------------------------------------ edge cases of min_mse

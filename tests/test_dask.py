@@ -400,8 +400,15 @@ def test_from_dumps_dask_equals_from_arrays_locally(dump_files):
                                              scheduler="threads", mask=mask)
         assert_same_stats(got, want)
         everything = AlignmentStats.from_dumps_dask(student, teacher, chunk_rows=24,
-                                                    scheduler="sync")
+                                                    scheduler="sync", mask=None)
+        # By default the dumps' own attention mask applies, as in from_dumps.
+        own = AlignmentStats.from_dumps_dask(student, teacher, chunk_rows=24,
+                                             scheduler="sync")
+        local = AlignmentStats.from_dumps(student, teacher, chunk_rows=24)
     assert_same_stats(everything, AlignmentStats.from_arrays(students, teachers))
+    assert own.n_rows == int(mask.sum()) < everything.n_rows
+    assert_same_stats(own, want)
+    assert_same_stats(local, want)
 
 
 def test_default_task_rows_reads_eight_times_what_it_emits():

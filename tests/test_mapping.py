@@ -406,3 +406,25 @@ def test_parse_bad_counts():
         parse_mapping("0:1", 0, 12)
     with pytest.raises(ValueError, match="n_s=5 student and n_t=4"):
         parse_mapping("uniform", 5, 4)
+
+
+def test_optimal_maximize_picks_the_greatest_similarity():
+    rng = np.random.default_rng(60)
+    similarity = rng.random((3, 7))
+    assert optimal(similarity, maximize=True) == optimal(-similarity)
+    assert optimal(1.0 - similarity, maximize=False) == optimal(similarity, maximize=True)
+    # brute force over every strictly increasing mapping
+    import itertools
+
+    best = max(itertools.combinations(range(7), 3),
+               key=lambda ts: sum(similarity[i, t] for i, t in enumerate(ts)))
+    assert optimal(similarity, maximize=True) == list(enumerate(best))
+    forbidden = similarity.copy()
+    forbidden[:, 0] = -np.inf  # -inf forbids a pair of a similarity
+    assert all(t != 0 for _, t in optimal(forbidden, maximize=True))
+    with pytest.raises(ValueError, match=r"similarity matrix has 3 NaN/\+inf.*constant layer"):
+        optimal(np.where(np.eye(3, 7) > 0, np.nan, similarity), maximize=True)
+    with pytest.raises(ValueError, match=r"cost has 3 NaN/-inf.*constant layer"):
+        optimal(np.where(np.eye(3, 7) > 0, np.nan, similarity))
+    with pytest.raises(TypeError, match="maximize"):
+        optimal(similarity, maximize="yes")

@@ -1,0 +1,147 @@
+"""The best-reachable loss and CKA from shifted moments: in-sample, held out, debiased.
+
+Functions of :class:`pkd._moments.Moments` used by the queries of
+:class:`pkd.alignment.AlignmentStats`; the algebra is written out in
+``docs/numerics.md``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._moments import Moments, shifted_product, symmetric
+from .closed_form import Solver
+
+# min_mse recomputes pairs whose best residual is below this fraction of q_t (the
+# subtraction q_t − explained would keep fewer than ~10 of float64's 16 digits).
+NEAR_EXACT_FIT = 1e-6
+
+
+def basis_times_cross(m: Moments, basis: np.ndarray, s: int) -> np.ndarray:
+    """``basisᵀ C_s·`` for every teacher column, (k, Σd_t), without forming ``C_s·``.
+
+    ``C_s· = C'_s· + a'_s c_tᵀ + c_s (b' + n c_t)ᵀ``: one GEMM on the contiguous
+    rows of ``C'`` and a rank-2 update (all in scipy's BLAS, one thread pool).
+    """
+    from scipy.linalg import blas
+
+    block = m.layout.block("student", s)
+    c_s, c_t = m.shift["student"][block], m.shift["teacher"]
+    z = blas.dgemm(1.0, basis, m.cross[block].T, trans_a=True, trans_b=True)
+    left = blas.dgemm(1.0, basis, np.column_stack([m.sum["student"][block], c_s]), trans_a=True)
+    right = np.asfortranarray(np.vstack([c_t, m.sum["teacher"] + float(m.n) * c_t]))
+    return blas.dgemm(1.0, left, right, beta=1.0, c=z, overwrite_c=True)
+
+
+def residual_sum(m: Moments, s: int, t: int, P: np.ndarray) -> float:
+    """``Σ_i w_i ‖Pᵀ s_i − t_i‖²`` in shifted coordinates (no cancellation of large means).
+
+    With ``δ = c_t − Pᵀ c_s``: ``q' − 2 tr(Pᵀ C') + tr(Pᵀ G' P) + 2 δ·(b' − Pᵀ a') + n ‖δ‖²``.
+    """
+    layout = m.layout
+    block_s, block_t = layout.block("student", s), layout.block("teacher", t)
+    gram = symmetric(m.gram["student"][s])
+    a, b = m.sum["student"][block_s], m.sum["teacher"][block_t]
+    delta = m.shift["teacher"][block_t] - P.T @ m.shift["student"][block_s]
+    return float(np.trace(m.gram["teacher"][t]) - 2.0 * np.vdot(P, m.cross[block_s, block_t])
+                 + np.vdot(P, gram @ P) + 2.0 * (delta @ (b - P.T @ a))
+                 + m.n * (delta @ delta))
+
+
+def min_residuals(m: Moments, s: int, solver: Solver) -> np.ndarray:
+    """Smallest ``Σ w ‖Pᵀ s − t‖²`` of student layer ``s`` for every teacher layer: (n_t,)."""
+    from scipy.linalg import blas
+
+    layout = m.layout
+    q = m.teacher_sq_norms()
+    if solver.rank == 0:  # an all-zero layer explains nothing
+        return q.copy()
+    z = basis_times_cross(m, solver.basis, s)
+    explained = blas.dgemv(1.0, z * z, solver.gain, trans=1)  # (Σd_t,)
+    residual = q - layout.reduce("teacher", explained)
+    # q − explained cancels when the fit is nearly exact: those pairs are recomputed from
+    # P* in the shifted coordinates of residual_sum.
+    near_exact = np.flatnonzero(residual < NEAR_EXACT_FIT * q)
+    for t in near_exact:
+        block = layout.block("teacher", t)
+        cross = solver.basis.T @ m.cross_rows(s, False)[:, block]
+        P = solver.basis @ (cross * solver.inverse[:, None])
+        residual[t] = residual_sum(m, s, t, P)
+    return residual
+
+
+def difference_gram(total: Moments, part: Moments, s: int) -> np.ndarray:
+    """Uncentred ``G_s`` of the rows of ``total`` not in ``part`` (same shift)."""
+    block = total.layout.block("student", s)
+    a = total.sum["student"][block] - part.sum["student"][block]
+    c = total.shift["student"][block]
+    gram = symmetric(total.gram["student"][s]) - symmetric(part.gram["student"][s])
+    return shifted_product(gram, a, a, c, c, float(total.n - part.n))
+
+
+def heldout_residuals(total: Moments, test: Moments, s: int, solver: Solver) -> np.ndarray:
+    """``Σ_test w ‖Pᵀ s − t‖²`` for every teacher layer, ``P`` fitted on ``total − test``: (n_t,).
+
+    ``P = B Z`` with ``Z = diag(inverse) Bᵀ C_train``; the residual on the test rows
+    is :func:`residual_sum`'s formula, evaluated for every teacher column at once.
+    """
+    layout = test.layout
+    basis = solver.basis
+    block = layout.block("student", s)
+    c_s, c_t = test.shift["student"][block], test.shift["teacher"]
+    if solver.rank == 0:
+        return test.teacher_sq_norms()
+    train_cross = basis_times_cross(total, basis, s) - basis_times_cross(test, basis, s)
+    z = train_cross * solver.inverse[:, None]
+    shifted_cross = basis.T @ test.cross[block]  # Bᵀ C'_test
+    w = basis.T @ symmetric(test.gram["student"][s]) @ basis
+    quad = np.einsum("ij,ij->j", z, w @ z - 2.0 * shifted_cross)
+    delta = c_t - z.T @ (basis.T @ c_s)
+    fitted_sum = z.T @ (basis.T @ test.sum["student"][block])
+    per_column = quad + 2.0 * delta * (test.sum["teacher"] - fitted_sum) + test.n * delta**2
+    return test.teacher_traces() + layout.reduce("teacher", per_column)
+
+
+def teacher_variance(m: Moments) -> np.ndarray:
+    """``(q_t − ‖b_t‖²/n) / (n d_t)`` from the shifted sums (shift invariant): (n_t,)."""
+    widths = np.asarray(m.layout.widths["teacher"], dtype=np.float64)
+    return np.maximum(m.centred_traces("teacher"), 0.0) / (m.n * widths)
+
+
+def centred_norms(m: Moments, side: str) -> np.ndarray:
+    """``‖Ĝ_l‖_F`` for every layer of ``side``."""
+    return np.array([np.linalg.norm(m.gram_of(side, k, True))
+                     for k in range(m.layout.count(side))])
+
+
+def cross_squares(m: Moments) -> np.ndarray:
+    """``‖Ĉ_st‖_F²`` for every pair: (n_s, n_t)."""
+    out = np.empty((m.layout.count("student"), m.layout.count("teacher")))
+    for s in range(out.shape[0]):
+        cross = m.cross_rows(s, centered=True)
+        out[s] = m.layout.reduce("teacher", np.einsum("ij,ij->j", cross, cross))
+    return out
+
+
+def linear_cka(m: Moments, debiased: bool) -> np.ndarray:
+    """Linear CKA of every pair, (n_s, n_t); NaN where a layer has no (estimated) variance.
+
+    Debiased: the unbiased HSIC estimator (Song et al. 2012) in its feature-space
+    form (Kornblith et al. 2019),
+    ``‖Ĉ‖² − n/(n−2) Σ_i r̂^s_i r̂^t_i + tr Ĝ tr Ĥ / ((n−1)(n−2))`` with ``r̂_i`` the
+    squared norm of a centred row: the fourth-order moments at the mean shift.
+    """
+    products = cross_squares(m)
+    norm_s, norm_t = centred_norms(m, "student") ** 2, centred_norms(m, "teacher") ** 2
+    if debiased:
+        n = float(m.n)
+        centre = {side: -m.sum[side] / n for side in ("student", "teacher")}
+        u, q_s, q_t = m.quartic_at(centre)
+        tr_s, tr_t = m.centred_traces("student"), m.centred_traces("teacher")
+        ratio, scale = n / (n - 2.0), 1.0 / ((n - 1.0) * (n - 2.0))
+        products = products - ratio * u + scale * np.outer(tr_s, tr_t)
+        norm_s = norm_s - ratio * q_s + scale * tr_s**2
+        norm_t = norm_t - ratio * q_t + scale * tr_t**2
+    denominator = np.sqrt(np.maximum(norm_s, 0.0))[:, None] * np.sqrt(np.maximum(norm_t, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(denominator > 0, products / denominator, np.nan)

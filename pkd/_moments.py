@@ -1,0 +1,256 @@
+"""Shifted moments of one row set: the additive statistics behind :class:`pkd.AlignmentStats`.
+
+For rows shifted by a fixed vector ``c`` per layer (``x' = x − c``), with 0/1
+row weights ``w`` and ``r_i = ‖x'_i‖²`` the squared norm of a row within its
+layer, :class:`Moments` keeps in float64
+
+* second order: ``n = Σ w``, ``a' = Σ w x'`` (every layer, concatenated),
+  ``G'_l = Σ w x'_l x'_lᵀ`` per layer (upper triangle valid), and
+  ``C' = Σ w x'_S x'_Tᵀ`` for every student × teacher column;
+* fourth order (debiased CKA): ``U_st = Σ w r^s r^t``, ``Q_l = Σ w (r^l)²``,
+  ``V_s→T = Σ w r^s y'`` (every teacher column), ``V_t→S = Σ w r^t x'`` and
+  ``V_l = Σ w r^l x'_l`` (a layer's own columns).
+
+A shift change ``c → c − δ`` (rows ``x' + δ``) maps every statistic to the
+same statistic of the new rows; :func:`shifted_product` is the second-order
+formula, :meth:`Moments.quartic_at` the fourth-order one. Both are written
+once and used for un-shifting (``δ = c``), centring (``δ = −a'/n``) and merging
+(moving two row sets to their combined mean before adding).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def symmetric(upper: np.ndarray) -> np.ndarray:
+    """The full symmetric matrix whose upper triangle (diagonal included) is ``upper``'s."""
+    return np.triu(upper) + np.triu(upper, 1).T
+
+
+def shifted_product(product, sum_x, sum_y, delta_x, delta_y, n: float) -> np.ndarray:
+    """``Σ w (x' + δx)(y' + δy)ᵀ`` from ``Σ w x' y'ᵀ`` and the sums ``Σ w x'``, ``Σ w y'``.
+
+    The one un-shift formula: ``δ = c`` gives the uncentred statistic,
+    ``δ = −a'/n`` the centred one, ``δ = c_old − c_new`` a re-shift.
+    """
+    out = product + np.outer(sum_x, delta_y)
+    out += np.outer(delta_x, sum_y + n * delta_y)
+    return out
+
+
+class Layout:
+    """Widths and column offsets of the student and teacher layers (concatenated features)."""
+
+    def __init__(self, student_widths: tuple[int, ...], teacher_widths: tuple[int, ...]):
+        self.widths = {"student": tuple(student_widths), "teacher": tuple(teacher_widths)}
+        self.offsets = {
+            side: np.concatenate([[0], np.cumsum(w)]).astype(np.int64)
+            for side, w in self.widths.items()
+        }
+        self.total = {side: int(o[-1]) for side, o in self.offsets.items()}
+
+    def block(self, side: str, index: int) -> slice:
+        offsets = self.offsets[side]
+        return slice(int(offsets[index]), int(offsets[index + 1]))
+
+    def count(self, side: str) -> int:
+        return len(self.widths[side])
+
+    def reduce(self, side: str, values: np.ndarray) -> np.ndarray:
+        """Sum ``values`` (..., Σd) over each layer's columns: (..., n_layers)."""
+        return np.add.reduceat(values, self.offsets[side][:-1], axis=-1)
+
+
+_SIDES = ("student", "teacher")
+
+
+class Moments:
+    """The shifted moments of one row set (see the module docstring)."""
+
+    def __init__(self, layout: Layout, shift: dict[str, np.ndarray]):
+        self.layout = layout
+        self.n = 0
+        self.shift = {side: shift[side].copy() for side in _SIDES}
+        self.sum = {side: np.zeros(layout.total[side]) for side in _SIDES}
+        # Fortran order so that scipy's dsyrk/dgemm accumulate in place (beta = 1).
+        self.gram = {side: [np.zeros((d, d), order="F") for d in layout.widths[side]]
+                     for side in _SIDES}
+        # C' in C order: its transpose is the Fortran array dgemm updates.
+        self.cross = np.zeros((layout.total["student"], layout.total["teacher"]))
+        n_s, n_t = layout.count("student"), layout.count("teacher")
+        self.quartic_cross = np.zeros((n_s, n_t))
+        self.quartic = {side: np.zeros(layout.count(side)) for side in _SIDES}
+        self.cubic_cross = {"student": np.zeros((n_s, layout.total["teacher"])),
+                            "teacher": np.zeros((n_t, layout.total["student"]))}
+        self.cubic = {side: np.zeros(layout.total[side]) for side in _SIDES}
+
+    # ------------------------------------------------------------------ accumulation
+
+    def add_chunk(self, xs: np.ndarray, xt: np.ndarray, sum_s: np.ndarray,
+                  sum_t: np.ndarray) -> None:
+        """Add ``m`` shifted rows: ``xs`` (m, Σd_s) and ``xt`` (m, Σd_t), Fortran order.
+
+        ``sum_s``/``sum_t`` are the chunk's column sums (computed by the fill kernel).
+        """
+        from scipy.linalg import blas
+
+        layout = self.layout
+        norms = {}
+        for side, x in (("student", xs), ("teacher", xt)):
+            grams = self.gram[side]
+            squares = np.empty((x.shape[0], len(grams)), order="F")
+            for k in range(len(grams)):
+                block = x[:, layout.block(side, k)]  # Fortran-contiguous (m, d)
+                grams[k] = blas.dsyrk(1.0, block, beta=1.0, c=grams[k], trans=1,
+                                      overwrite_c=True)
+                squares[:, k] = np.einsum("ij,ij->i", block, block)
+                self.cubic[side][layout.block(side, k)] += squares[:, k] @ block
+            norms[side] = squares
+            self.quartic[side] += np.einsum("ij,ij->j", squares, squares)
+        # All n_s·n_t cross products in one GEMM: C'ᵀ += X_Tᵀ X_S.
+        self.cross = blas.dgemm(1.0, xt, xs, beta=1.0, c=self.cross.T, trans_a=True,
+                                overwrite_c=True).T
+        self.quartic_cross += norms["student"].T @ norms["teacher"]
+        self.cubic_cross["student"] += norms["student"].T @ xt
+        self.cubic_cross["teacher"] += norms["teacher"].T @ xs
+        self.sum["student"] += sum_s
+        self.sum["teacher"] += sum_t
+        self.n += xs.shape[0]
+
+    # ------------------------------------------------------------------ shifts
+
+    def quartic_at(self, delta: dict[str, np.ndarray]):
+        """``(U, Q_student, Q_teacher)`` of the rows ``x' + δ`` (the fourth-order shift formula).
+
+        With ``p^l = x'_l·δ_l``, ``α_l = Σ w p^l = a'_l·δ_l``, ``e_l = ‖δ_l‖²`` and
+        ``R_l = tr G'_l``: ``r̃ = r + 2p + e`` and the sums of its products expand
+        into statistics of the current rows (see ``docs/numerics.md``).
+        """
+        layout, n = self.layout, float(self.n)
+        per_layer = {}
+        for side in _SIDES:
+            d = delta[side]
+            alpha = layout.reduce(side, self.sum[side] * d)
+            energy = layout.reduce(side, d * d)
+            trace = np.array([np.trace(g) for g in self.gram[side]])
+            quad = np.array([d[layout.block(side, k)] @ symmetric(g) @ d[layout.block(side, k)]
+                             for k, g in enumerate(self.gram[side])])
+            own = layout.reduce(side, self.cubic[side] * d)
+            per_layer[side] = (alpha, energy, trace, quad, own)
+        quartic = {}
+        for side in _SIDES:
+            alpha, energy, trace, quad, own = per_layer[side]
+            quartic[side] = (self.quartic[side] + 4.0 * own + 2.0 * energy * trace
+                             + 4.0 * quad + 4.0 * energy * alpha + n * energy**2)
+        a_s, e_s, r_s = per_layer["student"][:3]
+        a_t, e_t, r_t = per_layer["teacher"][:3]
+        d_s, d_t = delta["student"], delta["teacher"]
+        s_on_t = layout.reduce("teacher", self.cubic_cross["student"] * d_t)  # Σ r^s p^t
+        t_on_s = layout.reduce("student", self.cubic_cross["teacher"] * d_s).T  # Σ p^s r^t
+        both = layout.reduce("teacher", layout.reduce("student", (self.cross * d_t).T * d_s).T)
+        u = (self.quartic_cross + 2.0 * s_on_t + 2.0 * t_on_s + 4.0 * both
+             + np.outer(r_s + 2.0 * a_s, e_t) + np.outer(e_s, r_t + 2.0 * a_t)
+             + n * np.outer(e_s, e_t))
+        return u, quartic["student"], quartic["teacher"]
+
+    def reshift(self, shift: dict[str, np.ndarray]) -> None:
+        """Re-express the moments (in place) for rows shifted by the new vectors."""
+        layout, n = self.layout, float(self.n)
+        delta = {side: self.shift[side] - shift[side] for side in _SIDES}  # x − new = x' + δ
+        u, q_s, q_t = self.quartic_at(delta)
+        # Third order first: it reads the old second-order statistics.
+        trace = {side: np.array([np.trace(g) for g in self.gram[side]]) for side in _SIDES}
+        alpha = {side: layout.reduce(side, self.sum[side] * delta[side]) for side in _SIDES}
+        energy = {side: layout.reduce(side, delta[side] ** 2) for side in _SIDES}
+        for side, other, cross in (("student", "teacher", self.cross),
+                                   ("teacher", "student", self.cross.T)):
+            d, d_other = delta[side], delta[other]
+            # Σ r̃^l (x'_m + δ_m) for every layer l of `side` and column of `other`.
+            projected = np.stack([d[layout.block(side, k)] @ cross[layout.block(side, k)]
+                                  for k in range(layout.count(side))])
+            self.cubic_cross[side] += (np.outer(trace[side] + 2 * alpha[side] + n * energy[side],
+                                                d_other)
+                                       + 2.0 * projected + np.outer(energy[side],
+                                                                    self.sum[other]))
+            for k, g in enumerate(self.gram[side]):
+                block = layout.block(side, k)
+                self.cubic[side][block] += (
+                    (trace[side][k] + 2 * alpha[side][k] + n * energy[side][k]) * d[block]
+                    + 2.0 * symmetric(g) @ d[block] + energy[side][k] * self.sum[side][block])
+        self.quartic_cross, self.quartic["student"], self.quartic["teacher"] = u, q_s, q_t
+        for side in _SIDES:
+            for k, g in enumerate(self.gram[side]):
+                block = layout.block(side, k)
+                a, d = self.sum[side][block], delta[side][block]
+                self.gram[side][k] = np.asfortranarray(shifted_product(symmetric(g), a, a, d, d, n))
+        self.cross = shifted_product(self.cross, self.sum["student"], self.sum["teacher"],
+                                     delta["student"], delta["teacher"], n)
+        for side in _SIDES:
+            self.sum[side] += n * delta[side]
+            self.shift[side] = shift[side].copy()
+
+    # ------------------------------------------------------------------ combining
+
+    def copy(self) -> Moments:
+        other = Moments.__new__(Moments)
+        other.layout, other.n = self.layout, self.n
+        for name in ("shift", "sum", "quartic", "cubic", "cubic_cross"):
+            setattr(other, name, {k: v.copy() for k, v in getattr(self, name).items()})
+        other.gram = {side: [g.copy(order="F") for g in self.gram[side]] for side in _SIDES}
+        other.cross = self.cross.copy()
+        other.quartic_cross = self.quartic_cross.copy()
+        return other
+
+    def same_shift(self, other: Moments) -> bool:
+        return all(np.array_equal(self.shift[s], other.shift[s]) for s in _SIDES)
+
+    def add(self, other: Moments, sign: float = 1.0) -> None:
+        """Add (``sign = -1``: subtract) moments with the same shift, in place."""
+        self.n += int(sign) * other.n
+        for name in ("sum", "quartic", "cubic", "cubic_cross"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            for key in mine:
+                mine[key] += sign * theirs[key]
+        for side in _SIDES:
+            for k in range(len(self.gram[side])):
+                self.gram[side][k] += sign * other.gram[side][k]
+        self.cross += sign * other.cross
+        self.quartic_cross += sign * other.quartic_cross
+
+    def mean(self) -> dict[str, np.ndarray]:
+        """The column means of the rows (unshifted), every layer concatenated."""
+        return {side: self.shift[side] + self.sum[side] / self.n for side in _SIDES}
+
+    # ------------------------------------------------------------------ getters
+
+    def gram_of(self, side: str, index: int, centered: bool) -> np.ndarray:
+        """``G_l`` (``centered``: ``Ĝ_l``) of one layer, full symmetric, float64."""
+        block = self.layout.block(side, index)
+        a, n = self.sum[side][block], float(self.n)
+        delta = -a / n if centered else self.shift[side][block]
+        return shifted_product(symmetric(self.gram[side][index]), a, a, delta, delta, n)
+
+    def cross_rows(self, s: int, centered: bool) -> np.ndarray:
+        """``C_s·`` (``centered``: ``Ĉ_s·``): student layer ``s`` × every teacher column."""
+        block = self.layout.block("student", s)
+        n = float(self.n)
+        a, b = self.sum["student"][block], self.sum["teacher"]
+        if centered:
+            return shifted_product(self.cross[block], a, b, -a / n, -b / n, n)
+        return shifted_product(self.cross[block], a, b, self.shift["student"][block],
+                               self.shift["teacher"], n)
+
+    def teacher_traces(self) -> np.ndarray:
+        """``tr H'_t`` for every teacher layer (shifted): (n_t,)."""
+        return np.array([np.trace(g) for g in self.gram["teacher"]])
+
+    def teacher_sq_norms(self) -> np.ndarray:
+        """``q_t = Σ w ‖t‖² = tr(H'_t) + 2 c_t·b'_t + n ‖c_t‖²`` for every teacher layer."""
+        c, b, n = self.shift["teacher"], self.sum["teacher"], float(self.n)
+        return self.teacher_traces() + self.layout.reduce("teacher", 2.0 * c * b + n * c * c)
+
+    def centred_traces(self, side: str) -> np.ndarray:
+        """``tr Ĝ_l = tr G'_l − ‖a'_l‖²/n`` (shift invariant, so no cancellation): (n_l,)."""
+        traces = np.array([np.trace(g) for g in self.gram[side]])
+        return traces - self.layout.reduce(side, self.sum[side] ** 2) / self.n
