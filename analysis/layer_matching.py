@@ -128,7 +128,7 @@ def _network(n_in: int, width: int, n_blocks: int, n_classes: int):
             self.blocks = torch.nn.ModuleList(
                 torch.nn.Sequential(torch.nn.Linear(a, b), torch.nn.LayerNorm(b),
                                     torch.nn.ReLU())
-                for a, b in zip(widths[:-1], widths[1:]))
+                for a, b in zip(widths[:-1], widths[1:], strict=True))
             self.head = torch.nn.Linear(width, n_classes)
 
         def hidden_states(self, x):
@@ -243,36 +243,48 @@ def measures(settings: Settings) -> dict[str, dict]:
     return table
 
 
-def layer_matrices(a: np.ndarray, b: np.ndarray, settings: Settings) -> dict[str, np.ndarray]:
-    """Every measure between the layers of two copies, oriented query-by-candidate.
+def similarity_tensors(hidden: np.ndarray, settings: Settings,
+                       log=print) -> dict[str, np.ndarray]:
+    """Every measure between every layer of every copy and every layer of every copy.
+
+    One :class:`pkd.AlignmentStats` per copy (its layers as the students, the
+    layers of all copies as the teachers) and one RBF CKA matrix per bandwidth
+    over all layers, so each solve and each kernel is computed once.
 
     Parameters
     ----------
-    a, b : ndarray, shape (L, N, W), float32
-        The block outputs of copy i (the queries) and copy j (the candidates)
-        on the same N inputs.
+    hidden : ndarray, shape (C, L, N, W), float32
+        The block outputs of ``C`` copies on the same ``N`` inputs.
 
     Returns
     -------
-    dict of str to ndarray, shape (L, L), float64
-        Entry ``[l, m]``: the measure between layer l of ``a`` and layer m of ``b``.
+    dict of str to ndarray, shape (C, L, C, L), float64
+        Entry ``[i, l, j, m]``: the measure between layer l of copy i (the query)
+        and layer m of copy j (a candidate).
     """
     from pkd.cka import rbf_cka_matrix
 
-    forward = AlignmentStats.from_arrays(list(a), list(b), folds=settings.folds)
-    backward = AlignmentStats.from_arrays(list(b), list(a), folds=settings.folds)
-    out = {
-        "relative": forward.relative_min_mse(),
-        # backward's students are b's layers: its transpose has a's layers as rows.
-        "relative-target": backward.relative_min_mse().T,
-        "heldout": forward.relative_min_mse(heldout=True).mean,
-        "heldout-target": backward.relative_min_mse(heldout=True).mean.T,
-        "cka": forward.cka(),
-        "cka-debiased": forward.cka(debiased=True),
-    }
+    n_copies, n_layers = hidden.shape[:2]
+    every_layer = list(hidden.reshape(n_copies * n_layers, *hidden.shape[2:]))
+    shape = (n_layers, n_copies, n_layers)
+    keys = ("relative", "heldout", "cka", "cka-debiased")
+    out = {key: np.empty((n_copies, *shape)) for key in keys}
+    started = time.perf_counter()
+    for i in range(n_copies):
+        stats = AlignmentStats.from_arrays(list(hidden[i]), every_layer, folds=settings.folds)
+        out["relative"][i] = stats.relative_min_mse().reshape(shape)
+        out["heldout"][i] = stats.relative_min_mse(heldout=True).mean.reshape(shape)
+        out["cka"][i] = stats.cka().reshape(shape)
+        out["cka-debiased"][i] = stats.cka(debiased=True).reshape(shape)
+        log(f"  copy {i}: 1 − R², held out, CKA ({time.perf_counter() - started:.1f} s)")
+    # The query as the teacher: copy j's layer m predicts copy i's layer l.
+    out["relative-target"] = out["relative"].transpose(2, 3, 0, 1)
+    out["heldout-target"] = out["heldout"].transpose(2, 3, 0, 1)
     for bandwidth in settings.bandwidths:
-        out[f"rbf-cka-{bandwidth:g}"] = rbf_cka_matrix(list(a), list(b), bandwidth=bandwidth)
-    return out
+        matrix = rbf_cka_matrix(every_layer, every_layer, bandwidth=bandwidth)
+        out[f"rbf-cka-{bandwidth:g}"] = matrix.reshape(n_copies, *shape)
+        log(f"  RBF CKA, bandwidth {bandwidth:g} ({time.perf_counter() - started:.1f} s)")
+    return {key: out[key] for key in measures(settings)}
 
 
 def credit(matrix: np.ndarray, maximize: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -324,54 +336,57 @@ def score_setting(hidden: np.ndarray, settings: Settings, log=print) -> dict:
 
     Parameters
     ----------
-    hidden : ndarray, shape (n_copies, L, N, W), float32
+    hidden : ndarray, shape (C, L, N, W), float32
 
     Returns
     -------
-    dict with, per measure, ``accuracy`` (overall), ``per_layer`` (L,), ``per_pair``
-    (one per ordered pair, in ``pairs`` order), ``tied_queries`` (queries whose best
-    value was shared) and ``chosen`` (L, L): the share of queries at layer l that
-    picked layer m.
+    dict with ``pairs`` (the ordered pairs (i, j), i ≠ j), ``measure_s`` and, per
+    measure: ``accuracy`` (share of the queries matched), ``per_layer`` (L,),
+    ``per_pair`` (one per ordered pair), ``within_one`` (share of queries whose
+    choice is at most one layer away), ``tied_queries`` (queries whose best value
+    was shared), ``undefined_queries`` (queries whose every candidate was NaN,
+    counted as misses), ``chosen`` (L, L: the share of queries at layer l that picked
+    layer m), ``corresponding`` (L,: the measure between layer l of two copies,
+    averaged over the pairs) and ``identity`` (the accuracy of each copy matched
+    against itself, averaged over the copies).
     """
     n_copies, n_layers = hidden.shape[:2]
     table = measures(settings)
-    pairs = [(i, j) for i in range(n_copies) for j in range(n_copies) if i != j]
-    credits = {key: np.zeros((len(pairs), n_layers)) for key in table}
-    chosen = {key: np.zeros((n_layers, n_layers)) for key in table}
-    tied = {key: 0 for key in table}
     started = time.perf_counter()
-    for p, (i, j) in enumerate(pairs):
-        matrices = layer_matrices(hidden[i], hidden[j], settings)
-        for key, spec in table.items():
-            scores, picks = credit(matrices[key], maximize=spec["kind"] == "similarity")
-            credits[key][p] = scores
-            chosen[key] += picks
-            tied[key] += int(np.sum(picks.max(axis=1) < 1.0))
-        if (p + 1) % max(1, len(pairs) // 5) == 0 or p + 1 == len(pairs):
-            log(f"  pair {p + 1}/{len(pairs)} ({time.perf_counter() - started:.1f} s)")
-    return {
-        "pairs": [[i, j] for i, j in pairs],
-        "measure_s": time.perf_counter() - started,
-        "measures": {
-            key: {
-                **table[key],
-                "accuracy": float(credits[key].mean()),
-                "per_layer": credits[key].mean(axis=0).tolist(),
-                "per_pair": credits[key].mean(axis=1).tolist(),
-                "tied_queries": tied[key],
-                "chosen": (chosen[key] / len(pairs)).tolist(),
-            }
-            for key in table
-        },
-    }
-
-
-def identity_accuracy(hidden_copy: np.ndarray, settings: Settings) -> dict[str, float]:
-    """Each measure's accuracy when a copy is matched against itself (a sanity floor)."""
-    table = measures(settings)
-    matrices = layer_matrices(hidden_copy, hidden_copy, settings)
-    return {key: float(credit(matrices[key], spec["kind"] == "similarity")[0].mean())
-            for key, spec in table.items()}
+    tensors = similarity_tensors(hidden, settings, log=log)
+    pairs = [(i, j) for i in range(n_copies) for j in range(n_copies) if i != j]
+    offset = np.abs(np.subtract.outer(np.arange(n_layers), np.arange(n_layers)))
+    results = {}
+    for key, spec in table.items():
+        maximize = spec["kind"] == "similarity"
+        tensor = tensors[key]
+        credits = np.zeros((len(pairs), n_layers))
+        chosen = np.zeros((n_layers, n_layers))
+        corresponding = np.zeros(n_layers)
+        tied = undefined = 0
+        for p, (i, j) in enumerate(pairs):
+            scores, picks = credit(tensor[i, :, j, :], maximize)
+            credits[p] = scores
+            chosen += picks
+            tied += int(np.sum((picks.max(axis=1) < 1.0) & (picks.sum(axis=1) > 0)))
+            undefined += int(np.sum(picks.sum(axis=1) == 0))
+            corresponding += np.diag(tensor[i, :, j, :])
+        identity = [credit(tensor[i, :, i, :], maximize)[0].mean() for i in range(n_copies)]
+        chosen /= len(pairs)
+        results[key] = {
+            **spec,
+            "accuracy": float(credits.mean()),
+            "per_layer": credits.mean(axis=0).tolist(),
+            "per_pair": credits.mean(axis=1).tolist(),
+            "within_one": float(chosen[offset <= 1].sum() / n_layers),
+            "tied_queries": tied,
+            "undefined_queries": undefined,
+            "chosen": chosen.tolist(),
+            "corresponding": (corresponding / len(pairs)).tolist(),
+            "identity": float(np.mean(identity)),
+        }
+    return {"pairs": [[i, j] for i, j in pairs],
+            "measure_s": time.perf_counter() - started, "measures": results}
 
 
 # --------------------------------------------------------------------------- run
@@ -392,9 +407,8 @@ def run(settings: Settings, cache: Path | None, log=print) -> dict:
         for name, states in settings_rows.items():
             log(f"{name}: {states.shape[2]} rows × width {width}, "
                 f"{n_copies * (n_copies - 1)} ordered pairs × {n_layers} layers")
-            results[name] = {"n_rows": int(states.shape[2]), **score_setting(states, settings,
-                                                                            log=log)}
-        identity = identity_accuracy(hidden[0], settings)
+            results[name] = {"n_rows": int(states.shape[2]),
+                             **score_setting(states, settings, log=log)}
     return {
         "settings": {**settings.as_dict(), "n_train": copies["n_train"],
                      "n_test": copies["n_test"], "copy_seeds": copies["copy_seeds"],
@@ -402,7 +416,6 @@ def run(settings: Settings, cache: Path | None, log=print) -> dict:
         "copies": {"test_accuracy": copies["accuracy"].tolist(),
                    "hidden_dtype": str(hidden.dtype), "n_layers": n_layers, "width": width},
         "results": results,
-        "identity_accuracy": identity,
         "kornblith_2019": KORNBLITH,
         "timing_s": {"train": round(copies["train_s"], 2),
                      **{f"measures_{k}": round(v["measure_s"], 2) for k, v in results.items()},
@@ -476,9 +489,10 @@ def markdown(result: dict) -> str:
         f"second copy is the same layer ({n_pairs * n_layers} queries per setting; "
         "ties earn 1/k). Hidden states: the block outputs on held-out images, float32.",
         "",
-        f"| measure | accuracy (%), {main['n_rows']} rows | accuracy (%), {few['n_rows']} rows "
+        f"| measure | accuracy (%), {main['n_rows']} rows | within one layer (%), "
+        f"{main['n_rows']} rows | accuracy (%), {few['n_rows']} rows "
         "| Kornblith et al. 2019, Table 2 (%) |",
-        "|---|---|---|---|",
+        "|---|---|---|---|---|",
     ]
     for key, row in main["measures"].items():
         reference = result["kornblith_2019"].get(key)
@@ -487,6 +501,7 @@ def markdown(result: dict) -> str:
         ties = (f" ({few['measures'][key]['tied_queries']} tied)"
                 if few["measures"][key]["tied_queries"] else "")
         lines.append(f"| {row['label']} (`{key}`) | {_percent(row['accuracy'])} "
+                     f"| {_percent(row['within_one'])} "
                      f"| {_percent(few['measures'][key]['accuracy'])}{ties} "
                      f"| {reference or '–'} |")
     lines += [
@@ -497,13 +512,14 @@ def markdown(result: dict) -> str:
         "direction of `pkd analyze --mapping optimal`, where a student layer is mapped "
         "onto teacher layers). *Teacher side*: the query layer is predicted from each "
         "layer of the other copy (linear regression in Kornblith et al. fits one "
-        "network's layer from the other's). CKA is symmetric.",
+        "network's layer from the other's). CKA is symmetric. *Within one layer*: the "
+        "share of queries whose choice is the corresponding layer or a neighbour.",
         "",
         "![accuracy per measure](layer_matching.png)",
         "",
         f"## Per layer ({main['n_rows']} rows)",
         "",
-        "| measure | " + " | ".join(str(l) for l in range(n_layers)) + " |",
+        "| measure | " + " | ".join(str(layer) for layer in range(n_layers)) + " |",
         "|---|" + "---|" * n_layers,
     ]
     for key, row in main["measures"].items():
@@ -512,12 +528,12 @@ def markdown(result: dict) -> str:
         "",
         f"## Per layer ({few['n_rows']} rows)",
         "",
-        "| measure | " + " | ".join(str(l) for l in range(n_layers)) + " |",
+        "| measure | " + " | ".join(str(layer) for layer in range(n_layers)) + " |",
         "|---|" + "---|" * n_layers,
     ]
     for key, row in few["measures"].items():
         lines.append(f"| `{key}` | " + " | ".join(_percent(v) for v in row["per_layer"]) + " |")
-    identity = result["identity_accuracy"]
+    identity = {key: row["identity"] for key, row in main["measures"].items()}
     lines += [
         "",
         "![which layer each measure picked](choices.png)",
@@ -534,7 +550,7 @@ def markdown(result: dict) -> str:
         + ", ".join(f"{b:g}" for b in s["bandwidths"]) + " × the median pairwise distance "
         "(each layer its own).",
         f"- Ties: values within {s['tie_tolerance']:g} of the best count as tied.",
-        "- A copy against itself (identity check, copy 0, all rows): "
+        "- Each copy against itself (identity check, all rows, mean over the copies): "
         + ", ".join(f"`{k}` {_percent(v)}%" for k, v in identity.items()) + ".",
         f"- Wall time: {result['timing_s']['total']:.1f} s (training "
         f"{result['timing_s']['train']:.1f} s; measures "
@@ -568,7 +584,7 @@ def build_figure(result: dict):
         ax.bar(x + offset, values, width=0.4, color=[colours[k] for k in keys],
                alpha=0.9 if hatch is None else 0.45, hatch=hatch, edgecolor="black",
                linewidth=0.5, label=f"{setting['n_rows']} rows")
-        for xi, v in zip(x + offset, values):
+        for xi, v in zip(x + offset, values, strict=True):
             ax.annotate(f"{v:.0f}", (xi, v), xytext=(0, 2), textcoords="offset points",
                         ha="center", va="bottom", fontsize="x-small")
     ax.axhline(100.0 / n_layers, color="0.3", linestyle=":", linewidth=1.0)
