@@ -100,3 +100,31 @@ def test_tiny_run_writes_its_files_and_shares(tmp_path, monkeypatch):
             assert setting["measures"][key]["identity"] == 1.0, key
     assert stored == json.loads(json.dumps(result))
     assert "| linear CKA (`cka`) |" in (out / "layer_matching.md").read_text()
+
+
+def _plain_linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    x = x.astype(np.float64) - x.mean(axis=0)
+    y = y.astype(np.float64) - y.mean(axis=0)
+    return float(np.linalg.norm(x.T @ y) ** 2
+                 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
+
+
+def _plain_relative(student: np.ndarray, teacher: np.ndarray) -> float:
+    """1 − R² of the least-squares map student → teacher (no intercept, centred variance)."""
+    s, t = student.astype(np.float64), teacher.astype(np.float64)
+    projection = np.linalg.lstsq(s, t, rcond=1e-6)[0]
+    return float(np.sum((s @ projection - t) ** 2) / np.sum((t - t.mean(axis=0)) ** 2))
+
+
+def test_tensor_entries_are_the_measures_of_the_layers_they_name(tiny_copies):
+    hidden, settings = tiny_copies
+    tensors = lm.similarity_tensors(hidden, settings, log=lambda _: None)
+    for i, q, j, m in [(0, 0, 1, 2), (1, 2, 0, 1), (0, 1, 0, 2)]:
+        query, candidate = hidden[i, q], hidden[j, m]
+        assert tensors["cka"][i, q, j, m] == pytest.approx(
+            _plain_linear_cka(query, candidate), rel=1e-6)
+        # Student side: the query predicts the candidate; teacher side: the reverse.
+        assert tensors["relative"][i, q, j, m] == pytest.approx(
+            _plain_relative(query, candidate), rel=1e-3)
+        assert tensors["relative-target"][i, q, j, m] == pytest.approx(
+            _plain_relative(candidate, query), rel=1e-3)
