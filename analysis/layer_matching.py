@@ -613,18 +613,26 @@ def build_figure(result: dict):
         values = [100.0 * setting["measures"][k]["accuracy"] for k in keys]
         ax.bar(x + offset, values, width=0.4, color=[colours[k] for k in keys],
                alpha=0.9 if hatch is None else 0.45, hatch=hatch, edgecolor="black",
-               linewidth=0.5, label=f"{setting['n_rows']} rows")
+               linewidth=0.5)
         for xi, v in zip(x + offset, values, strict=True):
             ax.annotate(f"{v:.0f}", (xi, v), xytext=(0, 2), textcoords="offset points",
                         ha="center", va="bottom", fontsize="x-small")
     ax.axhline(100.0 / n_layers, color="0.3", linestyle=":", linewidth=1.0)
-    ax.annotate(f"chance (1/{n_layers})", (x[-1] + 0.45, 100.0 / n_layers),
-                xytext=(0, 2), textcoords="offset points", ha="right", fontsize="x-small")
     ax.set_xticks(x, labels=[k.replace("-", "-\n", 1) for k in keys], fontsize="small")
     ax.set_ylim(0, 110)
     ax.set_ylabel("queries whose most similar layer is the corresponding one (%)")
-    ax.set_title(f"Layer matching accuracy per measure (width {width})", fontsize="medium")
-    ax.legend(fontsize="small", loc="lower left")
+    n_copies = len(result["copies"]["test_accuracy"])
+    ax.set_title(f"Layer matching accuracy per measure ({n_copies} copies, {n_layers} blocks "
+                 f"of width {width})", fontsize="medium")
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(facecolor="0.5", edgecolor="black", label=f"{main['n_rows']} rows"),
+                       Patch(facecolor="0.85", edgecolor="black", hatch="//",
+                             label=f"{few['n_rows']} rows"),
+                       Line2D([], [], color="0.3", linestyle=":",
+                              label=f"chance (1/{n_layers})")],
+              fontsize="small", loc="upper left")
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     layers = np.arange(n_layers)
@@ -639,7 +647,7 @@ def build_figure(result: dict):
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"Per layer, {setting['n_rows']} rows", fontsize="medium")
         ax.grid(True, alpha=0.3)
-    axes["few_rows"].legend(fontsize="x-small", loc="lower left", ncols=2)
+    axes["all_rows"].legend(fontsize="x-small", loc="upper center", ncols=2)
     return fig
 
 
