@@ -7,6 +7,10 @@ the BLAS calls of :meth:`pkd._moments.Moments.add_chunk` read without a copy.
 
 from __future__ import annotations
 
+import contextlib
+import numbers
+from collections.abc import Sequence
+
 import numpy as np
 
 from ._validation import (
@@ -15,9 +19,45 @@ from ._validation import (
     check_float_array,
     check_mask,
     check_paired,
+    check_positive_int,
 )
 
 _SIDES = ("student", "teacher")
+
+
+def check_widths(widths, name: str) -> tuple[int, ...]:
+    if isinstance(widths, (str, bytes)) or not isinstance(widths, (Sequence, np.ndarray)):
+        raise TypeError(f"{name} must be a sequence of layer widths (ints), got {widths!r}")
+    if len(widths) == 0:
+        raise ValueError(f"{name} is empty: give one width per layer")
+    return tuple(check_positive_int(w, f"{name}[{k}]") for k, w in enumerate(widths))
+
+
+def check_folds(folds) -> int:
+    """``None`` → 1 (no folds); otherwise an int >= 2."""
+    if folds is None:
+        return 1
+    if isinstance(folds, (bool, np.bool_)) or not isinstance(folds, numbers.Integral):
+        raise TypeError(f"folds must be an int >= 2 or None, got {folds!r}")
+    if folds < 2:
+        raise ValueError(
+            f"folds must be >= 2 (fit on k − 1 folds, score on the other), got {folds}; "
+            "pass folds=None for in-sample statistics only"
+        )
+    return int(folds)
+
+
+def check_constant(constant) -> str:
+    if constant not in ("nan", "raise"):
+        raise ValueError(f"constant must be 'nan' or 'raise', got {constant!r}")
+    return constant
+
+
+def coarser(a, b):
+    """The coarser of two float dtypes (None: unknown, the other wins)."""
+    if a is None or b is None:
+        return b if a is None else a
+    return a if a.itemsize <= b.itemsize else b
 
 
 def prepare(layout, student_layers, teacher_layers, mask, check_finite: bool, block_rows: int):
@@ -139,3 +179,74 @@ class ChunkBuffers:
         sum_s = self.fill("student", students, moments.shift["student"], rows, xs)
         sum_t = self.fill("teacher", teachers, moments.shift["teacher"], rows, xt)
         moments.add_chunk(xs, xt, sum_s, sum_t)
+
+
+def accumulate_chunks(stats, chunks, check_finite: bool, progress: bool) -> None:
+    """``stats.update`` on every ``(student_layers, teacher_layers[, mask])`` of ``chunks``."""
+    iterator = iter(chunks)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, unit="chunk", desc="alignment statistics")
+    count = 0
+    for k, chunk in enumerate(iterator):
+        if not isinstance(chunk, (tuple, list)) or len(chunk) not in (2, 3):
+            raise TypeError(
+                f"chunks[{k}] must be a tuple (student_layers, teacher_layers) or "
+                f"(student_layers, teacher_layers, mask), got {type(chunk).__name__}"
+                + (f" of length {len(chunk)}" if isinstance(chunk, (tuple, list)) else "")
+            )
+        try:
+            stats.update(chunk[0], chunk[1], chunk[2] if len(chunk) == 3 else None,
+                         check_finite=check_finite)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"chunks[{k}]: {error}") from error
+        count += 1
+    if count == 0:
+        raise ValueError("chunks is empty: there is nothing to accumulate")
+
+
+def check_same_layers(first, second) -> None:
+    """Two :class:`pkd.AlignmentStats` hold the same layer widths (to merge them)."""
+    if (first.student_widths, first.teacher_widths) != (second.student_widths,
+                                                        second.teacher_widths):
+        raise ValueError(
+            "cannot merge statistics of different layers: "
+            f"{first.n_student} student layers of widths {first.student_widths} and "
+            f"{first.n_teacher} teacher layers of widths {first.teacher_widths}, vs "
+            f"{second.n_student} student layers of widths {second.student_widths} and "
+            f"{second.n_teacher} teacher layers of widths {second.teacher_widths}"
+        )
+
+
+def check_heldout(n_folds: int, fold_rows, examples: int) -> None:
+    """Held-out estimates need folds, each holding rows."""
+    if n_folds == 1:
+        raise ValueError(
+            "heldout=True needs statistics accumulated with folds=k (k >= 2), e.g. "
+            "AlignmentStats.from_arrays(..., folds=5); these have no folds"
+        )
+    empty = [f for f, n in enumerate(fold_rows) if n == 0]
+    if empty:
+        raise ValueError(
+            f"fold(s) {empty} of folds={n_folds} hold no rows: there are fewer examples "
+            f"({examples}) than folds, or the mask leaves none in them; use fewer folds "
+            "or more rows"
+        )
+
+
+@contextlib.contextmanager
+def row_bar(student_layers, show: bool):
+    """A tqdm bar over the rows of the layers (None when not shown)."""
+    if not show:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    first = as_layers(student_layers, "student_layers")[0]
+    bar = tqdm(total=int(np.prod(np.shape(first)[:-1])), unit="row",
+               desc="alignment statistics")
+    try:
+        yield bar
+    finally:
+        bar.close()

@@ -17,20 +17,23 @@ from .closed_form import Solver
 NEAR_EXACT_FIT = 1e-6
 
 
-def basis_times_cross(m: Moments, basis: np.ndarray, s: int) -> np.ndarray:
+def basis_times_cross(m: Moments, basis: np.ndarray, s: int,
+                      shifted: np.ndarray | None = None) -> np.ndarray:
     """``basisᵀ C_s·`` for every teacher column, (k, Σd_t), without forming ``C_s·``.
 
     ``C_s· = C'_s· + a'_s c_tᵀ + c_s (b' + n c_t)ᵀ``: one GEMM on the contiguous
-    rows of ``C'`` and a rank-2 update (all in scipy's BLAS, one thread pool).
+    rows of ``C'`` (or ``shifted = basisᵀ C'_s·`` if already computed) and a
+    rank-2 update, all in scipy's BLAS (one thread pool).
     """
     from scipy.linalg import blas
 
     block = m.layout.block("student", s)
     c_s, c_t = m.shift["student"][block], m.shift["teacher"]
-    z = blas.dgemm(1.0, basis, m.cross[block].T, trans_a=True, trans_b=True)
+    if shifted is None:
+        shifted = blas.dgemm(1.0, basis, m.cross[block].T, trans_a=True, trans_b=True)
     left = blas.dgemm(1.0, basis, np.column_stack([m.sum["student"][block], c_s]), trans_a=True)
     right = np.asfortranarray(np.vstack([c_t, m.sum["teacher"] + float(m.n) * c_t]))
-    return blas.dgemm(1.0, left, right, beta=1.0, c=z, overwrite_c=True)
+    return blas.dgemm(1.0, left, right, beta=1.0, c=shifted.copy(order="F"), overwrite_c=True)
 
 
 def residual_sum(m: Moments, s: int, t: int, P: np.ndarray) -> float:
@@ -61,11 +64,9 @@ def min_residuals(m: Moments, s: int, solver: Solver) -> np.ndarray:
     residual = q - layout.reduce("teacher", explained)
     # q − explained cancels when the fit is nearly exact: those pairs are recomputed from
     # P* in the shifted coordinates of residual_sum.
-    near_exact = np.flatnonzero(residual < NEAR_EXACT_FIT * q)
-    for t in near_exact:
+    for t in np.flatnonzero(residual < NEAR_EXACT_FIT * q):
         block = layout.block("teacher", t)
-        cross = solver.basis.T @ m.cross_rows(s, False)[:, block]
-        P = solver.basis @ (cross * solver.inverse[:, None])
+        P = solver.basis @ (z[:, block] * solver.inverse[:, None])
         residual[t] = residual_sum(m, s, t, P)
     return residual
 
@@ -85,17 +86,25 @@ def heldout_residuals(total: Moments, test: Moments, s: int, solver: Solver) -> 
     ``P = B Z`` with ``Z = diag(inverse) Bᵀ C_train``; the residual on the test rows
     is :func:`residual_sum`'s formula, evaluated for every teacher column at once.
     """
+    from scipy.linalg import blas
+
     layout = test.layout
     basis = solver.basis
     block = layout.block("student", s)
     c_s, c_t = test.shift["student"][block], test.shift["teacher"]
     if solver.rank == 0:
         return test.teacher_sq_norms()
-    train_cross = basis_times_cross(total, basis, s) - basis_times_cross(test, basis, s)
-    z = train_cross * solver.inverse[:, None]
-    shifted_cross = basis.T @ test.cross[block]  # Bᵀ C'_test
-    w = basis.T @ symmetric(test.gram["student"][s]) @ basis
-    quad = np.einsum("ij,ij->j", z, w @ z - 2.0 * shifted_cross)
+    w = basis.T @ symmetric(test.gram["student"][s]) @ basis  # Bᵀ G'_test B
+    ridge_free = bool(np.all(solver.inverse == 1.0))
+    if ridge_free:
+        # Rotate B (still G_train-orthonormal) to diagonalise W: tr(PᵀG'P) needs no GEMM.
+        w, rotation = np.linalg.eigh(w)
+        basis = basis @ rotation
+    shifted_test = blas.dgemm(1.0, basis, test.cross[block].T, trans_a=True, trans_b=True)
+    z = (basis_times_cross(total, basis, s)
+         - basis_times_cross(test, basis, s, shifted_test)) * solver.inverse[:, None]
+    quad = (w[:, None] * z if ridge_free else w @ z) - 2.0 * shifted_test
+    quad = np.einsum("ij,ij->j", z, quad)
     delta = c_t - z.T @ (basis.T @ c_s)
     fitted_sum = z.T @ (basis.T @ test.sum["student"][block])
     per_column = quad + 2.0 * delta * (test.sum["teacher"] - fitted_sum) + test.n * delta**2
@@ -123,7 +132,7 @@ def cross_squares(m: Moments) -> np.ndarray:
     return out
 
 
-def linear_cka(m: Moments, debiased: bool) -> np.ndarray:
+def linear_cka(m: Moments, debiased: bool, constant: str = "nan") -> np.ndarray:
     """Linear CKA of every pair, (n_s, n_t); NaN where a layer has no (estimated) variance.
 
     Debiased: the unbiased HSIC estimator (Song et al. 2012) in its feature-space
@@ -144,4 +153,45 @@ def linear_cka(m: Moments, debiased: bool) -> np.ndarray:
         norm_t = norm_t - ratio * q_t + scale * tr_t**2
     denominator = np.sqrt(np.maximum(norm_s, 0.0))[:, None] * np.sqrt(np.maximum(norm_t, 0.0))
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(denominator > 0, products / denominator, np.nan)
+        values = np.where(denominator > 0, products / denominator, np.nan)
+    if constant == "raise" and np.isnan(values).any():
+        s, t = np.argwhere(np.isnan(values))[0]
+        raise ValueError(
+            f"cka: the pair (student {s}, teacher {t}) is undefined: a layer is constant "
+            "over the rows used (or, debiased, too few rows to estimate its variance); "
+            "drop it, or pass constant='nan'"
+        )
+    return values
+
+
+def residuals(total: Moments, folds, ridge: float, cutoffs) -> np.ndarray:
+    """Best residual sums of every pair: (n_s, n_t) in-sample (``folds`` None), else
+    (k, n_s, n_t) on each held-out fold with ``P`` fitted on the other folds."""
+    n_s = total.layout.count("student")
+    if folds is None:
+        return np.stack([min_residuals(total, s, Solver(total.gram_of("student", s, False),
+                                                        ridge, cutoffs[s]))
+                         for s in range(n_s)])
+    out = np.empty((len(folds), n_s, total.layout.count("teacher")))
+    for f, test in enumerate(folds):
+        for s in range(n_s):
+            solver = Solver(difference_gram(total, test, s), ridge, cutoffs[s])
+            out[f, s] = heldout_residuals(total, test, s, solver)
+    return out
+
+
+def relative(m: Moments, residual: np.ndarray, constant: str, what: str) -> np.ndarray:
+    """``residual / (n d_t var_t)`` (1 − R²) with the teacher variance of ``m``; NaN (or a
+    ValueError, ``constant="raise"``) for a constant teacher layer."""
+    variance = teacher_variance(m)
+    if constant == "raise" and not np.all(variance > 0):
+        layers = np.flatnonzero(~(variance > 0)).tolist()
+        raise ValueError(
+            f"{what}: teacher layer(s) {layers} are constant over the rows used (variance "
+            "0), so the measure is undefined for them; drop those layers, or pass "
+            "constant='nan' to get NaN there"
+        )
+    widths = np.asarray(m.layout.widths["teacher"], dtype=np.float64)
+    mse = np.maximum(residual, 0.0) / (m.n * widths)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(variance > 0, mse / variance, np.nan)

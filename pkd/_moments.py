@@ -148,7 +148,10 @@ class Moments:
         d_s, d_t = delta["student"], delta["teacher"]
         s_on_t = layout.reduce("teacher", self.cubic_cross["student"] * d_t)  # Σ r^s p^t
         t_on_s = layout.reduce("student", self.cubic_cross["teacher"] * d_s).T  # Σ p^s r^t
-        both = layout.reduce("teacher", layout.reduce("student", (self.cross * d_t).T * d_s).T)
+        # δ_sᵀ C'_st δ_t: one pass over C' (a GEMV per student layer).
+        both = np.stack([layout.reduce("teacher", (d_s[layout.block("student", k)]
+                                                    @ self.cross[layout.block("student", k)])
+                                       * d_t) for k in range(layout.count("student"))])
         u = (self.quartic_cross + 2.0 * s_on_t + 2.0 * t_on_s + 4.0 * both
              + np.outer(r_s + 2.0 * a_s, e_t) + np.outer(e_s, r_t + 2.0 * a_t)
              + n * np.outer(e_s, e_t))
@@ -241,6 +244,11 @@ class Moments:
         return shifted_product(self.cross[block], a, b, self.shift["student"][block],
                                self.shift["teacher"], n)
 
+    def sum_of(self, side: str, index: int) -> np.ndarray:
+        """The unshifted sum ``Σ w x`` of one layer."""
+        block = self.layout.block(side, index)
+        return self.sum[side][block] + self.n * self.shift[side][block]
+
     def teacher_traces(self) -> np.ndarray:
         """``tr H'_t`` for every teacher layer (shifted): (n_t,)."""
         return np.array([np.trace(g) for g in self.gram["teacher"]])
@@ -254,3 +262,25 @@ class Moments:
         """``tr Ĝ_l = tr G'_l − ‖a'_l‖²/n`` (shift invariant, so no cancellation): (n_l,)."""
         traces = np.array([np.trace(g) for g in self.gram[side]])
         return traces - self.layout.reduce(side, self.sum[side] ** 2) / self.n
+
+
+def merge_folds(first: list[Moments], second: list[Moments]) -> list[Moments]:
+    """Fold-wise sums of two lists of moments (each list sharing one shift), as new moments.
+
+    Different shifts are first moved to the combined mean (no cancellation,
+    whatever the two shifts: Chan et al.'s pairwise update).
+    """
+    merged, addend = [m.copy() for m in first], second
+    if not first[0].same_shift(second[0]):
+        n_a, n_b = float(sum(m.n for m in first)), float(sum(m.n for m in second))
+        mean = {}
+        for side in _SIDES:
+            sums = [sum(m.sum[side] for m in ms) + n * ms[0].shift[side]
+                    for ms, n in ((first, n_a), (second, n_b))]
+            mean[side] = (sums[0] + sums[1]) / (n_a + n_b)
+        addend = [m.copy() for m in second]
+        for moments in merged + addend:
+            moments.reshift(mean)
+    for mine, theirs in zip(merged, addend, strict=True):
+        mine.add(theirs)
+    return merged

@@ -1,4 +1,14 @@
-"""Plain-array form of :class:`pkd.AlignmentStats` (``to_dict``/``from_dict``, Dask transport)."""
+"""Plain-array form of :class:`pkd.AlignmentStats` (``to_dict``/``from_dict``, Dask transport).
+
+Format 2: ``format_version``, ``student_widths``, ``teacher_widths``, ``folds``
+(0 for none), ``examples`` (the next example index of the fold rule),
+``student_dtype_bits``/``teacher_dtype_bits`` (32 or 64 per layer, 0 if
+unknown), the shared ``student_shift``/``teacher_shift``, and per fold
+(leading axis of length k, 1 without folds) every shifted moment of
+:class:`pkd._moments.Moments`: ``n_rows``, sums, ``cross_gram``,
+``student_gram_{s}``/``teacher_gram_{t}`` (full symmetric), and the
+fourth-order ``quartic_cross``, ``*_quartic``, ``*_cubic_cross``, ``*_cubic``.
+"""
 
 from __future__ import annotations
 
@@ -57,8 +67,10 @@ def _set(m: Moments, key: str, value: np.ndarray) -> None:
              "cubic": m.cubic}[name][side] = value.copy()
 
 
-def pack(layout: Layout, folds: list[Moments], bits: dict, version: int, *, folds_k: int,
+def pack(layout: Layout, folds: list[Moments], dtypes: dict, version: int, *, folds_k: int,
          examples: int) -> dict[str, np.ndarray]:
+    bits = {side: np.array([0 if d is None else 8 * d.itemsize for d in dtypes[side]],
+                           dtype=np.int64) for side in _SIDES}
     data = {
         "format_version": np.asarray(version, dtype=np.int64),
         "student_widths": np.asarray(layout.widths["student"], dtype=np.int64),
@@ -76,7 +88,7 @@ def pack(layout: Layout, folds: list[Moments], bits: dict, version: int, *, fold
 
 
 def unpack(data: Mapping, version: int, check_widths):
-    """``(layout, folds, bits, k, examples)`` from :func:`pack`'s arrays, checked."""
+    """``(layout, folds, dtypes, k, examples)`` from :func:`pack`'s arrays, checked."""
 
     def get(key):
         try:
@@ -115,7 +127,7 @@ def unpack(data: Mapping, version: int, check_widths):
         if value.shape != (layout.count(side),) or not np.isin(value, (0, 32, 64)).all():
             raise ValueError(f"data['{side}_dtype_bits'] must hold 0, 32 or 64 per {side} "
                              f"layer, got {value!r}")
-        bits[side] = value.tolist()
+        bits[side] = [None if b == 0 else np.dtype(f"float{b}") for b in value.tolist()]
     shift = {}
     for side in _SIDES:
         shift[side] = _checked(get(f"{side}_shift"), f"{side}_shift", (layout.total[side],))

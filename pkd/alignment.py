@@ -1,48 +1,36 @@
 """Streaming alignment statistics between every student and every teacher layer.
 
 :class:`AlignmentStats` reads the hidden states once, in chunks of rows, and
-keeps in float64, for every (student layer ``s``, teacher layer ``t``) pair,
-the statistics of ``docs/numerics.md``::
+keeps in float64 the Gram statistics of every (student layer, teacher layer)
+pair (``G_s = SᵀWS``, ``H_t = TᵀWT``, ``C_st = SᵀWT``, the sums, ``n_w``; ``W``
+the 0/1 weights of a mask) plus the per-row norm products of debiased CKA,
+in shifted coordinates (:mod:`pkd._moments`). From them alone: the
+best-reachable loss, in-sample or held out over folds, linear CKA (plain or
+debiased), closed-form projections and the loss of any projection. Statistics
+of disjoint row sets merge exactly (``+``). ``docs/numerics.md`` has the algebra.
 
-    G_s = Sᵀ W S   a_s = Sᵀ w   H_t = Tᵀ W T   b_t = Tᵀ w   C_st = Sᵀ W T   n_w = Σ_i w_i
-
-(``w`` the 0/1 row weights of a mask) plus per-row norm products for the
-debiased CKA. From them alone, with no second pass over the rows: the
-best-reachable loss (:meth:`~AlignmentStats.min_mse`,
-:meth:`~AlignmentStats.relative_min_mse`), in-sample or held out over folds,
-linear CKA (plain or debiased), closed-form projections and the exact loss of
-any projection (:meth:`~AlignmentStats.pair_loss`).
-
-Rows are accumulated shifted by a per-layer vector close to their mean
-(:mod:`pkd._moments`), so that centred statistics do not cancel; statistics of
-disjoint row sets merge exactly (:meth:`~AlignmentStats.merge`, ``+``).
-
-The closed form (:mod:`pkd.closed_form`) keeps only the directions the data's
-precision supports: singular values of ``S`` above ``cutoff·σ₁``, with the
-default cutoff set by the hidden states' dtype (``1e-6`` for float32,
-``2e-15`` for float64, as ``numpy.linalg.lstsq(rcond=cutoff)``), because a
-fit on rounding noise reports a loss no student in that dtype can reach. The
-statistics therefore remember each layer's dtype; merging mixed dtypes keeps
-the coarser.
+The closed form (:mod:`pkd.closed_form`) keeps only what the data's precision
+supports (singular values above ``cutoff·σ₁``, as ``lstsq(rcond=cutoff)``, with
+``1e-6`` for float32 hidden states and ``2e-15`` for float64), so the
+statistics remember each layer's dtype; a merge of mixed dtypes keeps the
+coarser. A fit on rounding noise would report a loss no student can reach.
 
 Folds (``folds=k``): example ``i`` (a row of 2-D input, a sequence of 3-D
-input, counted across updates) goes to fold ``i mod k``, whatever the chunking;
-each fold keeps its own statistics and the totals are their merge. Held-out
-estimates fit on ``k − 1`` folds and score on the remaining one with the same
-algebra (:class:`FoldEstimate`).
+input, counted across updates) goes to fold ``i mod k`` whatever the
+chunking; the totals are the merge of the folds, and held-out estimates fit on
+``k − 1`` folds and score on the other with the same algebra.
 """
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 import numpy as np
 
 from . import _accumulate, _estimates, _moments
 from ._validation import (
-    as_layers,
     check_bool,
     check_layer_index,
     check_nonnegative,
@@ -63,38 +51,6 @@ class FoldEstimate(NamedTuple):
 
     mean: np.ndarray
     std: np.ndarray
-
-
-def _check_widths(widths, name: str) -> tuple[int, ...]:
-    if isinstance(widths, (str, bytes)) or not isinstance(widths, (Sequence, np.ndarray)):
-        raise TypeError(f"{name} must be a sequence of layer widths (ints), got {widths!r}")
-    if len(widths) == 0:
-        raise ValueError(f"{name} is empty: give one width per layer")
-    return tuple(check_positive_int(w, f"{name}[{k}]") for k, w in enumerate(widths))
-
-
-def _check_folds(folds) -> int:
-    """``None`` → 1 (no folds); otherwise an int >= 2."""
-    if folds is None:
-        return 1
-    if isinstance(folds, (bool, np.bool_)) or not isinstance(folds, numbers.Integral):
-        raise TypeError(f"folds must be an int >= 2 or None, got {folds!r}")
-    if folds < 2:
-        raise ValueError(
-            f"folds must be >= 2 (fit on k − 1 folds, score on the other), got {folds}; "
-            "pass folds=None for in-sample statistics only"
-        )
-    return int(folds)
-
-
-def _check_constant(constant) -> str:
-    if constant not in ("nan", "raise"):
-        raise ValueError(f"constant must be 'nan' or 'raise', got {constant!r}")
-    return constant
-
-
-def _coarser(a: np.dtype, b: np.dtype) -> np.dtype:
-    return a if a.itemsize <= b.itemsize else b
 
 
 class AlignmentStats:
@@ -129,7 +85,7 @@ class AlignmentStats:
     def __init__(self, student_widths=None, teacher_widths=None, *,
                  chunk_rows: int = DEFAULT_CHUNK_ROWS, folds: int | None = None):
         self._chunk_rows = check_positive_int(chunk_rows, "chunk_rows")
-        self._n_folds = _check_folds(folds)
+        self._n_folds = _accumulate.check_folds(folds)
         self._layout: _moments.Layout | None = None
         self._folds: list[_moments.Moments] = []
         self._dtypes: dict[str, list[np.dtype]] = {}
@@ -142,14 +98,14 @@ class AlignmentStats:
                 "update() then sets them)"
             )
         if student_widths is not None:
-            self._allocate(_check_widths(student_widths, "student_widths"),
-                           _check_widths(teacher_widths, "teacher_widths"))
+            self._allocate(_accumulate.check_widths(student_widths, "student_widths"),
+                           _accumulate.check_widths(teacher_widths, "teacher_widths"))
 
-    def _allocate(self, student_widths, teacher_widths, dtypes=None) -> None:
+    def _allocate(self, student_widths, teacher_widths) -> None:
         self._layout = _moments.Layout(student_widths, teacher_widths)
         zero = {side: np.zeros(self._layout.total[side]) for side in _SIDES}
         self._folds = [_moments.Moments(self._layout, zero) for _ in range(self._n_folds)]
-        self._dtypes = dtypes or {side: [None] * self._layout.count(side) for side in _SIDES}
+        self._dtypes = {side: [None] * self._layout.count(side) for side in _SIDES}
 
     # ------------------------------------------------------------------ properties
 
@@ -252,7 +208,7 @@ class AlignmentStats:
         for side, layers in (("student", students), ("teacher", teachers)):
             known = self._dtypes[side]
             for k, x in enumerate(layers):
-                known[k] = x.dtype if known[k] is None else _coarser(known[k], x.dtype)
+                known[k] = _accumulate.coarser(known[k], x.dtype)
         self._total_cache = None
         fold_of_row = ids % self._n_folds
         n_total = students[0].shape[0]
@@ -286,18 +242,8 @@ class AlignmentStats:
         chunk is copied at a time.
         """
         stats = cls(chunk_rows=chunk_rows, folds=folds)
-        bar = None
-        if check_bool(progress, "progress"):
-            from tqdm.auto import tqdm
-
-            first = as_layers(student_layers, "student_layers")[0]
-            bar = tqdm(total=int(np.prod(np.shape(first)[:-1])), unit="row",
-                       desc="alignment statistics")
-        try:
+        with _accumulate.row_bar(student_layers, check_bool(progress, "progress")) as bar:
             stats._update(student_layers, teacher_layers, mask, check_finite, bar)
-        finally:
-            if bar is not None:
-                bar.close()
         return stats
 
     @classmethod
@@ -312,28 +258,8 @@ class AlignmentStats:
         counts chunks.
         """
         stats = cls(chunk_rows=chunk_rows, folds=folds)
-        iterator = iter(chunks)
-        check_bool(check_finite, "check_finite")  # before the first chunk is read
-        if check_bool(progress, "progress"):
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(iterator, unit="chunk", desc="alignment statistics")
-        count = 0
-        for k, chunk in enumerate(iterator):
-            if not isinstance(chunk, (tuple, list)) or len(chunk) not in (2, 3):
-                raise TypeError(
-                    f"chunks[{k}] must be a tuple (student_layers, teacher_layers) or "
-                    f"(student_layers, teacher_layers, mask), got {type(chunk).__name__}"
-                    + (f" of length {len(chunk)}" if isinstance(chunk, (tuple, list)) else "")
-                )
-            try:
-                stats.update(chunk[0], chunk[1], chunk[2] if len(chunk) == 3 else None,
-                             check_finite=check_finite)
-            except (ValueError, TypeError) as error:
-                raise type(error)(f"chunks[{k}]: {error}") from error
-            count += 1
-        if count == 0:
-            raise ValueError("chunks is empty: there is nothing to accumulate")
+        _accumulate.accumulate_chunks(stats, chunks, check_bool(check_finite, "check_finite"),
+                                      check_bool(progress, "progress"))
         return stats
 
     @classmethod
@@ -421,12 +347,8 @@ class AlignmentStats:
     def merge(self, other: AlignmentStats) -> AlignmentStats:
         """Statistics of the union of two disjoint row sets (fold by fold), as a new object.
 
-        Raises
-        ------
-        TypeError
-            ``other`` is not an :class:`AlignmentStats`.
-        ValueError
-            Different layer counts, widths or numbers of folds.
+        Raises TypeError for a non-AlignmentStats, ValueError for different
+        layers or numbers of folds.
         """
         if not isinstance(other, AlignmentStats):
             raise TypeError(
@@ -438,30 +360,19 @@ class AlignmentStats:
                 "accumulate both with the same folds"
             )
         if self._layout is not None and other._layout is not None:
-            self._check_compatible(other)
+            _accumulate.check_same_layers(self, other)
         if other._layout is None or other.n_rows == 0:
             return self.copy()
         if self._layout is None or self.n_rows == 0:
             merged = other.copy()
             merged._chunk_rows = self._chunk_rows
             return merged
-        merged, addend = self.copy(), other._folds
-        if not self._folds[0].same_shift(other._folds[0]):
-            # Move both to the combined mean (no cancellation, whatever the two shifts).
-            n_a, n_b = float(self.n_rows), float(other.n_rows)
-            mean_a, mean_b = self._total().mean(), other._total().mean()
-            mean = {side: (n_a * mean_a[side] + n_b * mean_b[side]) / (n_a + n_b)
-                    for side in _SIDES}
-            addend = [m.copy() for m in other._folds]
-            for moments in merged._folds + addend:
-                moments.reshift(mean)
-        for mine, theirs in zip(merged._folds, addend, strict=True):
-            mine.add(theirs)
+        merged = self.copy()
+        merged._folds = _moments.merge_folds(self._folds, other._folds)
         merged._examples = max(self._examples, other._examples)
         for side in _SIDES:
-            merged._dtypes[side] = [
-                b if a is None else a if b is None else _coarser(a, b)
-                for a, b in zip(self._dtypes[side], other._dtypes[side], strict=True)]
+            merged._dtypes[side] = list(map(_accumulate.coarser, self._dtypes[side],
+                                            other._dtypes[side]))
         return merged
 
     def __add__(self, other):
@@ -474,17 +385,6 @@ class AlignmentStats:
         if isinstance(other, numbers.Number) and other == 0:
             return self.copy()
         return NotImplemented
-
-    def _check_compatible(self, other: AlignmentStats) -> None:
-        if (self.student_widths, self.teacher_widths) != (other.student_widths,
-                                                           other.teacher_widths):
-            raise ValueError(
-                "cannot merge statistics of different layers: "
-                f"{self.n_student} student layers of widths {self.student_widths} and "
-                f"{self.n_teacher} teacher layers of widths {self.teacher_widths}, vs "
-                f"{other.n_student} student layers of widths {other.student_widths} and "
-                f"{other.n_teacher} teacher layers of widths {other.teacher_widths}"
-            )
 
     def _total(self) -> _moments.Moments:
         """The moments of all folds (their merge; all folds share one shift)."""
@@ -500,15 +400,8 @@ class AlignmentStats:
     # ------------------------------------------------------------------ plain arrays
 
     def to_dict(self) -> dict[str, np.ndarray]:
-        """The statistics as a dict of plain numpy arrays (``np.savez``-ready).
-
-        Format 2: ``format_version``, ``student_widths``, ``teacher_widths``,
-        ``folds`` (0 for none), ``examples``, ``student_dtype_bits`` /
-        ``teacher_dtype_bits`` (32 or 64 per layer, 0 if unknown), the shared
-        ``student_shift``/``teacher_shift``, and per fold (leading axis of
-        length k, 1 without folds) the shifted moments of :mod:`pkd._moments`.
-        :meth:`from_dict` reads them back.
-        """
+        """The statistics as a dict of plain numpy arrays (``np.savez``-ready; format in
+        :mod:`pkd._serial`); :meth:`from_dict` reads them back."""
         if self._layout is None:
             raise ValueError(
                 "these statistics have no layers yet (no widths given, no update): "
@@ -516,27 +409,22 @@ class AlignmentStats:
             )
         from ._serial import pack
 
-        bits = {side: np.array([0 if d is None else 8 * d.itemsize for d in self._dtypes[side]],
-                               dtype=np.int64) for side in _SIDES}
-        return pack(self._layout, self._folds, bits, _FORMAT_VERSION,
-                    folds_k=0 if self.n_folds is None else self._n_folds, examples=self._examples)
+        return pack(self._layout, self._folds, self._dtypes, _FORMAT_VERSION,
+                    folds_k=self.n_folds or 0, examples=self._examples)
 
     @classmethod
     def from_dict(cls, data: Mapping, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> AlignmentStats:
         """Rebuild statistics from :meth:`to_dict`'s arrays (a dict or an ``np.load`` file).
 
-        Raises
-        ------
-        ValueError
-            A missing key, an unknown format version, or an array of the wrong shape.
+        Raises ValueError on a missing key, an unknown format or a wrong shape.
         """
         from ._serial import unpack
 
-        layout, folds, bits, n_folds, examples = unpack(data, _FORMAT_VERSION, _check_widths)
+        layout, folds, dtypes, n_folds, examples = unpack(data, _FORMAT_VERSION,
+                                                          _accumulate.check_widths)
         stats = cls(chunk_rows=chunk_rows, folds=n_folds or None)
         stats._layout, stats._folds, stats._examples = layout, folds, examples
-        stats._dtypes = {side: [None if b == 0 else np.dtype(f"float{b}") for b in bits[side]]
-                         for side in _SIDES}
+        stats._dtypes = dtypes
         return stats
 
     # ------------------------------------------------------------------ statistics
@@ -577,15 +465,11 @@ class AlignmentStats:
 
     def student_sum(self, s: int) -> np.ndarray:
         """``a_s = Sᵀ w``, shape (d_s,), float64."""
-        block = self._layout.block("student", self._student_index(s))
-        m = self._total()
-        return m.sum["student"][block] + m.n * m.shift["student"][block]
+        return self._total().sum_of("student", self._student_index(s))
 
     def teacher_sum(self, t: int) -> np.ndarray:
         """``b_t = Tᵀ w``, shape (d_t,), float64."""
-        block = self._layout.block("teacher", self._teacher_index(t))
-        m = self._total()
-        return m.sum["teacher"][block] + m.n * m.shift["teacher"][block]
+        return self._total().sum_of("teacher", self._teacher_index(t))
 
     def teacher_sq_norm(self, t: int) -> float:
         """``q_t = Σ_i w_i ‖t_i‖²``."""
@@ -596,47 +480,15 @@ class AlignmentStats:
         self._require_rows()
         return _estimates.teacher_variance(self._total())
 
-    def _check_folds_usable(self) -> None:
-        if self._n_folds == 1:
-            raise ValueError(
-                "heldout=True needs statistics accumulated with folds=k (k >= 2), e.g. "
-                "AlignmentStats.from_arrays(..., folds=5); these have no folds"
-            )
-        empty = [f for f, m in enumerate(self._folds) if m.n == 0]
-        if empty:
-            raise ValueError(
-                f"fold(s) {empty} of folds={self._n_folds} hold no rows: there are fewer "
-                f"examples ({self._examples}) than folds, or the mask leaves none in them; "
-                "use fewer folds or more rows"
-            )
-
     def _residuals(self, ridge, cutoff, heldout: bool):
         """Residual sums ``(n_s, n_t)`` (in-sample) or ``(k, n_s, n_t)`` with the test rows."""
         ridge = check_nonnegative(ridge, "ridge")
         cutoffs = self._cutoffs(cutoff)
         self._require_rows()
-        total = self._total()
-        if not heldout:
-            return np.stack([
-                _estimates.min_residuals(
-                    total, s, Solver(total.gram_of("student", s, False), ridge, cutoffs[s]))
-                for s in range(self.n_student)])
-        self._check_folds_usable()
-        out = np.empty((self._n_folds, self.n_student, self.n_teacher))
-        for f, test in enumerate(self._folds):
-            for s in range(self.n_student):
-                solver = Solver(_estimates.difference_gram(total, test, s), ridge, cutoffs[s])
-                out[f, s] = _estimates.heldout_residuals(total, test, s, solver)
-        return out
-
-    def _constant(self, variance: np.ndarray, constant: str, what: str) -> None:
-        if constant == "raise" and not np.all(variance > 0):
-            layers = np.flatnonzero(~(variance > 0)).tolist()
-            raise ValueError(
-                f"{what}: teacher layer(s) {layers} are constant over the rows used (variance "
-                "0), so the measure is undefined for them; drop those layers, or pass "
-                "constant='nan' to get NaN there"
-            )
+        if heldout:
+            _accumulate.check_heldout(self._n_folds, self.fold_rows, self._examples)
+        return _estimates.residuals(self._total(), self._folds if heldout else None,
+                                    ridge, cutoffs)
 
     def min_mse(self, ridge: float = 0.0, *, cutoff: float | None = None,
                 heldout: bool = False):
@@ -690,23 +542,13 @@ class AlignmentStats:
         -------
         ndarray (n_s, n_t) float64, or FoldEstimate if ``heldout``
         """
-        constant = _check_constant(constant)
+        constant = _accumulate.check_constant(constant)
         residuals = self._residuals(ridge, cutoff, check_bool(heldout, "heldout"))
-        widths = np.asarray(self.teacher_widths, dtype=np.float64)
-        folds = self._folds if heldout else [self._total()]
         if not heldout:
-            residuals = residuals[None]
-        values = []
-        for f, moments in enumerate(folds):
-            variance = _estimates.teacher_variance(moments)
-            where = f"fold {f} of {len(folds)}" if heldout else "relative_min_mse"
-            self._constant(variance, constant, where)
-            mse = np.maximum(residuals[f], 0.0) / (moments.n * widths)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                values.append(np.where(variance > 0, mse / variance, np.nan))
-        values = np.stack(values)
-        if not heldout:
-            return values[0]
+            return _estimates.relative(self._total(), residuals, constant, "relative_min_mse")
+        values = np.stack([_estimates.relative(m, residuals[f], constant,
+                                               f"fold {f} of {self._n_folds}")
+                           for f, m in enumerate(self._folds)])
         return FoldEstimate(values.mean(axis=0), values.std(axis=0, ddof=1))
 
     def cka(self, debiased: bool = False, *, constant: str = "nan") -> np.ndarray:
@@ -719,22 +561,14 @@ class AlignmentStats:
         their digits. A constant layer (or a debiased norm estimate ≤ 0) gives
         NaN in its row/column, or a ValueError with ``constant="raise"``.
         """
-        constant = _check_constant(constant)
+        constant = _accumulate.check_constant(constant)
         self._require_rows()
         if check_bool(debiased, "debiased") and self.n_rows < 4:
             raise ValueError(
                 f"debiased CKA needs at least 4 rows (its estimator divides by n − 3), these "
                 f"statistics hold {self.n_rows}"
             )
-        values = _estimates.linear_cka(self._total(), debiased)
-        if constant == "raise" and np.isnan(values).any():
-            s, t = np.argwhere(np.isnan(values))[0]
-            raise ValueError(
-                f"cka: the pair (student {s}, teacher {t}) is undefined: a layer is constant "
-                "over the rows used (or, debiased, too few rows to estimate its variance); "
-                "drop it, or pass constant='nan'"
-            )
-        return values
+        return _estimates.linear_cka(self._total(), debiased, constant)
 
     def projection(self, s: int, t: int, ridge: float = 0.0, *,
                    cutoff: float | None = None) -> np.ndarray:

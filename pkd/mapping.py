@@ -1,10 +1,11 @@
 """Layer mappings: which student layer learns from which teacher layer.
 
 A mapping is a list of ``(student, teacher)`` pairs of 0-based indices into
-the per-layer lists the caller passes (DESIGN.md §1). The fixed schemes are
+the per-layer lists the caller passes (``docs/math.md``). The fixed schemes are
 
 - ``uniform(n_s, n_t)``: student m ↔ teacher ⌊(m+1)·n_t/n_s⌋ − 1 for every m
-  (TinyBERT; ``uniform(4, 12)`` is the seed's default ``[(0,2),(1,5),(2,8),(3,11)]``);
+  (TinyBERT; ``uniform(4, 12)`` is the reference implementation's default
+  ``[(0,2),(1,5),(2,8),(3,11)]``);
 - ``skip(n_s, n_t)``: PKD-Skip, the same formula for m < n_s − 1;
 - ``last(n_s, n_t)``: PKD-Last, student m ↔ teacher n_t − n_s + m for m < n_s − 1.
 

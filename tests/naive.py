@@ -182,3 +182,42 @@ def packed_inner_products(stack, stack_diagonal, vector, vector_diagonal):
             total += float(stack_diagonal[k, i]) * float(vector_diagonal[i])
         out[k] = total
     return out
+
+
+def histogram_slot(value, lo, hi, n_bins):
+    """Twin of rbf._slot: 0 below lo, n_bins + 1 at or above hi, else 1 + the bin."""
+    if value < lo:
+        return 0
+    if value >= hi:
+        return n_bins + 1
+    return 1 + min(int((value - lo) * (n_bins / (hi - lo))), n_bins - 1)
+
+
+def row_groups(n, n_groups):
+    """Twin of rbf._group_pairs: the rows of each group (pair h is rows h and n − 1 − h)."""
+    half = (n + 1) // 2
+    per = (half + n_groups - 1) // n_groups
+    return [sorted({i for h in range(g * per, min(half, (g + 1) * per)) for i in (h, n - 1 - h)})
+            for g in range(n_groups)]
+
+
+def histogram(packed, n, lo, hi, n_groups, n_bins):
+    """Twin of rbf.histogram (and of squared_distances' counts): counts per group and slot."""
+    counts = np.zeros((n_groups, n_bins + 2), dtype=np.int64)
+    for g, rows in enumerate(row_groups(n, n_groups)):
+        for i in rows:
+            for j in range(i):
+                counts[g, histogram_slot(packed[_packed_index(i, j)], lo, hi, n_bins)] += 1
+    return counts
+
+
+def gather(packed, n, lo, hi, first_slot, last_slot, n_groups, n_bins):
+    """Twin of rbf.gather: the entries in slots first..last, group by group, rows in order."""
+    out = []
+    for rows in row_groups(n, n_groups):
+        for i in sorted(rows, key=lambda r: (min(r, n - 1 - r), r != min(r, n - 1 - r))):
+            for j in range(i):
+                value = packed[_packed_index(i, j)]
+                if first_slot <= histogram_slot(value, lo, hi, n_bins) <= last_slot:
+                    out.append(value)
+    return np.array(out)

@@ -156,7 +156,7 @@ def test_rank_deficient_hyperplane_layernorm_rows():
 
 
 def test_float32_rounding_directions_are_cut():
-    # DESIGN §1: float32 LayerNorm outputs have one direction at float32 rounding level;
+    # docs/numerics.md: float32 LayerNorm outputs have one direction at float32 rounding level;
     # a solve that keeps it fits noise with enormous weights.
     rng = np.random.default_rng(6)
     raw = rng.standard_normal((2000, 16))
@@ -244,7 +244,7 @@ def test_pair_loss_of_closed_form_is_min_mse():
 def test_relative_min_mse_is_fraction_of_teacher_variance():
     rng = np.random.default_rng(11)
     S, T = make_layers(rng, 300, (6,), (4, 4))
-    T[1] = 30.0 * T[0] + 7.0  # a larger-variance teacher layer (DESIGN §1)
+    T[1] = 30.0 * T[0] + 7.0  # a larger-variance teacher layer
     order = np.argsort(T[0][:, 0])  # sorted rows: the first chunk's mean is far off
     S, T = [x[order] for x in S], [y[order] for y in T]
     mask = rng.random(300) < 0.9

@@ -2,7 +2,7 @@
 
 Witnesses: AlignmentStats.from_arrays on the same in-memory rows (itself
 checked against tests/reference.py in test_alignment.py) to 1e-12 relative,
-and tests/reference.py directly for the statistics of DESIGN §1. One module
+and tests/reference.py directly for the statistics of docs/numerics.md. One module
 fixture starts a loopback-only dask.distributed LocalCluster (2 worker
 processes) for the tests that need real workers, and always shuts it down.
 """

@@ -3,30 +3,33 @@
 A symmetric n × n matrix is kept as its strict lower triangle, packed row
 by row (``packed[i(i−1)/2 + j]`` holds entry ``(i, j)``, ``j < i``), with its
 diagonal apart: half the memory of the full matrix, and every pass reads
-contiguous rows. The passes (see ``docs/math.md`` for the algebra):
+contiguous rows. The passes (the algebra is in :mod:`pkd.cka`):
 
 1. ``squared_distances``: ``D_ij = G_ii + G_jj − 2 G_ij`` from the lower
    triangle of the float64 Gram matrix (clamped at 0: rounding may leave
-   ``−1e−16`` where two rows coincide);
-2. ``rbf_row_sums``: ``K_ij = exp(−D_ij / denominator)`` in place, and the row
+   ``−1e−16`` where two rows coincide), counted in a histogram as written;
+2. the median of D: ``gather`` copies out the few entries in the
+   histogram's median bin, which NumPy partitions (``histogram`` recounts a
+   narrower range when the bin holds too many): no copy of D, and one
+   parallel pass instead of a serial partition of n(n−1)/2 entries;
+3. ``rbf_row_sums``: ``K_ij = exp(−D_ij / denominator)`` in place, and the row
    sums of the full symmetric ``K`` (unit diagonal);
-3. ``centre_packed``: ``K_ij − μ_i − μ_j + μ̄`` in place (double centring,
+4. ``centre_packed``: ``K_ij − μ_i − μ_j + μ̄`` in place (double centring,
    ``μ`` the row means, ``μ̄`` the grand mean), and the centred diagonal;
-   Between 1 and 2, the median of D: ``histogram`` counts the entries per
-   bin, and ``gather`` copies out the few in the median's bin, which NumPy
-   partitions: no copy of D, and two parallel passes instead of a serial
-   partition of all n(n−1)/2 entries.
-4. ``packed_inner_products``: the Frobenius inner products ``⟨A_k, B⟩`` of
+5. ``packed_inner_products``: the Frobenius inner products ``⟨A_k, B⟩`` of
    symmetric matrices, ``2 Σ_packed + Σ_diagonal``: the HSIC sums.
 
-Results do not depend on the thread count. Passes 1 and 3 write each entry
-from one thread, with no sum. Pass 2 sums each row's lower part in one
+Results do not depend on the thread count. Every entry is written by one
+thread. The histogram counts are integers, per fixed group of rows
+(``N_GROUPS``), and ``gather`` writes each group's entries at offsets taken
+from those counts. ``rbf_row_sums`` sums each row's lower part in one
 thread, and its upper part (a column of the triangle) in fixed blocks of
 ``BLOCK_ROWS`` rows whose partial sums are added in block order after the
-parallel loop. Pass 4 splits the packed vectors into fixed chunks of
-``CHUNK`` entries and adds the chunks' sums in order. Rows (or blocks) ``h``
-and ``n − 1 − h`` go to the same iteration so that each iteration of a
-triangle has the same work (prange hands each thread a contiguous range).
+parallel loop. ``packed_inner_products`` splits the packed vectors into
+fixed chunks of ``CHUNK`` entries and adds the chunks' sums in order. Rows
+(or blocks) ``h`` and ``n − 1 − h`` go to the same iteration, so that every
+iteration over a triangle has the same work (prange hands each thread a
+contiguous range of iterations).
 
 Every kernel has a serial and a ``prange`` twin (:func:`pkd.kernels._jit.twins`);
 :mod:`pkd.cka` picks one by a documented rule.
@@ -45,30 +48,40 @@ BLOCK_ROWS = 64
 CHUNK = 1 << 14
 # The median's histogram: bins over [lo, hi), plus a slot below and one above.
 N_BINS = 4096
-# Fixed slices of the packed vector, each with its own histogram row (exact integer counts).
+# Fixed groups of rows, each with its own histogram row (exact integer counts).
 N_GROUPS = 64
 
 
-def _squared_distances(gram, norms, out):
-    """Write the packed strict lower triangle of the squared-distance matrix.
+def _squared_distances(gram, norms, lo, hi, out, counts):
+    """Write the packed squared distances and count them per histogram slot.
 
     gram : (n, n) float64, C-contiguous; only entries ``(i, j)`` with ``j < i`` are read.
     norms : (n,) float64, the diagonal ``G_ii`` (contiguous: read for every entry).
+    lo, hi : float, ``lo < hi``: the histogram's range (see :func:`_slot`).
     out : (n(n−1)/2,) float64, receives ``max(G_ii + G_jj − 2 G_ij, 0)`` (NaN stays NaN).
+    counts : (N_GROUPS, N_BINS + 2) int64, overwritten: row g counts the entries of the
+        rows of group g (:func:`_group_pairs`).
     """
     n = gram.shape[0]
-    for h in prange((n + 1) // 2):
-        for side in range(2):
-            i = h if side == 0 else n - 1 - h
-            if side == 1 and i == h:
-                break
-            start = i * (i - 1) // 2
-            g_ii = norms[i]
-            for j in range(i):
-                d = g_ii + norms[j] - 2.0 * gram[i, j]
-                if d < 0.0:
-                    d = 0.0
-                out[start + j] = d
+    scale = N_BINS / (hi - lo)
+    for g in prange(N_GROUPS):
+        row = counts[g]
+        for b in range(N_BINS + 2):
+            row[b] = 0
+        first, stop = _group_pairs(n, g)
+        for h in range(first, stop):
+            for side in range(2):
+                i = h if side == 0 else n - 1 - h
+                if side == 1 and i == h:
+                    break
+                start = i * (i - 1) // 2
+                g_ii = norms[i]
+                for j in range(i):
+                    d = g_ii + norms[j] - 2.0 * gram[i, j]
+                    if d < 0.0:
+                        d = 0.0
+                    out[start + j] = d
+                    row[_slot(d, lo, hi, scale)] += 1
 
 
 def _rbf_row_sums(packed, n, denominator, row_sums, column_partials):
@@ -170,42 +183,69 @@ def _slot(value, lo, hi, scale):
     return 1 + (b if b < N_BINS else N_BINS - 1)
 
 
-def _histogram(packed, lo, hi, counts):
-    """Count the entries of ``packed`` per slot of :func:`_slot`, per fixed group of entries.
+@kernel
+def _group_pairs(n, g):
+    """Row pairs ``[first, stop)`` of group ``g``: pair ``h`` is rows ``h`` and ``n − 1 − h``."""
+    half = (n + 1) // 2
+    per = (half + N_GROUPS - 1) // N_GROUPS
+    return min(half, g * per), min(half, (g + 1) * per)
 
-    packed : (m,) float64, finite.
+
+def _histogram(packed, n, lo, hi, counts):
+    """Count the packed entries per slot of :func:`_slot`, per group of rows.
+
+    packed : (n(n−1)/2,) float64, finite.
+    n : int.
     lo, hi : float, ``lo < hi``.
-    counts : (N_GROUPS, N_BINS + 2) int64, overwritten: row g counts the entries of group g
-        (entries ``g·ceil(m / N_GROUPS)`` onwards).
+    counts : (N_GROUPS, N_BINS + 2) int64, overwritten as in :func:`_squared_distances`.
     """
-    m = packed.shape[0]
-    per = (m + N_GROUPS - 1) // N_GROUPS
     scale = N_BINS / (hi - lo)
     for g in prange(N_GROUPS):
         row = counts[g]
         for b in range(N_BINS + 2):
             row[b] = 0
-        for e in range(g * per, min(m, (g + 1) * per)):
-            row[_slot(packed[e], lo, hi, scale)] += 1
+        first, stop = _group_pairs(n, g)
+        for h in range(first, stop):
+            for side in range(2):
+                i = h if side == 0 else n - 1 - h
+                if side == 1 and i == h:
+                    break
+                start = i * (i - 1) // 2
+                for e in range(start, start + i):
+                    row[_slot(packed[e], lo, hi, scale)] += 1
 
 
-def _gather(packed, lo, hi, first, last, offsets, out):
-    """Copy the entries whose slot is in ``[first, last]`` to ``out``, group by group.
+def _gather(packed, n, lo, hi, first_slot, last_slot, offsets, out):
+    """Copy the entries whose slot is in ``[first_slot, last_slot]`` to ``out``, group by group.
+
+    Slots of bins only: ``1 <= first_slot <= last_slot <= N_BINS``.
 
     offsets : (N_GROUPS,) int64, where each group's entries start in ``out`` (from the
-        counts of :func:`_histogram` with the same ``lo``, ``hi``).
+        counts of the same ``lo``, ``hi``).
     out : (Σ counts,) float64.
     """
-    m = packed.shape[0]
-    per = (m + N_GROUPS - 1) // N_GROUPS
     scale = N_BINS / (hi - lo)
+    # A value window one bin wider on each side than the slots: the slot itself (the
+    # histogram's rounding) is computed only for the few values inside it.
+    width = (hi - lo) / N_BINS
+    window_lo = lo + (first_slot - 2) * width
+    window_hi = lo + (last_slot + 1) * width
     for g in prange(N_GROUPS):
         k = offsets[g]
-        for e in range(g * per, min(m, (g + 1) * per)):
-            s = _slot(packed[e], lo, hi, scale)
-            if first <= s <= last:
-                out[k] = packed[e]
-                k += 1
+        first, stop = _group_pairs(n, g)
+        for h in range(first, stop):
+            for side in range(2):
+                i = h if side == 0 else n - 1 - h
+                if side == 1 and i == h:
+                    break
+                start = i * (i - 1) // 2
+                for e in range(start, start + i):
+                    value = packed[e]
+                    if window_lo <= value < window_hi:
+                        s = _slot(value, lo, hi, scale)
+                        if first_slot <= s <= last_slot:
+                            out[k] = value
+                            k += 1
 
 
 squared_distances_serial, squared_distances_parallel = twins(_squared_distances)
