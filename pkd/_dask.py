@@ -330,9 +330,42 @@ def _flat_mask(mask, lead_shape: tuple, row_chunks: tuple):
 
 def from_dask(student_layers, teacher_layers, mask=None, *, chunk_rows: int,
               split_every: int = DEFAULT_SPLIT_EVERY, scheduler=None, folds=None) -> dict:
-    """The ``to_dict()`` statistics of layers held in dask arrays.
+    """The ``to_dict()`` statistics of layers held in dask arrays (``AlignmentStats.from_dask``).
 
-    See :meth:`pkd.alignment.AlignmentStats.from_dask` (which calls this).
+    Parameters
+    ----------
+    student_layers, teacher_layers : list of dask.array.Array, or one stacked dask array
+        Each ``(N, d)`` or ``(B, T, d)`` (or stacked ``(L, N, d)`` /
+        ``(L, B, T, d)``), float32 or float64, with known chunk sizes. Blocks
+        are row blocks of the first student layer (for 3-D input: its batch
+        chunks, whole sequences); other layers are rechunked to them and the
+        width to one chunk. Each block emits the full statistics, so make row
+        chunks large next to ``Σd_s·Σd_t`` (tens of thousands of rows for
+        BERT-size models).
+    mask : array_like or dask.array.Array, optional
+        0/1 of shape ``(N,)`` / ``(B, T)``. A numpy mask is checked here and
+        blocks it leaves empty get no task; a dask mask is checked in the tasks.
+    chunk_rows : int
+        Rows per accumulation step inside a task.
+    split_every : int
+        Fan-in (>= 2) of the merge tree.
+    scheduler : None, str, or distributed.Client
+        ``None``: dask's default; a scheduler name (``"threads"``,
+        ``"processes"``, ``"synchronous"``); a Client; or an address
+        (``"tcp://host:8786"``: a Client is connected, and closed at the end).
+    folds : int, optional
+        As in ``AlignmentStats``: example ``i`` (row, or sequence of 3-D input)
+        goes to fold ``i mod k`` wherever its block is; ``k`` times the
+        statistics per task.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Before any work for what the client can see (layer types, dtypes,
+        shapes, a numpy mask, folds); errors raised in a task keep their type
+        and name the rows of the block. A mask that selects no row.
+    ImportError
+        dask is not installed.
     """
     from .alignment import AlignmentStats
 
@@ -416,9 +449,16 @@ def _check_dump(dump, name: str):
 def from_dumps(student, teacher, *, chunk_rows: int, scheduler=None, mask="auto",
                tokens="all", task_rows: int | None = None,
                split_every: int = DEFAULT_SPLIT_EVERY, folds=None) -> dict:
-    """The ``to_dict()`` statistics of two dumps, read by the workers.
+    """The ``to_dict()`` statistics of two dumps, read by the workers (``from_dumps_dask``).
 
-    See :meth:`pkd.alignment.AlignmentStats.from_dumps_dask` (which calls this).
+    Each task opens both dumps by path and runs the chunk loop of
+    ``AlignmentStats.from_dumps`` (:func:`pkd._streaming.stream_dumps`) on its
+    ``task_rows`` rows; ``mask`` (``"auto"``: the dumps' own masks), ``tokens``
+    and ``folds`` are those of ``from_dumps``. ``task_rows`` defaults to the
+    smallest multiple of ``chunk_rows`` with which a task reads at least 8× the
+    values it emits. The dumps must be ``.safetensors`` files readable under the
+    same absolute path on every worker; a worker that cannot find them, or sees
+    a different file, raises an error naming its host.
     """
     from ._streaming import check_dumps, resolve_mask
     from .alignment import AlignmentStats

@@ -31,9 +31,11 @@ def basis_times_cross(m: Moments, basis: np.ndarray, s: int,
     c_s, c_t = m.shift["student"][block], m.shift["teacher"]
     if shifted is None:
         shifted = blas.dgemm(1.0, basis, m.cross[block].T, trans_a=True, trans_b=True)
+    else:
+        shifted = shifted.copy(order="F")  # the caller's array is left as it is
     left = blas.dgemm(1.0, basis, np.column_stack([m.sum["student"][block], c_s]), trans_a=True)
     right = np.asfortranarray(np.vstack([c_t, m.sum["teacher"] + float(m.n) * c_t]))
-    return blas.dgemm(1.0, left, right, beta=1.0, c=shifted.copy(order="F"), overwrite_c=True)
+    return blas.dgemm(1.0, left, right, beta=1.0, c=shifted, overwrite_c=True)
 
 
 def residual_sum(m: Moments, s: int, t: int, P: np.ndarray) -> float:

@@ -32,10 +32,16 @@ def shifted_product(product, sum_x, sum_y, delta_x, delta_y, n: float) -> np.nda
     """``Σ w (x' + δx)(y' + δy)ᵀ`` from ``Σ w x' y'ᵀ`` and the sums ``Σ w x'``, ``Σ w y'``.
 
     The one un-shift formula: ``δ = c`` gives the uncentred statistic,
-    ``δ = −a'/n`` the centred one, ``δ = c_old − c_new`` a re-shift.
+    ``δ = −a'/n`` the centred one, ``δ = c_old − c_new`` a re-shift. Computed as
+    ``product + a'_x δyᵀ + δx (a'_y + n δy)ᵀ`` with in-place rank-1 updates.
     """
-    out = product + np.outer(sum_x, delta_y)
-    out += np.outer(delta_x, sum_y + n * delta_y)
+    from scipy.linalg import blas
+
+    out = np.array(product, dtype=np.float64, order="F")  # a copy; dger updates it in place
+    tail = sum_y + n * delta_y  # zero when centring: that update is skipped
+    out = blas.dger(1.0, np.asarray(sum_x, dtype=np.float64), delta_y, a=out, overwrite_a=True)
+    if tail.any():
+        out = blas.dger(1.0, delta_x, tail, a=out, overwrite_a=True)
     return out
 
 

@@ -90,7 +90,7 @@ class AlignmentStats:
         self._folds: list[_moments.Moments] = []
         self._dtypes: dict[str, list[np.dtype]] = {}
         self._examples = 0  # the next example index of update()'s default fold rule
-        self._total_cache = None
+        self._total_cache, self._residual_cache = None, {}
         self._buffers = None
         if (student_widths is None) != (teacher_widths is None):
             raise ValueError(
@@ -209,23 +209,25 @@ class AlignmentStats:
             known = self._dtypes[side]
             for k, x in enumerate(layers):
                 known[k] = _accumulate.coarser(known[k], x.dtype)
-        self._total_cache = None
+        self._total_cache, self._residual_cache = None, {}
         fold_of_row = ids % self._n_folds
-        n_total = students[0].shape[0]
-        for start in range(0, n_total, self._chunk_rows):
-            stop = min(start + self._chunk_rows, n_total)
+        n_total, chunk = students[0].shape[0], self._chunk_rows
+        # A window of k chunks, split by fold: each fold gets ~chunk_rows rows per GEMM, so
+        # folds cost no more passes over the cross statistics than no folds.
+        for start in range(0, n_total, chunk * self._n_folds):
+            stop = min(start + chunk * self._n_folds, n_total)
             rows = np.arange(start, stop, dtype=np.int64)
             if selected is not None:
                 rows = rows[selected[start:stop]]
             if rows.size and self.n_rows == 0:
-                shift = self._buffers.first_shift(students, teachers, rows)
+                shift = self._buffers.first_shift(students, teachers, rows[:chunk])
                 for moments in self._folds:  # one shift for every fold: merges are sums
                     moments.shift = {side: shift[side].copy() for side in _SIDES}
             folds = fold_of_row[rows]
             for f, moments in enumerate(self._folds):
                 part = rows[folds == f] if self._n_folds > 1 else rows
-                if part.size:
-                    self._buffers.add_rows(moments, students, teachers, part)
+                for lo in range(0, part.size, chunk):
+                    self._buffers.add_rows(moments, students, teachers, part[lo:lo + chunk])
             if progress is not None:
                 progress.update(stop - start)
 
@@ -367,12 +369,12 @@ class AlignmentStats:
             merged = other.copy()
             merged._chunk_rows = self._chunk_rows
             return merged
-        merged = self.copy()
+        merged = AlignmentStats(chunk_rows=self._chunk_rows, folds=self.n_folds)
+        merged._layout = self._layout
         merged._folds = _moments.merge_folds(self._folds, other._folds)
         merged._examples = max(self._examples, other._examples)
-        for side in _SIDES:
-            merged._dtypes[side] = list(map(_accumulate.coarser, self._dtypes[side],
-                                            other._dtypes[side]))
+        merged._dtypes = {side: list(map(_accumulate.coarser, self._dtypes[side],
+                                         other._dtypes[side])) for side in _SIDES}
         return merged
 
     def __add__(self, other):
@@ -414,10 +416,8 @@ class AlignmentStats:
 
     @classmethod
     def from_dict(cls, data: Mapping, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> AlignmentStats:
-        """Rebuild statistics from :meth:`to_dict`'s arrays (a dict or an ``np.load`` file).
-
-        Raises ValueError on a missing key, an unknown format or a wrong shape.
-        """
+        """Rebuild statistics from :meth:`to_dict`'s arrays (a dict or an ``np.load`` file);
+        ValueError on a missing key, an unknown format or a wrong shape."""
         from ._serial import unpack
 
         layout, folds, dtypes, n_folds, examples = unpack(data, _FORMAT_VERSION,
@@ -487,8 +487,11 @@ class AlignmentStats:
         self._require_rows()
         if heldout:
             _accumulate.check_heldout(self._n_folds, self.fold_rows, self._examples)
-        return _estimates.residuals(self._total(), self._folds if heldout else None,
-                                    ridge, cutoffs)
+        key = (ridge, tuple(cutoffs), heldout)  # min_mse and relative_min_mse share the work
+        if key not in self._residual_cache:
+            self._residual_cache[key] = _estimates.residuals(
+                self._total(), self._folds if heldout else None, ridge, cutoffs)
+        return self._residual_cache[key].copy()
 
     def min_mse(self, ridge: float = 0.0, *, cutoff: float | None = None,
                 heldout: bool = False):

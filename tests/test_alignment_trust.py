@@ -125,6 +125,13 @@ def test_the_default_cutoff_follows_the_data_dtype():
     G, C = S.T @ S, S.T @ T
     assert np.abs(solve_projection(G, C, dtype=np.float64)[4]).max() > 1e6
     assert np.abs(solve_projection(G, C)[4]).max() == 0.0  # float32 rule unless told
+    # Five copies of one column: each has norm σ₁/√5 ≤ 0.9·σ₁, so all are dead columns.
+    copies = np.repeat(X[:, :1], 5, axis=1)
+    assert np.abs(solve_projection(copies.T @ copies, copies.T @ T, cutoff=0.9)).max() == 0.0
+    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+        solve_projection(G, C, dtype=np.int32)
+    with pytest.raises(ValueError, match="cutoff must be < 1"):
+        as32.min_mse(cutoff=1.5)
 
 
 # ------------------------------------------------------------------ held-out folds
