@@ -399,23 +399,39 @@ def score_setting(hidden: np.ndarray, settings: Settings, log=print) -> dict:
 # --------------------------------------------------------------------------- run
 
 
+def _train_and_score(settings: Settings, cache: Path | None, log):
+    """The copies (:func:`train_copies`), the scores of both settings, the few-rows subset."""
+    copies = train_copies(settings, cache, log=log)
+    hidden = copies["hidden"]
+    n_copies, n_layers, n_rows, width = hidden.shape
+    subset = few_rows_subset(n_rows, settings)
+    settings_rows = {"all_rows": hidden, "few_rows": hidden[:, :, subset]}
+    results = {}
+    for name, states in settings_rows.items():
+        log(f"{name}: {states.shape[2]} rows × width {width}, "
+            f"{n_copies * (n_copies - 1)} ordered pairs × {n_layers} layers")
+        results[name] = {"n_rows": int(states.shape[2]),
+                         **score_setting(states, settings, log=log)}
+    return copies, results, subset
+
+
 def run(settings: Settings, cache: Path | None, log=print) -> dict:
     """Train (or read) the copies, then score every measure in both settings."""
+    import numba
     from threadpoolctl import threadpool_limits
 
     started = time.perf_counter()
-    with threadpool_limits(limits=1, user_api="blas"):  # small GEMMs; the cores are shared
-        copies = train_copies(settings, cache, log=log)
-        hidden = copies["hidden"]
-        n_copies, n_layers, n_rows, width = hidden.shape
-        subset = few_rows_subset(n_rows, settings)
-        settings_rows = {"all_rows": hidden, "few_rows": hidden[:, :, subset]}
-        results = {}
-        for name, states in settings_rows.items():
-            log(f"{name}: {states.shape[2]} rows × width {width}, "
-                f"{n_copies * (n_copies - 1)} ordered pairs × {n_layers} layers")
-            results[name] = {"n_rows": int(states.shape[2]),
-                             **score_setting(states, settings, log=log)}
+    numba_threads = numba.get_num_threads()
+    # One thread everywhere: the matrices are small and the cores shared; pkd's Numba
+    # kernels give the same values with any thread count.
+    numba.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            copies, results, subset = _train_and_score(settings, cache, log)
+    finally:
+        numba.set_num_threads(numba_threads)
+    hidden = copies["hidden"]
+    n_layers, width = hidden.shape[1], hidden.shape[3]
     return {
         "settings": {**settings.as_dict(), "n_train": copies["n_train"],
                      "n_test": copies["n_test"], "copy_seeds": copies["copy_seeds"],
