@@ -85,7 +85,10 @@ def test_tiny_run_writes_its_files_and_shares(tmp_path, monkeypatch):
     for name in ("layer_matching.json", "layer_matching.md", "layer_matching.png",
                  "choices.png"):
         assert (out / name).is_file(), name
-    stored = json.loads((out / "layer_matching.json").read_text())
+    def strict(constant):
+        raise AssertionError(f"{constant} in layer_matching.json: not strict JSON")
+
+    stored = json.loads((out / "layer_matching.json").read_text(), parse_constant=strict)
     assert stored["settings"]["quick"] is True
     assert set(stored["results"]) == {"all_rows", "few_rows"}
     assert stored["results"]["few_rows"]["n_rows"] == 10
