@@ -17,7 +17,8 @@ How the snippets run:
 Every ``pkd`` command line of a ```bash block must parse with
 ``pkd.cli.build_parser()`` (subcommand and options), every ``make`` target must
 exist, and every `pkd NAME` quoted in the text must be a subcommand. The README
-stays within 250 lines, and its links point at files of the repository only.
+stays within 250 lines; its links, and those of docs/*.md, point at files of the
+repository only, and none of them cites DESIGN.md (a brief outside the repository).
 """
 
 from __future__ import annotations
@@ -245,11 +246,27 @@ def test_readme_cites_only_repository_files():
     text = README.read_text(encoding="utf-8")
     assert "DESIGN.md" not in text, "README.md cites DESIGN.md, which is not in the repository"
     assert "../" not in text, "README.md points outside the repository (../)"
+    missing = _missing_links(README)
+    assert not missing, f"README.md links to files the repository does not have: {missing}"
+
+
+def _missing_links(document: Path) -> list[str]:
+    """Relative links of a Markdown file whose targets the repository does not have."""
     missing = []
-    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+    for target in re.findall(r"\]\(([^)\s]+)\)", document.read_text(encoding="utf-8")):
         if re.match(r"[a-z]+:", target) or target.startswith("#"):
             continue  # a URL or an anchor
-        path = target.split("#")[0]
-        if path.startswith("/") or not (ROOT / path).exists():
+        path = (document.parent / target.split("#")[0]).resolve()
+        if not path.is_relative_to(ROOT) or not path.exists():
             missing.append(target)
-    assert not missing, f"README.md links to files the repository does not have: {missing}"
+    return missing
+
+
+@pytest.mark.parametrize("document", sorted((ROOT / "docs").glob("*.md")),
+                         ids=lambda path: f"docs/{path.name}")
+def test_docs_cite_only_repository_files(document):
+    text = document.read_text(encoding="utf-8")
+    name = f"docs/{document.name}"
+    assert "DESIGN.md" not in text, f"{name} cites DESIGN.md, which is not in the repository"
+    missing = _missing_links(document)
+    assert not missing, f"{name} links to files the repository does not have: {missing}"
