@@ -5,7 +5,7 @@ the demo's setup (:mod:`pkd.demo`: a 12-block residual MLP teacher trained on
 scikit-learn's digits, a 4-block student) with the demo's seeds, and for
 every student seed compares five layer mappings:
 
-- ``uniform``: all 4 student layers, ⌊(m+1)·12/4⌋ − 1 (TinyBERT, the seed's default);
+- ``uniform``: all 4 student layers, ⌊(m+1)·12/4⌋ − 1 (TinyBERT; pkd's default mapping);
 - ``PKD-Skip`` and ``PKD-Last``: student layers 0–2 (the last is left to the logits);
 - ``optimal (3 pairs)``: student layers 0–2, chosen by dynamic programming on
   the relative best-reachable loss (the demo's PKD-optimal);

@@ -1,7 +1,7 @@
 """The PKD hidden-state loss and its gradients, in ten lines.
 
 A 4-layer student (width 64) is matched to a 12-layer teacher (width 128)
-with the seed's default mapping ``[(0, 2), (1, 5), (2, 8), (3, 11)]`` through
+with pkd's default mapping ``[(0, 2), (1, 5), (2, 8), (3, 11)]`` through
 one shared, Xavier-initialised 64 × 128 projection. Hidden states are
 ``(B, T, d)`` token states with right padding; the attention mask keeps the
 padding out of the loss and out of every gradient. The last lines compute one
