@@ -71,7 +71,7 @@ def _squared_distances(gram, norms, lo, hi, out, counts):
         first, stop = _group_pairs(n, g)
         for h in range(first, stop):
             for side in range(2):
-                i = h if side == 0 else n - 1 - h
+                i = np.int64(h) if side == 0 else n - 1 - np.int64(h)
                 if side == 1 and i == h:
                     break
                 start = i * (i - 1) // 2
@@ -97,7 +97,7 @@ def _rbf_row_sums(packed, n, denominator, row_sums, column_partials):
     n_blocks = column_partials.shape[0]
     for h in prange((n_blocks + 1) // 2):
         for side in range(2):
-            b = h if side == 0 else n_blocks - 1 - h
+            b = np.int64(h) if side == 0 else n_blocks - 1 - np.int64(h)
             if side == 1 and b == h:
                 break
             partial = column_partials[b]
@@ -132,7 +132,7 @@ def _centre_packed(packed, n, row_means, grand_mean, diagonal, centred_diagonal)
     """
     for h in prange((n + 1) // 2):
         for side in range(2):
-            i = h if side == 0 else n - 1 - h
+            i = np.int64(h) if side == 0 else n - 1 - np.int64(h)
             if side == 1 and i == h:
                 break
             start = i * (i - 1) // 2
@@ -207,7 +207,7 @@ def _histogram(packed, n, lo, hi, counts):
         first, stop = _group_pairs(n, g)
         for h in range(first, stop):
             for side in range(2):
-                i = h if side == 0 else n - 1 - h
+                i = np.int64(h) if side == 0 else n - 1 - np.int64(h)
                 if side == 1 and i == h:
                     break
                 start = i * (i - 1) // 2
@@ -235,7 +235,7 @@ def _gather(packed, n, lo, hi, first_slot, last_slot, offsets, out):
         first, stop = _group_pairs(n, g)
         for h in range(first, stop):
             for side in range(2):
-                i = h if side == 0 else n - 1 - h
+                i = np.int64(h) if side == 0 else n - 1 - np.int64(h)
                 if side == 1 and i == h:
                     break
                 start = i * (i - 1) // 2
