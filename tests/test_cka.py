@@ -532,6 +532,42 @@ def test_large_offset_float32_layer_is_centred_accurately():
                                rtol=1e-9)
 
 
+FRESH_COMPILE = r"""
+import numpy as np
+from pkd.kernels import rbf
+n = 300
+m = n * (n - 1) // 2
+rng = np.random.default_rng(0)
+gram = rng.standard_normal((n, 5)); gram = gram @ gram.T
+norms = np.diagonal(gram).copy()
+packed = np.empty(m)
+counts = np.empty((rbf.N_GROUPS, rbf.N_BINS + 2), dtype=np.int64)
+rbf.squared_distances_parallel(gram, norms, 0.0, 20.0, packed, counts)
+rbf.histogram_parallel(packed, n, 0.0, 20.0, counts)
+sizes = counts[:, 1:3].sum(axis=1)
+rbf.gather_parallel(packed, n, 0.0, 20.0, 1, 2, np.concatenate(([0], np.cumsum(sizes)[:-1])),
+                    np.empty(sizes.sum()))
+rbf.rbf_row_sums_parallel(packed, n, 5.0, np.empty(n), np.empty((-(-n // rbf.BLOCK_ROWS), n)))
+diagonal = np.empty(n)
+rbf.centre_packed_parallel(packed, n, np.ones(n), 1.0, np.ones(n), diagonal)
+rbf.packed_inner_products_parallel(packed[None], diagonal[None], packed, diagonal, np.empty(1))
+print("compiled")
+"""
+
+
+def test_parallel_twins_compile_first_in_a_fresh_cache(tmp_path):
+    """Compiled before their serial twins (as a large first call does), with no cache.
+
+    The prange index may be typed unsigned; an index computed from it and a
+    signed value would then be a float, which no array accepts.
+    """
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", FRESH_COMPILE], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "compiled"
+
+
 # --- independent of the thread count ------------------------------------------------------
 
 

@@ -64,7 +64,8 @@ def _squared_distances(gram, norms, lo, hi, out, counts):
     """
     n = gram.shape[0]
     scale = N_BINS / (hi - lo)
-    for g in prange(N_GROUPS):
+    for task in prange(N_GROUPS):
+        g = np.int64(task)  # prange's index may be unsigned: keep the arithmetic signed
         row = counts[g]
         for b in range(N_BINS + 2):
             row[b] = 0
@@ -95,7 +96,8 @@ def _rbf_row_sums(packed, n, denominator, row_sums, column_partials):
     column_partials : (ceil(n / BLOCK_ROWS), n) float64, scratch.
     """
     n_blocks = column_partials.shape[0]
-    for h in prange((n_blocks + 1) // 2):
+    for task in prange((n_blocks + 1) // 2):
+        h = np.int64(task)  # prange's index may be unsigned: keep the arithmetic signed
         for side in range(2):
             b = np.int64(h) if side == 0 else n_blocks - 1 - np.int64(h)
             if side == 1 and b == h:
@@ -130,7 +132,8 @@ def _centre_packed(packed, n, row_means, grand_mean, diagonal, centred_diagonal)
     diagonal : (n,) float64, ``K_ii``.
     centred_diagonal : (n,) float64, receives ``K_ii − 2μ_i + μ̄``.
     """
-    for h in prange((n + 1) // 2):
+    for task in prange((n + 1) // 2):
+        h = np.int64(task)  # prange's index may be unsigned: keep the arithmetic signed
         for side in range(2):
             i = np.int64(h) if side == 0 else n - 1 - np.int64(h)
             if side == 1 and i == h:
@@ -154,7 +157,8 @@ def _packed_inner_products(stack, stack_diagonal, vector, vector_diagonal, out):
     p, m = stack.shape
     n_chunks = (m + CHUNK - 1) // CHUNK
     partials = np.zeros((max(n_chunks, 1), p))
-    for c in prange(n_chunks):
+    for task in prange(n_chunks):
+        c = np.int64(task)  # prange's index may be unsigned: keep the arithmetic signed
         lo = c * CHUNK
         hi = min(m, lo + CHUNK)
         for k in range(p):
@@ -186,9 +190,10 @@ def _slot(value, lo, hi, scale):
 @kernel
 def _group_pairs(n, g):
     """Row pairs ``[first, stop)`` of group ``g``: pair ``h`` is rows ``h`` and ``n − 1 − h``."""
+    group = np.int64(g)
     half = (n + 1) // 2
     per = (half + N_GROUPS - 1) // N_GROUPS
-    return min(half, g * per), min(half, (g + 1) * per)
+    return min(half, group * per), min(half, (group + 1) * per)
 
 
 def _histogram(packed, n, lo, hi, counts):
@@ -200,7 +205,8 @@ def _histogram(packed, n, lo, hi, counts):
     counts : (N_GROUPS, N_BINS + 2) int64, overwritten as in :func:`_squared_distances`.
     """
     scale = N_BINS / (hi - lo)
-    for g in prange(N_GROUPS):
+    for task in prange(N_GROUPS):
+        g = np.int64(task)  # prange's index may be unsigned: keep the arithmetic signed
         row = counts[g]
         for b in range(N_BINS + 2):
             row[b] = 0
@@ -230,7 +236,8 @@ def _gather(packed, n, lo, hi, first_slot, last_slot, offsets, out):
     width = (hi - lo) / N_BINS
     window_lo = lo + (first_slot - 2) * width
     window_hi = lo + (last_slot + 1) * width
-    for g in prange(N_GROUPS):
+    for task in prange(N_GROUPS):
+        g = np.int64(task)  # prange's index may be unsigned: keep the arithmetic signed
         k = offsets[g]
         first, stop = _group_pairs(n, g)
         for h in range(first, stop):
