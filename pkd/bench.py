@@ -29,7 +29,14 @@ reports its buffers to it) in a separate, untimed call whose gradients are
 allocated anew (see ``_peak_bytes``), and compared with the budget
 ``1.2 × (one N×d_t buffer + the gradient outputs)``.
 
-After the grid, :func:`call_overhead` measures the fixed cost of a call on
+Two workloads of fixed size follow the grid (``--variant`` selects them by
+name; ``--quick`` runs them smaller): ``rbf cka`` (:func:`bench_rbf_cka`, RBF
+CKA of 4,096 rows: the Numba passes' parallel and serial twins, the plain
+NumPy version, and its GEMMs alone) and ``layer analysis``
+(:func:`bench_layer_analysis`, the all-pairs analysis of 7 × 13 layers of
+3,000 rows against its GEMMs alone and per-pair ``numpy.linalg.lstsq``).
+
+After them, :func:`call_overhead` measures the fixed cost of a call on
 inputs of a few rows (the Python around the GEMMs, which weighs on the
 sub-millisecond cases) and :func:`startup_times` the start-up costs.
 """
@@ -53,8 +60,12 @@ import numpy as np
 
 GRID_N = (256, 512, 4096, 16384)
 GRID_SHAPES = ((128, 256), (312, 768), (384, 768), (768, 768))
-VARIANTS = ("plain", "masked", "normalized+masked", "4 pairs shared", "alignment",
-            "torch bridge", "torch module")
+GRID_VARIANTS = ("plain", "masked", "normalized+masked", "4 pairs shared", "alignment",
+                 "torch bridge", "torch module")
+# Workloads of fixed size, run after the grid (smaller with --quick): see bench_rbf_cka
+# and bench_layer_analysis.
+WORKLOADS = ("rbf cka", "layer analysis")
+VARIANTS = GRID_VARIANTS + WORKLOADS
 TORCH_VARIANTS = ("torch bridge", "torch module")
 # --quick: one small and one large case per variant, float32 (under a minute here).
 QUICK_CASES = ((512, 384, 768), (4096, 128, 256))
@@ -549,6 +560,139 @@ def _bench_alignment(n, d_s, d_t, dtype, repeats) -> Row:
                None)
 
 
+RBF_CKA_CASE = (4096, 384, 768)  # N, d_s, d_t
+RBF_CKA_QUICK = (1024, 384, 768)
+
+
+def _numpy_rbf_cka(X, Y, bandwidth=0.5) -> float:
+    """RBF CKA as a user writes it in NumPy: full n × n float64 matrices (the authors' demo)."""
+    def centred_kernel(A):
+        A = A.astype(np.float64)
+        gram = A @ A.T
+        norms = np.diag(gram)
+        distances = norms[:, None] + norms[None, :] - 2.0 * gram
+        K = np.exp(-distances / (2.0 * bandwidth**2 * np.median(distances)))
+        means = K.mean(axis=0)
+        return K - means[:, None] - means[None, :] + means.mean()
+
+    K, L = centred_kernel(X), centred_kernel(Y)
+    return float((K * L).sum() / np.sqrt((K * K).sum() * (L * L).sum()))
+
+
+def bench_rbf_cka(n=4096, d_s=384, d_t=768, repeats=5, out=sys.stdout) -> dict:
+    """RBF CKA of one pair, N rows (float32): the parallel twin vs the serial one, NumPy, GEMMs.
+
+    ``gemm``, the floor: the two float64 ``X Xᵀ`` (scipy's dsyrk, as the
+    computation calls it, into a preallocated output) that give the
+    distance matrices. ``parallel`` / ``serial``: :func:`pkd.cka.rbf_cka`
+    with every Numba pass forced to one twin. ``numpy``: :func:`_numpy_rbf_cka`.
+    """
+    import numba
+    from scipy.linalg import blas
+
+    from . import cka
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((n, d_s), dtype=np.float32)
+    mixing = rng.standard_normal((d_s, d_t), dtype=np.float32) / np.float32(np.sqrt(d_s))
+    Y = (np.tanh(X @ mixing) + rng.standard_normal((n, d_t), dtype=np.float32)).astype(np.float32)
+    centred = cka._centred(X), cka._centred(Y)
+    gram = np.empty((n, n), order="F")
+
+    def gemms():
+        for a in centred:
+            blas.dsyrk(1.0, a.T, trans=1, c=gram, overwrite_c=1, beta=0.0)
+
+    def ours(parallel):
+        return lambda: cka._rbf_matrix([X], [Y], None, 0.5, None, 0, ("X", "Y"), parallel)
+
+    times = _median_times([{"parallel": ours(True), "serial": ours(False), "gemm": gemms},
+                           {"numpy": lambda: _numpy_rbf_cka(X, Y)}], repeats)
+    value, expected = float(ours(None)()[0, 0]), _numpy_rbf_cka(X, Y)
+    result = {"n_rows": n, "d_s": d_s, "d_t": d_t, "numba_threads": numba.get_num_threads(),
+              "parallel_s": times["parallel"], "serial_s": times["serial"],
+              "numpy_s": times["numpy"], "gemm_s": times["gemm"],
+              "parallel_vs_gemm": times["parallel"] / times["gemm"],
+              "serial_vs_parallel": times["serial"] / times["parallel"],
+              "numpy_vs_parallel": times["numpy"] / times["parallel"],
+              "cka": value, "numpy_difference": abs(value - expected)}
+    print(f"\nRBF CKA, N={n}, {d_s}→{d_t}, float32, {result['numba_threads']} Numba threads: "
+          f"parallel twin {times['parallel']:.3f} s = {result['parallel_vs_gemm']:.2f}× its "
+          f"float64 X Xᵀ GEMMs alone ({times['gemm']:.3f} s); serial twin "
+          f"{result['serial_vs_parallel']:.2f}× the parallel; NumPy "
+          f"{result['numpy_vs_parallel']:.1f}× the parallel (|difference| "
+          f"{result['numpy_difference']:.1e})", file=out)
+    return result
+
+
+LAYER_ANALYSIS_CASE = (3000, 7, 13, 384, 768)  # N, n_s, n_t, d_s, d_t
+LAYER_ANALYSIS_QUICK = (1000, 2, 3, 384, 768)
+HELDOUT_FOLDS = 5
+
+
+def bench_layer_analysis(n=3000, n_s=7, n_t=13, d_s=384, d_t=768, repeats=5,
+                         out=sys.stdout) -> dict:
+    """The all-pairs analysis of float32 layers: statistics, ``min_mse()`` and ``cka()``.
+
+    Against its float64 GEMM floor (a dsyrk per layer and one dgemm for every
+    cross block, scipy's BLAS, as the accumulation calls them) and against
+    fitting every pair with ``numpy.linalg.lstsq`` on float64 copies (timed
+    once: it is slow). Where :class:`pkd.AlignmentStats` takes ``folds``, the
+    same analysis with 5-fold held-out estimates (``relative_min_mse(heldout=True)``)
+    is timed too, and its cost reported as a fraction added.
+    """
+    import inspect
+
+    from scipy.linalg import blas
+
+    from .alignment import AlignmentStats
+
+    rng = np.random.default_rng(0)
+    student = [rng.standard_normal((n, d_s), dtype=np.float32) for _ in range(n_s)]
+    teacher = [rng.standard_normal((n, d_t), dtype=np.float32) for _ in range(n_t)]
+    s64 = [np.asfortranarray(a, dtype=np.float64) for a in student]
+    t64 = [np.asfortranarray(a, dtype=np.float64) for a in teacher]
+    all_s, all_t = np.asfortranarray(np.hstack(s64)), np.asfortranarray(np.hstack(t64))
+
+    def gemms():
+        for a in s64 + t64:
+            blas.dsyrk(1.0, a, trans=1)
+        blas.dgemm(1.0, all_s, all_t, trans_a=1)
+
+    def analysis():
+        stats = AlignmentStats.from_arrays(student, teacher)
+        return stats.min_mse(), stats.cka()
+
+    group = {"pkd": analysis, "gemm": gemms}
+    has_folds = "folds" in inspect.signature(AlignmentStats.from_arrays).parameters
+    if has_folds:
+        def heldout():
+            stats = AlignmentStats.from_arrays(student, teacher, folds=HELDOUT_FOLDS)
+            return stats.min_mse(), stats.cka(), stats.relative_min_mse(heldout=True)
+
+        group["heldout"] = heldout
+    times = _median_times([group], repeats)
+    start = time.perf_counter()
+    for S in s64:
+        for T in t64:
+            np.linalg.lstsq(S, T, rcond=None)
+    lstsq_s = time.perf_counter() - start
+    result = {"n_rows": n, "n_student": n_s, "n_teacher": n_t, "d_s": d_s, "d_t": d_t,
+              "analysis_s": times["pkd"], "gemm_s": times["gemm"],
+              "analysis_vs_gemm": times["pkd"] / times["gemm"], "lstsq_s": lstsq_s,
+              "lstsq_vs_analysis": lstsq_s / times["pkd"],
+              "heldout_s": times.get("heldout"),
+              "heldout_added": (times["heldout"] / times["pkd"] - 1) if has_folds else None}
+    folds = (f"; with {HELDOUT_FOLDS}-fold held-out estimates {times['heldout']:.2f} s "
+             f"(+{100 * result['heldout_added']:.0f}%)" if has_folds else
+             "; held-out estimates not measured (this AlignmentStats takes no folds=)")
+    print(f"\nlayer analysis, {n_s}×{n_t} layers, N={n}, {d_s}→{d_t}, float32: statistics + "
+          f"min_mse + cka {times['pkd']:.2f} s = {result['analysis_vs_gemm']:.2f}× its float64 "
+          f"GEMMs alone ({times['gemm']:.2f} s); {n_s * n_t} numpy.linalg.lstsq fits "
+          f"{lstsq_s:.1f} s ({result['lstsq_vs_analysis']:.0f}× slower){folds}", file=out)
+    return result
+
+
 # The floor of any Numba library's first call: a trivial cached kernel, first called in a
 # fresh process. Numba loads its typing and lowering registries (and imports
 # scipy.linalg to find BLAS) on the first kernel of a process, whatever the kernel.
@@ -674,7 +818,7 @@ def bench_cases(*, quick: bool, dtypes=None, variants) -> list[tuple]:
     if dtypes is None:
         dtypes = ("float32",) if quick else ("float32", "float64")
     return [(v, n, d_s, d_t, dtype) for dtype in dtypes for v in variants
-            for n, d_s, d_t in sizes]
+            for n, d_s, d_t in sizes if v in GRID_VARIANTS]
 
 
 def check_variants(variants) -> tuple[str, ...]:
@@ -733,6 +877,13 @@ def run_bench(*, quick: bool = False, dtypes=None, variants=VARIANTS,
     extra = {}
     if not quick and "alignment" in variants:
         extra["alignment_6x12"] = bench_alignment_matrix(out=out)
+    if "rbf cka" in variants:
+        n, d_s, d_t = RBF_CKA_QUICK if quick else RBF_CKA_CASE
+        extra["rbf_cka"] = bench_rbf_cka(n, d_s, d_t, repeats=repeats, out=out)
+    if "layer analysis" in variants:
+        n, n_s, n_t, d_s, d_t = LAYER_ANALYSIS_QUICK if quick else LAYER_ANALYSIS_CASE
+        extra["layer_analysis"] = bench_layer_analysis(n, n_s, n_t, d_s, d_t,
+                                                       repeats=repeats, out=out)
     overhead = call_overhead(calls=500 if quick else 2000)
     print(f"\n{describe_call_overhead(overhead)}", file=out)
     startup = startup_times(repeats=1 if quick else 3)

@@ -127,3 +127,97 @@ def fill_shifted_transposed(values, rows, shift, out, column_sums):
             out[j, i] = float(values[r, j]) - shift[j]
             total += out[j, i]
         column_sums[j] += total
+
+
+# --- pkd/kernels/rbf.py: packed strict lower triangles, row by row ------------------------
+
+
+def _packed_index(i, j):
+    """Position of entry (i, j), j < i, in a packed strict lower triangle."""
+    return i * (i - 1) // 2 + j
+
+
+def squared_distances(gram, norms):
+    """Twin of squared_distances: returns the packed D_ij = max(G_ii + G_jj − 2 G_ij, 0)."""
+    n = gram.shape[0]
+    out = np.zeros(n * (n - 1) // 2)
+    for i in range(n):
+        for j in range(i):
+            out[_packed_index(i, j)] = max(norms[i] + norms[j] - 2.0 * gram[i, j], 0.0)
+    return out
+
+
+def rbf_row_sums(packed, n, denominator):
+    """Twin of rbf_row_sums: returns (packed kernel values, row sums of the full matrix)."""
+    import math
+
+    kernel = [math.exp(-float(v) / denominator) for v in packed]
+    row_sums = np.zeros(n)
+    for i in range(n):
+        for j in range(n):
+            row_sums[i] += 1.0 if i == j else kernel[_packed_index(max(i, j), min(i, j))]
+    return np.array(kernel), row_sums
+
+
+def centre_packed(packed, n, row_means, grand_mean, diagonal):
+    """Twin of centre_packed: returns (packed K_ij − μ_i − μ_j + μ̄, centred diagonal)."""
+    out = np.array(packed, dtype=np.float64)
+    for i in range(n):
+        for j in range(i):
+            out[_packed_index(i, j)] = packed[_packed_index(i, j)] - row_means[i] \
+                - row_means[j] + grand_mean
+    centred_diagonal = np.array([diagonal[i] - 2.0 * row_means[i] + grand_mean
+                                 for i in range(n)])
+    return out, centred_diagonal
+
+
+def packed_inner_products(stack, stack_diagonal, vector, vector_diagonal):
+    """Twin of packed_inner_products: ⟨A_k, B⟩_F summed over the full symmetric matrices."""
+    out = np.zeros(stack.shape[0])
+    for k in range(stack.shape[0]):
+        total = 0.0
+        for e in range(vector.shape[0]):
+            total += 2.0 * float(stack[k, e]) * float(vector[e])  # entries (i, j) and (j, i)
+        for i in range(vector_diagonal.shape[0]):
+            total += float(stack_diagonal[k, i]) * float(vector_diagonal[i])
+        out[k] = total
+    return out
+
+
+def histogram_slot(value, lo, hi, n_bins):
+    """Twin of rbf._slot: 0 below lo, n_bins + 1 at or above hi, else 1 + the bin."""
+    if value < lo:
+        return 0
+    if value >= hi:
+        return n_bins + 1
+    return 1 + min(int((value - lo) * (n_bins / (hi - lo))), n_bins - 1)
+
+
+def row_groups(n, n_groups):
+    """Twin of rbf._group_pairs: the rows of each group (pair h is rows h and n − 1 − h)."""
+    half = (n + 1) // 2
+    per = (half + n_groups - 1) // n_groups
+    return [sorted({i for h in range(g * per, min(half, (g + 1) * per)) for i in (h, n - 1 - h)})
+            for g in range(n_groups)]
+
+
+def histogram(packed, n, lo, hi, n_groups, n_bins):
+    """Twin of rbf.histogram (and of squared_distances' counts): counts per group and slot."""
+    counts = np.zeros((n_groups, n_bins + 2), dtype=np.int64)
+    for g, rows in enumerate(row_groups(n, n_groups)):
+        for i in rows:
+            for j in range(i):
+                counts[g, histogram_slot(packed[_packed_index(i, j)], lo, hi, n_bins)] += 1
+    return counts
+
+
+def gather(packed, n, lo, hi, first_slot, last_slot, n_groups, n_bins):
+    """Twin of rbf.gather: the entries in slots first..last, group by group, rows in order."""
+    out = []
+    for rows in row_groups(n, n_groups):
+        for i in sorted(rows, key=lambda r: (min(r, n - 1 - r), r != min(r, n - 1 - r))):
+            for j in range(i):
+                value = packed[_packed_index(i, j)]
+                if first_slot <= histogram_slot(value, lo, hi, n_bins) <= last_slot:
+                    out.append(value)
+    return np.array(out)

@@ -1,6 +1,7 @@
 """The `pkd` command: analyze, fit and bench on small dumps, and their errors."""
 
 import hashlib
+import io
 import json
 import math
 import subprocess
@@ -477,19 +478,20 @@ def test_bench_table_rows_stay_off_the_progress_bar(monkeypatch):
 
 
 def test_bench_cases_full_grid_and_quick_subset():
-    from pkd.bench import GRID_N, GRID_SHAPES, QUICK_CASES, VARIANTS, bench_cases
+    from pkd.bench import GRID_N, GRID_SHAPES, GRID_VARIANTS, QUICK_CASES, VARIANTS, bench_cases
 
     full = bench_cases(quick=False, dtypes=("float32", "float64"), variants=VARIANTS)
-    assert len(full) == len(set(full)) == 2 * len(VARIANTS) * len(GRID_N) * len(GRID_SHAPES)
+    # The workloads (rbf cka, layer analysis) have sizes of their own: not in the grid.
+    assert len(full) == len(set(full)) == 2 * len(GRID_VARIANTS) * len(GRID_N) * len(GRID_SHAPES)
     assert {(n, d_s, d_t) for _, n, d_s, d_t, _ in full} == {
         (n, d_s, d_t) for n in GRID_N for d_s, d_t in GRID_SHAPES}
     assert bench_cases(quick=False, variants=VARIANTS) == full
     quick = bench_cases(quick=True, variants=VARIANTS)
-    assert len(quick) == len(VARIANTS) * len(QUICK_CASES)
+    assert len(quick) == len(GRID_VARIANTS) * len(QUICK_CASES)
     assert {dtype for *_, dtype in quick} == {"float32"}
     quick64 = bench_cases(quick=True, dtypes=("float64",), variants=VARIANTS)
     assert {dtype for *_, dtype in quick64} == {"float64"}  # an explicit dtype is honoured
-    assert {variant for variant, *_ in quick} == set(VARIANTS)
+    assert {variant for variant, *_ in quick} == set(GRID_VARIANTS)
     # a small and a large N, a narrow and a wide student: every regime of the grid
     sizes = set(QUICK_CASES)
     assert min(n for n, _, _ in sizes) <= 512 and max(n for n, _, _ in sizes) >= 4096
@@ -570,6 +572,10 @@ def fake_bench(monkeypatch):
         return bench.Row(variant, dtype, n, d_s, d_t, 1.0, 1.0, None, None, None, None)
 
     monkeypatch.setattr(bench, "bench_case", bench_case)
+    monkeypatch.setattr(bench, "bench_rbf_cka",
+                        lambda *size, repeats, out: ran.append(("rbf cka", size)) or {})
+    monkeypatch.setattr(bench, "bench_layer_analysis",
+                        lambda *size, repeats, out: ran.append(("layer analysis", size)) or {})
     monkeypatch.setattr(bench, "call_overhead", lambda calls=2000: dict.fromkeys(
         ("one_pair_us", "one_pair_floor_us", "four_pairs_us", "four_pairs_floor_us"), 1.0))
     monkeypatch.setattr(bench, "startup_times", lambda repeats=3: dict.fromkeys(
@@ -602,6 +608,9 @@ def test_bench_torch_variant_without_torch(fake_bench, monkeypatch, capsys):
     assert fake_bench == []
     assert cli.main(["bench", "--quick"]) == 0  # by default the torch variants are left out
     assert {v for v, _ in fake_bench} == set(bench.VARIANTS) - set(bench.TORCH_VARIANTS)
+    quick_sizes = {v: size for v, size in fake_bench if v in bench.WORKLOADS}
+    assert quick_sizes == {"rbf cka": bench.RBF_CKA_QUICK,
+                           "layer analysis": bench.LAYER_ANALYSIS_QUICK}
 
 
 def test_console_script_help():
@@ -615,6 +624,56 @@ def test_bench_runs_a_variant_named_twice_once():
     from pkd.bench import check_variants
 
     assert check_variants(["plain", "masked", "plain"]) == ("plain", "masked")
+
+
+def test_bench_workloads_run_by_name_at_their_full_size(fake_bench, capsys):
+    from pkd import bench
+
+    assert cli.main(["bench", "--variant", "rbf cka", "--variant", "layer analysis"]) == 0
+    assert fake_bench == [("rbf cka", bench.RBF_CKA_CASE),
+                          ("layer analysis", bench.LAYER_ANALYSIS_CASE)]
+
+
+def test_bench_rbf_cka_times_every_contender_and_agrees_with_numpy():
+    from pkd import bench
+
+    out = io.StringIO()
+    result = bench.bench_rbf_cka(40, 6, 9, repeats=5, out=out)
+    for key in ("parallel_s", "serial_s", "numpy_s", "gemm_s"):
+        assert result[key] > 0, key
+    assert result["parallel_vs_gemm"] == result["parallel_s"] / result["gemm_s"]
+    assert 0 < result["cka"] <= 1 and result["numpy_difference"] < 1e-12
+    assert "RBF CKA, N=40, 6→9, float32" in out.getvalue()
+
+
+@pytest.mark.parametrize("folds", [False, True])
+def test_bench_layer_analysis_times_every_contender(folds, monkeypatch):
+    """Without folds= the held-out part is skipped and says so; with it, it is timed."""
+    import inspect
+
+    from pkd import AlignmentStats, bench
+
+    has_folds = "folds" in inspect.signature(AlignmentStats.from_arrays).parameters
+    if folds and not has_folds:
+        pytest.skip("this AlignmentStats has no folds= (branch trust-core)")
+    if not folds and has_folds:
+        original = AlignmentStats.from_arrays
+
+        def no_folds(cls, student_layers, teacher_layers, mask=None):
+            return original.__func__(cls, student_layers, teacher_layers, mask)
+
+        monkeypatch.setattr(AlignmentStats, "from_arrays", classmethod(no_folds))
+    out = io.StringIO()
+    result = bench.bench_layer_analysis(30, 2, 3, 4, 6, repeats=5, out=out)
+    assert result["analysis_s"] > 0 and result["gemm_s"] > 0 and result["lstsq_s"] > 0
+    assert result["lstsq_vs_analysis"] == result["lstsq_s"] / result["analysis_s"]
+    if folds:
+        assert result["heldout_s"] > 0
+        assert result["heldout_added"] == result["heldout_s"] / result["analysis_s"] - 1
+        assert "5-fold held-out estimates" in out.getvalue()
+    else:
+        assert result["heldout_s"] is None and result["heldout_added"] is None
+        assert "takes no folds=" in out.getvalue()
 
 
 def test_bench_refuses_fewer_than_five_repeats(capsys):

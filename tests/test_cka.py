@@ -1,0 +1,566 @@
+"""pkd.cka against the CKA authors' published values, plain NumPy, loop twins and bad input."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import naive
+from pkd import cka
+from pkd.kernels import rbf
+
+# --- independent witnesses: full n × n matrices, the centring matrix H, np.median -----------
+
+
+def _centring(n):
+    return np.eye(n) - np.ones((n, n)) / n
+
+
+def reference_cka(K, L):
+    """CKA from full kernel matrices: ⟨HKH, HLH⟩ / (‖HKH‖ ‖HLH‖)."""
+    H = _centring(K.shape[0])
+    Kc, Lc = H @ K @ H, H @ L @ H
+    return float((Kc * Lc).sum() / np.sqrt((Kc * Kc).sum() * (Lc * Lc).sum()))
+
+
+def reference_unbiased_hsic(K, L):
+    """Song et al.'s unbiased HSIC estimator, written out from its definition."""
+    n = K.shape[0]
+    Kt, Lt = K - np.diag(np.diag(K)), L - np.diag(np.diag(L))
+    one = np.ones(n)
+    return float((np.trace(Kt @ Lt) + (one @ Kt @ one) * (one @ Lt @ one) / ((n - 1) * (n - 2))
+                  - 2.0 / (n - 2) * (one @ Kt @ Lt @ one)) / (n * (n - 3)))
+
+
+def reference_rbf_kernel(X, bandwidth):
+    """exp(−D / (2 bandwidth² median(D))), the median over all n² entries of D."""
+    X = np.asarray(X, dtype=np.float64)
+    D = ((X[:, None, :] - X[None, :, :]) ** 2).sum(-1)
+    return np.exp(-D / (2 * bandwidth**2 * np.median(D)))
+
+
+def linear_kernel(X):
+    X = np.asarray(X, dtype=np.float64)
+    return X @ X.T
+
+
+def demo_data():
+    """The CKA authors' demo input."""
+    state = np.random.RandomState(1337)  # np.random.seed(1337) then two randn calls
+    X = state.randn(100, 10)
+    Y = state.randn(100, 10) + X
+    return X, Y
+
+
+# --- published values --------------------------------------------------------------------
+
+
+def test_reproduces_the_published_demo_values_to_5_decimals():
+    X, Y = demo_data()
+    assert abs(cka.linear_cka(X, Y) - 0.55761) < 5e-6
+    assert abs(cka.debiased_linear_cka(X, Y) - 0.51346) < 5e-6
+    assert abs(cka.rbf_cka(X, Y, bandwidth=0.5) - 0.65483) < 5e-6
+
+
+@pytest.mark.parametrize("n,d_x,d_y", [(100, 10, 10), (30, 50, 70), (200, 5, 3)])
+def test_linear_and_debiased_match_the_full_matrix_definitions(n, d_x, d_y):
+    rng = np.random.default_rng(n)
+    X = rng.standard_normal((n, d_x))
+    Y = X[:, :min(d_x, d_y)] @ rng.standard_normal((min(d_x, d_y), d_y)) \
+        + rng.standard_normal((n, d_y))
+    K, L = linear_kernel(X), linear_kernel(Y)
+    np.testing.assert_allclose(cka.linear_cka(X, Y), reference_cka(K, L), rtol=1e-10)
+    expected = reference_unbiased_hsic(K, L) / np.sqrt(reference_unbiased_hsic(K, K)
+                                                        * reference_unbiased_hsic(L, L))
+    np.testing.assert_allclose(cka.debiased_linear_cka(X, Y), expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize("bandwidth", [0.5, 1.0, 2.3])
+@pytest.mark.parametrize("n", [5, 64, 131])
+def test_rbf_matches_the_full_matrix_definition(n, bandwidth):
+    rng = np.random.default_rng(n)
+    X = rng.standard_normal((n, 12), dtype=np.float32)
+    Y = np.tanh(X @ rng.standard_normal((12, 20), dtype=np.float32))
+    expected = reference_cka(reference_rbf_kernel(X, bandwidth), reference_rbf_kernel(Y, bandwidth))
+    np.testing.assert_allclose(cka.rbf_cka(X, Y, bandwidth=bandwidth), expected, rtol=1e-10)
+
+
+# --- invariances -------------------------------------------------------------------------
+
+
+MEASURES = {"linear": cka.linear_cka, "debiased": cka.debiased_linear_cka, "rbf": cka.rbf_cka}
+
+
+@pytest.mark.parametrize("name", MEASURES)
+def test_a_matrix_with_itself_is_1(name):
+    X, _ = demo_data()
+    assert MEASURES[name](X, X) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", MEASURES)
+def test_invariant_to_orthogonal_maps_and_isotropic_scaling_not_to_general_maps(name):
+    measure = MEASURES[name]
+    X, Y = demo_data()
+    transform = np.random.RandomState(7).randn(10, 10)
+    _, orthogonal = np.linalg.eigh(transform.T @ transform)
+    base = measure(X, Y)
+    assert measure(X @ orthogonal, Y) == pytest.approx(base, abs=1e-10)
+    assert measure(X * 1.337, Y) == pytest.approx(base, abs=1e-10)
+    assert measure(X, Y @ orthogonal * 0.01) == pytest.approx(base, abs=1e-10)
+    assert abs(measure(X @ transform, Y) - base) > 1e-3
+
+
+def test_debiased_removes_the_few_rows_bias_that_linear_cka_has_on_noise():
+    """Independent noise, 100 rows, widths 384 and 768: linear CKA ~0.84, debiased ~0."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((100, 384), dtype=np.float32)
+    Y = rng.standard_normal((100, 768), dtype=np.float32)
+    assert cka.linear_cka(X, Y) > 0.8
+    assert abs(cka.debiased_linear_cka(X, Y)) < 0.05
+
+
+# --- the kernels against their loop twins ------------------------------------------------
+
+
+def _gram_and_norms(n, seed=0):
+    X = np.random.default_rng(seed).standard_normal((n, 6))
+    X[3] = X[1]  # two identical rows: a distance that rounding may make negative
+    gram = X @ X.T
+    return gram, np.diagonal(gram).copy()
+
+
+@pytest.mark.parametrize("twin", ["serial", "parallel"])
+@pytest.mark.parametrize("n", [4, 150, 151])  # odd n: a middle row alone in its pair
+def test_squared_distances_kernel_and_its_histogram_match_their_twins(twin, n):
+    gram, norms = _gram_and_norms(n)
+    out = np.full(n * (n - 1) // 2, np.nan)
+    counts = np.full((rbf.N_GROUPS, rbf.N_BINS + 2), -1, dtype=np.int64)
+    lo, hi = 0.0, float(np.median(naive.squared_distances(gram, norms)))  # half above hi
+    getattr(rbf, f"squared_distances_{twin}")(gram, norms, lo, hi, out, counts)
+    np.testing.assert_array_equal(out, naive.squared_distances(gram, norms))
+    assert out[naive._packed_index(3, 1)] == 0.0
+    expected = naive.histogram(out, n, lo, hi, rbf.N_GROUPS, rbf.N_BINS)
+    np.testing.assert_array_equal(counts, expected)
+    assert counts.sum() == out.size and counts[:, -1].sum() > 0
+
+
+@pytest.mark.parametrize("twin", ["serial", "parallel"])
+def test_histogram_and_gather_kernels_match_their_twins(twin):
+    n = 151
+    rng = np.random.default_rng(8)
+    packed = np.round(rng.random(n * (n - 1) // 2) * 50) / 7  # ties, values on bin edges
+    lo, hi = 1.0, 5.0
+    counts = np.full((rbf.N_GROUPS, rbf.N_BINS + 2), -1, dtype=np.int64)
+    getattr(rbf, f"histogram_{twin}")(packed, n, lo, hi, counts)
+    np.testing.assert_array_equal(counts, naive.histogram(packed, n, lo, hi, rbf.N_GROUPS,
+                                                          rbf.N_BINS))
+    for first, last in ((1, 2000), (1500, rbf.N_BINS), (1, 1)):  # slots of bins only
+        group_counts = counts[:, first:last + 1].sum(axis=1)
+        out = np.full(group_counts.sum(), np.nan)
+        offsets = np.concatenate(([0], np.cumsum(group_counts)[:-1]))
+        getattr(rbf, f"gather_{twin}")(packed, n, lo, hi, first, last, offsets, out)
+        expected = naive.gather(packed, n, lo, hi, first, last, rbf.N_GROUPS, rbf.N_BINS)
+        assert expected.size > 0
+        np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("twin", ["serial", "parallel"])
+@pytest.mark.parametrize("n", [5, 64, 150])
+def test_rbf_row_sums_kernel_matches_its_twin(twin, n):
+    gram, norms = _gram_and_norms(n, seed=n)
+    distances = naive.squared_distances(gram, norms)
+    packed, row_sums = distances.copy(), np.full(n, np.nan)
+    partials = np.full((-(-n // rbf.BLOCK_ROWS), n), np.nan)
+    getattr(rbf, f"rbf_row_sums_{twin}")(packed, n, 3.5, row_sums, partials)
+    kernel, expected_sums = naive.rbf_row_sums(distances, n, 3.5)
+    np.testing.assert_allclose(packed, kernel, rtol=1e-15)
+    np.testing.assert_allclose(row_sums, expected_sums, rtol=1e-13)
+
+
+@pytest.mark.parametrize("twin", ["serial", "parallel"])
+def test_centre_packed_kernel_matches_its_twin(twin):
+    n = 131
+    rng = np.random.default_rng(1)
+    packed, diagonal = rng.random(n * (n - 1) // 2), rng.random(n)
+    row_means, grand_mean = rng.random(n), 0.37
+    out, centred_diagonal = packed.copy(), np.full(n, np.nan)
+    getattr(rbf, f"centre_packed_{twin}")(out, n, row_means, grand_mean, diagonal,
+                                          centred_diagonal)
+    expected, expected_diagonal = naive.centre_packed(packed, n, row_means, grand_mean, diagonal)
+    np.testing.assert_allclose(out, expected, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(centred_diagonal, expected_diagonal, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("twin", ["serial", "parallel"])
+def test_packed_inner_products_kernel_matches_its_twin(twin):
+    n = 200  # 19,900 packed entries: two chunks, the second partial
+    m = n * (n - 1) // 2
+    assert m > rbf.CHUNK
+    rng = np.random.default_rng(2)
+    stack, stack_diagonal = rng.standard_normal((3, m)), rng.standard_normal((3, n))
+    vector, vector_diagonal = rng.standard_normal(m), rng.standard_normal(n)
+    out = np.full(3, np.nan)
+    getattr(rbf, f"packed_inner_products_{twin}")(stack, stack_diagonal, vector,
+                                                  vector_diagonal, out)
+    np.testing.assert_allclose(
+        out, naive.packed_inner_products(stack, stack_diagonal, vector, vector_diagonal),
+        rtol=1e-12)
+
+
+def test_packed_storage_holds_the_full_symmetric_matrix():
+    """The passes chained give the full centred kernel's Frobenius products."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((40, 5))
+    K = reference_rbf_kernel(X, 0.8)
+    H = _centring(40)
+    Kc = H @ K @ H
+    ws = cka._RBFWorkspace(40)
+    packed, diagonal = np.empty(ws.n_entries), np.empty(40)
+    ws.centred_kernel(cka._centred(X), 0.8, "X", packed, diagonal)
+    rows, cols = np.tril_indices(40, -1)
+    np.testing.assert_allclose(packed, Kc[rows, cols], atol=1e-14)
+    np.testing.assert_allclose(diagonal, np.diagonal(Kc), atol=1e-14)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("kind", ["normal", "repeated rows", "outlier", "integers", "zeros"])
+@pytest.mark.parametrize("n", [4, 5, 120, 301])
+def test_median_of_the_distances_is_numpys_over_the_full_matrix(n, kind, parallel, monkeypatch):
+    """The histogram search: narrowing (few candidates allowed), widening, ties, all zeros."""
+    monkeypatch.setattr(cka, "_MEDIAN_CANDIDATES", 7)
+    rng = np.random.default_rng(n)
+    X = rng.standard_normal((n, 5))
+    if kind == "repeated rows":
+        X[: n // 2 + 1] = X[0]
+    elif kind == "outlier":
+        X[-1] *= 1e6  # most distances far below twice the mean
+    elif kind == "integers":
+        X = np.round(X)  # many exactly equal distances
+    elif kind == "zeros":
+        X[:] = 0.0
+    ws = cka._RBFWorkspace(n, parallel)
+    full = ((X[:, None, :] - X[None, :, :]) ** 2).sum(-1)
+    rows, cols = np.tril_indices(n, -1)
+    packed = full[rows, cols].copy()
+    hi = 2.0 * packed.mean() or 1.0  # the first range, as centred_kernel counts it
+    getattr(rbf, f"histogram_{'parallel' if parallel else 'serial'}")(packed, n, 0.0, hi,
+                                                                     ws.counts)
+    assert ws._median(packed, hi) == np.median(full)
+
+
+# --- all pairs, subsample, mask ----------------------------------------------------------
+
+
+def _layers(n=90, widths=(7, 9, 11), seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((n, 6))
+    return [np.tanh(base @ rng.standard_normal((6, w)) + 0.3 * rng.standard_normal((n, w)))
+            .astype(dtype) for w in widths]
+
+
+@pytest.mark.parametrize("n_s,n_t", [(2, 3), (3, 2)])  # either side kept in memory
+def test_rbf_matrix_equals_every_pair_alone(n_s, n_t):
+    layers = _layers(widths=(5, 7, 9, 11, 13))
+    student, teacher = layers[:n_s], layers[n_s:n_s + n_t]
+    matrix = cka.rbf_cka_matrix(student, teacher)
+    assert matrix.shape == (n_s, n_t)
+    for s in range(n_s):
+        for t in range(n_t):
+            assert matrix[s, t] == cka.rbf_cka(student[s], teacher[t])
+            np.testing.assert_allclose(
+                matrix[s, t], reference_cka(reference_rbf_kernel(student[s], 0.5),
+                                            reference_rbf_kernel(teacher[t], 0.5)), rtol=1e-10)
+
+
+def test_rbf_matrix_mask_selects_rows_before_anything():
+    student, teacher = _layers(n=60, widths=(4, 6))[:1], _layers(n=60, widths=(5,), seed=1)
+    batched = [a.reshape(6, 10, -1) for a in student], [a.reshape(6, 10, -1) for a in teacher]
+    mask = np.random.default_rng(0).random((6, 10)) < 0.7
+    mask[:, -2:] = False  # right padding
+    garbage = [a.copy() for a in batched[0]]
+    garbage[0][~mask] = 1e6  # padding may hold anything
+    got = cka.rbf_cka_matrix(garbage, batched[1], mask=mask)
+    rows = mask.ravel()
+    expected = cka.rbf_cka(student[0][rows], teacher[0][rows])
+    assert got[0, 0] == expected
+
+
+def test_rbf_subsample_is_reproducible_and_the_same_rows_for_every_layer():
+    student, teacher = _layers(n=300, widths=(6,)), _layers(n=300, widths=(8, 9), seed=4)
+    first = cka.rbf_cka_matrix(student, teacher, max_rows=50, seed=3)
+    np.testing.assert_array_equal(first, cka.rbf_cka_matrix(student, teacher, max_rows=50,
+                                                             seed=3))
+    assert not np.array_equal(first, cka.rbf_cka_matrix(student, teacher, max_rows=50, seed=4))
+    rows = np.sort(np.random.default_rng(3).choice(300, 50, replace=False))
+    for t in range(2):
+        assert first[0, t] == cka.rbf_cka(student[0][rows], teacher[t][rows])
+    # The single-pair function draws the same rows.
+    assert cka.rbf_cka(student[0], teacher[1], max_rows=50, seed=3) == first[0, 1]
+
+
+def test_rbf_default_uses_at_most_4096_rows():
+    assert cka._check_max_rows(None, 5000) == cka.DEFAULT_MAX_ROWS == 4096
+    assert cka._check_max_rows(None, 100) == 100
+
+
+def test_buffers_kept_between_calls_change_nothing_and_can_be_released():
+    student, teacher = _layers(n=80, widths=(5, 6)), _layers(n=80, widths=(7,), seed=9)
+    first = cka.rbf_cka_matrix(student, teacher)
+    kept = cka._local.rbf
+    assert kept is not None and kept.n == 80
+    cka.rbf_cka(student[0][:50], teacher[0][:50])  # other rows: new buffers
+    assert cka._local.rbf is not kept and cka._local.rbf.n == 50
+    np.testing.assert_array_equal(cka.rbf_cka_matrix(student, teacher), first)
+    cka.release_buffers()
+    assert cka._local.rbf is None
+    np.testing.assert_array_equal(cka.rbf_cka_matrix(student, teacher), first)
+
+
+def test_alignment_stats_streaming_cka_agrees_with_the_direct_estimates():
+    """AlignmentStats' CKA from streaming statistics: an independent computation."""
+    import inspect
+
+    import pkd
+
+    student, teacher = _layers(n=150, widths=(5, 12)), _layers(n=150, widths=(7, 3), seed=6)
+    stats = pkd.AlignmentStats.from_arrays(student, teacher, chunk_rows=64)
+    expected = [[cka.linear_cka(s, t) for t in teacher] for s in student]
+    np.testing.assert_allclose(stats.cka(), expected, rtol=1e-9)
+    if "debiased" not in inspect.signature(stats.cka).parameters:
+        pytest.skip("this AlignmentStats.cka has no debiased= (branch trust-core)")
+    expected = [[cka.debiased_linear_cka(s, t) for t in teacher] for s in student]
+    np.testing.assert_allclose(stats.cka(debiased=True), expected, rtol=1e-9)
+
+
+# --- minibatch CKA -----------------------------------------------------------------------
+
+
+def test_minibatch_one_batch_is_debiased_linear_cka():
+    student, teacher = _layers(widths=(5, 8)), _layers(widths=(6, 9, 4), seed=2)
+    acc = cka.MinibatchCKA()
+    acc.update(student, teacher)
+    expected = [[cka.debiased_linear_cka(s, t) for t in teacher] for s in student]
+    np.testing.assert_allclose(acc.value(), expected, rtol=1e-10)
+    assert acc.n_batches == 1 and acc.n_rows == 90
+
+
+@pytest.mark.parametrize("gram_path", [True, False])
+def test_minibatch_sums_per_batch_unbiased_hsic_then_normalises(gram_path, monkeypatch):
+    if not gram_path:
+        monkeypatch.setattr(cka, "_GRAM_PATH_MAX_BYTES", 0)
+    student, teacher = _layers(n=120, widths=(5, 30)), _layers(n=120, widths=(40,), seed=5)
+    sizes = (50, 30, 40)
+    acc = cka.MinibatchCKA()
+    cross, self_s, self_t = np.zeros((2, 1)), np.zeros(2), np.zeros(1)
+    start = 0
+    for size in sizes:
+        rows = slice(start, start + size)
+        start += size
+        acc.update([a[rows] for a in student], [a[rows] for a in teacher])
+        ks = [linear_kernel(a[rows]) for a in student]
+        ls = [linear_kernel(a[rows]) for a in teacher]
+        for s, K in enumerate(ks):
+            self_s[s] += reference_unbiased_hsic(K, K)
+            for t, L in enumerate(ls):
+                cross[s, t] += reference_unbiased_hsic(K, L)
+        for t, L in enumerate(ls):
+            self_t[t] += reference_unbiased_hsic(L, L)
+    np.testing.assert_allclose(acc.value(), cross / np.sqrt(np.outer(self_s, self_t)),
+                               rtol=1e-9)
+
+
+def test_minibatch_mask_drops_padding():
+    student, teacher = _layers(n=40, widths=(5,)), _layers(n=40, widths=(6,), seed=1)
+    mask = np.ones(40, dtype=bool)
+    mask[30:] = False
+    padded = [a.copy() for a in student]
+    padded[0][30:] = 7.0
+    acc = cka.MinibatchCKA()
+    acc.update(padded, teacher, mask=mask)
+    expected = cka.debiased_linear_cka(student[0][:30], teacher[0][:30])
+    np.testing.assert_allclose(acc.value()[0, 0], expected, rtol=1e-12)
+
+
+def test_minibatch_errors():
+    acc = cka.MinibatchCKA()
+    with pytest.raises(ValueError, match="no batch yet"):
+        acc.value()
+    student, teacher = _layers(n=20, widths=(5,)), _layers(n=20, widths=(6,), seed=1)
+    acc.update(student, teacher)
+    with pytest.raises(ValueError, match=r"widths \(3,\) \(student\).*earlier batches \(5,\)"):
+        acc.update([np.ones((20, 3))], teacher)
+    with pytest.raises(ValueError, match="3 selected rows"):
+        acc.update([a[:3] for a in student], [a[:3] for a in teacher])
+    constant = cka.MinibatchCKA()
+    constant.update([np.ones((20, 5), np.float32)], teacher)
+    with pytest.raises(ValueError, match="student layer 0.*not positive"):
+        constant.value()
+
+
+# --- bad input: clear errors, never a silent NaN -----------------------------------------
+
+
+@pytest.mark.parametrize("name", MEASURES)
+def test_constant_layer_is_an_error_naming_it(name):
+    X, Y = demo_data()
+    constant = np.full_like(X, 0.1)  # centring by the mean alone would leave rounding
+    with pytest.raises(ValueError, match=r"Y \(shape \(100, 10\)\).*(constant|median)"):
+        MEASURES[name](X, constant)
+
+
+def test_constant_layer_in_the_matrix_names_the_layer():
+    student, teacher = _layers(widths=(5,)), _layers(widths=(6, 7), seed=1)
+    teacher[1] = np.full_like(teacher[1], 3.0)
+    with pytest.raises(ValueError, match=r"teacher_layers\[1\].*median squared distance"):
+        cka.rbf_cka_matrix(student, teacher)
+
+
+def test_mostly_identical_rows_have_no_bandwidth():
+    X, Y = demo_data()
+    X = X.copy()
+    X[:80] = X[0]  # padding rows left in: most pairs at distance 0
+    with pytest.raises(ValueError, match="median squared distance between rows is 0"):
+        cka.rbf_cka(X, Y)
+
+
+@pytest.mark.parametrize("bandwidth", [0.0, -1.0, float("nan"), float("inf")])
+def test_bandwidth_must_be_positive(bandwidth):
+    X, Y = demo_data()
+    with pytest.raises(ValueError, match="bandwidth must be finite and > 0"):
+        cka.rbf_cka(X, Y, bandwidth=bandwidth)
+    with pytest.raises(ValueError, match="bandwidth"):
+        cka.rbf_cka_matrix([X], [Y], bandwidth=bandwidth)
+
+
+def test_max_rows_rules():
+    X, Y = demo_data()
+    with pytest.raises(ValueError, match="max_rows=101 asks for a subsample larger than the 100"):
+        cka.rbf_cka(X, Y, max_rows=101)
+    with pytest.raises(ValueError, match="max_rows must be >= 4"):
+        cka.rbf_cka(X, Y, max_rows=3)
+    with pytest.raises(TypeError, match="max_rows must be an int"):
+        cka.rbf_cka(X, Y, max_rows=50.0)
+    assert cka.rbf_cka(X, Y, max_rows=100) == cka.rbf_cka(X, Y)
+
+
+@pytest.mark.parametrize("name", MEASURES)
+def test_shape_dtype_and_finiteness_errors(name):
+    measure = MEASURES[name]
+    X, Y = demo_data()
+    with pytest.raises(ValueError, match=r"same rows.*\(100, 10\) and \(99, 10\)"):
+        measure(X, Y[:99])
+    with pytest.raises(ValueError, match="at least 4 examples"):
+        measure(X[:3], Y[:3])
+    bad = Y.copy()
+    bad[5, 2] = np.nan
+    with pytest.raises(ValueError, match=r"Y contains 1 NaN/Inf.*\(5, 2\)"):
+        measure(X, bad)
+    with pytest.raises(TypeError, match="X must be float32 or float64"):
+        measure(X.astype(int), Y)
+    with pytest.raises(ValueError, match="X must be 2-D"):
+        measure(X[None], Y)
+
+
+def test_layers_with_different_rows_are_refused():
+    student, teacher = _layers(n=50, widths=(5,)), _layers(n=40, widths=(6,))
+    with pytest.raises(ValueError, match=r"teacher_layers\[0\] has shape \(40, 6\)"):
+        cka.rbf_cka_matrix(student, teacher)
+    with pytest.raises(ValueError, match=r"teacher_layers\[0\] has shape \(40, 6\)"):
+        cka.MinibatchCKA().update(student, teacher)
+
+
+def test_debiased_undefined_with_too_few_rows_for_the_spread():
+    # Four rows, one spike: the unbiased estimate of HSIC(X, X) is exactly 0.
+    X = np.array([[0.0], [0.0], [0.0], [1.0]])
+    Y = np.random.default_rng(0).standard_normal((4, 2))
+    with pytest.raises(ValueError, match=r"HSIC of X \(shape \(4, 1\)\).*not positive.*more rows"):
+        cka.debiased_linear_cka(X, Y)
+    assert np.isfinite(cka.linear_cka(X, Y))  # the biased estimate is defined
+
+
+# --- real-like data ----------------------------------------------------------------------
+
+
+def _layernorm_features(n, width, dead, rng, bias=True):
+    """Float32 LayerNorm outputs whose gains are ~0 on ``dead`` columns (values ~1e-32)."""
+    pre = rng.standard_normal((n, 4), dtype=np.float32) @ rng.standard_normal(
+        (4, width), dtype=np.float32) + 0.1 * rng.standard_normal((n, width), dtype=np.float32)
+    normed = (pre - pre.mean(1, keepdims=True)) / np.sqrt(pre.var(1, keepdims=True) + 1e-5)
+    gain = rng.uniform(0.5, 1.5, width).astype(np.float32)
+    gain[dead] = 1e-32
+    shift = rng.uniform(-0.1, 0.1, width).astype(np.float32) if bias else 0
+    out = (normed * gain + shift).astype(np.float32)
+    if bias:
+        out[:, dead] = (normed[:, dead] * gain[dead]).astype(np.float32)  # ~1e-32, no shift
+    return out
+
+
+def test_layernorm_features_with_dead_dimensions_give_the_same_cka_as_without_them():
+    rng = np.random.default_rng(11)
+    dead = [0, 5, 17]
+    X = _layernorm_features(300, 24, dead, rng)
+    Y = _layernorm_features(300, 32, [3], rng)
+    assert np.abs(X[:, dead]).max() < 1e-30 and X.dtype == np.float32
+    alive_x = np.delete(X, dead, axis=1).astype(np.float64)
+    alive_y = np.delete(Y, [3], axis=1).astype(np.float64)
+    for name, measure in MEASURES.items():
+        got = measure(X, Y)
+        assert np.isfinite(got), name
+        np.testing.assert_allclose(got, measure(alive_x, alive_y), rtol=1e-9, err_msg=name)
+    np.testing.assert_allclose(cka.linear_cka(X, Y),
+                               reference_cka(linear_kernel(alive_x), linear_kernel(alive_y)),
+                               rtol=1e-9)
+    acc = cka.MinibatchCKA()
+    for rows in (slice(0, 150), slice(150, 300)):
+        acc.update([X[rows]], [Y[rows]])
+    assert np.isfinite(acc.value()).all()
+
+
+def test_large_offset_float32_layer_is_centred_accurately():
+    """A layer whose mean dwarfs its spread (massive activations) keeps its CKA."""
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((200, 16)).astype(np.float32)
+    Y = (X @ rng.standard_normal((16, 16))).astype(np.float32)
+    shifted = (Y + np.float32(3e3)).astype(np.float32)
+    expected = reference_cka(linear_kernel(X - X.mean(0)),
+                             linear_kernel(shifted - shifted.astype(np.float64).mean(0)))
+    np.testing.assert_allclose(cka.linear_cka(X, shifted), expected, rtol=1e-9)
+    np.testing.assert_allclose(cka.rbf_cka(X, shifted), cka.rbf_cka(X, shifted - shifted[0]),
+                               rtol=1e-9)
+
+
+# --- independent of the thread count ------------------------------------------------------
+
+
+SCRIPT = r"""
+import hashlib, sys
+import numpy as np
+from pkd import cka
+
+cka.PARALLEL_MIN_ENTRIES = 0 if sys.argv[1] == "parallel" else 1 << 62
+rng = np.random.default_rng(0)
+student = [rng.standard_normal((700, w), dtype=np.float32) for w in (20, 30)]
+teacher = [np.tanh(student[0] @ rng.standard_normal((20, 40), dtype=np.float32))
+           for _ in range(3)]
+digest = hashlib.sha256()
+digest.update(cka.rbf_cka_matrix(student, teacher, max_rows=650, seed=1).tobytes())
+digest.update(np.float64(cka.rbf_cka(student[1], teacher[2])).tobytes())
+print(digest.hexdigest())
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to run 2 threads")
+def test_rbf_bit_identical_with_one_and_two_threads_and_both_twins():
+    results = {}
+    for threads in (1, 2):
+        for twin in ("serial", "parallel"):
+            env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
+            out = subprocess.run([sys.executable, "-c", SCRIPT, twin], capture_output=True,
+                                 text=True, env=env, timeout=300)
+            assert out.returncode == 0, out.stderr
+            results[(threads, twin)] = out.stdout.strip()
+    assert len(results[(1, "serial")]) == len(hashlib.sha256().hexdigest())
+    assert len(set(results.values())) == 1, results
