@@ -87,7 +87,8 @@ def difference_gram(total_gram: np.ndarray, total: Moments, part: Moments,
 
 
 def heldout_residuals(total: Moments, test: Moments, s: int, solver: Solver,
-                      test_traces: np.ndarray) -> np.ndarray:
+                      test_traces: np.ndarray, scratch: tuple[np.ndarray, np.ndarray]
+                      ) -> np.ndarray:
     """``Σ_test w ‖Pᵀ s − t‖²`` for every teacher layer, ``P`` fitted on ``total − test``: (n_t,).
 
     ``P = B Z`` with ``Z = diag(inverse) Bᵀ C_train``; the residual on the test rows
@@ -95,7 +96,8 @@ def heldout_residuals(total: Moments, test: Moments, s: int, solver: Solver,
     over all teacher columns, ``Y = Bᵀ C'_test`` and ``Bᵀ C'_total`` (``Z`` is their
     difference plus a rank-2 update); for ``ridge = 0`` the basis is rotated to
     diagonalise ``Bᵀ G'_test B``, so ``tr(Pᵀ G'_test P)`` is a weighted sum of
-    ``Z ∘ Z``. ``test_traces`` is ``test.teacher_traces()``.
+    ``Z ∘ Z``. ``test_traces`` is ``test.teacher_traces()``; ``scratch`` two flat
+    float64 buffers of at least ``d_s · Σd_t`` values, reused by every fold (``Y``, ``Z``).
     """
     from scipy.linalg import blas
 
@@ -111,8 +113,12 @@ def heldout_residuals(total: Moments, test: Moments, s: int, solver: Solver,
         # Rotate B (still G_train-orthonormal) to diagonalise W: tr(PᵀG'P) needs no GEMM.
         w, rotation = np.linalg.eigh(w)
         basis = basis @ rotation
-    y = blas.dgemm(1.0, basis, test.cross[block].T, trans_a=True, trans_b=True)
-    z = blas.dgemm(1.0, basis, total.cross[block].T, trans_a=True, trans_b=True)
+    shape = (basis.shape[1], layout.total["teacher"])
+    y, z = (buffer[: shape[0] * shape[1]].reshape(shape, order="F") for buffer in scratch)
+    y = blas.dgemm(1.0, basis, test.cross[block].T, beta=0.0, c=y, trans_a=True,
+                   trans_b=True, overwrite_c=True)
+    z = blas.dgemm(1.0, basis, total.cross[block].T, beta=0.0, c=z, trans_a=True,
+                   trans_b=True, overwrite_c=True)
     np.subtract(z, y, out=z)  # Bᵀ C'_train
     # C_train = C'_train + a'_train c_tᵀ + c_s (b'_train + n_train c_t)ᵀ (a rank-2 update).
     n_train = float(total.n - test.n)
@@ -198,11 +204,13 @@ def residuals(total: Moments, folds, ridge: float, cutoffs) -> np.ndarray:
                          for s in range(n_s)])
     out = np.empty((len(folds), n_s, total.layout.count("teacher")))
     traces = [test.teacher_traces() for test in folds]
+    size = max(total.layout.widths["student"]) * total.layout.total["teacher"]
+    scratch = (np.empty(size), np.empty(size))
     for s in range(n_s):
         total_gram = symmetric(total.gram["student"][s])
         for f, test in enumerate(folds):
             solver = Solver(difference_gram(total_gram, total, test, s), ridge, cutoffs[s])
-            out[f, s] = heldout_residuals(total, test, s, solver, traces[f])
+            out[f, s] = heldout_residuals(total, test, s, solver, traces[f], scratch)
     return out
 
 
