@@ -73,44 +73,72 @@ def min_residuals(m: Moments, s: int, solver: Solver) -> np.ndarray:
     return residual
 
 
-def difference_gram(total: Moments, part: Moments, s: int) -> np.ndarray:
-    """Uncentred ``G_s`` of the rows of ``total`` not in ``part`` (same shift)."""
+def difference_gram(total_gram: np.ndarray, total: Moments, part: Moments,
+                    s: int) -> np.ndarray:
+    """Uncentred ``G_s`` of the rows of ``total`` not in ``part`` (same shift).
+
+    ``total_gram`` is ``symmetric(total.gram["student"][s])``, shared by every fold.
+    """
     block = total.layout.block("student", s)
     a = total.sum["student"][block] - part.sum["student"][block]
     c = total.shift["student"][block]
-    gram = symmetric(total.gram["student"][s]) - symmetric(part.gram["student"][s])
+    gram = total_gram - symmetric(part.gram["student"][s])
     return shifted_product(gram, a, a, c, c, float(total.n - part.n))
 
 
-def heldout_residuals(total: Moments, test: Moments, s: int, solver: Solver) -> np.ndarray:
+def heldout_residuals(total: Moments, test: Moments, s: int, solver: Solver,
+                      test_traces: np.ndarray, scratch: tuple[np.ndarray, np.ndarray]
+                      ) -> np.ndarray:
     """``Σ_test w ‖Pᵀ s − t‖²`` for every teacher layer, ``P`` fitted on ``total − test``: (n_t,).
 
     ``P = B Z`` with ``Z = diag(inverse) Bᵀ C_train``; the residual on the test rows
-    is :func:`residual_sum`'s formula, evaluated for every teacher column at once.
+    is :func:`residual_sum`'s formula for every teacher column at once. Two GEMMs
+    over all teacher columns, ``Y = Bᵀ C'_test`` and ``Bᵀ C'_total`` (``Z`` is their
+    difference plus a rank-2 update); for ``ridge = 0`` the basis is rotated to
+    diagonalise ``Bᵀ G'_test B``, so ``tr(Pᵀ G'_test P)`` is a weighted sum of
+    ``Z ∘ Z``. ``test_traces`` is ``test.teacher_traces()``; ``scratch`` two flat
+    float64 buffers of at least ``d_s · Σd_t`` values, reused by every fold (``Y``, ``Z``).
     """
     from scipy.linalg import blas
 
     layout = test.layout
+    if solver.rank == 0:
+        return test.teacher_sq_norms()
     basis = solver.basis
     block = layout.block("student", s)
     c_s, c_t = test.shift["student"][block], test.shift["teacher"]
-    if solver.rank == 0:
-        return test.teacher_sq_norms()
     w = basis.T @ symmetric(test.gram["student"][s]) @ basis  # Bᵀ G'_test B
     ridge_free = bool(np.all(solver.inverse == 1.0))
     if ridge_free:
         # Rotate B (still G_train-orthonormal) to diagonalise W: tr(PᵀG'P) needs no GEMM.
         w, rotation = np.linalg.eigh(w)
         basis = basis @ rotation
-    shifted_test = blas.dgemm(1.0, basis, test.cross[block].T, trans_a=True, trans_b=True)
-    z = (basis_times_cross(total, basis, s)
-         - basis_times_cross(test, basis, s, shifted_test)) * solver.inverse[:, None]
-    quad = (w[:, None] * z if ridge_free else w @ z) - 2.0 * shifted_test
-    quad = np.einsum("ij,ij->j", z, quad)
-    delta = c_t - z.T @ (basis.T @ c_s)
-    fitted_sum = z.T @ (basis.T @ test.sum["student"][block])
-    per_column = quad + 2.0 * delta * (test.sum["teacher"] - fitted_sum) + test.n * delta**2
-    return test.teacher_traces() + layout.reduce("teacher", per_column)
+    shape = (basis.shape[1], layout.total["teacher"])
+    y, z = (buffer[: shape[0] * shape[1]].reshape(shape, order="F") for buffer in scratch)
+    y = blas.dgemm(1.0, basis, test.cross[block].T, beta=0.0, c=y, trans_a=True,
+                   trans_b=True, overwrite_c=True)
+    z = blas.dgemm(1.0, basis, total.cross[block].T, beta=0.0, c=z, trans_a=True,
+                   trans_b=True, overwrite_c=True)
+    np.subtract(z, y, out=z)  # Bᵀ C'_train
+    # C_train = C'_train + a'_train c_tᵀ + c_s (b'_train + n_train c_t)ᵀ (a rank-2 update).
+    n_train = float(total.n - test.n)
+    a_train = total.sum["student"][block] - test.sum["student"][block]
+    b_train = total.sum["teacher"] - test.sum["teacher"]
+    left = blas.dgemm(1.0, basis, np.column_stack([a_train, c_s]), trans_a=True)
+    right = np.asfortranarray(np.vstack([c_t, b_train + n_train * c_t]))
+    z = blas.dgemm(1.0, left, right, beta=1.0, c=z, overwrite_c=True)
+    if ridge_free:
+        quad = np.einsum("i,ij,ij->j", w, z, z)
+    else:
+        z *= solver.inverse[:, None]
+        quad = np.einsum("ij,ij->j", z, w @ z)
+    quad -= 2.0 * np.einsum("ij,ij->j", z, y)  # tr(Pᵀ G'_test P) − 2 tr(Pᵀ C'_test)
+    # Pᵀ c_s and Pᵀ a'_test in one pass over Z.
+    fitted = blas.dgemm(1.0, z, basis.T @ np.column_stack([c_s, test.sum["student"][block]]),
+                        trans_a=True)
+    delta = c_t - fitted[:, 0]
+    per_column = quad + 2.0 * delta * (test.sum["teacher"] - fitted[:, 1]) + test.n * delta**2
+    return test_traces + layout.reduce("teacher", per_column)
 
 
 def teacher_variance(m: Moments) -> np.ndarray:
@@ -175,10 +203,14 @@ def residuals(total: Moments, folds, ridge: float, cutoffs) -> np.ndarray:
                                                         ridge, cutoffs[s]))
                          for s in range(n_s)])
     out = np.empty((len(folds), n_s, total.layout.count("teacher")))
-    for f, test in enumerate(folds):
-        for s in range(n_s):
-            solver = Solver(difference_gram(total, test, s), ridge, cutoffs[s])
-            out[f, s] = heldout_residuals(total, test, s, solver)
+    traces = [test.teacher_traces() for test in folds]
+    size = max(total.layout.widths["student"]) * total.layout.total["teacher"]
+    scratch = (np.empty(size), np.empty(size))
+    for s in range(n_s):
+        total_gram = symmetric(total.gram["student"][s])
+        for f, test in enumerate(folds):
+            solver = Solver(difference_gram(total_gram, total, test, s), ridge, cutoffs[s])
+            out[f, s] = heldout_residuals(total, test, s, solver, traces[f], scratch)
     return out
 
 

@@ -216,16 +216,20 @@ class Moments:
 
     def add(self, other: Moments, sign: float = 1.0) -> None:
         """Add (``sign = -1``: subtract) moments with the same shift, in place."""
+        if sign not in (1.0, -1.0):
+            raise ValueError(f"sign must be 1 or -1, got {sign}")
+        # In place, without a temporary: C' alone is Σd_s·Σd_t values.
+        combine = np.add if sign > 0 else np.subtract
         self.n += int(sign) * other.n
         for name in ("sum", "quartic", "cubic", "cubic_cross"):
             mine, theirs = getattr(self, name), getattr(other, name)
             for key in mine:
-                mine[key] += sign * theirs[key]
+                combine(mine[key], theirs[key], out=mine[key])
         for side in _SIDES:
-            for k in range(len(self.gram[side])):
-                self.gram[side][k] += sign * other.gram[side][k]
-        self.cross += sign * other.cross
-        self.quartic_cross += sign * other.quartic_cross
+            for mine, theirs in zip(self.gram[side], other.gram[side], strict=True):
+                combine(mine, theirs, out=mine)
+        combine(self.cross, other.cross, out=self.cross)
+        combine(self.quartic_cross, other.quartic_cross, out=self.quartic_cross)
 
     def mean(self) -> dict[str, np.ndarray]:
         """The column means of the rows (unshifted), every layer concatenated."""
