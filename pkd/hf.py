@@ -17,11 +17,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -255,16 +257,66 @@ def _position_limit(model, tokenizer) -> int | None:
     return limit
 
 
-def _token_lengths(tokenizer, texts, max_length: int | None, batch_size: int = 1024):
-    """Token counts of every text (after truncation to ``max_length``), as int64."""
-    lengths = np.empty(len(texts), dtype=np.int64)
-    for start in range(0, len(texts), batch_size):
-        chunk = list(texts[start:start + batch_size])
-        enc = tokenizer(chunk, truncation=max_length is not None, max_length=max_length,
-                        padding=False, return_attention_mask=False, return_token_type_ids=False,
+class _Tokens(NamedTuple):
+    """Every text tokenised once, unpadded: what a batch's model input is padded from.
+
+    ``ids[key]`` holds the tokenizer's output ``key`` (``input_ids``,
+    ``token_type_ids``, ...) for all texts end to end, ``(total_tokens,)``
+    int32; text ``i`` is ``[offsets[i], offsets[i + 1])``, ``offsets`` being
+    ``(N + 1,)`` int64. A few bytes per token, far less than its hidden states.
+    """
+
+    ids: dict[str, np.ndarray]
+    offsets: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Token count of every text, ``(N,)`` int64."""
+        return np.diff(self.offsets)
+
+
+def _tokenise(tokenizer, texts, max_length: int | None, chunk_size: int = 1024) -> _Tokens:
+    """Tokenise ``texts`` unpadded (truncated to ``max_length``), in chunks, into a _Tokens."""
+    lengths, parts = [], []
+    for start in range(0, len(texts), chunk_size):
+        enc = tokenizer(list(texts[start:start + chunk_size]), truncation=max_length is not None,
+                        max_length=max_length, padding=False, return_attention_mask=False,
                         verbose=False)
-        lengths[start:start + len(chunk)] = [len(ids) for ids in enc["input_ids"]]
-    return lengths
+        counts = np.fromiter(map(len, enc["input_ids"]), dtype=np.int64,
+                             count=len(enc["input_ids"]))
+        total = int(counts.sum())
+        lengths.append(counts)
+        parts.append({key: np.fromiter(itertools.chain.from_iterable(values), dtype=np.int32,
+                                       count=total)
+                      for key, values in enc.items()})
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(np.concatenate(lengths), out=offsets[1:])
+    return _Tokens({key: np.concatenate([part[key] for part in parts]) for key in parts[0]},
+                   offsets)
+
+
+def _padded_batch(tokenizer, tokens: _Tokens, start: int, stop: int):
+    """Texts ``start:stop`` as model input, padded to their longest by ``tokenizer.pad``.
+
+    The same tensors as ``tokenizer(texts[start:stop], padding=True,
+    return_tensors="pt")`` (on the tokenizer's ``padding_side``), without
+    tokenising again: ``input_ids`` etc. ``(B, T_batch)`` int64 and
+    ``attention_mask``.
+    """
+    offsets = tokens.offsets
+    features = {key: [ids[offsets[i]:offsets[i + 1]].tolist() for i in range(start, stop)]
+                for key, ids in tokens.ids.items()}
+    warned = getattr(tokenizer, "deprecation_warnings", None)
+    if warned is None:
+        return tokenizer.pad(features, padding=True, return_tensors="pt")
+    # transformers 4 advises fast tokenizers to pad by __call__, which would tokenise again.
+    key = "Asking-to-pad-a-fast-tokenizer"
+    before = warned.get(key, False)
+    warned[key] = True
+    try:
+        return tokenizer.pad(features, padding=True, return_tensors="pt")
+    finally:
+        warned[key] = before
 
 
 def _check_lengths(lengths: np.ndarray, limit: int | None, first: int) -> None:
@@ -316,9 +368,9 @@ def dump_hidden_states(
     """Run ``model`` on ``texts`` and write its hidden states to a ``.safetensors`` dump.
 
     Every batch is tokenised (padded to its longest text on the tokenizer's
-    ``padding_side``), run with ``output_hidden_states=True`` under
-    ``torch.inference_mode()``, pooled, converted and written; memory stays
-    bounded by one batch.
+    ``padding_side``; each text is tokenised once), run with
+    ``output_hidden_states=True`` under ``torch.inference_mode()``, pooled,
+    converted and written; memory stays bounded by one batch.
 
     Parameters
     ----------
@@ -339,7 +391,8 @@ def dump_hidden_states(
     pool : {"none", "cls", "mean"}
         ``"none"``: token states ``(N, T, d)`` with ``attention_mask``
         ``(N, T)``; all sequences are padded to T, the longest tokenised
-        text (found by a tokenisation pass before the model runs), on the
+        text (all texts are tokenised before the model runs, and each batch
+        is padded from those token ids, a few bytes per token), on the
         tokenizer's padding side, and every padding position holds zeros.
         ``"cls"``: the first real token of each text (the first position its
         attention mask keeps, so left padding is handled), ``(N, d)``.
@@ -405,9 +458,10 @@ def dump_hidden_states(
                 f"(0 the embeddings, {n_hidden} the last layer), got {layers}"
             )
     limit = _position_limit(model, tokenizer)
-    longest = None
-    if pool == "none":  # the stored length T; pooled dumps check each batch instead
-        lengths = _token_lengths(tokenizer, texts, max_length)
+    tokens = longest = None
+    if pool == "none":  # T, the stored length, is needed first; pooled dumps check each batch
+        tokens = _tokenise(tokenizer, texts, max_length)
+        lengths = tokens.lengths
         longest = int(lengths.max())
         _check_lengths(lengths, limit, 0)
     stored = np.dtype(dtype)
@@ -449,10 +503,14 @@ def dump_hidden_states(
         with torch.inference_mode(), tqdm(total=len(texts), unit="text", desc="pkd dump",
                                           disable=not show, file=sys.stderr) as bar:
             for start in range(0, len(texts), batch_size):
-                chunk = list(texts[start:start + batch_size])
-                batch = tokenizer(chunk, padding=True, truncation=max_length is not None,
-                                  max_length=max_length, return_tensors="pt")
-                if pool != "none" and limit is not None and batch["input_ids"].shape[1] > limit:
+                stop = min(start + batch_size, len(texts))
+                if tokens is not None:  # each text is tokenised once
+                    batch = _padded_batch(tokenizer, tokens, start, stop)
+                else:
+                    batch = tokenizer(list(texts[start:stop]), padding=True,
+                                      truncation=max_length is not None, max_length=max_length,
+                                      return_tensors="pt")
+                if tokens is None and limit is not None and batch["input_ids"].shape[1] > limit:
                     _check_lengths(batch["attention_mask"].sum(dim=1).numpy(), limit, start)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 out = model(**batch, output_hidden_states=True)
@@ -472,7 +530,7 @@ def dump_hidden_states(
                     h = h.float() if h.dtype not in (torch.float32, torch.float64) else h
                     arrays.append(_pooled(h.cpu().numpy(), mask, pool, stored))
                 writer.append(arrays, mask if pool == "none" else None)
-                bar.update(len(chunk))
+                bar.update(stop - start)
         return writer.close()
     except BaseException as exc:
         if writer is not None:

@@ -197,6 +197,56 @@ def test_max_length_truncates(hf_models, tmp_path):
                                    rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("pool", hf.POOLS)
+def test_each_text_is_tokenised_once(hf_models, tmp_path, monkeypatch, pool):
+    model, tokenizer = hf.load_model(hf_models["student"])
+    call, seen = type(tokenizer).__call__, []
+
+    def counting(self, text, *args, **kwargs):
+        seen.extend([text] if isinstance(text, str) else text)
+        return call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", counting)
+    hf.dump_hidden_states(model, tokenizer, TEXTS, tmp_path / "d.safetensors",
+                          batch_size=BATCH, pool=pool)
+    assert sorted(seen) == sorted(TEXTS)
+
+
+@pytest.mark.parametrize(("side", "max_length"), [("right", None), ("left", None), ("left", 6)])
+def test_token_level_batches_are_the_tokenizers_own(hf_models, tmp_path, monkeypatch, side,
+                                                    max_length):
+    """Padded from the stored token ids: the model gets tokenizer(batch, padding=True), exactly."""
+    model, tokenizer = hf.load_model(hf_models["teacher"])
+    tokenizer.padding_side = side
+    want = [tokenizer(TEXTS[start:start + BATCH], padding=True, return_tensors="pt",
+                      truncation=max_length is not None, max_length=max_length)
+            for start in range(0, len(TEXTS), BATCH)]
+    with torch.inference_mode():
+        states = [model(**enc, output_hidden_states=True).hidden_states for enc in want]
+    forward, got = model.forward, []
+
+    def recording(**kwargs):
+        got.append({k: v for k, v in kwargs.items() if k != "output_hidden_states"})
+        return forward(**kwargs)
+
+    monkeypatch.setattr(model, "forward", recording)
+    path = tmp_path / "t.safetensors"
+    hf.dump_hidden_states(model, tokenizer, TEXTS, path, batch_size=BATCH, max_length=max_length)
+    assert len(got) == len(want)
+    for inputs, enc in zip(got, want, strict=True):
+        assert sorted(inputs) == sorted(enc)
+        for key, value in enc.items():
+            assert inputs[key].dtype == value.dtype and torch.equal(inputs[key], value), key
+    seq_len = max(enc["input_ids"].shape[1] for enc in want)
+    batches = [([h.numpy() for h in hidden], enc["attention_mask"].numpy().astype(bool))
+               for hidden, enc in zip(states, want, strict=True)]
+    with pkd.io.load_dump(path) as dump:
+        for layer in range(5):  # bit-identical to the model run on the tokenizer's batches
+            expected, mask = expected_rows(batches, layer, "none", seq_len, side=side)
+            np.testing.assert_array_equal(dump[layer][:], expected.astype(np.float32))
+        np.testing.assert_array_equal(dump.attention_mask, mask)
+
+
 def test_same_texts_from_every_format_and_check_same_texts(hf_models, texts_file, tmp_path):
     jsonl = tmp_path / "texts.jsonl"
     jsonl.write_text("".join(json.dumps({"id": i, "text": t}) + "\n"
