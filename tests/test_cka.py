@@ -555,6 +555,17 @@ print("compiled")
 """
 
 
+@pytest.mark.parametrize("name", ["squared_distances", "rbf_row_sums", "centre_packed",
+                                  "histogram", "gather", "packed_inner_products"])
+def test_twins_have_cache_files_of_their_own(name):
+    """Numba names cache files after the function: twins of one function would share them."""
+    serial, parallel = getattr(rbf, f"{name}_serial"), getattr(rbf, f"{name}_parallel")
+    assert serial.targetoptions.get("parallel") is not True
+    assert parallel.targetoptions["parallel"] is True
+    assert serial.py_func.__qualname__ != parallel.py_func.__qualname__
+    assert serial.py_func.__code__ is parallel.py_func.__code__  # the same source
+
+
 def test_parallel_twins_compile_first_in_a_fresh_cache(tmp_path):
     """Compiled before their serial twins (as a large first call does), with no cache.
 

@@ -37,6 +37,8 @@ Every kernel has a serial and a ``prange`` twin (:func:`pkd.kernels._jit.twins`)
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 from numba import prange
 
@@ -115,11 +117,12 @@ def _rbf_row_sums(packed, n, denominator, row_sums, column_partials):
                     partial[j] += k
                 row_sums[i] = acc
     # Serial, in block order: the upper part of row i is column i of the lower triangle.
+    # Block-outer, so that the partials are read along their rows.
     for i in range(n):
-        total = 1.0 + row_sums[i]
-        for b in range(n_blocks):
-            total += column_partials[b, i]
-        row_sums[i] = total
+        row_sums[i] = 1.0 + row_sums[i]
+    for b in range(n_blocks):
+        for i in range(n):
+            row_sums[i] += column_partials[b, i]
 
 
 def _centre_packed(packed, n, row_means, grand_mean, diagonal, centred_diagonal):
@@ -255,11 +258,28 @@ def _gather(packed, n, lo, hi, first_slot, last_slot, offsets, out):
                             k += 1
 
 
-squared_distances_serial, squared_distances_parallel = twins(_squared_distances)
-rbf_row_sums_serial, rbf_row_sums_parallel = twins(_rbf_row_sums)
-centre_packed_serial, centre_packed_parallel = twins(_centre_packed)
-histogram_serial, histogram_parallel = twins(_histogram)
-gather_serial, gather_parallel = twins(_gather)
+def _separately_cached_twins(function, **options):
+    """:func:`pkd.kernels._jit.twins`, the parallel twin compiled from a renamed copy.
+
+    Numba's on-disk cache files are named after the function's qualified name
+    and keyed by signature and CPU, not by ``parallel=True``: twins of one
+    function would load each other's machine code from the cache (a parallel
+    twin that runs serially, or a serial twin that starts threads).
+    """
+    copy = types.FunctionType(function.__code__, function.__globals__,
+                              function.__name__ + "_parallel", function.__defaults__,
+                              function.__closure__)
+    copy.__qualname__ = function.__qualname__ + "_parallel"
+    copy.__doc__ = function.__doc__
+    return twins(function, **options)[0], twins(copy, **options)[1]
+
+
+squared_distances_serial, squared_distances_parallel = _separately_cached_twins(
+    _squared_distances)
+rbf_row_sums_serial, rbf_row_sums_parallel = _separately_cached_twins(_rbf_row_sums)
+centre_packed_serial, centre_packed_parallel = _separately_cached_twins(_centre_packed)
+histogram_serial, histogram_parallel = _separately_cached_twins(_histogram)
+gather_serial, gather_parallel = _separately_cached_twins(_gather)
 # Sums of products only, so FMAs and split SIMD lanes are safe (see _jit).
-packed_inner_products_serial, packed_inner_products_parallel = twins(
+packed_inner_products_serial, packed_inner_products_parallel = _separately_cached_twins(
     _packed_inner_products, reassociate=True, fuse_multiply_add=True)
