@@ -536,7 +536,7 @@ def _check_outputs(out: Path, summary: dict | None = None) -> dict:
     assert "labelled share" in markdown
     mapping = loaded["mapping"]
     assert mapping["optimal_measure"] == "rbf-cka"
-    assert "analysis/results/layer_matching/layer_matching.md" in markdown
+    assert "(../layer_matching/layer_matching.md)" in markdown  # a link from results/demo/
     assert "RBF CKA with σ = 0.2" in markdown
     # The committed settings were selected with the linear-CKA mapping: the report says so.
     assert mapping["settings_selected_with"] == "cka"

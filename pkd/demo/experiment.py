@@ -68,9 +68,10 @@ MEASURE_TEXT = {
 SIMILARITIES = ("rbf-cka", "cka")
 # Why MAPPING_MEASURE: one sentence for the report, with the evidence's path.
 MEASURE_REASON = (
-    "it recovered the true layer correspondence most often in the layer-matching benchmark "
-    "(54.3% of cases against 29.3% for linear CKA, with in-sample 1 − R² at chance; "
-    "`analysis/results/layer_matching/layer_matching.md`)")
+    "it found the corresponding layer of another trained copy of a network most often in the "
+    "layer-matching benchmark (54.3% of the queries against 29.3% for linear CKA, with "
+    "in-sample 1 − R² at chance; "
+    "[analysis/results/layer_matching/layer_matching.md](../layer_matching/layer_matching.md))")
 # The measure PKD-optimal's mapping was chosen by when Settings.full() was
 # selected (analysis/results/demo/selection/): update it when the selection is rerun.
 SETTINGS_SELECTED_WITH = "cka"
