@@ -13,7 +13,8 @@ writes into ``pkd-demo/``):
 - ``accuracy.png``: test accuracy per method (mean ± std, every seed a dot);
 - ``fraction.png``: test accuracy against the labelled fraction;
 - ``alignment.png`` / ``cka.png``: the teacher × CE-only-student alignment
-  matrices (relative best-reachable loss 1 − R², and linear CKA) with the
+  matrices (relative best-reachable loss 1 − R², and RBF CKA with σ = 0.2 × the median
+  distance, the measure that chooses PKD-optimal's mapping) with the
   uniform / PKD-Skip / PKD-Last / optimal mappings marked;
 - ``layer_losses.png``: PKD's per-pair hidden loss during training;
 - ``spectra.png``: singular values of the learned projections;

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import reference
+from pkd import mapping as mappings
 from pkd.demo import run_demo
 from pkd.demo.data import labelled_subset, load_split
 from pkd.demo.experiment import (
@@ -354,6 +355,7 @@ def test_run_seed_is_deterministic_and_trains_every_method():
             np.testing.assert_array_equal(first.runs[method].model.params[name],
                                           again.runs[method].model.params[name])
     assert first.relative_min_mse.shape == (3, 5) and first.cka.shape == (3, 5)
+    assert first.rbf_cka.shape == (3, 5)
     assert [s for s, _ in first.optimal_mapping] == [0, 1]
     teachers = [t for _, t in first.optimal_mapping]
     assert teachers == sorted(set(teachers))
@@ -362,26 +364,37 @@ def test_run_seed_is_deterministic_and_trains_every_method():
     assert first.n_labelled == sum(max(1, round(0.25 * c)) for c in counts)
 
 
-def test_the_optimal_mapping_maximises_the_summed_cka():
-    """choose_optimal by CKA = the best of every increasing assignment, by brute force."""
+def test_the_optimal_mapping_maximises_the_summed_similarity_or_minimises_the_cost():
+    """choose_optimal = the best of every increasing assignment, by brute force, per measure."""
     import itertools
 
-    from pkd.demo.experiment import alignment_stats, choose_optimal
+    from pkd.cka import rbf_cka
+    from pkd.demo.experiment import (
+        MAPPING_MEASURE,
+        RBF_BANDWIDTH,
+        alignment_matrices,
+        choose_optimal,
+    )
 
+    assert MAPPING_MEASURE == "rbf-cka" and RBF_BANDWIDTH == 0.2
     settings, data, teacher = _tiny_setup()
     outcome = run_seed(0, np.random.SeedSequence(3), data, teacher, settings,
                        (data.x_test, data.y_test), methods=("ce",))
-    stats = alignment_stats(outcome.runs["ce"].model, teacher, data.x_train)
-    cka = stats.cka()
-    best = max(itertools.combinations(range(5), 2),
-               key=lambda ts: cka[0, ts[0]] + cka[1, ts[1]])
-    assert choose_optimal(stats, 3) == [(0, best[0]), (1, best[1])]
-    relative = stats.relative_min_mse()
-    least = min(itertools.combinations(range(5), 2),
-                key=lambda ts: relative[0, ts[0]] + relative[1, ts[1]])
-    assert choose_optimal(stats, 3, "relative") == [(0, least[0]), (1, least[1])]
+    student = outcome.runs["ce"].model
+    matrices = alignment_matrices(student, teacher, data.x_train)
+    # The RBF matrix entry by entry from the single-pair function (an independent path).
+    _, student_hidden, _ = student.forward(data.x_train)
+    for s, t in [(0, 0), (1, 3), (2, 4)]:
+        assert matrices["rbf-cka"][s, t] == pytest.approx(
+            rbf_cka(student_hidden[s], teacher.hidden[t], bandwidth=0.2), rel=1e-9)
+    for measure, pick in [("rbf-cka", max), ("cka", max), ("relative", min)]:
+        m = matrices[measure]
+        best = pick(itertools.combinations(range(5), 2),
+                    key=lambda ts, m=m: m[0, ts[0]] + m[1, ts[1]])
+        assert choose_optimal(matrices, 3, measure) == [(0, best[0]), (1, best[1])]
+    assert choose_optimal(matrices, 3) == choose_optimal(matrices, 3, "rbf-cka")
     with pytest.raises(ValueError, match="measure must be one of"):
-        choose_optimal(stats, 3, "rbf")
+        choose_optimal(matrices, 3, "rbf")
 
 
 def test_a_subset_of_methods_reproduces_the_full_runs():
@@ -521,6 +534,19 @@ def _check_outputs(out: Path, summary: dict | None = None) -> dict:
     markdown = (out / "summary.md").read_text(encoding="utf-8")
     assert "| PKD-Skip |" in markdown and "logit KD" in markdown
     assert "labelled share" in markdown
+    mapping = loaded["mapping"]
+    assert mapping["optimal_measure"] == "rbf-cka"
+    assert "(../layer_matching/layer_matching.md)" in markdown  # a link from results/demo/
+    assert "RBF CKA with σ = 0.2" in markdown
+    # The committed settings were selected with the linear-CKA mapping: the report says so.
+    assert mapping["settings_selected_with"] == "cka"
+    assert "were selected with PKD-optimal's mapping chosen by linear CKA" in markdown
+    assert len(mapping["optimal_by_linear_cka_per_seed"]) == len(mapping["optimal_per_seed"])
+    rbf = np.array(loaded["alignment_seed0"]["rbf_cka"])
+    assert rbf.shape == (loaded["settings"]["student_blocks"],
+                         loaded["settings"]["teacher_blocks"])
+    assert mapping["optimal"] == [[s, t] for s, t in mappings.optimal(
+        rbf, student_layers=range(rbf.shape[0] - 1), maximize=True)]
     if summary is not None:
         assert json.loads(json.dumps(summary)) == loaded
     return loaded
@@ -551,6 +577,8 @@ def test_cli_demo_quick(tmp_path):
     assert loaded["settings"]["seed"] == 3
     assert "logit KD" in proc.stdout and "teacher" in proc.stdout
     assert "SMOKE RUN" in proc.stdout and "mean nothing" in proc.stdout
+    # stderr is a pipe here: no progress bar redrawn into it.
+    assert "step/s" not in proc.stderr and "s/step" not in proc.stderr, proc.stderr
 
 
 def test_cli_demo_refuses_an_output_under_a_file(tmp_path):

@@ -68,3 +68,18 @@ def test_the_notebook_runs_end_to_end_without_a_cell_error(monkeypatch):
     first = "".join(o.text for o in nb.cells[1].outputs if o.output_type == "stream")
     assert str(ROOT / "pkd" / "__init__.py") in first  # the kernel imported this checkout
     assert elapsed <= _budget(), f"the notebook took {elapsed:.1f} s (budget {_budget():.0f} s)"
+
+
+def test_section_5_chooses_the_mapping_by_the_recommended_measure():
+    """The heatmap and the mapping use RBF CKA with σ = 0.2 × median distance, maximised."""
+    from pkd.demo.experiment import MAPPING_MEASURE, RBF_BANDWIDTH
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    starts = [i for i, c in enumerate(nb.cells)
+              if c.cell_type == "markdown" and c.source.lstrip().startswith("## 5.")]
+    assert len(starts) == 1
+    code = "\n".join(c.source for c in nb.cells[starts[0]:] if c.cell_type == "code")
+    assert MAPPING_MEASURE == "rbf-cka" and RBF_BANDWIDTH == 0.2  # what the demo uses too
+    assert f"bandwidth={RBF_BANDWIDTH}" in code and "rbf_cka_matrix(" in code
+    assert "maximize=True" in code
+    assert "layer_matching.md" in nb.cells[starts[0]].source

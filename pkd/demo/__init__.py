@@ -29,7 +29,14 @@ from .._atomic import check_output_dir
 from .._validation import check_bool
 from .experiment import METHODS, Settings
 
-__all__ = ["METHODS", "Settings", "run_demo"]
+
+def on_terminal() -> bool:
+    """Progress bars only where a person watches: never into pipes or logs."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
+__all__ = ["METHODS", "Settings", "on_terminal", "run_demo"]
 
 
 def _check_seed(seed) -> int:
@@ -101,12 +108,11 @@ def run_demo(out: Path, seed: int = 0, quick: bool = False) -> dict:
     n_curve_runs = len(other_fractions) * settings.curve_seeds * len(curve_methods)
     total = settings.teacher_steps + settings.student_steps * (
         settings.n_seeds * len(METHODS) + n_curve_runs)
-    interactive = sys.stderr.isatty()
     # The networks are small: one BLAS thread per GEMM is faster than two that
     # wait on each other (and on anything else running on a 2-core machine).
     with threadpool_limits(limits=1, user_api="blas"), tqdm(
             total=total, desc="teacher", unit="step", file=sys.stderr, dynamic_ncols=True,
-            mininterval=0.2 if interactive else 10.0) as bar:
+            mininterval=0.2, disable=not on_terminal()) as bar:
         prepared = prepare(seed, settings, progress=bar)
         data, teacher_outputs = prepared.data, prepared.outputs
         timing.update(prepared.seconds)

@@ -18,17 +18,22 @@ from ..spectrum import spectrum, xavier_mp_edges
 from .experiment import (
     LABELS,
     MAPPING_MEASURE,
+    MEASURE_REASON,
     MEASURE_TEXT,
     METHODS,
     PKD_METHODS,
+    RBF_BANDWIDTH,
+    SETTINGS_SELECTED_WITH,
     SeedOutcome,
     Settings,
     TeacherOutputs,
+    choose_optimal,
 )
 
 FIGURES = ("alignment.png", "cka.png", "layer_losses.png", "spectra.png", "accuracy.png",
            "fraction.png")
-MEASURE_NAME = {"cka": "linear CKA", "relative": "1 − R²"}
+MEASURE_NAME = {"rbf-cka": f"RBF CKA (σ = {RBF_BANDWIDTH} × median distance)",
+                "cka": "linear CKA", "relative": "1 − R²"}
 SMOKE = ("SMOKE RUN (--quick): a few dozen steps and 2 seeds, to check that the pipeline "
          "runs; its accuracies mean nothing. Run `pkd demo` (no --quick) for the comparison.")
 
@@ -112,10 +117,10 @@ def build_figures(outcomes: list[SeedOutcome], teacher_accuracy: float, settings
               "variance that no linear map of the student layer explains (lower = better)",
     )
     figures["cka.png"] = plots.alignment_heatmap(
-        first.cka, mappings=drawn, figsize=size,
-        value_label="linear CKA (1 = same up to rotation, scale)",
-        title=f"Teacher × CE-only student ({labels_text}): linear CKA per layer pair "
-              "(higher = more similar)",
+        first.rbf_cka, mappings=drawn, figsize=size,
+        value_label=f"RBF CKA, σ = {RBF_BANDWIDTH} × median distance (1 = same geometry)",
+        title=f"Teacher × CE-only student ({labels_text}): RBF CKA per layer pair "
+              "(higher = more similar),\nthe measure that chooses PKD-optimal's mapping",
     )
 
     # Per-pair hidden loss of the PKD runs of the first seed, one panel per mapping.
@@ -232,6 +237,10 @@ def build_summary(outcomes: list[SeedOutcome], teacher_accuracy: float, settings
             "optimal_measure": MAPPING_MEASURE,
             "optimal_rule": f"{MEASURE_TEXT[MAPPING_MEASURE]}, between the teacher and the "
                             "seed's CE-only student, on the training inputs",
+            "optimal_measure_reason": MEASURE_REASON,
+            "optimal_by_linear_cka_per_seed": [
+                _pairs(choose_optimal({"cka": o.cka}, n_s, "cka")) for o in outcomes],
+            "settings_selected_with": SETTINGS_SELECTED_WITH,
             "indices": "0-based block outputs: student 0..3, teacher 0..11",
         },
         "settings": {
@@ -251,6 +260,7 @@ def build_summary(outcomes: list[SeedOutcome], teacher_accuracy: float, settings
         "alignment_seed0": {
             "relative_min_mse": first.relative_min_mse.tolist(),
             "cka": first.cka.tolist(),
+            "rbf_cka": first.rbf_cka.tolist(),
         },
         "final_layer_losses_seed0": {
             m: first.runs[m].history[-settings.history_window:].mean(axis=0).tolist()
@@ -463,7 +473,9 @@ def summary_markdown(summary: dict) -> str:
         f"{s['student_width']}→{s['teacher_width']} projection, trained jointly with the "
         "student.",
         f"- PKD-optimal's mapping: {summary['mapping']['optimal_rule']}, over student layers "
-        "0–2 (as PKD-Skip/Last, the last layer is left to the logits).",
+        "0–2 (as PKD-Skip/Last, the last layer is left to the logits). This measure, because "
+        f"{summary['mapping']['optimal_measure_reason']}.",
+        *_selection_measure_lines(summary),
         "- How the settings were chosen: the labelled fraction, the student's learning rate "
         "and steps, α, τ, λ and the PKD variant of the fraction curve were chosen on the "
         "validation split (never the test set) with other student seeds, before any test "
@@ -475,6 +487,25 @@ def summary_markdown(summary: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _selection_measure_lines(summary: dict) -> list:
+    """A line saying plainly when the settings were selected with another mapping measure."""
+    mapping = summary["mapping"]
+    used = mapping.get("settings_selected_with", mapping["optimal_measure"])
+    if used == mapping["optimal_measure"]:
+        return []
+    line = (f"- Caveat: the settings (next item) were selected with PKD-optimal's mapping "
+            f"chosen by {MEASURE_NAME[used]}, not by "
+            f"{MEASURE_NAME[mapping['optimal_measure']]}; the selection was not rerun.")
+    if used == "cka" and "optimal_by_linear_cka_per_seed" in mapping:
+        same = sum(a == b for a, b in zip(mapping["optimal_per_seed"],
+                                          mapping["optimal_by_linear_cka_per_seed"],
+                                          strict=True))
+        line += (f" On the final seeds linear CKA would have chosen the same mapping for "
+                 f"{same} of {len(mapping['optimal_per_seed'])} seeds (summary.json: "
+                 "`mapping.optimal_by_linear_cka_per_seed`).")
+    return [line]
 
 
 def print_report(summary: dict, out: Path) -> None:

@@ -30,7 +30,15 @@ from dataclasses import replace
 
 import numpy as np
 
-from .experiment import METHODS, PKD_METHODS, Settings, accuracy, prepare, run_seed
+from .experiment import (
+    MAPPING_MEASURE,
+    METHODS,
+    PKD_METHODS,
+    Settings,
+    accuracy,
+    prepare,
+    run_seed,
+)
 
 FRACTIONS = (0.05, 0.10)
 LEARNING_RATES = (1e-3, 3e-3)
@@ -87,12 +95,14 @@ def select(seed: int = 0, n_seeds: int = N_SEEDS, base: Settings | None = None,
     from threadpoolctl import threadpool_limits
     from tqdm.auto import tqdm
 
+    from . import on_terminal
+
     settings = Settings.full() if base is None else base
     started = time.perf_counter()
     seeds = selection_seeds(seed, n_seeds)
     stages = []
     with threadpool_limits(limits=1, user_api="blas"), tqdm(
-            disable=not progress, file=sys.stderr, unit="run") as bar:
+            disable=not (progress and on_terminal()), file=sys.stderr, unit="run") as bar:
         prepared = prepare(seed, settings)
         data, teacher = prepared.data, prepared.outputs
         validation = (data.x_val, data.y_val)
@@ -193,6 +203,7 @@ def select(seed: int = 0, n_seeds: int = N_SEEDS, base: Settings | None = None,
         "n_train": int(len(data.y_train)),
         "n_val": int(len(data.y_val)),
         "teacher_val_accuracy": teacher_val,
+        "mapping_measure": MAPPING_MEASURE,
         "stages": stages,
         "chosen": {k: getattr(settings, k) for k in keys},
         "seconds": round(time.perf_counter() - started, 1),
@@ -213,7 +224,9 @@ def selection_markdown(record: dict) -> str:
         f"{record['n_val']} validation images (one image = {one:.2f} points); "
         f"{record['n_seeds']} student seeds per candidate, none of them used by the final "
         f"runs; {record['seconds']:.0f} s. Stages run in order, each keeping the choices "
-        "before it; ties go to the lower validation NLL, then to the candidate listed first.",
+        "before it; ties go to the lower validation NLL, then to the candidate listed first. "
+        "PKD-optimal's mapping was chosen by "
+        f"{record.get('mapping_measure', 'cka')!r} (`pkd.demo.experiment.MEASURE_TEXT`).",
         "",
     ]
     for stage in record["stages"]:
