@@ -152,6 +152,8 @@ def fit_projection(
         Fit PKD's normalized loss (gradient methods only).
     attention_mask : (N,) or (B, T) array, optional
     tokens : {"all", "cls"} or int
+        For 3-D input, which positions count ("cls": the first position the
+        attention mask keeps in each sequence, position 0 without a mask).
     dtype : float32 or float64, optional
         Dtype of the projection(s); default that of the hidden states.
     callback : callable(step, layer_losses), optional
