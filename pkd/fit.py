@@ -39,6 +39,7 @@ import numpy as np
 
 from . import _validation as V
 from ._validation import Pair
+from .alignment import DEFAULT_CHUNK_ROWS
 from .distillation import ProgressiveDistillation, xavier_uniform
 
 METHODS = ("closed_form", "adam", "sgd")
@@ -109,7 +110,7 @@ def fit_projection(
     dtype=None,
     callback: Callable[[int, np.ndarray], None] | None = None,
     progress: bool = False,
-    chunk_rows: int = 4096,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> FitResult:
     """Fit the projection(s) that map student layers onto their teacher layers.
 
@@ -161,7 +162,8 @@ def fit_projection(
     progress : bool
         Show a tqdm progress bar.
     chunk_rows : int
-        Rows read at a time from dumps.
+        Rows read at a time from dumps (the default is
+        :data:`pkd.alignment.DEFAULT_CHUNK_ROWS`, as for ``AlignmentStats``).
 
     Returns
     -------
