@@ -1028,6 +1028,10 @@ def test_help_gives_every_default_and_the_files_written():
     bench = _help("bench")
     assert all(variant in bench for variant in VARIANTS)
     assert "accuracy.png" in _help("demo")
+    dump = _help("dump")
+    assert "(default: float32)" in dump and "(default: 32)" in dump and "(default: none)" in dump
+    assert "writes --out, one .safetensors file: hidden_states.0" in dump
+    assert "attention_mask (N, T), with --pool none" in dump
 
 
 def test_chunk_rows_default_is_the_library_default():
