@@ -314,15 +314,17 @@ def _ms(times: dict, name: str) -> float | None:
 
 def _numpy_pair(S, T, P, w, normalize):
     """The plain NumPy version of one pair's loss and gradients, in the input dtype."""
+    from .kernels.normalized import EPS
+
     Y = S @ P
     n_w = w.sum() if w is not None else S.shape[0]
     if normalize:
         y_norm = np.sqrt((Y * Y).sum(1, keepdims=True))
-        U = Y / np.maximum(y_norm, 1e-12)
-        V = T / np.maximum(np.sqrt((T * T).sum(1, keepdims=True)), 1e-12)
+        U = Y / np.maximum(y_norm, EPS)
+        V = T / np.maximum(np.sqrt((T * T).sum(1, keepdims=True)), EPS)
         per_row = ((U - V) ** 2).sum(1)
         cosine = (U * V).sum(1, keepdims=True)
-        G = (cosine * U - V) / np.maximum(y_norm, 1e-12) * (2.0 / n_w)
+        G = (cosine * U - V) / np.maximum(y_norm, EPS) * (2.0 / n_w)
     else:
         R = Y - T
         per_row = (R * R).sum(1) / T.shape[1]
@@ -478,7 +480,7 @@ def _bench_torch_module(torch, student, teacher, P, dtype, budget, repeats) -> R
 
 
 def bench_alignment_matrix(n=20_000, n_s=6, n_t=12, d_s=384, d_t=768, repeats=3,
-                           out=sys.stdout) -> dict:
+                           out=None) -> dict:
     """The layer-mapping workload: statistics of 6 × 12 layer pairs, then ``min_mse``.
 
     Reports the accumulation against its BLAS calls alone (float64 dsyrk per
@@ -486,6 +488,7 @@ def bench_alignment_matrix(n=20_000, n_s=6, n_t=12, d_s=384, d_t=768, repeats=3,
     makes, in scipy's BLAS), and the ``min_mse`` matrix from the statistics
     against fitting each of the n_s·n_t pairs with ``scipy.linalg.lstsq``.
     """
+    out = sys.stdout if out is None else out
     import scipy.linalg
     from scipy.linalg import blas
 
@@ -579,7 +582,7 @@ def _numpy_rbf_cka(X, Y, bandwidth=0.5) -> float:
     return float((K * L).sum() / np.sqrt((K * K).sum() * (L * L).sum()))
 
 
-def bench_rbf_cka(n=4096, d_s=384, d_t=768, repeats=5, out=sys.stdout) -> dict:
+def bench_rbf_cka(n=4096, d_s=384, d_t=768, repeats=5, out=None) -> dict:
     """RBF CKA of one pair, N rows (float32): the parallel twin vs the serial one, NumPy, GEMMs.
 
     ``gemm``, the floor: the two float64 ``X Xᵀ`` (scipy's dsyrk, as the
@@ -587,6 +590,7 @@ def bench_rbf_cka(n=4096, d_s=384, d_t=768, repeats=5, out=sys.stdout) -> dict:
     distance matrices. ``parallel`` / ``serial``: :func:`pkd.cka.rbf_cka`
     with every Numba pass forced to one twin. ``numpy``: :func:`_numpy_rbf_cka`.
     """
+    out = sys.stdout if out is None else out
     import numba
     from scipy.linalg import blas
 
@@ -631,7 +635,7 @@ HELDOUT_FOLDS = 5
 
 
 def bench_layer_analysis(n=3000, n_s=7, n_t=13, d_s=384, d_t=768, repeats=5,
-                         out=sys.stdout) -> dict:
+                         out=None) -> dict:
     """The all-pairs analysis of float32 layers: statistics, ``min_mse()`` and ``cka()``.
 
     Against its float64 GEMM floor (a dsyrk per layer and one dgemm for every
@@ -641,6 +645,7 @@ def bench_layer_analysis(n=3000, n_s=7, n_t=13, d_s=384, d_t=768, repeats=5,
     same analysis with 5-fold held-out estimates (``relative_min_mse(heldout=True)``)
     is timed too, and its cost reported as a fraction added.
     """
+    out = sys.stdout if out is None else out
     import inspect
 
     from scipy.linalg import blas
@@ -844,7 +849,7 @@ def check_variants(variants) -> tuple[str, ...]:
 
 
 def run_bench(*, quick: bool = False, dtypes=None, variants=VARIANTS,
-              repeats: int = 5, progress: bool = True, out=sys.stdout) -> dict:
+              repeats: int = 5, progress: bool = True, out=None) -> dict:
     """Run the benchmark grid; print a table as it goes; return everything as a dict.
 
     ``dtypes`` defaults as in :func:`bench_cases`. Without torch the torch
@@ -852,6 +857,7 @@ def run_bench(*, quick: bool = False, dtypes=None, variants=VARIANTS,
     terminal; the table's rows are written through it, so they never land on
     the bar's line.
     """
+    out = sys.stdout if out is None else out  # at call time: redirects made after import count
     from tqdm.auto import tqdm
 
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 5:

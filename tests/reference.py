@@ -6,7 +6,7 @@ so that the tests have an independent witness for the kernels.
 
 import numpy as np
 
-EPS = 1e-12
+EPS = 1e-12  # written out, not imported from pkd: the witness shares no code with the kernels
 
 
 def effective_rank(P):

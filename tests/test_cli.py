@@ -672,6 +672,17 @@ def test_bench_rbf_cka_times_every_contender_and_agrees_with_numpy():
     assert "RBF CKA, N=40, 6→9, float32" in out.getvalue()
 
 
+def test_bench_prints_to_the_stdout_of_the_call_by_default(monkeypatch):
+    from pkd import bench
+
+    # sys.stdout swapped after pkd.bench was imported: a default bound at import time
+    # would print past it.
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    bench.bench_rbf_cka(40, 6, 9, repeats=5)
+    assert "RBF CKA, N=40, 6→9, float32" in out.getvalue()
+
+
 @pytest.mark.parametrize("folds", [False, True])
 def test_bench_layer_analysis_times_every_contender(folds, monkeypatch):
     """Without folds= the held-out part is skipped and says so; with it, it is timed."""
