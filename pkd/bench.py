@@ -138,7 +138,7 @@ def machine_header() -> dict:
 
     fields = _cpuinfo_fields()
     cpu = fields.get("model name") or platform.processor() or platform.machine()
-    # Family and model too: VMs of one name ("Intel(R) Xeon(R) Processor") differ.
+    # Family and model too: CPUs sold under one model name differ.
     model = (f"family {fields['cpu family']}, model {fields['model']}"
              if "cpu family" in fields and "model" in fields else None)
     blas = [
@@ -174,29 +174,23 @@ def _median_times(groups: list[dict[str, Callable | None]], repeats: int,
     Contenders within a group are timed round-robin, so a burst of machine
     noise hits them alike: pkd and the GEMMs alone, which share numpy's
     OpenBLAS. Groups that use another pool (torch's OpenMP threads, scipy's
-    own OpenBLAS) are timed in their own block after a pause: on 2 cores, a
-    pool that is still spinning after its last call starves the next one
-    (measured here: a 0.6 ms GEMM took 3 ms right after a torch call). The
-    NumPy version gets its own block too: its N×d_t temporaries flush the L2
-    cache, so in the round-robin pkd (run after it) found its inputs cold
-    while the GEMMs (run after pkd) found S and P warm. At N = 256, 128 × 256
-    float32 masked that read 1.21× the GEMMs against 1.09× without it.
+    own OpenBLAS) are timed in their own block after a pause, since a pool
+    still spinning after its last call starves the next one; the NumPy
+    version gets its own block too, since its N×d_t temporaries flush the L2
+    cache the GEMMs and pkd would otherwise share.
 
     The ``repeats`` runs are split into ``rounds`` (``ROUNDS`` by default) that
     alternate the groups (A B A B A B), so that the groups are not measured in
-    two separate stretches of time: on the shared Zen 3 VM the speed drifts
-    by 10–30% over seconds, and one block of torch runs against one block of
-    pkd runs read 0.84–0.99× for three 4-pair cases at N = 256 that the
-    previous full run had read 1.23–1.32×. Each round warms its contenders up
-    after the pause (a first call wakes the pool), except those that take over
-    50 ms, for which waking up is noise-level.
+    two separate stretches of a machine whose speed drifts. Each round warms its
+    contenders up after the pause (a first call wakes the pool), except those
+    that take over 50 ms, for which waking up is noise-level.
 
     A round times a group for at least ``_MIN_ROUND_S`` (more runs than
     ``repeats`` asks for when the group is fast, at most ``_MAX_RUNS_PER_ROUND``):
     the first calls after the pause run on cold caches and a CPU that was idle,
-    and with 2–3 runs per round they were a third of the samples. At N = 256,
-    128 × 256 float32 (a 0.4 ms call) 9 runs read 1.49–1.57× the GEMMs and 60
-    or 300 runs 1.40× (Xeon reference VM, one process).
+    and with 2–3 runs per round they would be a third of the samples. The
+    measurements behind each choice are in docs/performance.md ("How `pkd bench`
+    times").
     """
     live_groups = [{name: fn for name, fn in group.items() if fn is not None}
                    for group in groups]
@@ -382,7 +376,7 @@ def bench_case(variant, n, d_s, d_t, dtype, repeats) -> Row:
     if variant == "torch module":
         return _bench_torch_module(torch, student, teacher, P, dtype, budget, repeats)
     if variant == "4 pairs shared":
-        # "always": with d_s == d_t the seed's rule would skip the projection.
+        # "always": with d_s == d_t the reference implementation's rule would skip it.
         cfg = pkd.ProgressiveDistillation([(k, k) for k in range(4)], projection=P,
                                           project="always")
 
