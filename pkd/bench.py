@@ -502,8 +502,13 @@ def bench_alignment_matrix(n=20_000, n_s=6, n_t=12, d_s=384, d_t=768, repeats=3,
         blas.dgemm(1.0, all_s, all_t, trans_a=1)
 
     stats = AlignmentStats.from_arrays(student, teacher)
+
+    def min_mse():
+        stats._residual_cache.clear()  # time the solve, not a repeated query's cache hit
+        return stats.min_mse()
+
     times = _median_times([{"accumulate": lambda: AlignmentStats.from_arrays(student, teacher),
-                            "gemm": gemms, "min_mse": stats.min_mse}], repeats)
+                            "gemm": gemms, "min_mse": min_mse}], repeats)
     start = time.perf_counter()
     for S in student:
         for T in teacher:

@@ -672,6 +672,17 @@ def test_bench_rbf_cka_times_every_contender_and_agrees_with_numpy():
     assert "RBF CKA, N=40, 6→9, float32" in out.getvalue()
 
 
+def test_bench_alignment_matrix_times_the_solve_not_a_cache_hit(monkeypatch):
+    import pkd._estimates as estimates
+    from pkd import bench
+
+    solves = []
+    real = estimates.residuals
+    monkeypatch.setattr(estimates, "residuals", lambda *a: solves.append(1) or real(*a))
+    bench.bench_alignment_matrix(n=40, n_s=2, n_t=2, d_s=3, d_t=4, repeats=3, out=io.StringIO())
+    assert len(solves) >= 3  # one solve per timed min_mse call
+
+
 def test_bench_prints_to_the_stdout_of_the_call_by_default(monkeypatch):
     from pkd import bench
 
