@@ -1,8 +1,8 @@
 """pkd: Patient Knowledge Distillation on the CPU.
 
 Fused Numba kernels for the projected MSE (and PKD's normalized variant) with
-hand-written gradients, the seed's ``ProgressiveDistillation`` configuration,
-and the analysis needed to choose a layer mapping. See README.md.
+hand-written gradients, the reference implementation's ``ProgressiveDistillation``
+configuration, and the analysis needed to choose a layer mapping. See README.md.
 """
 
 from . import mapping

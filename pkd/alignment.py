@@ -284,7 +284,8 @@ class AlignmentStats:
             student's; both present and different is an error. An array of the
             dumps' leading shape, or None (every row counts).
         tokens : {"all", "cls"} or int
-            For 3-D dumps: every position, position 0, or one position.
+            For 3-D dumps: every position, the first position the mask keeps in
+            each sequence ("cls"; position 0 without a mask), or one position.
         folds : int, optional
             As in ``__init__``; for 3-D dumps whole sequences go to one fold.
         progress : bool

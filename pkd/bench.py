@@ -138,7 +138,7 @@ def machine_header() -> dict:
 
     fields = _cpuinfo_fields()
     cpu = fields.get("model name") or platform.processor() or platform.machine()
-    # Family and model too: VMs of one name ("Intel(R) Xeon(R) Processor") differ.
+    # Family and model too: CPUs sold under one model name differ.
     model = (f"family {fields['cpu family']}, model {fields['model']}"
              if "cpu family" in fields and "model" in fields else None)
     blas = [
@@ -174,29 +174,23 @@ def _median_times(groups: list[dict[str, Callable | None]], repeats: int,
     Contenders within a group are timed round-robin, so a burst of machine
     noise hits them alike: pkd and the GEMMs alone, which share numpy's
     OpenBLAS. Groups that use another pool (torch's OpenMP threads, scipy's
-    own OpenBLAS) are timed in their own block after a pause: on 2 cores, a
-    pool that is still spinning after its last call starves the next one
-    (measured here: a 0.6 ms GEMM took 3 ms right after a torch call). The
-    NumPy version gets its own block too: its N×d_t temporaries flush the L2
-    cache, so in the round-robin pkd (run after it) found its inputs cold
-    while the GEMMs (run after pkd) found S and P warm. At N = 256, 128 × 256
-    float32 masked that read 1.21× the GEMMs against 1.09× without it.
+    own OpenBLAS) are timed in their own block after a pause, since a pool
+    still spinning after its last call starves the next one; the NumPy
+    version gets its own block too, since its N×d_t temporaries flush the L2
+    cache the GEMMs and pkd would otherwise share.
 
     The ``repeats`` runs are split into ``rounds`` (``ROUNDS`` by default) that
     alternate the groups (A B A B A B), so that the groups are not measured in
-    two separate stretches of time: on the shared Zen 3 VM the speed drifts
-    by 10–30% over seconds, and one block of torch runs against one block of
-    pkd runs read 0.84–0.99× for three 4-pair cases at N = 256 that the
-    previous full run had read 1.23–1.32×. Each round warms its contenders up
-    after the pause (a first call wakes the pool), except those that take over
-    50 ms, for which waking up is noise-level.
+    two separate stretches of a machine whose speed drifts. Each round warms its
+    contenders up after the pause (a first call wakes the pool), except those
+    that take over 50 ms, for which waking up is noise-level.
 
     A round times a group for at least ``_MIN_ROUND_S`` (more runs than
     ``repeats`` asks for when the group is fast, at most ``_MAX_RUNS_PER_ROUND``):
     the first calls after the pause run on cold caches and a CPU that was idle,
-    and with 2–3 runs per round they were a third of the samples. At N = 256,
-    128 × 256 float32 (a 0.4 ms call) 9 runs read 1.49–1.57× the GEMMs and 60
-    or 300 runs 1.40× (Xeon reference VM, one process).
+    and with 2–3 runs per round they would be a third of the samples. The
+    measurements behind each choice are in docs/performance.md ("How `pkd bench`
+    times").
     """
     live_groups = [{name: fn for name, fn in group.items() if fn is not None}
                    for group in groups]
@@ -314,15 +308,17 @@ def _ms(times: dict, name: str) -> float | None:
 
 def _numpy_pair(S, T, P, w, normalize):
     """The plain NumPy version of one pair's loss and gradients, in the input dtype."""
+    from .kernels.normalized import EPS
+
     Y = S @ P
     n_w = w.sum() if w is not None else S.shape[0]
     if normalize:
         y_norm = np.sqrt((Y * Y).sum(1, keepdims=True))
-        U = Y / np.maximum(y_norm, 1e-12)
-        V = T / np.maximum(np.sqrt((T * T).sum(1, keepdims=True)), 1e-12)
+        U = Y / np.maximum(y_norm, EPS)
+        V = T / np.maximum(np.sqrt((T * T).sum(1, keepdims=True)), EPS)
         per_row = ((U - V) ** 2).sum(1)
         cosine = (U * V).sum(1, keepdims=True)
-        G = (cosine * U - V) / np.maximum(y_norm, 1e-12) * (2.0 / n_w)
+        G = (cosine * U - V) / np.maximum(y_norm, EPS) * (2.0 / n_w)
     else:
         R = Y - T
         per_row = (R * R).sum(1) / T.shape[1]
@@ -380,7 +376,7 @@ def bench_case(variant, n, d_s, d_t, dtype, repeats) -> Row:
     if variant == "torch module":
         return _bench_torch_module(torch, student, teacher, P, dtype, budget, repeats)
     if variant == "4 pairs shared":
-        # "always": with d_s == d_t the seed's rule would skip the projection.
+        # "always": with d_s == d_t the reference implementation's rule would skip it.
         cfg = pkd.ProgressiveDistillation([(k, k) for k in range(4)], projection=P,
                                           project="always")
 
@@ -478,7 +474,7 @@ def _bench_torch_module(torch, student, teacher, P, dtype, budget, repeats) -> R
 
 
 def bench_alignment_matrix(n=20_000, n_s=6, n_t=12, d_s=384, d_t=768, repeats=3,
-                           out=sys.stdout) -> dict:
+                           out=None) -> dict:
     """The layer-mapping workload: statistics of 6 × 12 layer pairs, then ``min_mse``.
 
     Reports the accumulation against its BLAS calls alone (float64 dsyrk per
@@ -486,6 +482,7 @@ def bench_alignment_matrix(n=20_000, n_s=6, n_t=12, d_s=384, d_t=768, repeats=3,
     makes, in scipy's BLAS), and the ``min_mse`` matrix from the statistics
     against fitting each of the n_s·n_t pairs with ``scipy.linalg.lstsq``.
     """
+    out = sys.stdout if out is None else out
     import scipy.linalg
     from scipy.linalg import blas
 
@@ -505,8 +502,13 @@ def bench_alignment_matrix(n=20_000, n_s=6, n_t=12, d_s=384, d_t=768, repeats=3,
         blas.dgemm(1.0, all_s, all_t, trans_a=1)
 
     stats = AlignmentStats.from_arrays(student, teacher)
+
+    def min_mse():
+        stats._residual_cache.clear()  # time the solve, not a repeated query's cache hit
+        return stats.min_mse()
+
     times = _median_times([{"accumulate": lambda: AlignmentStats.from_arrays(student, teacher),
-                            "gemm": gemms, "min_mse": stats.min_mse}], repeats)
+                            "gemm": gemms, "min_mse": min_mse}], repeats)
     start = time.perf_counter()
     for S in student:
         for T in teacher:
@@ -579,7 +581,7 @@ def _numpy_rbf_cka(X, Y, bandwidth=0.5) -> float:
     return float((K * L).sum() / np.sqrt((K * K).sum() * (L * L).sum()))
 
 
-def bench_rbf_cka(n=4096, d_s=384, d_t=768, repeats=5, out=sys.stdout) -> dict:
+def bench_rbf_cka(n=4096, d_s=384, d_t=768, repeats=5, out=None) -> dict:
     """RBF CKA of one pair, N rows (float32): the parallel twin vs the serial one, NumPy, GEMMs.
 
     ``gemm``, the floor: the two float64 ``X Xᵀ`` (scipy's dsyrk, as the
@@ -587,6 +589,7 @@ def bench_rbf_cka(n=4096, d_s=384, d_t=768, repeats=5, out=sys.stdout) -> dict:
     distance matrices. ``parallel`` / ``serial``: :func:`pkd.cka.rbf_cka`
     with every Numba pass forced to one twin. ``numpy``: :func:`_numpy_rbf_cka`.
     """
+    out = sys.stdout if out is None else out
     import numba
     from scipy.linalg import blas
 
@@ -631,7 +634,7 @@ HELDOUT_FOLDS = 5
 
 
 def bench_layer_analysis(n=3000, n_s=7, n_t=13, d_s=384, d_t=768, repeats=5,
-                         out=sys.stdout) -> dict:
+                         out=None) -> dict:
     """The all-pairs analysis of float32 layers: statistics, ``min_mse()`` and ``cka()``.
 
     Against its float64 GEMM floor (a dsyrk per layer and one dgemm for every
@@ -641,6 +644,7 @@ def bench_layer_analysis(n=3000, n_s=7, n_t=13, d_s=384, d_t=768, repeats=5,
     same analysis with 5-fold held-out estimates (``relative_min_mse(heldout=True)``)
     is timed too, and its cost reported as a fraction added.
     """
+    out = sys.stdout if out is None else out
     import inspect
 
     from scipy.linalg import blas
@@ -844,7 +848,7 @@ def check_variants(variants) -> tuple[str, ...]:
 
 
 def run_bench(*, quick: bool = False, dtypes=None, variants=VARIANTS,
-              repeats: int = 5, progress: bool = True, out=sys.stdout) -> dict:
+              repeats: int = 5, progress: bool = True, out=None) -> dict:
     """Run the benchmark grid; print a table as it goes; return everything as a dict.
 
     ``dtypes`` defaults as in :func:`bench_cases`. Without torch the torch
@@ -852,6 +856,7 @@ def run_bench(*, quick: bool = False, dtypes=None, variants=VARIANTS,
     terminal; the table's rows are written through it, so they never land on
     the bar's line.
     """
+    out = sys.stdout if out is None else out  # at call time: redirects made after import count
     from tqdm.auto import tqdm
 
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 5:

@@ -990,21 +990,33 @@ def cmd_dump(args) -> None:
           f"({model.config.num_hidden_layers} layers), pool={args.pool}, {args.dtype}")
 
 
+DUMP_FILES = """\
+writes --out, one .safetensors file:
+  hidden_states.0, ...  one tensor per kept layer, (N, T, d) or pooled (N, d)
+  attention_mask        (N, T), with --pool none
+  metadata              the model, tokenizer, pool, dtype, layer indices, embeddings
+                        index, texts file, number of texts and their SHA-256"""
+
+
 def _add_dump_parser(sub) -> None:
-    dump = sub.add_parser("dump", help="hidden states of a local Hugging Face model on texts, "
-                                       "to a .safetensors dump")
+    help_text = "hidden states of a local Hugging Face model on texts, to a .safetensors dump"
+    dump = sub.add_parser("dump", help=help_text, description=help_text, epilog=DUMP_FILES,
+                          formatter_class=_HelpFormatter)
     dump.add_argument("model_dir", help="directory written by save_pretrained (model and "
                                         "tokenizer); never downloads")
     dump.add_argument("--texts", required=True, help=".txt (one per line), .jsonl, .csv, .tsv")
     dump.add_argument("--out", required=True, help="the dump to write (.safetensors)")
     dump.add_argument("--field", default=None, help="JSON key of the text (.jsonl)")
     dump.add_argument("--column", default=None, help="column of the text (.csv, .tsv)")
-    dump.add_argument("--batch-size", type=int, default=32, help="texts per batch (default 32)")
-    dump.add_argument("--max-length", type=int, default=None, help="truncate to N tokens")
+    dump.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+    dump.add_argument("--max-length", type=int, default=None,
+                      help="truncate to N tokens (default: no truncation, and a text longer "
+                           "than the model takes is an error naming it)")
     dump.add_argument("--pool", choices=("none", "cls", "mean"), default="none",
-                      help="none: token states + attention_mask (default); cls: first real "
-                           "token; mean: masked mean")
-    dump.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+                      help="none: token states + attention_mask; cls: the first position the "
+                           "mask keeps in each text; mean: the mean over real tokens")
+    dump.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                      help="stored dtype (float16 halves the disk; read back as float32)")
     dump.add_argument("--layers", default=None,
                       help='hidden_states indices to keep, e.g. "0,2,4" (default all)')
     dump.set_defaults(run=cmd_dump)

@@ -39,6 +39,7 @@ import numpy as np
 
 from . import _validation as V
 from ._validation import Pair
+from .alignment import DEFAULT_CHUNK_ROWS
 from .distillation import ProgressiveDistillation, xavier_uniform
 
 METHODS = ("closed_form", "adam", "sgd")
@@ -109,7 +110,7 @@ def fit_projection(
     dtype=None,
     callback: Callable[[int, np.ndarray], None] | None = None,
     progress: bool = False,
-    chunk_rows: int = 4096,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> FitResult:
     """Fit the projection(s) that map student layers onto their teacher layers.
 
@@ -152,6 +153,8 @@ def fit_projection(
         Fit PKD's normalized loss (gradient methods only).
     attention_mask : (N,) or (B, T) array, optional
     tokens : {"all", "cls"} or int
+        For 3-D input, which positions count ("cls": the first position the
+        attention mask keeps in each sequence, position 0 without a mask).
     dtype : float32 or float64, optional
         Dtype of the projection(s); default that of the hidden states.
     callback : callable(step, layer_losses), optional
@@ -159,7 +162,8 @@ def fit_projection(
     progress : bool
         Show a tqdm progress bar.
     chunk_rows : int
-        Rows read at a time from dumps.
+        Rows read at a time from dumps (the default is
+        :data:`pkd.alignment.DEFAULT_CHUNK_ROWS`, as for ``AlignmentStats``).
 
     Returns
     -------

@@ -146,6 +146,16 @@ def _format_of(path: Path) -> str:
     return fmt
 
 
+def _dumps_inside(directory: Path, shown: int = 10) -> str:
+    """Which dump files ``directory`` holds, for the message that refuses the directory."""
+    found = sorted(p.name for p in directory.iterdir()
+                   if p.suffix.lower() in _FORMATS and p.is_file())
+    if not found:
+        return "it holds no '.safetensors' or '.npz' file"
+    more = f" and {len(found) - shown} more" if len(found) > shown else ""
+    return f"pass one of the dump files in it: {', '.join(found[:shown])}{more}"
+
+
 def _read_dtype(path: Path, key: str, dtype: Any) -> np.dtype:
     """The dtype a layer is *returned* in (float16 → float32), or raise."""
     if isinstance(dtype, str):  # a safetensors code
@@ -858,11 +868,12 @@ def load_dump(path: str | os.PathLike, *, mask_key: str = MASK_KEY) -> Dump:
     FileNotFoundError
         No such file.
     DumpError (a ValueError)
-        Unknown extension; truncated or corrupt file; no ``hidden_states`` keys
-        (the keys found are listed); stacked and per-layer keys both present;
-        gaps in per-layer keys; ragged layers; a dtype other than
-        float16/32/64; an object array (never unpickled); a mask of the wrong
-        shape or with values other than 0/1. Messages name the file and key.
+        A directory (its dump files are listed); unknown extension; truncated
+        or corrupt file; no ``hidden_states`` keys (the keys found are listed);
+        stacked and per-layer keys both present; gaps in per-layer keys;
+        ragged layers; a dtype other than float16/32/64; an object array
+        (never unpickled); a mask of the wrong shape or with values other
+        than 0/1. Messages name the file and key.
 
     Notes
     -----
@@ -871,11 +882,11 @@ def load_dump(path: str | os.PathLike, *, mask_key: str = MASK_KEY) -> Dump:
     does) before modifying in place.
     """
     path = Path(path)
+    if path.is_dir():  # before the extension check: a directory's suffix says nothing
+        raise DumpError(f"{path} is a directory, not a dump file; {_dumps_inside(path)}")
     fmt = _format_of(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such dump file")
-    if path.is_dir():
-        raise DumpError(f"{path} is a directory, not a dump file")
     source = _SafetensorsSource(path) if fmt == "safetensors" else _NpzSource(path)
     try:
         stacked, keys, extra = _layer_keys(path, source.entries, mask_key)

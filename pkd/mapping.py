@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ._validation import (
+    Pair,
     check_bool,
     check_float_array,
     check_increasing_indices,
@@ -32,8 +33,6 @@ from ._validation import (
     check_mapping,
     check_positive_int,
 )
-
-Pair = tuple[int, int]
 
 
 def _check_counts(n_s, n_t, scheme: str) -> tuple[int, int]:

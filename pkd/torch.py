@@ -298,7 +298,8 @@ def projected_mse(
     mask : (N,) or (B, T) tensor or array of 0/1 or bool, optional
         Rows (tokens) that count, e.g. an HF ``attention_mask``.
     tokens : {"all", "cls"} or int
-        For 3-D input, which positions count ("cls" = position 0).
+        For 3-D input, which positions count ("cls": the first position the
+        attention mask keeps in each sequence, position 0 without a mask).
     normalize : bool
         PKD's normalized loss ``Σ w‖u − v‖²/n_w`` on L2-normalised rows.
     check_finite : bool

@@ -1,4 +1,4 @@
-"""Plain float64 NumPy versions of every formula in DESIGN.md §1, written for reading.
+"""Plain float64 NumPy versions of every formula in docs/math.md, written for reading.
 
 Nothing here is fast or clever: each function is the formula, line by line,
 so that the tests have an independent witness for the kernels.
@@ -6,7 +6,7 @@ so that the tests have an independent witness for the kernels.
 
 import numpy as np
 
-EPS = 1e-12
+EPS = 1e-12  # written out, not imported from pkd: the witness shares no code with the kernels
 
 
 def effective_rank(P):
@@ -143,7 +143,7 @@ def reference_logit_grad(z_s, z_t, labels, alpha, tau):
     return (1 - alpha) * (p - onehot) / B + alpha * tau * (p_s - p_t) / B
 
 
-# --- alignment statistics (DESIGN §1) -------------------------------------------------------
+# --- alignment statistics (docs/math.md, "Alignment statistics") -------------------------
 
 
 def reference_gram_stats(student_layers, teacher_layers, w=None):

@@ -792,3 +792,36 @@ def test_relative_min_mse_exceeds_one_when_the_teacher_mean_is_out_of_reach():
     r2 = sklearn_metrics.r2_score(T, S @ best, multioutput="variance_weighted")
     assert stats.relative_min_mse()[0, 0] > 1
     assert abs(stats.relative_min_mse()[0, 0] - (1 - r2)) < 1e-10
+
+
+def test_queries_after_update_or_merge_see_the_new_rows(monkeypatch):
+    """min_mse and relative_min_mse share one cached solve, dropped by every update."""
+    import pkd._estimates as estimates
+
+    rng = np.random.default_rng(31)
+    students, teachers = make_layers(rng, 120, (3, 4), (5,), dtype=np.float32)
+    first = [x[:60] for x in students], [x[:60] for x in teachers]
+    second = [x[60:] for x in students], [x[60:] for x in teachers]
+    solves = []
+    real = estimates.residuals
+    monkeypatch.setattr(estimates, "residuals", lambda *a: solves.append(1) or real(*a))
+
+    stats = AlignmentStats.from_arrays(*first, folds=3)
+    early = stats.min_mse()
+    early_relative = stats.relative_min_mse()
+    stats.relative_min_mse(heldout=True)
+    assert len(solves) == 2  # in-sample once for both queries, held-out once
+    early[...] = -1.0  # a caller's array is its own: the cache is not touched
+    np.testing.assert_array_equal(stats.min_mse(), AlignmentStats.from_arrays(
+        *first, folds=3).min_mse())
+
+    merged = stats.merge(AlignmentStats.from_arrays(*second, folds=3))
+    copied = stats.copy()
+    stats.update(*second)
+    whole = AlignmentStats.from_arrays(students, teachers, folds=3)
+    for fresh in (stats, merged):
+        np.testing.assert_allclose(fresh.min_mse(), whole.min_mse(), rtol=1e-10)
+        np.testing.assert_allclose(fresh.relative_min_mse(heldout=True).mean,
+                                   whole.relative_min_mse(heldout=True).mean, rtol=1e-10)
+        assert not np.allclose(fresh.relative_min_mse(), early_relative)
+    np.testing.assert_array_equal(copied.relative_min_mse(), early_relative)

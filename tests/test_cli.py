@@ -672,6 +672,28 @@ def test_bench_rbf_cka_times_every_contender_and_agrees_with_numpy():
     assert "RBF CKA, N=40, 6→9, float32" in out.getvalue()
 
 
+def test_bench_alignment_matrix_times_the_solve_not_a_cache_hit(monkeypatch):
+    import pkd._estimates as estimates
+    from pkd import bench
+
+    solves = []
+    real = estimates.residuals
+    monkeypatch.setattr(estimates, "residuals", lambda *a: solves.append(1) or real(*a))
+    bench.bench_alignment_matrix(n=40, n_s=2, n_t=2, d_s=3, d_t=4, repeats=3, out=io.StringIO())
+    assert len(solves) >= 3  # one solve per timed min_mse call
+
+
+def test_bench_prints_to_the_stdout_of_the_call_by_default(monkeypatch):
+    from pkd import bench
+
+    # sys.stdout swapped after pkd.bench was imported: a default bound at import time
+    # would print past it.
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    bench.bench_rbf_cka(40, 6, 9, repeats=5)
+    assert "RBF CKA, N=40, 6→9, float32" in out.getvalue()
+
+
 @pytest.mark.parametrize("folds", [False, True])
 def test_bench_layer_analysis_times_every_contender(folds, monkeypatch):
     """Without folds= the held-out part is skipped and says so; with it, it is timed."""
@@ -1028,6 +1050,10 @@ def test_help_gives_every_default_and_the_files_written():
     bench = _help("bench")
     assert all(variant in bench for variant in VARIANTS)
     assert "accuracy.png" in _help("demo")
+    dump = _help("dump")
+    assert "(default: float32)" in dump and "(default: 32)" in dump and "(default: none)" in dump
+    assert "writes --out, one .safetensors file: hidden_states.0" in dump
+    assert "attention_mask (N, T), with --pool none" in dump
 
 
 def test_chunk_rows_default_is_the_library_default():

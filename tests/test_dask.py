@@ -357,7 +357,7 @@ def test_non_finite_values_raise_from_the_task_naming_the_block(small):
 
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"split_every": 1}, ValueError, "split_every must be >= 2"),
-    ({"split_every": 2.0}, TypeError, "split_every must be a positive int"),
+    ({"split_every": 2.0}, TypeError, r"split_every must be an int > 0, got 2.0 \(float\)"),
     ({"chunk_rows": 0}, ValueError, "chunk_rows must be > 0"),
     ({"scheduler": "bogus"}, ValueError, "scheduler='bogus' is neither"),
     ({"scheduler": 3}, ValueError, "Unexpected scheduler"),

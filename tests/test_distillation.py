@@ -1,5 +1,5 @@
-"""ProgressiveDistillation: the seed's behaviours, gradients against three witnesses,
-per-pair options, and every bad input."""
+"""ProgressiveDistillation: the reference implementation's behaviours, gradients against
+three witnesses, per-pair options, and every bad input."""
 
 import warnings
 
@@ -25,7 +25,7 @@ def _flat(layers):
     return [a.reshape(-1, a.shape[-1]).astype(np.float64) for a in layers]
 
 
-# --- the seed's own behaviours ----------------------------------------------------------
+# --- the reference implementation's own behaviours ---------------------------------------
 
 def test_default_config_is_the_seeds():
     cfg = ProgressiveDistillation()

@@ -269,3 +269,13 @@ def test_bad_mappings_and_layers():
     with pytest.raises(ValueError, match="same rows"):
         fit_projection([student[0], np.ones((30, 6))], [teacher[0], np.ones((30, 9))],
                        [(0, 0), (1, 1)])
+
+
+def test_chunk_rows_default_is_the_one_streaming_default():
+    import inspect
+
+    from pkd.alignment import DEFAULT_CHUNK_ROWS
+    default = inspect.signature(fit_projection).parameters["chunk_rows"].default
+    assert default == DEFAULT_CHUNK_ROWS
+    for method in (pkd.AlignmentStats.from_arrays, pkd.AlignmentStats.from_dumps):
+        assert inspect.signature(method).parameters["chunk_rows"].default == default

@@ -381,6 +381,26 @@ def test_directory_is_refused(tmp_path):
         load_dump(tmp_path / "d.npz")
 
 
+def test_directory_without_extension_lists_its_dumps(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(DumpError, match=r"run is a directory, not a dump file; it holds no "
+                                        r"'\.safetensors' or '\.npz' file"):
+        load_dump(run)
+    layers = [np.ones((3, 2), np.float32)]
+    save_dump(run / "teacher.safetensors", layers)
+    save_dump(run / "student.npz", layers)
+    (run / "notes.txt").write_text("not a dump")
+    (run / "old.npz").mkdir()  # a directory, not a dump file
+    with pytest.raises(DumpError, match=r"is a directory, not a dump file; pass one of the "
+                                        r"dump files in it: student\.npz, teacher\.safetensors$"):
+        load_dump(str(run))
+    for k in range(12):
+        save_dump(run / f"layer{k:02d}.npz", layers)
+    with pytest.raises(DumpError, match=r"layer00\.npz, .*, layer09\.npz and 4 more$"):
+        load_dump(run)
+
+
 @pytest.mark.parametrize(("real", "named"), [("npz", "safetensors"), ("safetensors", "npz")])
 def test_wrong_extension_for_content(tmp_path, real, named):
     rng = np.random.default_rng(19)

@@ -47,6 +47,17 @@ def test_everything_tied_scores_chance():
     np.testing.assert_allclose(scores, 0.25)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _restore_torch_globals():
+    """Undo what ``train_copies`` sets for its own run: torch's thread count (the
+    OpenMP limit, which pkd's parallel rule reads) and deterministic algorithms."""
+    torch = pytest.importorskip("torch")
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
 @pytest.fixture(scope="module")
 def tiny_copies():
     """Block outputs (2, 3, 200, 8) float32 of two copies trained for one epoch.

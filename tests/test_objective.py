@@ -109,14 +109,16 @@ def test_parallel_rule_respects_numba_and_threadpoolctl_limits(monkeypatch):
     for name in ("logit_loss_grad_serial", "logit_loss_grad_parallel"):
         monkeypatch.setattr(softmax_kernels, name, spying(name))
     monkeypatch.setattr(objective_module, "PARALLEL_MIN_ELEMENTS", 0)
+    threadpoolctl = pytest.importorskip("threadpoolctl")
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(2)
-        logit_loss_and_grad(z_s, z_t, labels, alpha=0.5, temperature=2.0)
+        # The OpenMP limit is process state (torch.set_num_threads lowers it too): 2 here.
+        with threadpoolctl.threadpool_limits(limits=2, user_api="openmp"):
+            logit_loss_and_grad(z_s, z_t, labels, alpha=0.5, temperature=2.0)
         numba.set_num_threads(1)
         logit_loss_and_grad(z_s, z_t, labels, alpha=0.5, temperature=2.0)
         numba.set_num_threads(2)
-        threadpoolctl = pytest.importorskip("threadpoolctl")
         with threadpoolctl.threadpool_limits(limits=1):
             logit_loss_and_grad(z_s, z_t, labels, alpha=0.5, temperature=2.0)
     finally:

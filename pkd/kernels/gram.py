@@ -17,9 +17,11 @@ without a copy, with ``beta=1`` accumulating straight into the float64 sums.
 
 Float64 GEMMs (cast the chunk, then dgemm) rather than float32 GEMMs added into
 float64 accumulators: a float32 GEMM sums each chunk's products in float32, an
-error of ~1e-7·λ_max in every entry of ``G_s``, far above the 1e-12·λ_max
-eigenvalue cutoff the closed form relies on (docs/numerics.md), whereas the
-products of float32 inputs are exact in float64 and only the sum rounds. The
+error of ~1e-7·λ_max in every entry of ``G_s``, far above the closed form's cut
+(a singular value at most ``cutoff``·σ₁ is noise, like lstsq's ``rcond``: 1e-6
+for float32 data, so eigenvalues of ``G_s`` down to 1e-12·λ_max are kept; see
+docs/numerics.md, "The closed form and its cut"), whereas the products of
+float32 inputs are exact in float64 and only the sum rounds. The
 price, about twice the GEMM time of float32, is in docs/performance.md
 ("Alignment statistics").
 
