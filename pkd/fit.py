@@ -231,7 +231,20 @@ def _result(solution, shared, history, losses, mapping, method, initial, setting
     )
 
 
-class _FitData:
+class _PairGrams:
+    """The Gram statistics of each mapped pair, from the subclass's ``stats`` (cached)."""
+
+    def gram(self, pair):
+        """(G_s, C_st, q_t) of a pair, float64, from the statistics (cached)."""
+        if pair not in self._grams:
+            stats = self.stats
+            s, t = self._s_index[pair[0]], self._t_index[pair[1]]
+            self._grams[pair] = (stats.student_gram(s), stats.cross_gram(s, t),
+                                 stats.teacher_sq_norm(t))
+        return self._grams[pair]
+
+
+class _FitData(_PairGrams):
     """The mapped layers, flattened to rows, with the selected row indices."""
 
     def __init__(self, student_layers, teacher_layers, mapping, attention_mask, tokens):
@@ -296,15 +309,6 @@ class _FitData:
             self._t_index = {k: i for i, k in enumerate(t_keys)}
         return self._stats
 
-    def gram(self, pair):
-        """(G_s, C_st, q_t) of a pair, float64, from the statistics (cached)."""
-        if pair not in self._grams:
-            stats = self.stats
-            s, t = self._s_index[pair[0]], self._t_index[pair[1]]
-            self._grams[pair] = (stats.student_gram(s), stats.cross_gram(s, t),
-                                 stats.teacher_sq_norm(t))
-        return self._grams[pair]
-
     def exact_losses(self, solution, shared, normalize=False) -> np.ndarray:
         """Per-pair losses of ``solution`` over all selected rows (fused kernels)."""
         from .engine import pair_loss_and_grad
@@ -349,7 +353,7 @@ def _dump_mask(student, teacher, attention_mask):
     return masks[0] if masks else None
 
 
-class _StreamedFitData:
+class _StreamedFitData(_PairGrams):
     """The mapped layers of two dumps, read in chunks: statistics and exact losses only."""
 
     def __init__(self, student, teacher, mapping, attention_mask, tokens, chunk_rows):
@@ -406,18 +410,9 @@ class _StreamedFitData:
             self._stats = AlignmentStats.from_chunks(self._chunks())
         return self._stats
 
-    def gram(self, pair):
-        """(G_s, C_st, q_t) of a pair, float64, from the statistics (cached)."""
-        if pair not in self._grams:
-            stats = self.stats
-            s, t = self._s_index[pair[0]], self._t_index[pair[1]]
-            self._grams[pair] = (stats.student_gram(s), stats.cross_gram(s, t),
-                                 stats.teacher_sq_norm(t))
-        return self._grams[pair]
-
     def exact_losses(self, solution, shared, normalize=False) -> np.ndarray:
         """Per-pair losses over all selected rows: a second pass through the fused kernels."""
-        from .loss import pair_loss_and_grad
+        from .engine import pair_loss_and_grad
 
         totals = np.zeros(len(self.mapping))
         for s_arrays, t_arrays, keep in self._chunks():
