@@ -13,6 +13,7 @@ import pytest
 
 import pkd
 from pkd import cli
+from pkd.cka import rbf_cka_matrix
 from pkd.io import save_dump
 
 
@@ -53,11 +54,16 @@ def test_analyze_writes_every_output_and_matches_alignment_stats(dumps, tmp_path
     assert summary["rows"] == int(mask.sum())
     assert {row["strategy"] for row in summary["strategies"]} == {"uniform", "skip", "last",
                                                                   "optimal"}
-    assert summary["measure"] == cli.DEFAULT_MEASURE == "cka"  # a similarity: maximised
-    assert summary["optimal_mapping"] == [list(p) for p in pkd.mapping.optimal(-stats.cka())]
+    # The default: RBF CKA at σ = 0.2 × the median distance, a similarity (maximised).
+    assert summary["measure"] == cli.DEFAULT_MEASURE == "rbf-cka"
+    assert summary["bandwidth"] == 0.2 and summary["measure_maximize"] is True
+    rbf = rbf_cka_matrix(student, teacher, mask=mask, bandwidth=0.2)  # 203 rows: all used
+    np.testing.assert_allclose(summary["rbf_cka"], rbf, rtol=1e-10)
+    assert summary["optimal_mapping"] == [list(p) for p in pkd.mapping.optimal(rbf,
+                                                                                maximize=True)]
     assert summary["heldout"] is None  # 203 rows > 10 × width 8
     csv = (out / "summary.csv").read_text().splitlines()
-    assert csv[0] == "student_layer,teacher_layer,min_mse,relative_min_mse,cka"
+    assert csv[0] == "student_layer,teacher_layer,min_mse,relative_min_mse,cka,rbf_cka"
     assert len(csv) == 1 + 3 * 6
     printed = capsys.readouterr().out
     assert "optimal mapping" in printed and "uniform" in printed
@@ -1083,7 +1089,7 @@ def test_fit_draws_no_progress_bar_into_a_pipe(dumps, tmp_path, capsys):
 
 
 def test_measure_cka_debiased_and_rbf_cka(dumps, tmp_path):
-    from pkd.cka import rbf_cka_matrix
+
     from pkd.io import load_dump
 
     s_path, t_path, student, teacher, mask = dumps
@@ -1117,7 +1123,7 @@ def test_rbf_cka_reads_a_reproducible_subsample(tmp_path, monkeypatch):
                          "--measure", "rbf-cka", "--chunk-rows", "7"]) == 0
     first, second = (_strict_json(out / "summary.json")["rbf_cka"] for out in outs)
     assert first == second  # the same rows every run
-    from pkd.cka import rbf_cka_matrix
+
     from pkd.io import load_dump
 
     index = cli._sample_rows(None, 300, 64)
@@ -1235,7 +1241,7 @@ def test_scheduler_path_gives_the_local_numbers(tmp_path, capsys):
 
 def test_rbf_cka_on_enough_rows_for_the_parallel_kernels(tmp_path):
     """600 rows: past pkd.cka's parallel threshold, the path real dumps take."""
-    from pkd.cka import rbf_cka_matrix
+
     from pkd.io import load_dump
 
     s_path, t_path = _hf_like_dumps(tmp_path, n_s=2, n_t=3, rows=600)
