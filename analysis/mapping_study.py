@@ -363,7 +363,7 @@ def _metric_bars(ax, values: dict, ylabel: str, title: str, fmt: str,
         ax.annotate(format(mean, fmt), (k, top), xytext=(0, 3), textcoords="offset points",
                     ha="center", va="bottom", fontsize="x-small")
     ax.set_xticks(np.arange(len(values)), labels=[label for label, _ in values.values()],
-                  fontsize="small")
+                  fontsize="x-small")
     ax.set_ylim(bottom, bottom + (max(tops) - bottom) * 1.15 if max(tops) > bottom else 1.0)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize="medium")
@@ -372,7 +372,8 @@ def _metric_bars(ax, values: dict, ylabel: str, title: str, fmt: str,
 
 
 def _tick(label: str) -> str:
-    return label.replace(" (", "\n(").replace("logit ", "logit\n")
+    return (label.replace(" (", "\n(").replace("logit ", "logit\n")
+            .replace("optimal by ", "optimal by\n"))
 
 
 def build_figure(result: dict):
@@ -383,7 +384,8 @@ def build_figure(result: dict):
     per_seed = result["per_seed"]
     n = len(per_seed)
     fig = Figure(figsize=(19.0, 10.0), layout="constrained")
-    axes = fig.subplot_mosaic([["relative", "cka", "rbf"], ["accuracy", "accuracy", "nll"]])
+    axes = fig.subplot_mosaic([["relative"] * 2 + ["cka"] * 2 + ["rbf"] * 2,
+                               ["accuracy"] * 3 + ["nll"] * 3])
 
     def runs(metric, keys):
         return {key: (_tick(MAPPING_LABELS.get(key) or LABELS[key]),
