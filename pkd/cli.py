@@ -377,11 +377,12 @@ def _gather_rows(dump, index: np.ndarray, chunk_rows: int) -> list[np.ndarray]:
 
 
 def _rbf_cka(student, teacher, rows, chunk_rows: int, bandwidth: float,
-             console: Console) -> np.ndarray:
+             console: Console, known: dict) -> np.ndarray:
     """RBF CKA of every layer pair on a reproducible subsample of the kept rows.
 
-    A layer constant over the subsample has no kernel bandwidth: its pairs are NaN
-    (said on stderr), the other pairs computed without it.
+    A layer constant over the subsample has no kernel bandwidth: its pairs are NaN,
+    the other pairs computed without it; those not in ``known`` (the layers
+    constant over all rows, already said) are said on stderr.
     """
     import re
 
@@ -396,8 +397,9 @@ def _rbf_cka(student, teacher, rows, chunk_rows: int, bandwidth: float,
     out = np.full((len(s_rows), len(t_rows)), np.nan)
     dead = {side: sorted(set(range(len(layers))) - set(live[side]))
             for side, layers in (("student", s_rows), ("teacher", t_rows))}
-    if dead["student"] or dead["teacher"]:
-        console.warn("RBF CKA: " + _constant_text(dead, f"the {index.size} rows it uses"))
+    new = {side: [k for k in found if k not in known[side]] for side, found in dead.items()}
+    if new["student"] or new["teacher"]:
+        console.warn("RBF CKA: " + _constant_text(new, f"the {index.size} rows it uses"))
     if not live["student"] or not live["teacher"]:
         return out
 
@@ -419,19 +421,22 @@ def _rbf_cka(student, teacher, rows, chunk_rows: int, bandwidth: float,
 def _constant_text(layers: dict, rows: str) -> str:
     """``student layer(s) [..] and teacher layer(s) [..] are constant over <rows>: ...``."""
     named = " and ".join(f"{side} layer(s) {found}" for side, found in layers.items() if found)
-    return (f"{named} {'is' if sum(map(len, layers.values())) == 1 else 'are'} constant over "
-            f"{rows} (no variance): every similarity with them is undefined (NaN in the "
-            "heatmaps and summaries), and no optimal mapping uses them")
+    one = sum(map(len, layers.values())) == 1
+    return (f"{named} {'is' if one else 'are'} constant over {rows} (no variance): every "
+            f"similarity with {'it' if one else 'them'} is undefined (NaN in the heatmaps and "
+            "summaries) and never chosen by the optimal mapping")
 
 
-def _warn_constant(stats, console: Console) -> None:
-    """Name on stderr every layer constant over the rows used (its measures are NaN)."""
+def _warn_constant(stats, console: Console) -> dict:
+    """Name on stderr every layer constant over the rows used (its measures are NaN);
+    return them, ``{"student": [...], "teacher": [...]}``."""
     layers = {
         "student": [s for s in range(stats.n_student)
                     if not np.trace(stats.student_gram(s, centered=True)) > 0],
         "teacher": np.flatnonzero(~(np.asarray(stats.teacher_variance()) > 0)).tolist()}
     if layers["student"] or layers["teacher"]:
         console.warn(_constant_text(layers, f"the {stats.n_rows} rows used"))
+    return layers
 
 
 def _matrices(stats, ridge: float, measure: str, folds: int | None, rbf) -> dict:
@@ -679,11 +684,11 @@ def cmd_analyze(args) -> None:
             chosen_name = "custom"
     plan = _plan(args, student, rows, console, report_heldout=True)
     stats = _stream_stats(student, teacher, rows, chunk_rows, args.scheduler, plan.folds)
-    _warn_constant(stats, console)
+    constant = _warn_constant(stats, console)
     measure = MEASURES[plan.measure]
     values = _matrices(stats, ridge, plan.measure, plan.folds,
                        lambda: _rbf_cka(student, teacher, rows, chunk_rows, plan.bandwidth,
-                                        console))
+                                        console, constant))
     main = values[measure.key]
     no_optimal = None  # why there is no optimal mapping, when it is not the one asked for
     try:
@@ -896,11 +901,11 @@ def cmd_fit(args) -> None:
         # Chosen from the rows that are fitted: the mask and --tokens both apply.
         plan = _plan(args, student, rows, console, report_heldout=False)
         stats = _stream_stats(student, teacher, rows, chunk_rows, None, plan.folds)
-        _warn_constant(stats, console)
+        constant = _warn_constant(stats, console)
         measure = MEASURES[plan.measure]
         values = _matrices(stats, ridge, plan.measure, plan.folds,
                            lambda: _rbf_cka(student, teacher, rows, chunk_rows,
-                                            plan.bandwidth, console))
+                                            plan.bandwidth, console, constant))
         mapping = _optimal(values[measure.key], measure.maximize, rows_s, rows_t,
                            _EXPLICIT_HINT)
         chosen_by = plan.measure

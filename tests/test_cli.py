@@ -1151,6 +1151,7 @@ def test_constant_student_layer_on_the_default_measure(dumps, tmp_path, capsys):
     assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert "student layer(s) [1] is constant over the 203 rows used" in captured.err
+    assert "RBF CKA:" not in captured.err  # said once, not again by the RBF pass
     assert "Traceback" not in captured.err
     summary = _strict_json(out / "summary.json")
     assert summary["rbf_cka"][1] == [None] * 6
@@ -1165,6 +1166,21 @@ def test_constant_student_layer_on_the_default_measure(dumps, tmp_path, capsys):
         assert "no optimal mapping: student layer(s) [1] are constant" in err
         assert "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_mostly_identical_rows_name_the_layer_in_the_dumps(tmp_path, capsys):
+    rng = np.random.default_rng(6)
+    student = [rng.standard_normal((100, 6)).astype(np.float32) for _ in range(3)]
+    teacher = [rng.standard_normal((100, 10)).astype(np.float32) for _ in range(4)]
+    student[0][:] = 1.0  # constant: left out of the RBF matrix, so the list indices shift
+    student[2][:80] = student[2][0]  # not constant, but the median distance is 0
+    s_path, t_path = tmp_path / "s.npz", tmp_path / "t.npz"
+    save_dump(s_path, student)
+    save_dump(t_path, teacher)
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--measure rbf-cka: student layer 2 (shape (100, 6))" in err
+    assert "median squared distance between rows is 0" in err and "Traceback" not in err
 
 
 def test_layer_constant_on_the_rbf_subsample_only(tmp_path, monkeypatch, capsys):
