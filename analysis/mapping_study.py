@@ -2,36 +2,45 @@
 
 Which teacher layer should each student layer learn from? This study takes
 the demo's setup (:mod:`pkd.demo`: a 12-block residual MLP teacher trained on
-scikit-learn's digits, a 4-block student) with the demo's seeds, and for
-every student seed compares five layer mappings:
+every label of scikit-learn's digits, a 4-block student that sees the labels
+of only ``Settings.labelled_fraction`` (10%) of the training rows and the
+teacher's outputs on all of them) with the demo's settings and seeds, and for
+every student seed compares these layer mappings:
 
 - ``uniform``: all 4 student layers, ⌊(m+1)·12/4⌋ − 1 (TinyBERT; pkd's default mapping);
 - ``PKD-Skip`` and ``PKD-Last``: student layers 0–2 (the last is left to the logits);
-- ``optimal (3 pairs)``: student layers 0–2, chosen by dynamic programming on
-  the relative best-reachable loss (the demo's PKD-optimal);
-- ``optimal (4 pairs)``: all 4 student layers, the same way (to set beside uniform).
+- ``PKD-optimal``: student layers 0–2, chosen by the demo's measure
+  (:data:`pkd.demo.experiment.MAPPING_MEASURE`, linear CKA) on the trained
+  teacher and that seed's CE-only student;
+- ``optimal by RBF CKA``: student layers 0–2 chosen by RBF CKA at the default
+  bandwidth (:data:`pkd.cka.DEFAULT_BANDWIDTH`, σ = 0.2 × the median distance),
+  the default measure of ``pkd analyze``, maximised;
+- ``optimal by 1 − R²``: student layers 0–2 chosen by the relative
+  best-reachable loss, minimised (the old default);
+- ``optimal by RBF CKA (4 pairs)``: all 4 student layers by RBF CKA (to set beside uniform).
 
-For each mapping and seed it reports, from the alignment statistics of the
-trained teacher and that seed's CE-only student on the training set
-(:class:`pkd.AlignmentStats`): the summed relative best-reachable loss
-(Σ over pairs of 1 − R², the share of each teacher layer's variance no linear
-map of the student layer explains; lower is better) and the mean linear CKA
-over pairs (higher is more similar); and the test accuracy of a student
-trained with PKD on that mapping (the demo's objective: α = 0.7, τ = 10,
-normalized hidden loss, one shared projection trained jointly).
+For each mapping and seed it reports, from the CE-only student and the teacher
+on the training rows (the transfer set): the summed relative best-reachable
+loss (Σ over pairs of 1 − R², the share of each teacher layer's variance no
+linear map of the student layer explains; lower is better), the mean linear
+CKA and the mean RBF CKA over pairs (higher is more similar); and the test
+accuracy and cross-entropy of a student trained with PKD on that mapping
+(the demo's objective and settings).
 
-The CE-only, logit-KD, PKD-Skip, PKD-Last and optimal (3 pairs) runs are the
-demo's own per-seed runs (:func:`pkd.demo.experiment.run_seed`, same seeds:
-the numbers equal ``analysis/results/demo/summary.json``); the uniform and
-optimal (4 pairs) runs are added with the same initial weights, projection
-and minibatches, so every comparison is paired seed by seed.
+The CE-only, logit-KD, PKD-Skip, PKD-Last and PKD-optimal runs are the demo's
+own per-seed runs (:func:`pkd.demo.experiment.run_seed`, same seeds and
+labelled fraction: the numbers equal ``analysis/results/demo/summary.json``);
+the other mappings are trained with the same initial weights, projection,
+labelled rows and minibatches, so every comparison is paired seed by seed. A
+mapping equal to one already trained for that seed reuses its run (training
+is deterministic).
 
 Writes ``mapping_study.json``, ``mapping_study.md`` and ``mapping_study.png``
 into ``analysis/results/mapping_study/``.
 
 Run (from the repository root):
 
-    .venv/bin/python analysis/mapping_study.py           # full: 5 seeds, about a minute
+    .venv/bin/python analysis/mapping_study.py           # full: the demo's 5 seeds
     .venv/bin/python analysis/mapping_study.py --quick   # smoke run (2 short seeds),
                                                          # into results/mapping_study-quick/
 """
@@ -46,47 +55,36 @@ import numpy as np
 from _common import output_dir, write_json, write_text
 
 from pkd import mapping as mappings
+from pkd.cka import DEFAULT_BANDWIDTH, rbf_cka_matrix
 from pkd.demo import experiment
-from pkd.demo.data import load_split
 from pkd.demo.experiment import (
     LABELS,
+    MAPPING_MEASURE,
     Settings,
     TeacherOutputs,
     accuracy,
+    prepare,
     run_seed,
+    student_seeds,
     train_student,
-    train_teacher,
 )
 from pkd.objective import logit_loss_and_grad
 
 NAME = "mapping_study"
 # Mapping keys, in the order of every table and figure.
-MAPPINGS = ("uniform", "skip", "last", "optimal", "optimal_all")
+MAPPINGS = ("uniform", "skip", "last", "optimal", "optimal_rbf", "optimal_relative",
+            "optimal_all")
 MAPPING_LABELS = {
     "uniform": "uniform",
     "skip": "PKD-Skip",
     "last": "PKD-Last",
-    "optimal": "optimal (3 pairs)",
-    "optimal_all": "optimal (4 pairs)",
+    "optimal": f"PKD-optimal (demo, {MAPPING_MEASURE})",
+    "optimal_rbf": "optimal by RBF CKA (3 pairs)",
+    "optimal_relative": "optimal by 1 − R² (3 pairs)",
+    "optimal_all": "optimal by RBF CKA (4 pairs)",
 }
 # The demo's runs that are reused as they are.
 DEMO_RUN = {"skip": "pkd_skip", "last": "pkd_last", "optimal": "pkd_optimal"}
-
-
-def _fresh(seed: np.random.SeedSequence) -> np.random.SeedSequence:
-    """An unspawned copy of ``seed``: its children are those ``seed`` gave first."""
-    return np.random.SeedSequence(entropy=seed.entropy, spawn_key=seed.spawn_key,
-                                  pool_size=seed.pool_size)
-
-
-def seed_material(seed: np.random.SeedSequence, data, settings: Settings):
-    """The common initial student, Xavier projection and minibatches of one seed.
-
-    Derived exactly as :func:`pkd.demo.experiment.run_seed` derives them (from
-    a fresh copy of ``seed``, which stays untouched); :func:`study_seed` checks
-    that they agree.
-    """
-    return experiment.seed_material(_fresh(seed), data, settings)
 
 
 def test_nll(model, data) -> float:
@@ -101,42 +99,57 @@ def test_nll(model, data) -> float:
 
 def study_seed(k: int, seed: np.random.SeedSequence, data, teacher: TeacherOutputs,
                settings: Settings) -> dict:
-    """The demo's five runs of seed ``k``, plus uniform and optimal over all layers."""
-    material = seed_material(seed, data, settings)
-    outcome = run_seed(k, _fresh(seed), data, teacher, settings)
-    init, projection, schedule = material
-    if not np.array_equal(outcome.runs["pkd_skip"].initial_projection, projection):
-        raise RuntimeError("pkd.demo.experiment.run_seed no longer derives its seeds as "
-                           "seed_material does: update seed_material")
+    """The demo's five runs of seed ``k`` (on the test set), plus the other mappings."""
+    test = (data.x_test, data.y_test)
+    outcome = run_seed(k, seed, data, teacher, settings, test)
+    # The material run_seed trained from (seed_material copies the seed, so it is the same).
+    material = experiment.seed_material(seed, data, settings, settings.labelled_fraction)
+    if not np.array_equal(outcome.runs["pkd_skip"].initial_projection, material.projection):
+        raise RuntimeError("pkd.demo.experiment.run_seed no longer derives its material as "
+                           "seed_material does: update study_seed")
     n_s, n_t = settings.student_blocks, settings.teacher_blocks
+    _, student_hidden, _ = outcome.runs["ce"].model.forward(data.x_train)
+    rbf = rbf_cka_matrix(student_hidden, teacher.hidden)  # the default bandwidth
+    relative, cka = outcome.relative_min_mse, outcome.cka
+    rows = list(range(n_s - 1))  # the last student layer is left to the logits, as in the demo
     chosen = {
         "uniform": mappings.uniform(n_s, n_t),
         "skip": mappings.skip(n_s, n_t),
         "last": mappings.last(n_s, n_t),
-        "optimal": [tuple(p) for p in outcome.optimal_mapping],
-        "optimal_all": mappings.optimal(outcome.relative_min_mse),
+        "optimal": outcome.optimal_mapping,
+        "optimal_rbf": mappings.optimal(rbf, student_layers=rows, maximize=True),
+        "optimal_relative": mappings.optimal(relative, student_layers=rows),
+        "optimal_all": mappings.optimal(rbf, maximize=True),
     }
+    chosen = {key: [(int(s), int(t)) for s, t in pairs] for key, pairs in chosen.items()}
     runs = {"ce": outcome.runs["ce"], "kd": outcome.runs["kd"]}
+    trained = {tuple(chosen[key]): outcome.runs[name] for key, name in DEMO_RUN.items()}
     for key in MAPPINGS:
+        pairs = tuple(chosen[key])
         if key in DEMO_RUN:
             runs[key] = outcome.runs[DEMO_RUN[key]]
+        elif pairs in trained:
+            runs[key] = trained[pairs]
         else:
             # train_student's PKD methods differ only by the mapping they are given.
-            runs[key] = train_student("pkd_optimal", data, teacher, init, projection,
-                                      schedule, settings, seed_index=k,
-                                      layer_mapping=chosen[key])
-    relative, cka = outcome.relative_min_mse, outcome.cka
+            runs[key] = trained[pairs] = train_student(
+                "pkd_optimal", data, teacher, material, settings, test, seed_index=k,
+                layer_mapping=list(pairs))
     return {
         "seed_index": k,
-        "mappings": {key: [[int(s), int(t)] for s, t in pairs] for key, pairs in chosen.items()},
+        "n_labelled": outcome.n_labelled,
+        "mappings": {key: [list(p) for p in pairs] for key, pairs in chosen.items()},
         "sum_relative_min_mse": {key: float(sum(relative[s, t] for s, t in pairs))
                                  for key, pairs in chosen.items()},
         "mean_cka": {key: float(np.mean([cka[s, t] for s, t in pairs]))
                      for key, pairs in chosen.items()},
+        "mean_rbf_cka": {key: float(np.mean([rbf[s, t] for s, t in pairs]))
+                         for key, pairs in chosen.items()},
         "accuracy": {key: run.accuracy for key, run in runs.items()},
         "test_nll": {key: test_nll(run.model, data) for key, run in runs.items()},
         "relative_min_mse": relative.tolist(),
         "cka": cka.tolist(),
+        "rbf_cka": rbf.tolist(),
     }
 
 
@@ -157,6 +170,7 @@ def aggregate(per_seed: list[dict]) -> dict:
             "n_pairs": len(per_seed[0]["mappings"][key]),
             "sum_relative_min_mse": _stats([s["sum_relative_min_mse"][key] for s in per_seed]),
             "mean_cka": _stats([s["mean_cka"][key] for s in per_seed]),
+            "mean_rbf_cka": _stats([s["mean_rbf_cka"][key] for s in per_seed]),
             "accuracy": _stats(acc),
             "accuracy_minus_kd": _stats(acc - kd),
             "test_nll": _stats([s["test_nll"][key] for s in per_seed]),
@@ -198,12 +212,12 @@ def interpretation(result: dict) -> str:
         f"{table[best3]['label']} has the lowest relative "
         f"best-reachable loss of the 3-pair mappings (it minimises that sum by "
         f"construction): {per_pair[best3]:.3f} per pair, against {per_pair[worst]:.3f} "
-        f"for {table[worst]['label']}, the worst of all five; i.e. a linear map of the "
+        f"for {table[worst]['label']}, the worst of all {len(table)}; i.e. a linear map of the "
         f"CE-only student's layer leaves {100 * per_pair[best3]:.1f}–"
         f"{100 * per_pair[worst]:.1f}% of the mapped teacher layer's variance unexplained.",
         f"The highest mean test accuracy is {table[by_acc]['label']}'s, "
         f"{table[by_acc]['accuracy']['mean']:.2f} ± {table[by_acc]['accuracy']['std']:.2f}%; "
-        f"the five mappings' means lie within {spread:.2f} points of each other "
+        f"the {len(table)} mappings' means lie within {spread:.2f} points of each other "
         f"(one test image = {one_image:.2f} points; the largest seed-to-seed std is "
         f"{noise:.2f} points).",
     ]
@@ -235,10 +249,11 @@ def interpretation(result: dict) -> str:
     per_pair_values = [per_pair[k] for k in table]
     if n_seeds >= 3 and len(set(per_pair_values)) > 1:
         rho = _spearman(per_pair_values, [nll[k] for k in table])
-        parts.append(f"Across the five mappings, the Spearman correlation between the "
+        parts.append(f"Across the {len(table)} mappings, the Spearman correlation between the "
                      f"relative loss per pair and the test cross-entropy is {rho:+.2f} "
                      f"(positive would mean better-aligned mappings train better students; "
-                     f"with five points it is only indicative).")
+                     f"with {len(table)} points, some of them the same run, it is only "
+                     "indicative).")
     if result["settings"]["quick"]:
         parts.append(f"This was a --quick run ({result['settings']['student_steps']} steps, "
                      f"{n_seeds} seed{'s' if n_seeds > 1 else ''}): the numbers only show "
@@ -263,27 +278,30 @@ def markdown(result: dict) -> str:
         "",
         f"Teacher: {s['teacher_blocks']}-block residual MLP (width {s['teacher_width']}), "
         f"test accuracy {result['teacher_accuracy']:.2f}%. Student: {s['student_blocks']} "
-        f"blocks of width {s['student_width']}. Mean ± std over {n} seeds; alignment "
-        "columns from the teacher and each seed's CE-only student on the training set.",
+        f"blocks of width {s['student_width']}, trained on the labels of "
+        f"{s['labelled_fraction']:.0%} of the training rows ({per_seed[0]['n_labelled']}) and "
+        f"the teacher's outputs on all {s['n_train']}. Mean ± std over {n} seeds; alignment "
+        "columns from the teacher and each seed's CE-only student on the training rows "
+        f"(RBF CKA: σ = {s['rbf_bandwidth']:g} × the median distance).",
         "",
         "| mapping (student→teacher) | pairs | Σ relative loss (1 − R²) ↓ | per pair ↓ "
-        "| mean CKA ↑ | test accuracy (%) | accuracy − logit KD, paired (points) "
-        "| test cross-entropy (nats) ↓ |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mean CKA ↑ | mean RBF CKA ↑ | test accuracy (%) "
+        "| accuracy − logit KD, paired (points) | test cross-entropy (nats) ↓ |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, row in summary["mappings"].items():
-        rel, cka = row["sum_relative_min_mse"], row["mean_cka"]
+        rel, cka, rbf = row["sum_relative_min_mse"], row["mean_cka"], row["mean_rbf_cka"]
         acc, diff = row["accuracy"], row["accuracy_minus_kd"]
         lines.append(
             f"| **{row['label']}**: {_mapping_cell(per_seed, key)} | {row['n_pairs']} "
             f"| {rel['mean']:.3f} ± {rel['std']:.3f} | {rel['mean'] / row['n_pairs']:.3f} "
-            f"| {cka['mean']:.3f} ± {cka['std']:.3f} "
+            f"| {cka['mean']:.3f} ± {cka['std']:.3f} | {rbf['mean']:.3f} ± {rbf['std']:.3f} "
             f"| {acc['mean']:.2f} ± {acc['std']:.2f} | {diff['mean']:+.2f} ± {diff['std']:.2f} "
             f"| {row['test_nll']['mean']:.4f} ± {row['test_nll']['std']:.4f} |"
         )
     for row in summary["references"].values():
         acc = row["accuracy"]
-        lines.append(f"| {row['label']} (no hidden loss) | – | – | – | – "
+        lines.append(f"| {row['label']} (no hidden loss) | – | – | – | – | – "
                      f"| {acc['mean']:.2f} ± {acc['std']:.2f} | – "
                      f"| {row['test_nll']['mean']:.4f} ± {row['test_nll']['std']:.4f} |")
     lines += [
@@ -291,7 +309,8 @@ def markdown(result: dict) -> str:
         interpretation(result),
         "",
         "Σ relative loss sums 1 − R² over the mapping's pairs, so compare a 4-pair mapping "
-        "(uniform, optimal (4 pairs)) with the 3-pair ones through the per-pair column. "
+        "(uniform, optimal by RBF CKA (4 pairs)) with the 3-pair ones through the per-pair "
+        "column. "
         "The alignment columns describe the CE-only student, before any hidden-state "
         "loss; the accuracy column, the students trained with each mapping.",
         "",
@@ -300,14 +319,17 @@ def markdown(result: dict) -> str:
         "## How it was made",
         "",
         f"- Settings (those of `pkd demo`): {s['teacher_steps']} teacher steps, "
-        f"{s['student_steps']} student steps per run, Adam lr {s['lr']}, batch "
-        f"{s['batch_size']}, α = {s['alpha']}, τ = {s['temperature']}, β = "
-        f"{s['hidden_weight']}, normalized hidden loss: {s['normalize']}.",
+        f"{s['student_steps']} student steps per run, Adam lr {s['lr']}, batches of "
+        f"{s['labelled_batch_size']} labelled and {s['batch_size']} transfer rows, "
+        f"labelled fraction {s['labelled_fraction']}, α = {s['alpha']}, τ = "
+        f"{s['temperature']}, hidden weight λ = {s['hidden_weight']}, normalized hidden loss: "
+        f"{s['normalize']}.",
         f"- Data: scikit-learn digits, {s['n_train']} train / {s['n_test']} test, seed "
         f"{s['seed']}.",
-        "- The CE, logit KD, PKD-Skip, PKD-Last and optimal (3 pairs) runs are the demo's "
-        "(`pkd.demo.experiment.run_seed`); uniform and optimal (4 pairs) are trained from "
-        "the same initial weights, projection and minibatches.",
+        "- The CE, logit KD, PKD-Skip, PKD-Last and PKD-optimal runs are the demo's "
+        "(`pkd.demo.experiment.run_seed`); the other mappings are trained from the same "
+        "initial weights, projection, labelled rows and minibatches (a mapping equal to one "
+        "already trained for the seed reuses that run).",
         f"- Wall time: {result['timing_s']['total']:.1f} s.",
         "- Rerun: `.venv/bin/python analysis/mapping_study.py` "
         "(`--quick` for a smoke run).",
@@ -341,7 +363,7 @@ def _metric_bars(ax, values: dict, ylabel: str, title: str, fmt: str,
         ax.annotate(format(mean, fmt), (k, top), xytext=(0, 3), textcoords="offset points",
                     ha="center", va="bottom", fontsize="x-small")
     ax.set_xticks(np.arange(len(values)), labels=[label for label, _ in values.values()],
-                  fontsize="small")
+                  fontsize="x-small")
     ax.set_ylim(bottom, bottom + (max(tops) - bottom) * 1.15 if max(tops) > bottom else 1.0)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize="medium")
@@ -350,7 +372,8 @@ def _metric_bars(ax, values: dict, ylabel: str, title: str, fmt: str,
 
 
 def _tick(label: str) -> str:
-    return label.replace(" (", "\n(").replace("logit ", "logit\n")
+    return (label.replace(" (", "\n(").replace("logit ", "logit\n")
+            .replace("optimal by ", "optimal by\n"))
 
 
 def build_figure(result: dict):
@@ -360,8 +383,9 @@ def build_figure(result: dict):
 
     per_seed = result["per_seed"]
     n = len(per_seed)
-    fig = Figure(figsize=(13.0, 9.4), layout="constrained")
-    axes = fig.subplot_mosaic([["relative", "cka"], ["accuracy", "nll"]])
+    fig = Figure(figsize=(19.0, 10.0), layout="constrained")
+    axes = fig.subplot_mosaic([["relative"] * 2 + ["cka"] * 2 + ["rbf"] * 2,
+                               ["accuracy"] * 3 + ["nll"] * 3])
 
     def runs(metric, keys):
         return {key: (_tick(MAPPING_LABELS.get(key) or LABELS[key]),
@@ -376,6 +400,10 @@ def build_figure(result: dict):
                  "mean linear CKA over the pairs  (higher = more similar)",
                  "Before distillation: linear CKA of the mapped pairs\n"
                  "(teacher vs CE-only student)", ".3f")
+    _metric_bars(axes["rbf"], runs("mean_rbf_cka", MAPPINGS),
+                 "mean RBF CKA over the pairs  (higher = more similar)",
+                 f"Before distillation: RBF CKA (σ = {result['settings']['rbf_bandwidth']:g} × "
+                 "median distance)\nof the mapped pairs (teacher vs CE-only student)", ".3f")
     keys = ("ce", "kd", *MAPPINGS)
     accuracies = runs("accuracy", keys)
     every = [a for _, values in accuracies.values() for a in values]
@@ -406,19 +434,17 @@ def run(quick: bool, seed: int, n_seeds: int | None) -> dict:
     if n_seeds is not None:
         settings = dataclasses.replace(settings, n_seeds=n_seeds)
     started = time.perf_counter()
-    # The demo's seeding (pkd.demo.run_demo): split, teacher, then one child per student seed.
-    children = np.random.SeedSequence(seed).spawn(2 + settings.n_seeds)
-    split_seed = int(children[0].generate_state(1)[0])
+    # The demo's seeding (pkd.demo.run_demo): split and teacher, then the student seeds.
+    seeds = student_seeds(seed, settings.n_seeds)
     with threadpool_limits(limits=1, user_api="blas"):  # small GEMMs: one thread is faster
-        data = load_split(split_seed, settings.test_fraction, dtype=settings.dtype)
-        teacher = train_teacher(data, settings, children[1])
-        teacher_accuracy = accuracy(teacher, data.x_test, data.y_test)
-        outputs = TeacherOutputs.of(teacher, data.x_train)
+        prepared = prepare(seed, settings)
+        data = prepared.data
+        teacher_accuracy = accuracy(prepared.teacher, data.x_test, data.y_test)
         print(f"teacher: {teacher_accuracy:.2f}% test accuracy "
               f"({time.perf_counter() - started:.1f} s)", flush=True)
         per_seed = []
         for k in range(settings.n_seeds):
-            per_seed.append(study_seed(k, children[2 + k], data, outputs, settings))
+            per_seed.append(study_seed(k, seeds[k], data, prepared.outputs, settings))
             acc = per_seed[-1]["accuracy"]
             print(f"seed {k}: " + ", ".join(f"{key} {acc[key]:.2f}" for key in
                                             ("ce", "kd", *MAPPINGS))
@@ -427,7 +453,8 @@ def run(quick: bool, seed: int, n_seeds: int | None) -> dict:
         "teacher_accuracy": teacher_accuracy,
         "settings": {**settings.as_dict(), "seed": seed, "quick": quick,
                      "n_train": int(len(data.y_train)), "n_test": int(len(data.y_test)),
-                     "split_seed": split_seed},
+                     "split_seed": prepared.split_seed, "mapping_measure": MAPPING_MEASURE,
+                     "rbf_bandwidth": DEFAULT_BANDWIDTH},
         "per_seed": per_seed,
     }
     result["summary"] = aggregate(per_seed)
@@ -436,17 +463,19 @@ def run(quick: bool, seed: int, n_seeds: int | None) -> dict:
 
 
 def print_table(result: dict) -> None:
-    print(f"\n{'mapping':<19}{'pairs':>5}  {'Σ 1-R²':>14}  {'mean CKA':>14}  "
-          f"{'accuracy %':>14}  {'vs KD':>6}  {'test CE':>8}")
+    print(f"\n{'mapping':<32}{'pairs':>5}  {'Σ 1-R²':>14}  {'mean CKA':>14}  "
+          f"{'mean RBF CKA':>14}  {'accuracy %':>14}  {'vs KD':>6}  {'test CE':>8}")
     for row in result["summary"]["mappings"].values():
         rel, cka, acc = row["sum_relative_min_mse"], row["mean_cka"], row["accuracy"]
-        print(f"{row['label']:<19}{row['n_pairs']:>5}  {rel['mean']:>6.3f} ± {rel['std']:<5.3f}"
-              f"  {cka['mean']:>6.3f} ± {cka['std']:<5.3f}  {acc['mean']:>6.2f} ± "
+        rbf = row["mean_rbf_cka"]
+        print(f"{row['label']:<32}{row['n_pairs']:>5}  {rel['mean']:>6.3f} ± {rel['std']:<5.3f}"
+              f"  {cka['mean']:>6.3f} ± {cka['std']:<5.3f}  {rbf['mean']:>6.3f} ± "
+              f"{rbf['std']:<5.3f}  {acc['mean']:>6.2f} ± "
               f"{acc['std']:<5.2f}  {row['accuracy_minus_kd']['mean']:+6.2f}  "
               f"{row['test_nll']['mean']:8.4f}")
     for row in result["summary"]["references"].values():
         acc = row["accuracy"]
-        print(f"{row['label']:<19}{'-':>5}  {'-':>14}  {'-':>14}  {acc['mean']:>6.2f} ± "
+        print(f"{row['label']:<32}{'-':>5}  {'-':>14}  {'-':>14}  {'-':>14}  {acc['mean']:>6.2f} ± "
               f"{acc['std']:<5.2f}  {'-':>6}  {row['test_nll']['mean']:8.4f}")
 
 

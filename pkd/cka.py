@@ -35,8 +35,10 @@ The CKA authors' demo input and their published values:
 >>> state = np.random.RandomState(1337)  # their np.random.seed(1337)
 >>> X = state.randn(100, 10)
 >>> Y = state.randn(100, 10) + X
->>> [round(f(X, Y), 5) for f in (linear_cka, debiased_linear_cka, rbf_cka)]
-[0.55761, 0.51346, 0.65483]
+>>> [round(f(X, Y), 5) for f in (linear_cka, debiased_linear_cka)]
+[0.55761, 0.51346]
+>>> round(rbf_cka(X, Y, bandwidth=0.5), 5)  # their σ; pkd's default is 0.2
+0.65483
 
 RBF memory: ``n(n−1)/2`` float64 per kept kernel (64 MiB at 4,096 rows) for
 the side with fewer layers, plus an n × n Gram buffer and one more kernel,
@@ -64,6 +66,10 @@ from . import _validation as V
 MIN_ROWS = 4
 # Rows of the RBF kernels when ``max_rows`` is not given: 4096 rows take 64 MiB per kernel.
 DEFAULT_MAX_ROWS = 4096
+#: σ of the RBF kernels as a fraction of each layer's median distance when ``bandwidth`` is
+#: not given: 0.2 found corresponding layers best of 0.2, 0.5 and 0.8 in the layer-matching
+#: benchmark (analysis/results/layer_matching/layer_matching.md).
+DEFAULT_BANDWIDTH = 0.2
 # Packed kernel entries (n(n−1)/2) from which the prange twins of the RBF passes are used,
 # when Numba has more than one thread; below it the serial twins. Results are identical.
 PARALLEL_MIN_ENTRIES = 1 << 17
@@ -425,7 +431,8 @@ def _inner_products(stack, stack_diagonal, packed, diagonal, parallel=None) -> n
     return out
 
 
-def rbf_cka(X, Y, *, bandwidth: float = 0.5, max_rows: int | None = None, seed=0) -> float:
+def rbf_cka(X, Y, *, bandwidth: float = DEFAULT_BANDWIDTH, max_rows: int | None = None,
+            seed=0) -> float:
     """RBF-kernel CKA, σ = ``bandwidth`` × the median distance between rows, per side.
 
     Parameters
@@ -434,7 +441,8 @@ def rbf_cka(X, Y, *, bandwidth: float = 0.5, max_rows: int | None = None, seed=0
     Y : array_like, shape (n, d_y), float32 or float64
         Rows are examples, ``n ≥ 4``; finite.
     bandwidth : float
-        σ as a fraction of the median distance (> 0; 0.5 in Kornblith et al.).
+        σ as a fraction of the median distance (> 0): default
+        :data:`DEFAULT_BANDWIDTH` (0.2); Kornblith et al. use 0.5.
     max_rows : int, optional
         Rows to use: None uses ``min(n, 4096)``; an int must be in ``[4, n]``.
         When fewer than ``n``, a subsample drawn with ``seed``.
@@ -451,7 +459,7 @@ def rbf_cka(X, Y, *, bandwidth: float = 0.5, max_rows: int | None = None, seed=0
                              max_rows, seed, ("X", "Y"))[0, 0])
 
 
-def rbf_cka_matrix(student_layers, teacher_layers, *, bandwidth: float = 0.5,
+def rbf_cka_matrix(student_layers, teacher_layers, *, bandwidth: float = DEFAULT_BANDWIDTH,
                    max_rows: int | None = None, seed=0, mask=None) -> np.ndarray:
     """RBF CKA of every (student, teacher) layer pair, each layer's kernel computed once.
 
@@ -466,7 +474,8 @@ def rbf_cka_matrix(student_layers, teacher_layers, *, bandwidth: float = 0.5,
         Each layer ``(N, d)`` or ``(B, T, d)``, float32 or float64, finite; all
         with the same leading shape.
     bandwidth : float
-        σ as a fraction of each layer's median distance between rows (> 0).
+        σ as a fraction of each layer's median distance between rows (> 0; default
+        :data:`DEFAULT_BANDWIDTH`, 0.2).
     max_rows : int, optional
         None: ``min(selected rows, 4096)``; an int must be in ``[4, selected rows]``.
     seed : int, None or numpy.random.Generator

@@ -26,9 +26,9 @@ class CommandError(Exception):
 
 
 # The measure behind ``--mapping optimal`` and the main heatmap when --measure is not
-# given. Linear CKA identified corresponding layers best in Kornblith et al. (ICML 2019,
-# Table 2); analysis/layer_matching.py re-checks that choice at CPU size.
-DEFAULT_MEASURE = "cka"
+# given: RBF CKA at σ = 0.2 × the median distance found the corresponding layer of another
+# copy of a network most often in analysis/results/layer_matching/layer_matching.md.
+DEFAULT_MEASURE = "rbf-cka"
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,8 @@ MEASURES = {
     "cka": Measure("Linear CKA", "linear CKA (1 = same representation)", "cka", True),
     "cka-debiased": Measure("Debiased linear CKA", "debiased linear CKA", "cka_debiased",
                             True),
-    "rbf-cka": Measure("RBF CKA", "RBF CKA, σ = 0.5 × median distance", "rbf_cka", True),
+    "rbf-cka": Measure("RBF CKA", "RBF CKA, σ = {bandwidth:g} × median distance", "rbf_cka",
+                       True),
 }
 # Below this many rows per student dimension in-sample statistics flatter: a linear map
 # of d inputs fits a few times d rows closely by chance alone.
@@ -375,18 +376,67 @@ def _gather_rows(dump, index: np.ndarray, chunk_rows: int) -> list[np.ndarray]:
     return out
 
 
-def _rbf_cka(student, teacher, rows, chunk_rows: int) -> np.ndarray:
-    """RBF CKA of every layer pair on a reproducible subsample of the kept rows."""
+def _rbf_cka(student, teacher, rows, chunk_rows: int, bandwidth: float,
+             console: Console, known: dict) -> np.ndarray:
+    """RBF CKA of every layer pair on a reproducible subsample of the kept rows.
+
+    A layer constant over the subsample has no kernel bandwidth: its pairs are NaN,
+    the other pairs computed without it; those not in ``known`` (the layers
+    constant over all rows, already said) are said on stderr.
+    """
+    import re
+
     from .cka import DEFAULT_MAX_ROWS, rbf_cka_matrix
 
     # Subsampled here, while reading, so no more than these rows are ever in memory.
     index = _sample_rows(rows, student.n_rows, DEFAULT_MAX_ROWS)
     s_rows = _gather_rows(student, index, chunk_rows)
     t_rows = _gather_rows(teacher, index, chunk_rows)
+    live = {side: [k for k, layer in enumerate(layers) if np.ptp(layer, axis=0).any()]
+            for side, layers in (("student", s_rows), ("teacher", t_rows))}
+    out = np.full((len(s_rows), len(t_rows)), np.nan)
+    dead = {side: sorted(set(range(len(layers))) - set(live[side]))
+            for side, layers in (("student", s_rows), ("teacher", t_rows))}
+    new = {side: [k for k in found if k not in known[side]] for side, found in dead.items()}
+    if new["student"] or new["teacher"]:
+        console.warn("RBF CKA: " + _constant_text(new, f"the {index.size} rows it uses"))
+    if not live["student"] or not live["teacher"]:
+        return out
+
+    def layer_name(match):  # the library names layers by their place in the lists it got
+        side = match.group(1).split("_")[0]
+        return f"{side} layer {live[side][int(match.group(2))]}"
+
     try:
-        return rbf_cka_matrix(s_rows, t_rows, max_rows=index.size)
+        values = rbf_cka_matrix([s_rows[k] for k in live["student"]],
+                                [t_rows[k] for k in live["teacher"]],
+                                bandwidth=bandwidth, max_rows=index.size)
     except (TypeError, ValueError) as error:
-        raise CommandError(f"--measure rbf-cka: {error}") from None
+        message = re.sub(r"(student_layers|teacher_layers)\[(\d+)\]", layer_name, str(error))
+        raise CommandError(f"--measure rbf-cka: {message}") from None
+    out[np.ix_(live["student"], live["teacher"])] = values
+    return out
+
+
+def _constant_text(layers: dict, rows: str) -> str:
+    """``student layer(s) [..] and teacher layer(s) [..] are constant over <rows>: ...``."""
+    named = " and ".join(f"{side} layer(s) {found}" for side, found in layers.items() if found)
+    one = sum(map(len, layers.values())) == 1
+    return (f"{named} {'is' if one else 'are'} constant over {rows} (no variance): every "
+            f"similarity with {'it' if one else 'them'} is undefined (NaN in the heatmaps and "
+            "summaries) and never chosen by the optimal mapping")
+
+
+def _warn_constant(stats, console: Console) -> dict:
+    """Name on stderr every layer constant over the rows used (its measures are NaN);
+    return them, ``{"student": [...], "teacher": [...]}``."""
+    layers = {
+        "student": [s for s in range(stats.n_student)
+                    if not np.trace(stats.student_gram(s, centered=True)) > 0],
+        "teacher": np.flatnonzero(~(np.asarray(stats.teacher_variance()) > 0)).tolist()}
+    if layers["student"] or layers["teacher"]:
+        console.warn(_constant_text(layers, f"the {stats.n_rows} rows used"))
+    return layers
 
 
 def _matrices(stats, ridge: float, measure: str, folds: int | None, rbf) -> dict:
@@ -427,6 +477,16 @@ def _optimal(matrix, maximize: bool, rows: list[int], cols: list[int], hint: str
     _check_optimal_exists(n_s, n_t, hint)
     values = np.asarray(matrix)[np.ix_(rows, cols)]
     undefined = np.isnan(values)
+    dead_rows = [rows[i] for i in np.flatnonzero(undefined.all(axis=1))]
+    if undefined.all():
+        raise CommandError(f"no optimal mapping: the measure is undefined (NaN) for every "
+                           f"layer pair: constant layers, named in the warnings{hint}")
+    if dead_rows:
+        raise CommandError(
+            f"no optimal mapping: student layer(s) {dead_rows} are constant over the rows "
+            f"used (no variance, so the measure is undefined for every pair with them), and "
+            f"an optimal mapping maps every student layer{hint}"
+        )
     try:
         pairs = mapping.optimal(np.where(undefined, -np.inf if maximize else np.inf, values),
                                 maximize=maximize)
@@ -526,6 +586,27 @@ class Plan:
     rows_used: int
     student_width: int
     heldout_reason: str | None = None
+    bandwidth: float | None = None  # RBF CKA's σ / median distance (rbf-cka only)
+
+
+def _label(plan: Plan) -> str:
+    """The colour-bar label of the plan's measure, with its bandwidth."""
+    return MEASURES[plan.measure].label.format(bandwidth=plan.bandwidth)
+
+
+def _check_bandwidth(args) -> float | None:
+    """``--bandwidth`` checked (rbf-cka only); its default when not given."""
+    from ._validation import check_positive
+    from .cka import DEFAULT_BANDWIDTH
+
+    if args.measure != "rbf-cka":
+        if args.bandwidth is not None:
+            raise CommandError(f"--bandwidth applies to --measure rbf-cka only, not to "
+                               f"--measure {args.measure}")
+        return None
+    if args.bandwidth is None:
+        return DEFAULT_BANDWIDTH
+    return _check_option(check_positive, args.bandwidth, "--bandwidth")
 
 
 def _plan(args, student, rows, console: Console, report_heldout: bool) -> Plan:
@@ -537,6 +618,7 @@ def _plan(args, student, rows, console: Console, report_heldout: bool) -> Plan:
     from ._validation import check_int
 
     measure = args.measure
+    bandwidth = _check_bandwidth(args)
     rows_used = student.n_rows if rows is None else int(rows.sum())
     width = max(layer.width for layer in student.layers)
     few = rows_used <= ROWS_PER_WIDTH * width
@@ -555,8 +637,8 @@ def _plan(args, student, rows, console: Console, report_heldout: bool) -> Plan:
                         else "")
         )
     if reason is None:
-        return Plan(measure, None, rows_used, width)
-    return Plan(measure, folds, rows_used, width, reason)
+        return Plan(measure, None, rows_used, width, bandwidth=bandwidth)
+    return Plan(measure, folds, rows_used, width, reason, bandwidth)
 
 
 # --- pkd analyze --------------------------------------------------------------------
@@ -602,9 +684,11 @@ def cmd_analyze(args) -> None:
             chosen_name = "custom"
     plan = _plan(args, student, rows, console, report_heldout=True)
     stats = _stream_stats(student, teacher, rows, chunk_rows, args.scheduler, plan.folds)
+    constant = _warn_constant(stats, console)
     measure = MEASURES[plan.measure]
     values = _matrices(stats, ridge, plan.measure, plan.folds,
-                       lambda: _rbf_cka(student, teacher, rows, chunk_rows))
+                       lambda: _rbf_cka(student, teacher, rows, chunk_rows, plan.bandwidth,
+                                        console, constant))
     main = values[measure.key]
     no_optimal = None  # why there is no optimal mapping, when it is not the one asked for
     try:
@@ -650,7 +734,7 @@ def cmd_analyze(args) -> None:
                   "teacher_embeddings": t_layers.embeddings}
     figures = {
         out / "alignment.png": plots.alignment_heatmap(
-            main, mappings=strategies, value_label=measure.label, **embeddings,
+            main, mappings=strategies, value_label=_label(plan), **embeddings,
             title=f"{measure.name} per layer pair"),
         out / "best_reachable.png": plots.alignment_heatmap(
             values["relative_min_mse"], mappings=strategies, **embeddings,
@@ -676,6 +760,7 @@ def cmd_analyze(args) -> None:
                              "teacher_source": t_layers.source},
         "include_embeddings": bool(args.include_embeddings),
         "ridge": ridge, "measure": plan.measure, "measure_maximize": measure.maximize,
+        "bandwidth": plan.bandwidth,
         "chosen_mapping": chosen_name if chosen else None, "strategies": table,
         "optimal_mapping": ([list(p) for p in strategies["optimal"]]
                             if "optimal" in strategies else None),
@@ -816,9 +901,11 @@ def cmd_fit(args) -> None:
         # Chosen from the rows that are fitted: the mask and --tokens both apply.
         plan = _plan(args, student, rows, console, report_heldout=False)
         stats = _stream_stats(student, teacher, rows, chunk_rows, None, plan.folds)
+        constant = _warn_constant(stats, console)
         measure = MEASURES[plan.measure]
         values = _matrices(stats, ridge, plan.measure, plan.folds,
-                           lambda: _rbf_cka(student, teacher, rows, chunk_rows))
+                           lambda: _rbf_cka(student, teacher, rows, chunk_rows,
+                                            plan.bandwidth, console, constant))
         mapping = _optimal(values[measure.key], measure.maximize, rows_s, rows_t,
                            _EXPLICIT_HINT)
         chosen_by = plan.measure
@@ -1039,6 +1126,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .alignment import DEFAULT_CHUNK_ROWS
     from .bench import TORCH_VARIANTS, VARIANTS
+    from .cka import DEFAULT_BANDWIDTH
     from .fit import DEFAULT_LR
 
     parser = argparse.ArgumentParser(
@@ -1081,7 +1169,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--measure", choices=tuple(MEASURES), default=DEFAULT_MEASURE,
                        help="the per-pair measure --mapping optimal maximises (CKA "
                             "variants) or minimises (1 − R²); analyze draws it in "
-                            "alignment.png")
+                            f"alignment.png (default: {DEFAULT_MEASURE}). The default found "
+                            "the corresponding layer of another copy of a network most often "
+                            "(54%%; linear CKA 29%%, in-sample 1 − R² 11%%: "
+                            "analysis/results/layer_matching)")
+        p.add_argument("--bandwidth", type=float, default=None,
+                       help=f"RBF CKA's σ as a fraction of each layer's median distance "
+                            f"between rows (--measure rbf-cka; default {DEFAULT_BANDWIDTH:g}, "
+                            "the best of 0.2, 0.5, 0.8 in that benchmark)")
         p.add_argument("--folds", type=int, default=DEFAULT_FOLDS,
                        help="folds of the held-out estimates")
         p.add_argument("--ridge", type=float, default=0.0, help="ridge ρ >= 0")

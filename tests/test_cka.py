@@ -65,6 +65,16 @@ def test_reproduces_the_published_demo_values_to_5_decimals():
     assert abs(cka.rbf_cka(X, Y, bandwidth=0.5) - 0.65483) < 5e-6
 
 
+def test_default_bandwidth_is_the_benchmark_winner():
+    # 0.2 × the median distance matched layers best in analysis/layer_matching.py.
+    assert cka.DEFAULT_BANDWIDTH == 0.2
+    X, Y = demo_data()
+    expected = reference_cka(reference_rbf_kernel(X, 0.2), reference_rbf_kernel(Y, 0.2))
+    assert cka.rbf_cka(X, Y) == pytest.approx(expected, rel=1e-10)
+    assert abs(cka.rbf_cka(X, Y) - 0.65483) > 1e-3  # not the demo's σ = 0.5
+    np.testing.assert_allclose(cka.rbf_cka_matrix([X], [Y]), [[expected]], rtol=1e-10)
+
+
 @pytest.mark.parametrize("n,d_x,d_y", [(100, 10, 10), (30, 50, 70), (200, 5, 3)])
 def test_linear_and_debiased_match_the_full_matrix_definitions(n, d_x, d_y):
     rng = np.random.default_rng(n)
@@ -271,8 +281,8 @@ def test_rbf_matrix_equals_every_pair_alone(n_s, n_t):
         for t in range(n_t):
             assert matrix[s, t] == cka.rbf_cka(student[s], teacher[t])
             np.testing.assert_allclose(
-                matrix[s, t], reference_cka(reference_rbf_kernel(student[s], 0.5),
-                                            reference_rbf_kernel(teacher[t], 0.5)), rtol=1e-10)
+                matrix[s, t], reference_cka(reference_rbf_kernel(student[s], 0.2),
+                                            reference_rbf_kernel(teacher[t], 0.2)), rtol=1e-10)
 
 
 def test_rbf_matrix_mask_selects_rows_before_anything():

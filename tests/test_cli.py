@@ -13,6 +13,7 @@ import pytest
 
 import pkd
 from pkd import cli
+from pkd.cka import rbf_cka_matrix
 from pkd.io import save_dump
 
 
@@ -53,11 +54,16 @@ def test_analyze_writes_every_output_and_matches_alignment_stats(dumps, tmp_path
     assert summary["rows"] == int(mask.sum())
     assert {row["strategy"] for row in summary["strategies"]} == {"uniform", "skip", "last",
                                                                   "optimal"}
-    assert summary["measure"] == cli.DEFAULT_MEASURE == "cka"  # a similarity: maximised
-    assert summary["optimal_mapping"] == [list(p) for p in pkd.mapping.optimal(-stats.cka())]
+    # The default: RBF CKA at σ = 0.2 × the median distance, a similarity (maximised).
+    assert summary["measure"] == cli.DEFAULT_MEASURE == "rbf-cka"
+    assert summary["bandwidth"] == 0.2 and summary["measure_maximize"] is True
+    rbf = rbf_cka_matrix(student, teacher, mask=mask, bandwidth=0.2)  # 203 rows: all used
+    np.testing.assert_allclose(summary["rbf_cka"], rbf, rtol=1e-10)
+    assert summary["optimal_mapping"] == [list(p) for p in pkd.mapping.optimal(rbf,
+                                                                                maximize=True)]
     assert summary["heldout"] is None  # 203 rows > 10 × width 8
     csv = (out / "summary.csv").read_text().splitlines()
-    assert csv[0] == "student_layer,teacher_layer,min_mse,relative_min_mse,cka"
+    assert csv[0] == "student_layer,teacher_layer,min_mse,relative_min_mse,cka,rbf_cka"
     assert len(csv) == 1 + 3 * 6
     printed = capsys.readouterr().out
     assert "optimal mapping" in printed and "uniform" in printed
@@ -156,6 +162,8 @@ def test_analyze_with_a_constant_teacher_layer(dumps, tmp_path, capsys):
         out = tmp_path / mapping
         assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out),
                          "--mapping", mapping]) == 0
+        assert "teacher layer(s) [0] is constant over the 203 rows used" in \
+            capsys.readouterr().err
         summary = _strict_json(out / "summary.json")
         assert all(row[0] is None for row in summary["relative_min_mse"])
         optimal = summary["optimal_mapping"]
@@ -324,7 +332,11 @@ def test_fit_optimal_mapping(dumps, tmp_path):
     s_path, t_path, student, teacher, mask = dumps
     stats = pkd.AlignmentStats.from_arrays(student, teacher, mask=mask)
     base = ["fit", str(s_path), str(t_path), "--mapping", "optimal", "--out"]
-    assert cli.main(base + [str(tmp_path / "cka")]) == 0  # the default measure
+    assert cli.main(base + [str(tmp_path / "rbf")]) == 0  # the default measure
+    rbf = rbf_cka_matrix(student, teacher, mask=mask, bandwidth=0.2)
+    assert _saved_mapping(tmp_path / "rbf") == [list(p) for p in
+                                                pkd.mapping.optimal(rbf, maximize=True)]
+    assert cli.main(base + [str(tmp_path / "cka"), "--measure", "cka"]) == 0
     assert _saved_mapping(tmp_path / "cka") == [list(p) for p in
                                                 pkd.mapping.optimal(-stats.cka())]
     assert cli.main(base + [str(tmp_path / "rel"), "--measure", "relative"]) == 0
@@ -1109,7 +1121,6 @@ def test_fit_draws_no_progress_bar_into_a_pipe(dumps, tmp_path, capsys):
 
 
 def test_measure_cka_debiased_and_rbf_cka(dumps, tmp_path):
-    from pkd.cka import rbf_cka_matrix
     from pkd.io import load_dump
 
     s_path, t_path, student, teacher, mask = dumps
@@ -1134,6 +1145,94 @@ def test_measure_cka_debiased_and_rbf_cka(dumps, tmp_path):
     assert (out / "summary.csv").read_text().splitlines()[0].endswith(",rbf_cka")
 
 
+def test_bandwidth_option(dumps, tmp_path, capsys):
+    s_path, t_path, student, teacher, mask = dumps
+    out = tmp_path / "wide"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out),
+                     "--bandwidth", "0.5"]) == 0
+    summary = _strict_json(out / "summary.json")
+    assert summary["bandwidth"] == 0.5
+    wide = rbf_cka_matrix(student, teacher, mask=mask, bandwidth=0.5)
+    np.testing.assert_allclose(summary["rbf_cka"], wide, rtol=1e-9)
+    narrow = rbf_cka_matrix(student, teacher, mask=mask, bandwidth=0.2)
+    assert np.abs(wide - narrow).max() > 1e-3  # the option changes the numbers
+    capsys.readouterr()
+    for bad in ("0", "-1", "nan"):
+        assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(tmp_path / "x"),
+                         "--bandwidth", bad]) == 2
+        assert "--bandwidth" in capsys.readouterr().err
+    assert cli.main(["fit", str(s_path), str(t_path), "--out", str(tmp_path / "x"),
+                     "--mapping", "optimal", "--measure", "cka", "--bandwidth", "0.5"]) == 2
+    assert "--bandwidth applies to --measure rbf-cka only" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_constant_student_layer_on_the_default_measure(dumps, tmp_path, capsys):
+    _, t_path, student, _, mask = dumps
+    student = [a.copy() for a in student]
+    student[1][:] = 0.25  # no variance: no RBF bandwidth, no CKA
+    s_path = tmp_path / "s.safetensors"
+    save_dump(s_path, student, attention_mask=mask)
+    out = tmp_path / "o"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "student layer(s) [1] is constant over the 203 rows used" in captured.err
+    assert "RBF CKA:" not in captured.err  # said once, not again by the RBF pass
+    assert "Traceback" not in captured.err
+    summary = _strict_json(out / "summary.json")
+    assert summary["rbf_cka"][1] == [None] * 6
+    assert None not in summary["rbf_cka"][0] and None not in summary["rbf_cka"][2]
+    assert summary["optimal_mapping"] is None  # never chosen through NaN
+    assert "student layer(s) [1] are constant" in summary["no_optimal_mapping"]
+    assert any("student layer(s) [1]" in w for w in summary["warnings"])
+    for command in (["analyze"], ["fit"]):
+        assert cli.main([*command, str(s_path), str(t_path), "--out", str(tmp_path / "x"),
+                         "--mapping", "optimal"]) == 2
+        err = capsys.readouterr().err
+        assert "no optimal mapping: student layer(s) [1] are constant" in err
+        assert "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_mostly_identical_rows_name_the_layer_in_the_dumps(tmp_path, capsys):
+    rng = np.random.default_rng(6)
+    student = [rng.standard_normal((100, 6)).astype(np.float32) for _ in range(3)]
+    teacher = [rng.standard_normal((100, 10)).astype(np.float32) for _ in range(4)]
+    student[0][:] = 1.0  # constant: left out of the RBF matrix, so the list indices shift
+    student[2][:80] = student[2][0]  # not constant, but the median distance is 0
+    s_path, t_path = tmp_path / "s.npz", tmp_path / "t.npz"
+    save_dump(s_path, student)
+    save_dump(t_path, teacher)
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--measure rbf-cka: student layer 2 (shape (100, 6))" in err
+    assert "median squared distance between rows is 0" in err and "Traceback" not in err
+
+
+def test_layer_constant_on_the_rbf_subsample_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("pkd.cka.DEFAULT_MAX_ROWS", 64)
+    index = cli._sample_rows(None, 300, 64)
+    rng = np.random.default_rng(4)
+    student = [rng.standard_normal((300, 6)).astype(np.float32) for _ in range(2)]
+    teacher = [rng.standard_normal((300, 10)).astype(np.float32) for _ in range(3)]
+    outside = np.setdiff1d(np.arange(300), index)[0]
+    teacher[2][:] = 1.0
+    teacher[2][outside] = 2.0  # varies over all rows, not over the subsample
+    s_path, t_path = tmp_path / "s.npz", tmp_path / "t.npz"
+    save_dump(s_path, student)
+    save_dump(t_path, teacher)
+    out = tmp_path / "o"
+    assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "RBF CKA: teacher layer(s) [2] is constant over the 64 rows it uses" in err
+    summary = _strict_json(out / "summary.json")
+    assert [row[2] for row in summary["rbf_cka"]] == [None, None]
+    want = rbf_cka_matrix([a[index] for a in student], [a[index] for a in teacher[:2]])
+    got = np.array([row[:2] for row in summary["rbf_cka"]], dtype=float)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert all(t != 2 for _, t in summary["optimal_mapping"])
+
+
 def test_rbf_cka_reads_a_reproducible_subsample(tmp_path, monkeypatch):
     s_path, t_path = _hf_like_dumps(tmp_path, n_s=2, n_t=3, rows=300)
     monkeypatch.setattr("pkd.cka.DEFAULT_MAX_ROWS", 64)
@@ -1143,7 +1242,7 @@ def test_rbf_cka_reads_a_reproducible_subsample(tmp_path, monkeypatch):
                          "--measure", "rbf-cka", "--chunk-rows", "7"]) == 0
     first, second = (_strict_json(out / "summary.json")["rbf_cka"] for out in outs)
     assert first == second  # the same rows every run
-    from pkd.cka import rbf_cka_matrix
+
     from pkd.io import load_dump
 
     index = cli._sample_rows(None, 300, 64)
@@ -1261,7 +1360,7 @@ def test_scheduler_path_gives_the_local_numbers(tmp_path, capsys):
 
 def test_rbf_cka_on_enough_rows_for_the_parallel_kernels(tmp_path):
     """600 rows: past pkd.cka's parallel threshold, the path real dumps take."""
-    from pkd.cka import rbf_cka_matrix
+
     from pkd.io import load_dump
 
     s_path, t_path = _hf_like_dumps(tmp_path, n_s=2, n_t=3, rows=600)

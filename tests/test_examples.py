@@ -168,9 +168,16 @@ def test_mapping_study_quick(tmp_path):
         assert (out_dir / name).is_file() and str(out_dir / name) in out
     png_size(out_dir / "mapping_study.png")
     result = json.loads((out_dir / "mapping_study.json").read_text())
-    keys = ["uniform", "skip", "last", "optimal", "optimal_all"]
+    keys = ["uniform", "skip", "last", "optimal", "optimal_rbf", "optimal_relative",
+            "optimal_all"]
     assert list(result["summary"]["mappings"]) == keys
     assert len(result["per_seed"]) == 2 and result["settings"]["quick"] is True
+    # The demo's settings: 10% of the labels, RBF CKA at the library's default bandwidth.
+    from pkd.cka import DEFAULT_BANDWIDTH
+    from pkd.demo.experiment import Settings
+
+    assert result["settings"]["labelled_fraction"] == Settings.quick().labelled_fraction == 0.1
+    assert result["settings"]["rbf_bandwidth"] == DEFAULT_BANDWIDTH
     one_image = 100.0 / result["settings"]["n_test"]
     for seed in result["per_seed"]:
         maps = seed["mappings"]
@@ -178,16 +185,24 @@ def test_mapping_study_quick(tmp_path):
         assert maps["skip"] == [[0, 2], [1, 5], [2, 8]]
         assert maps["last"] == [[0, 8], [1, 9], [2, 10]]
         relative, cka = np.array(seed["relative_min_mse"]), np.array(seed["cka"])
-        assert relative.shape == cka.shape == (4, 12)
+        rbf = np.array(seed["rbf_cka"])
+        assert relative.shape == cka.shape == rbf.shape == (4, 12)
         for key in keys:  # the reported metrics are those of the reported pairs
             rows, cols = np.array(maps[key]).T
             assert seed["sum_relative_min_mse"][key] == pytest.approx(
                 relative[rows, cols].sum(), rel=1e-12)
             assert seed["mean_cka"][key] == pytest.approx(cka[rows, cols].mean(), rel=1e-12)
-        # Optimal minimises the summed relative loss over mappings of the same layers.
-        sums = seed["sum_relative_min_mse"]
-        assert sums["optimal"] <= min(sums["skip"], sums["last"]) + 1e-12
-        assert sums["optimal_all"] <= sums["uniform"] + 1e-12
+            assert seed["mean_rbf_cka"][key] == pytest.approx(rbf[rows, cols].mean(),
+                                                              rel=1e-12)
+        # Each optimal mapping is the best by its measure among mappings of the same layers.
+        three = ("skip", "last", "optimal", "optimal_rbf", "optimal_relative")
+        assert all(len(maps[key]) == 3 and [s for s, _ in maps[key]] == [0, 1, 2]
+                   for key in three)
+        sums, means = seed["sum_relative_min_mse"], seed["mean_rbf_cka"]
+        assert sums["optimal_relative"] <= min(sums[key] for key in three) + 1e-12
+        assert means["optimal_rbf"] >= max(means[key] for key in three) - 1e-12
+        assert seed["mean_cka"]["optimal"] >= max(seed["mean_cka"][key] for key in three) - 1e-12
+        assert means["optimal_all"] >= means["uniform"] - 1e-12
         for key, acc in seed["accuracy"].items():  # whole test images
             assert acc / one_image == pytest.approx(round(acc / one_image), abs=1e-6), key
         assert all(value > 0 for value in seed["test_nll"].values())
