@@ -168,7 +168,7 @@ def test_mapping_study_quick(tmp_path):
         assert (out_dir / name).is_file() and str(out_dir / name) in out
     png_size(out_dir / "mapping_study.png")
     result = json.loads((out_dir / "mapping_study.json").read_text())
-    keys = ["uniform", "skip", "last", "optimal", "optimal_rbf", "optimal_relative",
+    keys = ["uniform", "skip", "last", "optimal", "optimal_cka", "optimal_relative",
             "optimal_all"]
     assert list(result["summary"]["mappings"]) == keys
     assert len(result["per_seed"]) == 2 and result["settings"]["quick"] is True
@@ -195,13 +195,14 @@ def test_mapping_study_quick(tmp_path):
             assert seed["mean_rbf_cka"][key] == pytest.approx(rbf[rows, cols].mean(),
                                                               rel=1e-12)
         # Each optimal mapping is the best by its measure among mappings of the same layers.
-        three = ("skip", "last", "optimal", "optimal_rbf", "optimal_relative")
+        three = ("skip", "last", "optimal", "optimal_cka", "optimal_relative")
         assert all(len(maps[key]) == 3 and [s for s, _ in maps[key]] == [0, 1, 2]
                    for key in three)
         sums, means = seed["sum_relative_min_mse"], seed["mean_rbf_cka"]
         assert sums["optimal_relative"] <= min(sums[key] for key in three) + 1e-12
-        assert means["optimal_rbf"] >= max(means[key] for key in three) - 1e-12
-        assert seed["mean_cka"]["optimal"] >= max(seed["mean_cka"][key] for key in three) - 1e-12
+        assert means["optimal"] >= max(means[key] for key in three) - 1e-12
+        assert seed["mean_cka"]["optimal_cka"] >= max(seed["mean_cka"][key]
+                                                       for key in three) - 1e-12
         assert means["optimal_all"] >= means["uniform"] - 1e-12
         for key, acc in seed["accuracy"].items():  # whole test images
             assert acc / one_image == pytest.approx(round(acc / one_image), abs=1e-6), key
