@@ -469,8 +469,57 @@ def test_selection_scores_on_the_validation_split_only(monkeypatch):
     assert chosen["labelled_fraction"] in (0.05, 0.1) and chosen["student_steps"] in (3, 6)
     assert chosen["temperature"] in (10.0, 2.0) and chosen["hidden_weight"] in (1.0, 3.0)
     assert chosen["curve_method"] in ("pkd_skip", "pkd_last", "pkd_optimal")
+    assert record["starting_settings"] == selection.STARTING_SETTINGS
     text = selection.selection_markdown(record)
     assert "validation" in text and "Chosen:" in text
+    assert "Starting settings (before any stage chose them): lr = 0.001" in text
+
+
+class _StopSelection(Exception):
+    pass
+
+
+def test_selection_starts_from_its_pinned_settings_not_the_demo_defaults(monkeypatch):
+    """Stages 1 and 2 train with STARTING_SETTINGS whatever Settings.full()'s tuned values are."""
+    pytest.importorskip("sklearn")
+    from pkd.demo import selection
+
+    # Settings.full() with every tuned value changed (and a tiny architecture and teacher).
+    changed = Settings(teacher_steps=20, student_width=8, teacher_width=16, lr=0.5,
+                       student_steps=7, alpha=0.1, temperature=1.5, hidden_weight=99.0,
+                       labelled_fraction=0.25)
+    monkeypatch.setattr(Settings, "full", classmethod(lambda cls: changed))
+    calls = []
+    real_run_seed = selection.run_seed
+
+    def spy(seed_index, seed, data, teacher, settings, evaluation, **kwargs):
+        calls.append((settings, kwargs))
+        if kwargs.get("checkpoints"):  # stage 2's first run: enough seen
+            raise _StopSelection
+        return real_run_seed(seed_index, seed, data, teacher, settings, evaluation, **kwargs)
+
+    monkeypatch.setattr(selection, "run_seed", spy)
+    with pytest.raises(_StopSelection):
+        selection.select(seed=0, n_seeds=1, progress=False)
+    *stage1, (stage2, stage2_kwargs) = calls
+    assert [kwargs["fraction"] for _, kwargs in stage1] == list(selection.FRACTIONS)
+    for settings, _ in stage1:
+        assert {k: getattr(settings, k) for k in selection.STARTING_SETTINGS} == \
+            selection.STARTING_SETTINGS
+        assert settings.student_width == 8  # the architecture still comes from Settings.full()
+    # The recorded selection's start, written out: a change to it must be deliberate.
+    assert selection.STARTING_SETTINGS == {"lr": 1e-3, "student_steps": 1000, "alpha": 0.7,
+                                           "temperature": 10.0, "hidden_weight": 1.0}
+    assert (stage2.alpha, stage2.temperature, stage2.hidden_weight) == (0.7, 10.0, 1.0)
+    assert stage2.labelled_fraction in selection.FRACTIONS
+    assert stage2_kwargs["checkpoints"] == selection.STEPS
+
+
+def test_selection_refuses_a_start_that_is_not_settings():
+    from pkd.demo import selection
+
+    with pytest.raises(ValueError, match=r"start: \['learning_rate'\] are not fields"):
+        selection.select(start={"learning_rate": 1e-3}, progress=False)
 
 
 def test_the_demo_settings_are_those_the_recorded_selection_chose():

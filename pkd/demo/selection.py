@@ -17,9 +17,13 @@ stage by stage, each stage keeping the choices of the ones before:
    the three at the chosen λ.
 
 "Best" is the highest mean validation accuracy; ties go to the lower mean
-validation NLL, then to the candidate listed first. The record, with every
-candidate's per-seed scores, is what ``analysis/demo_study.py --select``
-writes; :class:`~pkd.demo.experiment.Settings` holds the result.
+validation NLL, then to the candidate listed first. The settings not yet
+chosen start from :data:`STARTING_SETTINGS`, fixed here rather than read
+from :class:`~pkd.demo.experiment.Settings`, whose defaults are the result:
+a rerun starts where the recorded selection started. The record, with the
+starting settings and every candidate's per-seed scores, is what
+``analysis/demo_study.py --select`` writes; :class:`~pkd.demo.experiment.Settings`
+holds the result.
 """
 
 from __future__ import annotations
@@ -48,6 +52,11 @@ TEMPERATURES = (10.0, 5.0, 2.0)
 HIDDEN_WEIGHTS = (1.0, 0.1, 0.3, 3.0, 10.0)
 MIN_GAP = 5.0
 N_SEEDS = 3
+# The tuned settings before any stage chooses them: stage 1 trains CE with this
+# learning rate and these steps, stage 2 trains KD and PKD with these α, τ and λ
+# (the paper's α and τ, λ = 1). The recorded selection started from them.
+STARTING_SETTINGS = {"lr": 1e-3, "student_steps": 1000, "alpha": 0.7, "temperature": 10.0,
+                     "hidden_weight": 1.0}
 
 
 def selection_seeds(seed: int, n_seeds: int) -> list:
@@ -70,7 +79,7 @@ def _best(candidates: list) -> int:
 
 
 def select(seed: int = 0, n_seeds: int = N_SEEDS, base: Settings | None = None,
-           progress: bool = True) -> dict:
+           progress: bool = True, start: dict | None = None) -> dict:
     """Choose the demo's settings on the validation split (never the test set).
 
     Parameters
@@ -81,14 +90,18 @@ def select(seed: int = 0, n_seeds: int = N_SEEDS, base: Settings | None = None,
         Student seeds per candidate.
     base : Settings, optional
         Architecture, teacher and batch sizes (default ``Settings.full()``);
-        the settings being chosen start from its values.
+        its values of the settings in ``start`` are not used.
     progress : bool
         A tqdm bar on stderr.
+    start : dict, optional
+        Settings field -> value the tuned settings start from (default
+        :data:`STARTING_SETTINGS`).
 
     Returns
     -------
     dict
-        ``{"stages": [...], "chosen": {...}, "teacher_val_accuracy", "seconds", ...}``.
+        ``{"starting_settings": {...}, "stages": [...], "chosen": {...},
+        "teacher_val_accuracy", "seconds", ...}``.
     """
     import sys
 
@@ -97,7 +110,12 @@ def select(seed: int = 0, n_seeds: int = N_SEEDS, base: Settings | None = None,
 
     from . import on_terminal
 
-    settings = Settings.full() if base is None else base
+    start = dict(STARTING_SETTINGS if start is None else start)
+    unknown = sorted(set(start) - set(Settings.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"start: {unknown} are not fields of pkd.demo.experiment.Settings; "
+                         f"pass Settings field names, e.g. {sorted(STARTING_SETTINGS)}")
+    settings = replace(Settings.full() if base is None else base, **start)
     started = time.perf_counter()
     seeds = selection_seeds(seed, n_seeds)
     stages = []
@@ -204,6 +222,7 @@ def select(seed: int = 0, n_seeds: int = N_SEEDS, base: Settings | None = None,
         "n_val": int(len(data.y_val)),
         "teacher_val_accuracy": teacher_val,
         "mapping_measure": MAPPING_MEASURE,
+        "starting_settings": start,
         "stages": stages,
         "chosen": {k: getattr(settings, k) for k in keys},
         "seconds": round(time.perf_counter() - started, 1),
@@ -229,6 +248,9 @@ def selection_markdown(record: dict) -> str:
         f"{record.get('mapping_measure', 'cka')!r} (`pkd.demo.experiment.MEASURE_TEXT`).",
         "",
     ]
+    if "starting_settings" in record:
+        start = ", ".join(f"{k} = {_value(v)}" for k, v in record["starting_settings"].items())
+        lines += [f"Starting settings (before any stage chose them): {start}.", ""]
     for stage in record["stages"]:
         lines += [f"## {stage['name']} (scored by {stage['scored_by']}; {stage['rule']})", ""]
         keys = [k for k in stage["candidates"][0] if k not in (
