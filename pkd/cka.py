@@ -91,14 +91,15 @@ def _kernels():
 def _twin(name: str, n_entries: int, parallel: bool | None = None):
     """The kernel ``name``'s twin: ``parallel`` None applies the rule below.
 
-    The prange twin runs when Numba has more than one thread and the pass has
-    at least ``PARALLEL_MIN_ENTRIES`` entries; the serial one otherwise.
+    The prange twin runs when more than one thread is available (Numba's count,
+    lowered to a threadpoolctl limit: :func:`pkd.kernels._jit.available_threads`)
+    and the pass has at least ``PARALLEL_MIN_ENTRIES`` entries; the serial one otherwise.
     """
-    import numba
-
     rbf = _kernels()
     if parallel is None:
-        parallel = n_entries >= PARALLEL_MIN_ENTRIES and numba.get_num_threads() > 1
+        from .kernels._jit import available_threads
+
+        parallel = n_entries >= PARALLEL_MIN_ENTRIES and available_threads() > 1
     return getattr(rbf, f"{name}_{'parallel' if parallel else 'serial'}")
 
 

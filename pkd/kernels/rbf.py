@@ -37,8 +37,6 @@ Every kernel has a serial and a ``prange`` twin (:func:`pkd.kernels._jit.twins`)
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 from numba import prange
 
@@ -66,25 +64,19 @@ def _squared_distances(gram, norms, lo, hi, out, counts):
     """
     n = gram.shape[0]
     scale = N_BINS / (hi - lo)
+    counts[:] = 0
     for task in prange(N_GROUPS):
         g = np.int64(task)  # prange's index may be unsigned: keep the arithmetic signed
         row = counts[g]
-        for b in range(N_BINS + 2):
-            row[b] = 0
-        first, stop = _group_pairs(n, g)
-        for h in range(first, stop):
-            for side in range(2):
-                i = np.int64(h) if side == 0 else n - 1 - np.int64(h)
-                if side == 1 and i == h:
-                    break
-                start = i * (i - 1) // 2
-                g_ii = norms[i]
-                for j in range(i):
-                    d = g_ii + norms[j] - 2.0 * gram[i, j]
-                    if d < 0.0:
-                        d = 0.0
-                    out[start + j] = d
-                    row[_slot(d, lo, hi, scale)] += 1
+        for i in _group_rows(n, g):
+            start = i * (i - 1) // 2
+            g_ii = norms[i]
+            for j in range(i):
+                d = g_ii + norms[j] - 2.0 * gram[i, j]
+                if d < 0.0:
+                    d = 0.0
+                out[start + j] = d
+                row[_slot(d, lo, hi, scale)] += 1
 
 
 def _rbf_row_sums(packed, n, denominator, row_sums, column_partials):
@@ -191,6 +183,21 @@ def _slot(value, lo, hi, scale):
 
 
 @kernel
+def _group_rows(n, g):
+    """The rows of group ``g``, int64: rows ``h`` and ``n − 1 − h`` for each of its pairs ``h``."""
+    first, stop = _group_pairs(n, g)
+    rows = np.empty(2 * (stop - first), np.int64)
+    k = 0
+    for h in range(first, stop):
+        rows[k] = h
+        k += 1
+        if n - 1 - h != h:
+            rows[k] = n - 1 - h
+            k += 1
+    return rows[:k]
+
+
+@kernel
 def _group_pairs(n, g):
     """Row pairs ``[first, stop)`` of group ``g``: pair ``h`` is rows ``h`` and ``n − 1 − h``."""
     group = np.int64(g)
@@ -208,20 +215,14 @@ def _histogram(packed, n, lo, hi, counts):
     counts : (N_GROUPS, N_BINS + 2) int64, overwritten as in :func:`_squared_distances`.
     """
     scale = N_BINS / (hi - lo)
+    counts[:] = 0
     for task in prange(N_GROUPS):
         g = np.int64(task)  # prange's index may be unsigned: keep the arithmetic signed
         row = counts[g]
-        for b in range(N_BINS + 2):
-            row[b] = 0
-        first, stop = _group_pairs(n, g)
-        for h in range(first, stop):
-            for side in range(2):
-                i = np.int64(h) if side == 0 else n - 1 - np.int64(h)
-                if side == 1 and i == h:
-                    break
-                start = i * (i - 1) // 2
-                for e in range(start, start + i):
-                    row[_slot(packed[e], lo, hi, scale)] += 1
+        for i in _group_rows(n, g):
+            start = i * (i - 1) // 2
+            for e in range(start, start + i):
+                row[_slot(packed[e], lo, hi, scale)] += 1
 
 
 def _gather(packed, n, lo, hi, first_slot, last_slot, offsets, out):
@@ -242,44 +243,23 @@ def _gather(packed, n, lo, hi, first_slot, last_slot, offsets, out):
     for task in prange(N_GROUPS):
         g = np.int64(task)  # prange's index may be unsigned: keep the arithmetic signed
         k = offsets[g]
-        first, stop = _group_pairs(n, g)
-        for h in range(first, stop):
-            for side in range(2):
-                i = np.int64(h) if side == 0 else n - 1 - np.int64(h)
-                if side == 1 and i == h:
-                    break
-                start = i * (i - 1) // 2
-                for e in range(start, start + i):
-                    value = packed[e]
-                    if window_lo <= value < window_hi:
-                        s = _slot(value, lo, hi, scale)
-                        if first_slot <= s <= last_slot:
-                            out[k] = value
-                            k += 1
+        for i in _group_rows(n, g):
+            start = i * (i - 1) // 2
+            for e in range(start, start + i):
+                value = packed[e]
+                if window_lo <= value < window_hi:
+                    s = _slot(value, lo, hi, scale)
+                    if first_slot <= s <= last_slot:
+                        out[k] = value
+                        k += 1
 
 
-def _separately_cached_twins(function, **options):
-    """:func:`pkd.kernels._jit.twins`, the parallel twin compiled from a renamed copy.
-
-    Numba's on-disk cache files are named after the function's qualified name
-    and keyed by signature and CPU, not by ``parallel=True``: twins of one
-    function would load each other's machine code from the cache (a parallel
-    twin that runs serially, or a serial twin that starts threads).
-    """
-    copy = types.FunctionType(function.__code__, function.__globals__,
-                              function.__name__ + "_parallel", function.__defaults__,
-                              function.__closure__)
-    copy.__qualname__ = function.__qualname__ + "_parallel"
-    copy.__doc__ = function.__doc__
-    return twins(function, **options)[0], twins(copy, **options)[1]
-
-
-squared_distances_serial, squared_distances_parallel = _separately_cached_twins(
+squared_distances_serial, squared_distances_parallel = twins(
     _squared_distances)
-rbf_row_sums_serial, rbf_row_sums_parallel = _separately_cached_twins(_rbf_row_sums)
-centre_packed_serial, centre_packed_parallel = _separately_cached_twins(_centre_packed)
-histogram_serial, histogram_parallel = _separately_cached_twins(_histogram)
-gather_serial, gather_parallel = _separately_cached_twins(_gather)
+rbf_row_sums_serial, rbf_row_sums_parallel = twins(_rbf_row_sums)
+centre_packed_serial, centre_packed_parallel = twins(_centre_packed)
+histogram_serial, histogram_parallel = twins(_histogram)
+gather_serial, gather_parallel = twins(_gather)
 # Sums of products only, so FMAs and split SIMD lanes are safe (see _jit).
-packed_inner_products_serial, packed_inner_products_parallel = _separately_cached_twins(
+packed_inner_products_serial, packed_inner_products_parallel = twins(
     _packed_inner_products, reassociate=True, fuse_multiply_add=True)
