@@ -15,10 +15,9 @@ supports (singular values above ``cutoff·σ₁``, as ``lstsq(rcond=cutoff)``, w
 statistics remember each layer's dtype; a merge of mixed dtypes keeps the
 coarser. A fit on rounding noise would report a loss no student can reach.
 
-Folds (``folds=k``): example ``i`` (a row of 2-D input, a sequence of 3-D
-input, counted across updates) goes to fold ``i mod k`` whatever the
-chunking; the totals are the merge of the folds, and held-out estimates fit on
-``k − 1`` folds and score on the other with the same algebra.
+Folds (``folds=k``): example ``i`` (a row of 2-D input, a sequence of 3-D input, counted
+across updates) goes to fold ``i mod k`` whatever the chunking; the totals are the merge
+of the folds; held-out estimates fit on ``k − 1`` folds and score on the other.
 """
 
 from __future__ import annotations
