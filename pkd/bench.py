@@ -724,7 +724,15 @@ def save_tiny_bert(directory, *, layers: int = 4, width: int = 64, seed: int = 0
                         num_attention_heads=4, intermediate_size=2 * width,
                         max_position_embeddings=64)
     torch.manual_seed(seed)
-    BertModel(config).eval().save_pretrained(directory)
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its shard-writing bar would land in the bench's output
+    try:
+        BertModel(config).eval().save_pretrained(directory)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     vocab_file = directory / "vocab.txt"
     vocab_file.write_text("\n".join(vocab) + "\n", encoding="utf-8")
     BertTokenizer(vocab_file=str(vocab_file)).save_pretrained(directory)
@@ -764,20 +772,24 @@ def _dump_peak_mib(model_dir: Path, n_texts: int, path: Path, batch_size: int) -
 
 
 def bench_dump(n_texts=2048, memory_texts=(1000, 20_000), batch_size=DUMP_BATCH, repeats=5,
-               out=None) -> dict:
+               torch_threads=1, out=None) -> dict:
     """``pkd.hf.dump_hidden_states``'s own work against the model's forward; its peak memory.
 
     A tiny BERT (4 layers of width 64, :func:`save_tiny_bert`) on
     ``n_texts`` :func:`synthetic_texts`, token-level (``pool="none"``), in
     batches of ``batch_size``. Three contenders, timed round-robin in one
-    process with the same torch threads: ``dump``, the whole call writing
+    process with ``torch_threads`` torch threads (one by default: a width-64
+    model's forward is too small for torch's intra-op pool, whose waits then
+    make the figure the machine's load; see docs/performance.md): ``dump``, the whole call writing
     its ``.safetensors``; ``forward``, the model alone under
     ``torch.inference_mode()`` with ``output_hidden_states=True`` on the
     same padded batches, prepared beforehand; ``tokenise``, what a plain
     loop pays for those batches (``tokenizer(batch, padding=True,
     return_tensors="pt")``). pkd's share is ``(dump − forward − tokenise) /
     forward``: pooling, copies, writing, and any cost of tokenising each
-    text once over tokenising each batch. Peak memory: ``ru_maxrss`` of a
+    text once over tokenising each batch; ``tokenise_once``, the dump's
+    tokenisation alone, splits that share into its tokenisation's extra and
+    the rest (pooling, copies, writing). Peak memory: ``ru_maxrss`` of a
     fresh process dumping each of ``memory_texts``, the last against the
     first. Without transformers or torch, one line says it was skipped.
     """
@@ -791,7 +803,7 @@ def bench_dump(n_texts=2048, memory_texts=(1000, 20_000), batch_size=DUMP_BATCH,
         return {"skipped": str(exc)}
     import tempfile
 
-    from .hf import dump_hidden_states, load_model
+    from .hf import _padded_batch, _tokenise, dump_hidden_states, load_model
 
     with tempfile.TemporaryDirectory(prefix="pkd-bench-dump-") as tmp:
         tmp = Path(tmp)
@@ -805,6 +817,10 @@ def bench_dump(n_texts=2048, memory_texts=(1000, 20_000), batch_size=DUMP_BATCH,
 
         batches = tokenise()
 
+        def tokenise_once():  # the dump's way: every text tokenised once, batches padded
+            tokens = _tokenise(tokenizer, texts, None)
+            return [_padded_batch(tokenizer, tokens, s, e) for s, e in spans]
+
         def forward():
             with torch.inference_mode():
                 for batch in batches:
@@ -814,14 +830,19 @@ def bench_dump(n_texts=2048, memory_texts=(1000, 20_000), batch_size=DUMP_BATCH,
             dump_hidden_states(model, tokenizer, texts, tmp / "timed.safetensors",
                                batch_size=batch_size, pool="none", progress=False)
 
-        times = _median_times([{"dump": dump, "forward": forward, "tokenise": tokenise}],
-                              repeats)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(torch_threads)
+        try:
+            times = _median_times([{"dump": dump, "forward": forward, "tokenise": tokenise,
+                                    "tokenise_once": tokenise_once}], repeats)
+        finally:
+            torch.set_num_threads(threads)
         peaks = [_dump_peak_mib(model_dir, n, tmp / "peak.safetensors", batch_size)
                  for n in memory_texts]
     n_batches = len(spans)
     share = (times["dump"] - times["forward"] - times["tokenise"]) / times["forward"]
     result = {"n_texts": n_texts, "batch_size": batch_size, "layers": 4, "width": 64,
-              "pool": "none", "torch_threads": torch.get_num_threads(),
+              "pool": "none", "torch_threads": torch_threads,
               "dump_s": times["dump"], "forward_s": times["forward"],
               "tokenise_s": times["tokenise"],
               "forward_ms_per_batch": times["forward"] / n_batches * 1e3,
@@ -830,16 +851,23 @@ def bench_dump(n_texts=2048, memory_texts=(1000, 20_000), batch_size=DUMP_BATCH,
               / n_batches * 1e3,
               "pkd_share_of_forward": share,
               "tokenise_share_of_forward": times["tokenise"] / times["forward"],
+              "tokenise_once_s": times["tokenise_once"],
+              "tokenise_once_extra_share": (times["tokenise_once"] - times["tokenise"])
+              / times["forward"],
+              "writing_share": (times["dump"] - times["forward"] - times["tokenise_once"])
+              / times["forward"],
               "memory_texts": list(memory_texts), "peak_rss_mib": peaks,
               "peak_ratio": peaks[-1] / peaks[0]}
     print(f"\ndump, tiny BERT (4 layers × 64), {n_texts} texts of 3–29 words, batch "
-          f"{batch_size}, token-level, {result['torch_threads']} torch threads: whole dump "
+          f"{batch_size}, token-level, torch threads {torch_threads}: whole dump "
           f"{times['dump']:.2f} s, forward alone {times['forward']:.2f} s "
           f"({result['forward_ms_per_batch']:.1f} ms a batch), tokenisation "
           f"{times['tokenise']:.2f} s ({result['tokenise_ms_per_batch']:.1f} ms a batch, "
           f"{100 * result['tokenise_share_of_forward']:.0f}% of the forward); pkd's own work "
-          f"(pooling, copies, writing) {result['pkd_ms_per_batch']:.2f} ms a batch = "
-          f"{100 * share:.1f}% of the forward", file=out)
+          f"{result['pkd_ms_per_batch']:.2f} ms a batch = {100 * share:.1f}% of the forward: "
+          f"tokenising each text once and padding from the ids "
+          f"{100 * result['tokenise_once_extra_share']:+.1f}%, pooling, copies and writing "
+          f"{100 * result['writing_share']:.1f}%", file=out)
     print("dump peak memory (fresh process, ru_maxrss): "
           + ", ".join(f"{n:,} texts {p:.1f} MiB" for n, p in zip(memory_texts, peaks, strict=True))
           + f" ({100 * (result['peak_ratio'] - 1):+.1f}%)", file=out)

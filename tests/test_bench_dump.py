@@ -16,7 +16,8 @@ def test_dump_workload_reports_finite_shares_and_both_memory_peaks(monkeypatch, 
     out = io.StringIO()
     result = bench.bench_dump(n_texts=40, memory_texts=(8, 24), batch_size=8, repeats=5,
                               out=out)
-    for key in ("dump_s", "forward_s", "tokenise_s", "pkd_share_of_forward",
+    for key in ("dump_s", "forward_s", "tokenise_s", "tokenise_once_s", "pkd_share_of_forward",
+                "tokenise_once_extra_share", "writing_share",
                 "tokenise_share_of_forward", "pkd_ms_per_batch", "peak_ratio"):
         assert math.isfinite(result[key]), key
     assert result["dump_s"] > 0 and result["forward_s"] > 0 and result["tokenise_s"] > 0
