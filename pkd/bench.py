@@ -795,7 +795,9 @@ def bench_dump(n_texts=2048, memory_texts=(1000, 20_000), batch_size=DUMP_BATCH,
     """
     out = sys.stdout if out is None else out
     try:
-        import torch
+        torch = _torch()
+        if torch is None:
+            raise ImportError("No module named 'torch'")
         import transformers  # noqa: F401
     except ImportError as exc:
         print(f"\ndump: skipped, it needs transformers and torch: pip install 'pkd[hf]' "

@@ -58,3 +58,10 @@ def test_dump_workload_says_it_was_skipped_without_transformers(monkeypatch):
 def test_dump_is_a_bench_variant():
     assert "dump" in bench.VARIANTS
     assert bench.check_variants(["dump"]) == ("dump",)
+
+
+def test_dump_workload_says_it_was_skipped_without_torch(monkeypatch):
+    monkeypatch.setattr(bench, "_torch", lambda: None)
+    out = io.StringIO()
+    assert "skipped" in bench.bench_dump(out=out)
+    assert "pip install 'pkd[hf]'" in out.getvalue()
