@@ -777,11 +777,11 @@ def bench_dump(n_texts=2048, memory_texts=(1000, 20_000), batch_size=DUMP_BATCH,
 
     A tiny BERT (4 layers of width 64, :func:`save_tiny_bert`) on
     ``n_texts`` :func:`synthetic_texts`, token-level (``pool="none"``), in
-    batches of ``batch_size``. Three contenders, timed round-robin in one
+    batches of ``batch_size``. Four contenders, timed round-robin in one
     process with ``torch_threads`` torch threads (one by default: a width-64
     model's forward is too small for torch's intra-op pool, whose waits then
-    make the figure the machine's load; see docs/performance.md): ``dump``, the whole call writing
-    its ``.safetensors``; ``forward``, the model alone under
+    make the figure the machine's load; see docs/performance.md): ``dump``,
+    the whole call writing its ``.safetensors``; ``forward``, the model alone under
     ``torch.inference_mode()`` with ``output_hidden_states=True`` on the
     same padded batches, prepared beforehand; ``tokenise``, what a plain
     loop pays for those batches (``tokenizer(batch, padding=True,
