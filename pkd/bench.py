@@ -34,7 +34,10 @@ name; ``--quick`` runs them smaller): ``rbf cka`` (:func:`bench_rbf_cka`, RBF
 CKA of 4,096 rows: the Numba passes' parallel and serial twins, the plain
 NumPy version, and its GEMMs alone) and ``layer analysis``
 (:func:`bench_layer_analysis`, the all-pairs analysis of 7 × 13 layers of
-3,000 rows against its GEMMs alone and per-pair ``numpy.linalg.lstsq``).
+3,000 rows against its GEMMs alone and per-pair ``numpy.linalg.lstsq``) and
+``dump`` (:func:`bench_dump`, ``pkd.hf.dump_hidden_states`` on a tiny BERT
+built from a config: pkd's own work as a share of the model's forward, and
+peak memory for two numbers of texts; it needs transformers and torch).
 
 After them, :func:`call_overhead` measures the fixed cost of a call on
 inputs of a few rows (the Python around the GEMMs, which weighs on the
@@ -64,7 +67,7 @@ GRID_VARIANTS = ("plain", "masked", "normalized+masked", "4 pairs shared", "alig
                  "torch bridge", "torch module")
 # Workloads of fixed size, run after the grid (smaller with --quick): see bench_rbf_cka
 # and bench_layer_analysis.
-WORKLOADS = ("rbf cka", "layer analysis")
+WORKLOADS = ("rbf cka", "layer analysis", "dump")
 VARIANTS = GRID_VARIANTS + WORKLOADS
 TORCH_VARIANTS = ("torch bridge", "torch module")
 # --quick: one small and one large case per variant, float32 (under a minute here).
@@ -697,6 +700,182 @@ def bench_layer_analysis(n=3000, n_s=7, n_t=13, d_s=384, d_t=768, repeats=5,
     return result
 
 
+DUMP_CASE = (2048, (1000, 20_000))  # texts timed, texts per memory run
+DUMP_QUICK = (512, (200, 2000))
+DUMP_BATCH = 32
+_DUMP_WORDS = ("the a an cat dog bird fish sat ran flew swam on under over mat tree river big "
+               "small red blue green old young quick slow and or but is was very not").split()
+
+
+def save_tiny_bert(directory, *, layers: int = 4, width: int = 64, seed: int = 0) -> Path:
+    """Save a randomly initialised BertModel and a WordPiece tokenizer in ``directory``.
+
+    Built from a ``BertConfig`` (``layers`` layers of width ``width``, the
+    weights drawn with torch seeded by ``seed``) and a vocabulary of
+    ``_DUMP_WORDS`` written here: nothing is downloaded.
+    """
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_DUMP_WORDS]
+    config = BertConfig(vocab_size=len(vocab), hidden_size=width, num_hidden_layers=layers,
+                        num_attention_heads=4, intermediate_size=2 * width,
+                        max_position_embeddings=64)
+    torch.manual_seed(seed)
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its shard-writing bar would land in the bench's output
+    try:
+        BertModel(config).eval().save_pretrained(directory)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+    vocab_file = directory / "vocab.txt"
+    vocab_file.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    BertTokenizer(vocab_file=str(vocab_file)).save_pretrained(directory)
+    return directory
+
+
+def synthetic_texts(n: int, seed: int = 0) -> list[str]:
+    """``n`` texts of 3–29 words drawn from the tiny BERT's vocabulary, reproducibly."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, 30, size=n)
+    return [" ".join(rng.choice(_DUMP_WORDS, size=k)) for k in lengths]
+
+
+# Run in a fresh process: one dump, then the process's peak resident set (ru_maxrss, KiB).
+_DUMP_PEAK_SCRIPT = """import resource, sys
+from pkd.bench import synthetic_texts
+from pkd.hf import dump_hidden_states, load_model
+model, tokenizer = load_model(sys.argv[1])
+dump_hidden_states(model, tokenizer, synthetic_texts(int(sys.argv[2])), sys.argv[3],
+                   batch_size=int(sys.argv[4]), pool="none", progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _dump_peak_mib(model_dir: Path, n_texts: int, path: Path, batch_size: int) -> float:
+    """Peak resident memory (MiB) of a fresh process that dumps ``n_texts`` token-level."""
+    root = str(Path(__file__).resolve().parent.parent)  # this pkd, not another installed one
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [root, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    run = subprocess.run([sys.executable, "-c", _DUMP_PEAK_SCRIPT, str(model_dir),
+                          str(n_texts), str(path), str(batch_size)],
+                         capture_output=True, text=True, env=env)
+    if run.returncode != 0:
+        raise RuntimeError(f"the dump of {n_texts} texts failed:\n{run.stderr}")
+    path.unlink()
+    return int(run.stdout.strip().splitlines()[-1]) / 1024
+
+
+def bench_dump(n_texts=2048, memory_texts=(1000, 20_000), batch_size=DUMP_BATCH, repeats=5,
+               torch_threads=1, out=None) -> dict:
+    """``pkd.hf.dump_hidden_states``'s own work against the model's forward; its peak memory.
+
+    A tiny BERT (4 layers of width 64, :func:`save_tiny_bert`) on
+    ``n_texts`` :func:`synthetic_texts`, token-level (``pool="none"``), in
+    batches of ``batch_size``. Four contenders, timed round-robin in one
+    process with ``torch_threads`` torch threads (one by default: a width-64
+    model's forward is too small for torch's intra-op pool, whose waits then
+    make the figure the machine's load; see docs/performance.md): ``dump``,
+    the whole call writing its ``.safetensors``; ``forward``, the model alone under
+    ``torch.inference_mode()`` with ``output_hidden_states=True`` on the
+    same padded batches, prepared beforehand; ``tokenise``, what a plain
+    loop pays for those batches (``tokenizer(batch, padding=True,
+    return_tensors="pt")``). pkd's share is ``(dump − forward − tokenise) /
+    forward``: pooling, copies, writing, and any cost of tokenising each
+    text once over tokenising each batch; ``tokenise_once``, the dump's
+    tokenisation alone, splits that share into its tokenisation's extra and
+    the rest (pooling, copies, writing). Peak memory: ``ru_maxrss`` of a
+    fresh process dumping each of ``memory_texts``, the last against the
+    first. Without transformers or torch, one line says it was skipped.
+    """
+    out = sys.stdout if out is None else out
+    try:
+        torch = _torch()
+        if torch is None:
+            raise ImportError("No module named 'torch'")
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        print(f"\ndump: skipped, it needs transformers and torch: pip install 'pkd[hf]' "
+              f"({exc})", file=out)
+        return {"skipped": str(exc)}
+    import tempfile
+
+    from .hf import _padded_batch, _tokenise, dump_hidden_states, load_model
+
+    with tempfile.TemporaryDirectory(prefix="pkd-bench-dump-") as tmp:
+        tmp = Path(tmp)
+        model_dir = save_tiny_bert(tmp / "bert")
+        model, tokenizer = load_model(model_dir)
+        texts = synthetic_texts(n_texts)
+        spans = [(s, min(s + batch_size, n_texts)) for s in range(0, n_texts, batch_size)]
+
+        def tokenise():
+            return [tokenizer(texts[s:e], padding=True, return_tensors="pt") for s, e in spans]
+
+        batches = tokenise()
+
+        def tokenise_once():  # the dump's way: every text tokenised once, batches padded
+            tokens = _tokenise(tokenizer, texts, None)
+            return [_padded_batch(tokenizer, tokens, s, e) for s, e in spans]
+
+        def forward():
+            with torch.inference_mode():
+                for batch in batches:
+                    model(**batch, output_hidden_states=True)
+
+        def dump():
+            dump_hidden_states(model, tokenizer, texts, tmp / "timed.safetensors",
+                               batch_size=batch_size, pool="none", progress=False)
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(torch_threads)
+        try:
+            times = _median_times([{"dump": dump, "forward": forward, "tokenise": tokenise,
+                                    "tokenise_once": tokenise_once}], repeats)
+        finally:
+            torch.set_num_threads(threads)
+        peaks = [_dump_peak_mib(model_dir, n, tmp / "peak.safetensors", batch_size)
+                 for n in memory_texts]
+    n_batches = len(spans)
+    share = (times["dump"] - times["forward"] - times["tokenise"]) / times["forward"]
+    result = {"n_texts": n_texts, "batch_size": batch_size, "layers": 4, "width": 64,
+              "pool": "none", "torch_threads": torch_threads,
+              "dump_s": times["dump"], "forward_s": times["forward"],
+              "tokenise_s": times["tokenise"],
+              "forward_ms_per_batch": times["forward"] / n_batches * 1e3,
+              "tokenise_ms_per_batch": times["tokenise"] / n_batches * 1e3,
+              "pkd_ms_per_batch": (times["dump"] - times["forward"] - times["tokenise"])
+              / n_batches * 1e3,
+              "pkd_share_of_forward": share,
+              "tokenise_share_of_forward": times["tokenise"] / times["forward"],
+              "tokenise_once_s": times["tokenise_once"],
+              "tokenise_once_extra_share": (times["tokenise_once"] - times["tokenise"])
+              / times["forward"],
+              "writing_share": (times["dump"] - times["forward"] - times["tokenise_once"])
+              / times["forward"],
+              "memory_texts": list(memory_texts), "peak_rss_mib": peaks,
+              "peak_ratio": peaks[-1] / peaks[0]}
+    print(f"\ndump, tiny BERT (4 layers × 64), {n_texts} texts of 3–29 words, batch "
+          f"{batch_size}, token-level, torch threads {torch_threads}: whole dump "
+          f"{times['dump']:.2f} s, forward alone {times['forward']:.2f} s "
+          f"({result['forward_ms_per_batch']:.1f} ms a batch), tokenisation "
+          f"{times['tokenise']:.2f} s ({result['tokenise_ms_per_batch']:.1f} ms a batch, "
+          f"{100 * result['tokenise_share_of_forward']:.0f}% of the forward); pkd's own work "
+          f"{result['pkd_ms_per_batch']:.2f} ms a batch = {100 * share:.1f}% of the forward: "
+          f"tokenising each text once and padding from the ids "
+          f"{100 * result['tokenise_once_extra_share']:+.1f}%, pooling, copies and writing "
+          f"{100 * result['writing_share']:.1f}%", file=out)
+    print("dump peak memory (fresh process, ru_maxrss): "
+          + ", ".join(f"{n:,} texts {p:.1f} MiB" for n, p in zip(memory_texts, peaks, strict=True))
+          + f" ({100 * (result['peak_ratio'] - 1):+.1f}%)", file=out)
+    return result
+
+
 # The floor of any Numba library's first call: a trivial cached kernel, first called in a
 # fresh process. Numba loads its typing and lowering registries (and imports
 # scipy.linalg to find BLAS) on the first kernel of a process, whatever the kernel.
@@ -889,6 +1068,9 @@ def run_bench(*, quick: bool = False, dtypes=None, variants=VARIANTS,
         n, n_s, n_t, d_s, d_t = LAYER_ANALYSIS_QUICK if quick else LAYER_ANALYSIS_CASE
         extra["layer_analysis"] = bench_layer_analysis(n, n_s, n_t, d_s, d_t,
                                                        repeats=repeats, out=out)
+    if "dump" in variants:
+        n_texts, memory_texts = DUMP_QUICK if quick else DUMP_CASE
+        extra["dump"] = bench_dump(n_texts, memory_texts, repeats=repeats, out=out)
     overhead = call_overhead(calls=500 if quick else 2000)
     print(f"\n{describe_call_overhead(overhead)}", file=out)
     startup = startup_times(repeats=1 if quick else 3)

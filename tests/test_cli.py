@@ -614,6 +614,8 @@ def fake_bench(monkeypatch):
                         lambda *size, repeats, out: ran.append(("rbf cka", size)) or {})
     monkeypatch.setattr(bench, "bench_layer_analysis",
                         lambda *size, repeats, out: ran.append(("layer analysis", size)) or {})
+    monkeypatch.setattr(bench, "bench_dump",
+                        lambda *size, repeats, out: ran.append(("dump", size)) or {})
     monkeypatch.setattr(bench, "call_overhead", lambda calls=2000: dict.fromkeys(
         ("one_pair_us", "one_pair_floor_us", "four_pairs_us", "four_pairs_floor_us"), 1.0))
     monkeypatch.setattr(bench, "startup_times", lambda repeats=3: dict.fromkeys(
@@ -648,7 +650,8 @@ def test_bench_torch_variant_without_torch(fake_bench, monkeypatch, capsys):
     assert {v for v, _ in fake_bench} == set(bench.VARIANTS) - set(bench.TORCH_VARIANTS)
     quick_sizes = {v: size for v, size in fake_bench if v in bench.WORKLOADS}
     assert quick_sizes == {"rbf cka": bench.RBF_CKA_QUICK,
-                           "layer analysis": bench.LAYER_ANALYSIS_QUICK}
+                           "layer analysis": bench.LAYER_ANALYSIS_QUICK,
+                           "dump": bench.DUMP_QUICK}
 
 
 def test_console_script_help():
