@@ -476,6 +476,29 @@ def _bench_torch_module(torch, student, teacher, P, dtype, budget, repeats) -> R
                _peak_bytes(ours) / 2**20, budget / 2**20, times["torch_gemm"] * 1e3)
 
 
+def _layers_and_gemm_floor(n, n_s, n_t, d_s, d_t):
+    """Random float32 layers, their float64 Fortran copies, and the statistics' GEMM floor.
+
+    The floor is what the accumulation asks of BLAS: a float64 dsyrk per layer and
+    one dgemm for every (student, teacher) cross block, in scipy's BLAS.
+    """
+    from scipy.linalg import blas
+
+    rng = np.random.default_rng(0)
+    student = [rng.standard_normal((n, d_s), dtype=np.float32) for _ in range(n_s)]
+    teacher = [rng.standard_normal((n, d_t), dtype=np.float32) for _ in range(n_t)]
+    s64 = [np.asfortranarray(a, dtype=np.float64) for a in student]
+    t64 = [np.asfortranarray(a, dtype=np.float64) for a in teacher]
+    all_s, all_t = np.asfortranarray(np.hstack(s64)), np.asfortranarray(np.hstack(t64))
+
+    def gemms():
+        for a in s64 + t64:
+            blas.dsyrk(1.0, a, trans=1)
+        blas.dgemm(1.0, all_s, all_t, trans_a=1)
+
+    return student, teacher, s64, t64, gemms
+
+
 def bench_alignment_matrix(n=20_000, n_s=6, n_t=12, d_s=384, d_t=768, repeats=3,
                            out=None) -> dict:
     """The layer-mapping workload: statistics of 6 × 12 layer pairs, then ``min_mse``.
@@ -487,22 +510,10 @@ def bench_alignment_matrix(n=20_000, n_s=6, n_t=12, d_s=384, d_t=768, repeats=3,
     """
     out = sys.stdout if out is None else out
     import scipy.linalg
-    from scipy.linalg import blas
 
     from .alignment import AlignmentStats
 
-    rng = np.random.default_rng(0)
-    student = [rng.standard_normal((n, d_s), dtype=np.float32) for _ in range(n_s)]
-    teacher = [rng.standard_normal((n, d_t), dtype=np.float32) for _ in range(n_t)]
-    s64 = [np.asfortranarray(a, dtype=np.float64) for a in student]
-    t64 = [np.asfortranarray(a, dtype=np.float64) for a in teacher]
-    all_s = np.asfortranarray(np.hstack(s64))
-    all_t = np.asfortranarray(np.hstack(t64))
-
-    def gemms():
-        for a in s64 + t64:
-            blas.dsyrk(1.0, a, trans=1)
-        blas.dgemm(1.0, all_s, all_t, trans_a=1)
+    student, teacher, s64, t64, gemms = _layers_and_gemm_floor(n, n_s, n_t, d_s, d_t)
 
     stats = AlignmentStats.from_arrays(student, teacher)
 
@@ -643,42 +654,25 @@ def bench_layer_analysis(n=3000, n_s=7, n_t=13, d_s=384, d_t=768, repeats=5,
     Against its float64 GEMM floor (a dsyrk per layer and one dgemm for every
     cross block, scipy's BLAS, as the accumulation calls them) and against
     fitting every pair with ``numpy.linalg.lstsq`` on float64 copies (timed
-    once: it is slow). Where :class:`pkd.AlignmentStats` takes ``folds``, the
-    same analysis with 5-fold held-out estimates (``relative_min_mse(heldout=True)``)
-    is timed too, and its cost reported as a fraction added.
+    once: it is slow), and the same analysis with 5-fold held-out estimates
+    (``relative_min_mse(heldout=True)``), its cost reported as a fraction added.
     """
     out = sys.stdout if out is None else out
-    import inspect
 
-    from scipy.linalg import blas
 
     from .alignment import AlignmentStats
 
-    rng = np.random.default_rng(0)
-    student = [rng.standard_normal((n, d_s), dtype=np.float32) for _ in range(n_s)]
-    teacher = [rng.standard_normal((n, d_t), dtype=np.float32) for _ in range(n_t)]
-    s64 = [np.asfortranarray(a, dtype=np.float64) for a in student]
-    t64 = [np.asfortranarray(a, dtype=np.float64) for a in teacher]
-    all_s, all_t = np.asfortranarray(np.hstack(s64)), np.asfortranarray(np.hstack(t64))
-
-    def gemms():
-        for a in s64 + t64:
-            blas.dsyrk(1.0, a, trans=1)
-        blas.dgemm(1.0, all_s, all_t, trans_a=1)
+    student, teacher, s64, t64, gemms = _layers_and_gemm_floor(n, n_s, n_t, d_s, d_t)
 
     def analysis():
         stats = AlignmentStats.from_arrays(student, teacher)
         return stats.min_mse(), stats.cka()
 
-    group = {"pkd": analysis, "gemm": gemms}
-    has_folds = "folds" in inspect.signature(AlignmentStats.from_arrays).parameters
-    if has_folds:
-        def heldout():
-            stats = AlignmentStats.from_arrays(student, teacher, folds=HELDOUT_FOLDS)
-            return stats.min_mse(), stats.cka(), stats.relative_min_mse(heldout=True)
+    def heldout():
+        stats = AlignmentStats.from_arrays(student, teacher, folds=HELDOUT_FOLDS)
+        return stats.min_mse(), stats.cka(), stats.relative_min_mse(heldout=True)
 
-        group["heldout"] = heldout
-    times = _median_times([group], repeats)
+    times = _median_times([{"pkd": analysis, "gemm": gemms, "heldout": heldout}], repeats)
     start = time.perf_counter()
     for S in s64:
         for T in t64:
@@ -688,11 +682,10 @@ def bench_layer_analysis(n=3000, n_s=7, n_t=13, d_s=384, d_t=768, repeats=5,
               "analysis_s": times["pkd"], "gemm_s": times["gemm"],
               "analysis_vs_gemm": times["pkd"] / times["gemm"], "lstsq_s": lstsq_s,
               "lstsq_vs_analysis": lstsq_s / times["pkd"],
-              "heldout_s": times.get("heldout"),
-              "heldout_added": (times["heldout"] / times["pkd"] - 1) if has_folds else None}
+              "heldout_s": times["heldout"],
+              "heldout_added": times["heldout"] / times["pkd"] - 1}
     folds = (f"; with {HELDOUT_FOLDS}-fold held-out estimates {times['heldout']:.2f} s "
-             f"(+{100 * result['heldout_added']:.0f}%)" if has_folds else
-             "; held-out estimates not measured (this AlignmentStats takes no folds=)")
+             f"(+{100 * result['heldout_added']:.0f}%)")
     print(f"\nlayer analysis, {n_s}×{n_t} layers, N={n}, {d_s}→{d_t}, float32: statistics + "
           f"min_mse + cka {times['pkd']:.2f} s = {result['analysis_vs_gemm']:.2f}× its float64 "
           f"GEMMs alone ({times['gemm']:.2f} s); {n_s * n_t} numpy.linalg.lstsq fits "
