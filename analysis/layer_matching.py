@@ -582,23 +582,17 @@ def markdown(result: dict, out: Path | None = None) -> str:
         "share of queries whose choice is the corresponding layer or a neighbour.",
         "",
         "![accuracy per measure](layer_matching.png)",
-        "",
-        f"## Per layer ({main['n_rows']} rows)",
-        "",
-        "| measure | " + " | ".join(str(layer) for layer in range(n_layers)) + " |",
-        "|---|" + "---|" * n_layers,
     ]
-    for key, row in main["measures"].items():
-        lines.append(f"| `{key}` | " + " | ".join(_percent(v) for v in row["per_layer"]) + " |")
-    lines += [
-        "",
-        f"## Per layer ({few['n_rows']} rows)",
-        "",
-        "| measure | " + " | ".join(str(layer) for layer in range(n_layers)) + " |",
-        "|---|" + "---|" * n_layers,
-    ]
-    for key, row in few["measures"].items():
-        lines.append(f"| `{key}` | " + " | ".join(_percent(v) for v in row["per_layer"]) + " |")
+    for setting in (main, few):
+        lines += [
+            "",
+            f"## Per layer ({setting['n_rows']} rows)",
+            "",
+            "| measure | " + " | ".join(str(layer) for layer in range(n_layers)) + " |",
+            "|---|" + "---|" * n_layers,
+        ]
+        lines += [f"| `{key}` | " + " | ".join(_percent(v) for v in row["per_layer"]) + " |"
+                  for key, row in setting["measures"].items()]
     identity = {key: row["identity"] for key, row in main["measures"].items()}
     lines += [
         "",
