@@ -15,27 +15,35 @@ from .closed_form import Solver
 # min_mse recomputes pairs whose best residual is below this fraction of q_t (the
 # subtraction q_t − explained would keep fewer than ~10 of float64's 16 digits).
 NEAR_EXACT_FIT = 1e-6
+# Entries of C' from which its centring pass runs on Numba's threads (when it has more
+# than one); the result is the same either way.
+PARALLEL_MIN_ENTRIES = 1 << 17
 
 
-def basis_times_cross(m: Moments, basis: np.ndarray, s: int,
-                      shifted: np.ndarray | None = None) -> np.ndarray:
-    """``basisᵀ C_s·`` for every teacher column, (k, Σd_t), without forming ``C_s·``.
+def basis_times_cross(m: Moments, solver: Solver, s: int) -> np.ndarray:
+    """``Bᵀ C_s·`` for every teacher column, (rank, Σd_t), without forming ``C_s·``.
 
-    ``C_s· = C'_s· + a'_s c_tᵀ + c_s (b' + n c_t)ᵀ``: one GEMM on the contiguous
-    rows of ``C'`` (or ``shifted = basisᵀ C'_s·`` if already computed) and a
+    ``C_s· = C'_s· + a'_s c_tᵀ + c_s (b' + n c_t)ᵀ``: one product on the contiguous
+    rows of ``C'`` (triangular when the solver's basis is, see :class:`Solver`) and a
     rank-2 update, all in scipy's BLAS (one thread pool).
     """
     from scipy.linalg import blas
 
     block = m.layout.block("student", s)
     c_s, c_t = m.shift["student"][block], m.shift["teacher"]
-    if shifted is None:
-        shifted = blas.dgemm(1.0, basis, m.cross[block].T, trans_a=True, trans_b=True)
-    else:
-        shifted = shifted.copy(order="F")  # the caller's array is left as it is
-    left = blas.dgemm(1.0, basis, np.column_stack([m.sum["student"][block], c_s]), trans_a=True)
     right = np.asfortranarray(np.vstack([c_t, m.sum["teacher"] + float(m.n) * c_t]))
-    return blas.dgemm(1.0, left, right, beta=1.0, c=shifted, overwrite_c=True)
+    sums = np.column_stack([m.sum["student"][block], c_s])
+    if solver.upper is None:
+        product = blas.dgemm(1.0, solver.basis, m.cross[block].T, trans_a=True, trans_b=True)
+        left = blas.dgemm(1.0, solver.basis, sums, trans_a=True)
+        return blas.dgemm(1.0, left, right, beta=1.0, c=product, overwrite_c=True)
+    # Transposed, (Σd_t, d): C'ᵀ Uᵀ with C'ᵀ the Fortran view of C's rows; the rows of U
+    # past the rank are zero, so are those columns.
+    product = blas.dtrmm(1.0, solver.upper, m.cross[block].T, side=1, trans_a=1)
+    left = solver.upper @ sums
+    product = blas.dgemm(1.0, right, left, trans_a=True, trans_b=True, beta=1.0, c=product,
+                         overwrite_c=True)
+    return product[:, : solver.rank].T
 
 
 def residual_sum(m: Moments, s: int, t: int, P: np.ndarray) -> float:
@@ -55,14 +63,13 @@ def residual_sum(m: Moments, s: int, t: int, P: np.ndarray) -> float:
 
 def min_residuals(m: Moments, s: int, solver: Solver) -> np.ndarray:
     """Smallest ``Σ w ‖Pᵀ s − t‖²`` of student layer ``s`` for every teacher layer: (n_t,)."""
-    from scipy.linalg import blas
-
     layout = m.layout
     q = m.teacher_sq_norms()
     if solver.rank == 0:  # an all-zero layer explains nothing
         return q.copy()
-    z = basis_times_cross(m, solver.basis, s)
-    explained = blas.dgemv(1.0, z * z, solver.gain, trans=1)  # (Σd_t,)
+    z = basis_times_cross(m, solver, s)
+    explained = (np.einsum("ij,ij->j", z, z) if np.all(solver.gain == 1.0)
+                 else np.einsum("ij,ij->j", z, z * solver.gain[:, None]))  # (Σd_t,)
     residual = q - layout.reduce("teacher", explained)
     # q − explained cancels when the fit is nearly exact: those pairs are recomputed from
     # P* in the shifted coordinates of residual_sum.
@@ -149,17 +156,26 @@ def teacher_variance(m: Moments) -> np.ndarray:
 
 def centred_norms(m: Moments, side: str) -> np.ndarray:
     """``‖Ĝ_l‖_F`` for every layer of ``side``."""
-    return np.array([np.linalg.norm(m.gram_of(side, k, True))
-                     for k in range(m.layout.count(side))])
+    from .kernels.gram import centred_gram_square_norm
+
+    sums = [m.sum[side][m.layout.block(side, k)] for k in range(m.layout.count(side))]
+    return np.sqrt([max(centred_gram_square_norm(g, a, float(m.n)), 0.0)
+                    for g, a in zip(m.gram[side], sums, strict=True)])
 
 
 def cross_squares(m: Moments) -> np.ndarray:
-    """``‖Ĉ_st‖_F²`` for every pair: (n_s, n_t)."""
-    out = np.empty((m.layout.count("student"), m.layout.count("teacher")))
-    for s in range(out.shape[0]):
-        cross = m.cross_rows(s, centered=True)
-        out[s] = m.layout.reduce("teacher", np.einsum("ij,ij->j", cross, cross))
-    return out
+    """``‖Ĉ_st‖_F²`` for every pair: (n_s, n_t), one pass over ``C'``."""
+    from .kernels import gram
+    from .kernels._jit import available_threads
+
+    layout = m.layout
+    rows = np.empty((layout.total["student"], layout.count("teacher")))
+    centre = -m.sum["teacher"] / float(m.n)
+    parallel = m.cross.size >= PARALLEL_MIN_ENTRIES and available_threads() > 1
+    kernel = (gram.centred_cross_row_squares_parallel if parallel
+              else gram.centred_cross_row_squares_serial)
+    kernel(m.cross, m.sum["student"], centre, layout.offsets["teacher"], rows)
+    return layout.reduce("student", rows.T).T
 
 
 def linear_cka(m: Moments, debiased: bool, constant: str = "nan") -> np.ndarray:

@@ -79,7 +79,11 @@ class Solver:
     squared residual of teacher column ``j`` is ``Σ_k gain_k (basisᵀ C)_kj²``.
     For ``ridge = 0`` the basis is G-orthonormal (``basisᵀ G basis = I``), so
     ``inverse`` and ``gain`` are ones, and it spans the kept right singular
-    directions of ``S`` (so ``P`` is the minimum-norm solution on them).
+    directions of ``S`` (so ``P`` is the minimum-norm solution on them). Any
+    rotation of a G-orthonormal basis is one too: it is rotated to be lower
+    trapezoidal, ``basis = upper[:rank].T`` with ``upper`` a (d, d) upper-triangular
+    matrix, so that ``basisᵀ C`` for every teacher column is one triangular
+    product (``dtrmm``), half the flops of a GEMM (``upper`` is None for ``ridge > 0``).
 
     Parameters
     ----------
@@ -97,13 +101,20 @@ class Solver:
         if ridge > 0:
             eigenvalues, vectors = scipy.linalg.eigh(gram, driver="evd")
             eigenvalues = np.maximum(eigenvalues, 0.0)  # -tiny from rounding: G is PSD
-            self.basis = vectors
+            self.basis, self.upper = vectors, None
             self.inverse = 1.0 / (eigenvalues + ridge)
             # Unpenalised MSE of (G+ρI)⁻¹C: q − Σ_k z_k² (λ_k + 2ρ)/(λ_k + ρ)².
             self.gain = (eigenvalues + 2.0 * ridge) * self.inverse**2
             return
-        self.basis = self._truncated_basis(gram, cutoff, scipy.linalg)
-        self.inverse = np.ones(self.basis.shape[1])
+        basis = self._truncated_basis(gram, cutoff, scipy.linalg)
+        rank, d = basis.shape[1], basis.shape[0]
+        # Rotate to the lower-trapezoidal basis Rᵀ, from Bᵀ = Q R (Householder, column-wise
+        # backward stable: each feature's products keep the accuracy of Bᵀ C's).
+        self.upper = np.zeros((d, d), order="F")
+        if rank:
+            self.upper[:rank] = scipy.linalg.qr(basis.T, mode="r", check_finite=False)[0]
+        self.basis = self.upper[:rank].T
+        self.inverse = np.ones(rank)
         self.gain = self.inverse
 
     @staticmethod

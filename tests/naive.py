@@ -129,6 +129,25 @@ def fill_shifted_transposed(values, rows, shift, out, column_sums):
         column_sums[j] += total
 
 
+def centred_gram_square_norm(upper, column_sums, n):
+    """Twin of ``pkd.kernels.gram.centred_gram_square_norm``: ``Σ_ij (G'_ij − a_i a_j/n)²``."""
+    d = len(column_sums)
+    total = 0.0
+    for i in range(d):
+        for j in range(d):
+            g = upper[min(i, j), max(i, j)]
+            total += (g - column_sums[i] * column_sums[j] / n) ** 2
+    return total
+
+
+def centred_cross_row_squares(cross, student_sums, teacher_centre, teacher_offsets, out):
+    """Twin of ``pkd.kernels.gram.centred_cross_row_squares_*``: one row, one layer at a time."""
+    for i in range(cross.shape[0]):
+        for t in range(len(teacher_offsets) - 1):
+            out[i, t] = sum((cross[i, j] + student_sums[i] * teacher_centre[j]) ** 2
+                            for j in range(teacher_offsets[t], teacher_offsets[t + 1]))
+
+
 # --- pkd/kernels/rbf.py: packed strict lower triangles, row by row ------------------------
 
 

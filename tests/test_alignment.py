@@ -18,7 +18,10 @@ from hypothesis import strategies as st
 import naive
 import pkd
 import reference
+from pkd import _estimates
 from pkd.alignment import AlignmentStats
+from pkd.closed_form import Solver
+from pkd.kernels import gram as gram_kernels
 from pkd.kernels.gram import fill_shifted_transposed
 
 
@@ -61,6 +64,45 @@ def test_fill_kernel_matches_naive_twin(dtype):
     np.testing.assert_array_equal(out, expected_out)
     np.testing.assert_array_equal(sums, expected_sums)
     assert np.all(big[:2] == 0) and np.all(big[9:] == 0)
+
+
+@pytest.mark.parametrize("twin", ["serial", "parallel"])
+def test_centring_kernels_of_the_cka_query_match_their_twins(twin):
+    rng = np.random.default_rng(4)
+    upper = np.asfortranarray(rng.standard_normal((9, 9)))
+    upper[np.tril_indices(9, -1)] = np.nan  # dsyrk leaves the lower triangle: never read
+    sums = rng.standard_normal(9) * 5
+    assert gram_kernels.centred_gram_square_norm(upper, sums, 7.0) == pytest.approx(
+        naive.centred_gram_square_norm(upper, sums, 7.0), rel=1e-13)
+    cross = rng.standard_normal((5, 11))
+    student_sums, centre = rng.standard_normal(5), rng.standard_normal(11)
+    offsets = np.array([0, 4, 4, 11], dtype=np.int64)  # an empty layer too
+    out, expected = np.empty((5, 3)), np.empty((5, 3))
+    getattr(gram_kernels, f"centred_cross_row_squares_{twin}")(cross, student_sums, centre,
+                                                                offsets, out)
+    naive.centred_cross_row_squares(cross, student_sums, centre, offsets, expected)
+    np.testing.assert_allclose(out, expected, rtol=1e-13)
+    assert np.all(out[:, 1] == 0)
+
+
+def test_triangular_basis_gives_the_products_of_the_rotated_basis():
+    """The lower-trapezoidal basis is G-orthonormal, and its triangular product is Bᵀ C."""
+    rng = np.random.default_rng(5)
+    student, teacher = make_layers(rng, 300, [12], [7, 5])
+    student[0] += 4.0  # a mean: the shifted form's rank-2 update matters
+    student[0][:, 3] = 2 * student[0][:, 0] - student[0][:, 5]  # rank 11 of 12
+    student[0][:, 8] = 1e-30  # a dead column: rank 10
+    stats = AlignmentStats.from_arrays(student, teacher, chunk_rows=64)
+    moments = stats._total()
+    gram = moments.gram_of("student", 0, False)
+    solver = Solver(gram, 0.0, 1e-6)
+    assert solver.rank == 10
+    np.testing.assert_array_equal(solver.upper, np.triu(solver.upper))
+    np.testing.assert_allclose(solver.basis.T @ gram @ solver.basis, np.eye(10), atol=1e-9)
+    cross = student[0].T @ np.hstack(teacher)  # C_s· from the rows
+    np.testing.assert_allclose(_estimates.basis_times_cross(moments, solver, 0),
+                               solver.basis.T @ cross, rtol=1e-10,
+                               atol=1e-10 * np.abs(solver.basis.T @ cross).max())
 
 
 # ------------------------------------------------------------------ statistics

@@ -1,4 +1,4 @@
-"""Results do not depend on the thread count, nor on which logit twin (serial/parallel) runs."""
+"""Results do not depend on the thread count, nor on which twin (serial/parallel) runs."""
 
 import os
 import re
@@ -11,10 +11,12 @@ SCRIPT = r"""
 import hashlib, sys
 import numpy as np
 import pkd
+import pkd._estimates
 import pkd.objective
 
 if sys.argv[1] == "parallel":  # force the parallel twin of the logit pass
     pkd.objective.PARALLEL_MIN_ELEMENTS = 0
+    pkd._estimates.PARALLEL_MIN_ENTRIES = 0  # and of the CKA query's centring pass
 rng = np.random.default_rng(0)
 student = [rng.standard_normal((6, 50, 24), dtype=np.float32) for _ in range(3)]
 student.append(rng.standard_normal((6, 50, 40), dtype=np.float32))  # no projection: direct

@@ -1,4 +1,5 @@
-"""The Numba work around the GEMMs of :class:`pkd.AlignmentStats`.
+"""The Numba work around the GEMMs of :class:`pkd.AlignmentStats`: the chunk copy, and the
+centred squared norms of its CKA query.
 
 One chunk of ``m`` selected rows is accumulated as (docs/numerics.md, shifted form)::
 
@@ -38,9 +39,10 @@ so results are deterministic.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-from ._jit import kernel
+from ._jit import kernel, twins
 
 
 @kernel
@@ -73,3 +75,70 @@ def fill_shifted_transposed(values, rows, shift, out, column_sums):
             out[j, i] = v
             total += v
         column_sums[j] += total
+
+
+# The CKA query needs only ‖Ĝ_l‖_F² and ‖Ĉ_st‖_F²: one read of the stored statistics,
+# centred on the fly, instead of forming full centred copies (docs/performance.md).
+
+
+@kernel(reassociate=True)
+def centred_gram_square_norm(upper, column_sums, n):
+    """``‖G' − a aᵀ/n‖_F²`` from the upper triangle of ``G'``.
+
+    Parameters
+    ----------
+    upper : ndarray, shape (d, d), float64
+        ``G'``; only its upper triangle (diagonal included) is read.
+    column_sums : ndarray, shape (d,), float64
+        ``a = Σ w x'``.
+    n : float
+        ``Σ w``.
+
+    Returns
+    -------
+    float
+        The squared Frobenius norm of the centred Gram matrix ``Ĝ``.
+    """
+    d = upper.shape[0]
+    total = 0.0
+    for j in range(d):
+        mean_j = -column_sums[j] / n
+        off_diagonal = 0.0
+        for i in range(j):
+            v = upper[i, j] + column_sums[i] * mean_j
+            off_diagonal += v * v
+        v = upper[j, j] + column_sums[j] * mean_j
+        total += 2.0 * off_diagonal + v * v
+    return total
+
+
+def _centred_cross_row_squares(cross, student_sums, teacher_centre, teacher_offsets, out):
+    """``out[i, t] = Σ_{j ∈ t} (C'_ij + a_i δ_j)²`` with ``δ = −b/n``: the rows of ``Ĉ``, squared.
+
+    Parameters
+    ----------
+    cross : ndarray, shape (Σd_s, Σd_t), float64
+        ``C'``.
+    student_sums : ndarray, shape (Σd_s,), float64
+        ``a``.
+    teacher_centre : ndarray, shape (Σd_t,), float64
+        ``δ = −b/n`` (``b = Σ w y'``).
+    teacher_offsets : ndarray, shape (n_t + 1,), int64
+        Column offsets of the teacher layers.
+    out : ndarray, shape (Σd_s, n_t), float64
+        Receives the sums (each row by one thread, so the result is the same for any
+        thread count).
+    """
+    n_t = teacher_offsets.shape[0] - 1
+    for i in numba.prange(cross.shape[0]):
+        a = student_sums[i]
+        for t in range(n_t):
+            total = 0.0
+            for j in range(teacher_offsets[t], teacher_offsets[t + 1]):
+                v = cross[i, j] + a * teacher_centre[j]
+                total += v * v
+            out[i, t] = total
+
+
+centred_cross_row_squares_serial, centred_cross_row_squares_parallel = twins(
+    _centred_cross_row_squares, reassociate=True)
