@@ -40,7 +40,7 @@ def basis_times_cross(m: Moments, solver: Solver, s: int) -> np.ndarray:
     # Transposed, (Σd_t, d): C'ᵀ Uᵀ with C'ᵀ the Fortran view of C's rows; the rows of U
     # past the rank are zero, so are those columns.
     product = blas.dtrmm(1.0, solver.upper, m.cross[block].T, side=1, trans_a=1)
-    left = solver.upper @ sums
+    left = blas.dgemm(1.0, solver.upper, sums)  # scipy's BLAS: one thread pool
     product = blas.dgemm(1.0, right, left, trans_a=True, trans_b=True, beta=1.0, c=product,
                          overwrite_c=True)
     return product[:, : solver.rank].T
