@@ -225,7 +225,8 @@ def residuals(total: Moments, folds, ridge: float, cutoffs) -> np.ndarray:
     for s in range(n_s):
         total_gram = symmetric(total.gram["student"][s])
         for f, test in enumerate(folds):
-            solver = Solver(difference_gram(total_gram, total, test, s), ridge, cutoffs[s])
+            solver = Solver(difference_gram(total_gram, total, test, s), ridge, cutoffs[s],
+                            triangular=False)
             out[f, s] = heldout_residuals(total, test, s, solver, traces[f], scratch)
     return out
 

@@ -93,9 +93,13 @@ class Solver:
         ρ ≥ 0.
     cutoff : float
         Relative singular-value cutoff for ``ridge = 0``.
+    triangular : bool
+        Rotate the basis (``ridge = 0``) to lower-trapezoidal form; callers that rotate
+        it their own way (the held-out query) skip that QR.
     """
 
-    def __init__(self, gram: np.ndarray, ridge: float, cutoff: float):
+    def __init__(self, gram: np.ndarray, ridge: float, cutoff: float, *,
+                 triangular: bool = True):
         import scipy.linalg
 
         if ridge > 0:
@@ -108,14 +112,16 @@ class Solver:
             return
         basis = self._truncated_basis(gram, cutoff, scipy.linalg)
         rank, d = basis.shape[1], basis.shape[0]
+        self.inverse = self.gain = np.ones(rank)
+        if not triangular:
+            self.basis, self.upper = basis, None
+            return
         # Rotate to the lower-trapezoidal basis Rᵀ, from Bᵀ = Q R (Householder, column-wise
         # backward stable: each feature's products keep the accuracy of Bᵀ C's).
         self.upper = np.zeros((d, d), order="F")
         if rank:
             self.upper[:rank] = scipy.linalg.qr(basis.T, mode="r", check_finite=False)[0]
         self.basis = self.upper[:rank].T
-        self.inverse = np.ones(rank)
-        self.gain = self.inverse
 
     @staticmethod
     def _truncated_basis(gram: np.ndarray, cutoff: float, linalg) -> np.ndarray:
