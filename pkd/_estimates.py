@@ -106,7 +106,9 @@ def heldout_residuals(total: Moments, test: Moments, s: int, solver: Solver,
     ``Z ∘ Z``. ``test_traces`` is ``test.teacher_traces()``; ``scratch`` two flat
     float64 buffers of at least ``d_s · Σd_t`` values, reused by every fold (``Y``, ``Z``).
     """
+    import scipy.linalg
     from scipy.linalg import blas
+    from threadpoolctl import threadpool_limits
 
     layout = test.layout
     if solver.rank == 0:
@@ -118,7 +120,8 @@ def heldout_residuals(total: Moments, test: Moments, s: int, solver: Solver,
     ridge_free = bool(np.all(solver.inverse == 1.0))
     if ridge_free:
         # Rotate B (still G_train-orthonormal) to diagonalise W: tr(PᵀG'P) needs no GEMM.
-        w, rotation = np.linalg.eigh(w)
+        with threadpool_limits(1, user_api="blas"):  # as Solver's: see closed_form.py
+            w, rotation = scipy.linalg.eigh(w, driver="evd")
         basis = basis @ rotation
     shape = (basis.shape[1], layout.total["teacher"])
     y, z = (buffer[: shape[0] * shape[1]].reshape(shape, order="F") for buffer in scratch)
