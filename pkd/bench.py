@@ -683,14 +683,28 @@ def bench_layer_analysis(n=3000, n_s=7, n_t=13, d_s=384, d_t=768, repeats=5,
               "analysis_vs_gemm": times["pkd"] / times["gemm"], "lstsq_s": lstsq_s,
               "lstsq_vs_analysis": lstsq_s / times["pkd"],
               "heldout_s": times["heldout"],
-              "heldout_added": times["heldout"] / times["pkd"] - 1}
+              "heldout_added": times["heldout"] / times["pkd"] - 1,
+              "heldout_floor_added": _heldout_floor(n, n_s, n_t, d_s, d_t)}
     folds = (f"; with {HELDOUT_FOLDS}-fold held-out estimates {times['heldout']:.2f} s "
-             f"(+{100 * result['heldout_added']:.0f}%)")
+             f"(+{100 * result['heldout_added']:.0f}%; the held-out query's GEMMs alone are "
+             f"+{100 * result['heldout_floor_added']:.0f}% of the accumulation's at N={n})")
     print(f"\nlayer analysis, {n_s}×{n_t} layers, N={n}, {d_s}→{d_t}, float32: statistics + "
           f"min_mse + cka {times['pkd']:.2f} s = {result['analysis_vs_gemm']:.2f}× its float64 "
           f"GEMMs alone ({times['gemm']:.2f} s); {n_s * n_t} numpy.linalg.lstsq fits "
           f"{lstsq_s:.1f} s ({result['lstsq_vs_analysis']:.0f}× slower){folds}", file=out)
     return result
+
+
+def _heldout_floor(n, n_s, n_t, d_s, d_t) -> float:
+    """The held-out query's GEMM flops over the accumulation's (docs/numerics.md, §3).
+
+    Per fold and student layer, two products of the (d_s × d_s) basis with the
+    (d_s × Σd_t) cross statistics, whatever the row count; the accumulation is a
+    dsyrk per layer and the cross dgemm over the ``n`` rows.
+    """
+    query = HELDOUT_FOLDS * n_s * 2 * 2 * d_s * d_s * n_t * d_t
+    accumulation = n * (n_s * d_s**2 + n_t * d_t**2 + 2 * n_s * d_s * n_t * d_t)
+    return query / accumulation
 
 
 DUMP_CASE = (2048, (1000, 20_000))  # texts timed, texts per memory run
