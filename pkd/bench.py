@@ -814,7 +814,7 @@ def bench_dump(n_texts=2048, memory_texts=(1000, 20_000), batch_size=DUMP_BATCH,
 
         def tokenise_once():  # the dump's way: every text tokenised once, batches padded
             tokens = _tokenise(tokenizer, texts, None)
-            return [_padded_batch(tokenizer, tokens, s, e) for s, e in spans]
+            return [_padded_batch(tokenizer, tokens, s, e)[0] for s, e in spans]
 
         def forward():
             with torch.inference_mode():

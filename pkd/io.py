@@ -1116,8 +1116,9 @@ class DumpWriter:
     its place in a temporary file next to ``path``; :meth:`close` renames it
     into place once all ``n_rows`` rows are written. An error, an interrupt,
     or a writer closed early leaves no file (and an existing ``path``
-    untouched). Memory: one batch (plus a cast copy of one layer of it when
-    its dtype differs from the stored one).
+    untouched). Memory: one batch (plus a copy of one layer of it when it is
+    padded to ``seq_len`` or cast to the stored dtype). Each layer of a batch
+    is one write (its rows are contiguous in the file).
 
     Token-level batches may be shorter than ``seq_len``: each is padded to
     ``seq_len`` on ``padding_side`` with zeros, and the stored
@@ -1217,8 +1218,7 @@ class DumpWriter:
         start = 8 + len(raw)
         self._file = open(self._tmp, "r+b", buffering=0)  # noqa: SIM115 - closed in close()
         self._write_at(0, len(raw).to_bytes(8, "little") + raw)
-        # The data region reads as zeros until written: padding is never written at all.
-        self._file.truncate(start + offset)
+        self._file.truncate(start + offset)  # the whole size at once; the batches fill it
         self._layout = [_Slot(k, s, d.newbyteorder("<"), start + o,
                               int(np.prod(s[1:])) * d.itemsize) for k, s, d, o in layout]
 
@@ -1313,15 +1313,13 @@ class DumpWriter:
             self._start(arrays, mask)
         values = arrays + ([mask.astype(np.uint8)] if mask is not None else [])
         for slot, value in zip(self._layout, values, strict=True):
-            value = np.ascontiguousarray(value, dtype=slot.dtype)
-            base = slot.offset + self.rows_written * slot.row_bytes
-            if seq is not None and seq < self.seq_len:  # one write per sequence
-                shift = 0 if self.padding_side == "right" else (
-                    (self.seq_len - seq) * (slot.row_bytes // self.seq_len))
-                for b in range(batch):
-                    self._write_at(base + b * slot.row_bytes + shift, value[b])
+            if seq is not None and seq < self.seq_len:  # padded to seq_len: one block, one write
+                block = np.zeros((batch, *slot.shape[1:]), dtype=slot.dtype)
+                at = slice(0, seq) if self.padding_side == "right" else slice(-seq, None)
+                block[:, at] = value
             else:
-                self._write_at(base, value)
+                block = np.ascontiguousarray(value, dtype=slot.dtype)
+            self._write_at(slot.offset + self.rows_written * slot.row_bytes, block)
         self.rows_written += batch
 
     # -- finishing ---------------------------------------------------------
