@@ -10,6 +10,11 @@ left exactly as it was (absent, or its previous content).
 The temporary name keeps the target's suffix (``.out.png.k3j2.tmp.png``) so
 writers that pick a format from the extension (``matplotlib.savefig``) still
 work when handed the temporary path.
+
+A file written over a long time (a dump, batch by batch) can be made durable
+as it grows: :class:`BackgroundSync` syncs what was already written in a
+thread while the caller computes the next part, so the final flush finds
+little left.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -94,6 +100,90 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_path(parent, directory=True)
+
+
+# What the sync thread waits for before flushing: a few syncs per 100 MB keep each one large.
+SYNC_EVERY_BYTES = 8 << 20
+
+
+class BackgroundSync:
+    """Flush a file's written data to disk in a thread, every ``every`` bytes written.
+
+    The owner writes (``pwrite``) and calls :meth:`wrote`; once ``every``
+    bytes have accumulated, a thread calls ``fdatasync`` on the file
+    (``fsync`` where there is none) while the owner goes on: disk writeback
+    overlaps the owner's work (the GIL is released in the call), and the final
+    ``fsync`` of :func:`atomic_path` only has the tail left. Durability is
+    unchanged: that final ``fsync`` still runs before the rename. A failed
+    background flush is raised by the next :meth:`wrote` or by :meth:`stop`
+    (an error a sync reports may not be reported again to a later one).
+
+    Parameters
+    ----------
+    fd : int
+        An open file descriptor; keep it open until :meth:`stop` returns.
+    name : str
+        The file's name, for error messages.
+    every : int, optional
+        Bytes written between two flushes (default ``SYNC_EVERY_BYTES``).
+    """
+
+    def __init__(self, fd: int, name: str, every: int | None = None):
+        self._fd, self._name = fd, name
+        self._every = SYNC_EVERY_BYTES if every is None else every
+        self._pending = 0
+        self._wake = threading.Event()
+        self._stopping = False
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="pkd-sync", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        sync = getattr(os, "fdatasync", os.fsync)
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                sync(self._fd)
+            except OSError as error:
+                self._error = error
+                return
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error = self._error
+            raise OSError(error.errno, f"{self._name}: flushing to disk failed: "
+                          f"{error.strerror or error}") from error
+
+    def wrote(self, nbytes: int) -> None:
+        """Count ``nbytes`` just written; wake the thread every ``every`` bytes.
+
+        Raises
+        ------
+        OSError
+            A background flush failed.
+        """
+        self._raise()
+        self._pending += nbytes
+        if self._pending >= self._every:
+            self._pending = 0
+            self._wake.set()
+
+    def stop(self, *, check: bool = True) -> None:
+        """End the thread (a flush in progress finishes first).
+
+        Raises
+        ------
+        OSError
+            A background flush failed (unless ``check=False``).
+        """
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+        if check:
+            self._raise()
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:

@@ -99,7 +99,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from pkd._atomic import atomic_open, atomic_path
+from pkd._atomic import BackgroundSync, atomic_open, atomic_path
 from pkd._validation import as_layers, check_float_array, check_mask, check_positive_int
 
 __all__ = [
@@ -1118,7 +1118,10 @@ class DumpWriter:
     or a writer closed early leaves no file (and an existing ``path``
     untouched). Memory: one batch (plus a copy of one layer of it when it is
     padded to ``seq_len`` or cast to the stored dtype). Each layer of a batch
-    is one write (its rows are contiguous in the file).
+    is one write (its rows are contiguous in the file), and a thread flushes
+    what was written to disk while the caller computes the next batch
+    (:class:`pkd._atomic.BackgroundSync`), so :meth:`close` (which still
+    calls ``fsync`` before the rename) finds little left to flush.
 
     Token-level batches may be shorter than ``seq_len``: each is padded to
     ``seq_len`` on ``padding_side`` with zeros, and the stored
@@ -1187,6 +1190,7 @@ class DumpWriter:
         self.rows_written = 0
         self._layout: list[_Slot] | None = None
         self._file = None
+        self._sync: BackgroundSync | None = None
         self._stack = contextlib.ExitStack()
         self._tmp = self._stack.enter_context(atomic_path(self.path))
         self.closed = False
@@ -1219,6 +1223,7 @@ class DumpWriter:
         self._file = open(self._tmp, "r+b", buffering=0)  # noqa: SIM115 - closed in close()
         self._write_at(0, len(raw).to_bytes(8, "little") + raw)
         self._file.truncate(start + offset)  # the whole size at once; the batches fill it
+        self._sync = BackgroundSync(self._file.fileno(), str(self.path))
         self._layout = [_Slot(k, s, d.newbyteorder("<"), start + o,
                               int(np.prod(s[1:])) * d.itemsize) for k, s, d, o in layout]
 
@@ -1294,6 +1299,9 @@ class DumpWriter:
             Shapes, dtypes or mask inconsistent with the first batch, more rows
             than ``n_rows``, a shorter batch without a mask. The batch is not
             written; the writer stays usable.
+        OSError
+            Writing, or flushing earlier batches to disk, failed. The writer
+            will not produce a file: :meth:`close` raises too.
         """
         if self.closed:
             raise DumpError(f"{self.path}: the writer is closed")
@@ -1320,6 +1328,7 @@ class DumpWriter:
             else:
                 block = np.ascontiguousarray(value, dtype=slot.dtype)
             self._write_at(slot.offset + self.rows_written * slot.row_bytes, block)
+            self._sync.wrote(block.nbytes)
         self.rows_written += batch
 
     # -- finishing ---------------------------------------------------------
@@ -1331,6 +1340,8 @@ class DumpWriter:
         ------
         DumpError
             Fewer than ``n_rows`` rows were appended (nothing is written).
+        OSError
+            Flushing to disk failed (nothing is written).
         """
         if self.closed:
             return self.path
@@ -1341,9 +1352,14 @@ class DumpWriter:
             )
             self.abort(error)
             raise error
+        try:
+            self._sync.stop()
+        except OSError as error:
+            self.abort(error)
+            raise
         self._file.close()
         self.closed = True
-        self._stack.close()  # fsync and rename
+        self._stack.close()  # fsync (the tail the thread did not flush) and rename
         return self.path
 
     def abort(self, error: BaseException | None = None) -> None:
@@ -1351,6 +1367,8 @@ class DumpWriter:
         if self.closed:
             return
         self.closed = True
+        if self._sync is not None:
+            self._sync.stop(check=False)
         if self._file is not None:
             self._file.close()
         error = error or DumpError(f"{self.path}: writing aborted")
