@@ -1132,8 +1132,10 @@ def test_dump_writer_flushes_in_the_background_and_fsyncs_before_the_rename(tmp_
 def test_a_failed_background_flush_fails_the_dump(tmp_path, monkeypatch):
     """An I/O error of the flush thread is raised, and no file is left (nor a thread)."""
     monkeypatch.setattr(_atomic, "SYNC_EVERY_BYTES", 1)
+    failed = threading.Event()
 
     def failing(fd):
+        failed.set()
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(os, "fdatasync", failing)
@@ -1144,6 +1146,7 @@ def test_a_failed_background_flush_fails_the_dump(tmp_path, monkeypatch):
         with io.DumpWriter(path, 8, seq_len=4) as writer:
             for layers, mask in _batches(rng, [4, 4], [4, 2]):
                 writer.append(layers, attention_mask=mask)
+                assert failed.wait(10)  # the thread tried (a stop before it would skip it)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.safetensors"]
     assert _sync_threads() == []
