@@ -11,9 +11,10 @@ The temporary name keeps the target's suffix (``.out.png.k3j2.tmp.png``) so
 writers that pick a format from the extension (``matplotlib.savefig``) still
 work when handed the temporary path.
 
-A file written over a long time (a dump, batch by batch) can be made durable
-as it grows: :class:`BackgroundSync` syncs what was already written in a
-thread while the caller computes the next part, so the final flush finds
+A file written over a long time (a dump, batch by batch) can be written and
+made durable as it grows: :class:`BackgroundWriter` writes each part in a
+thread and :class:`BackgroundSync` flushes what was already written in
+another, while the caller computes the next part, so the final flush finds
 little left.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -102,6 +104,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     _fsync_path(parent, directory=True)
 
 
+def _failed(name: str, what: str, error: OSError) -> OSError:
+    """``error`` (from a background thread) as an OSError naming the file and the step."""
+    failed = OSError(error.errno, f"{name}: {what} failed: {error.strerror or error}")
+    failed.__cause__ = error
+    return failed
+
+
 # What the sync thread waits for before flushing: a few syncs per 100 MB keep each one large.
 SYNC_EVERY_BYTES = 8 << 20
 
@@ -153,9 +162,7 @@ class BackgroundSync:
 
     def _raise(self) -> None:
         if self._error is not None:
-            error = self._error
-            raise OSError(error.errno, f"{self._name}: flushing to disk failed: "
-                          f"{error.strerror or error}") from error
+            raise _failed(self._name, "flushing to disk", self._error)
 
     def wrote(self, nbytes: int) -> None:
         """Count ``nbytes`` just written; wake the thread every ``every`` bytes.
@@ -184,6 +191,128 @@ class BackgroundSync:
         self._thread.join()
         if check:
             self._raise()
+
+
+def write_at(fd: int, offset: int, data) -> None:
+    """Write all of ``data`` (a C-contiguous buffer) at ``offset`` of the file ``fd``."""
+    view = memoryview(data).cast("B")
+    while view:
+        if hasattr(os, "pwrite"):
+            n = os.pwrite(fd, view, offset)
+        else:  # pragma: no cover - Windows; only one thread writes the file
+            os.lseek(fd, offset, os.SEEK_SET)
+            n = os.write(fd, view)
+        view, offset = view[n:], offset + n
+
+
+class BackgroundWriter:
+    """Write parts of a file in a thread (``pkd-write``), flushing them in another.
+
+    :meth:`write` queues a buffer for its offset and returns; the thread
+    writes it (the GIL is released in ``pwrite``, so the copy into the page
+    cache overlaps the caller's work) and counts it for a
+    :class:`BackgroundSync`. :meth:`write_now` writes in the caller's thread
+    instead (a buffer the caller will reuse, with no copy held). A failed
+    write or flush is raised by the next :meth:`write`, :meth:`write_now`,
+    :meth:`wait` or :meth:`stop`; once one failed, the queued parts are
+    dropped.
+
+    Parameters
+    ----------
+    fd : int
+        An open file descriptor; keep it open until :meth:`stop` returns.
+    name : str
+        The file's name, for error messages.
+    every : int, optional
+        Bytes written between two flushes (default ``SYNC_EVERY_BYTES``).
+    """
+
+    def __init__(self, fd: int, name: str, every: int | None = None):
+        self._fd, self._name = fd, name
+        self._sync = BackgroundSync(fd, name, every)
+        self._queue: queue.Queue = queue.Queue()
+        self._error: OSError | None = None
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._run, name="pkd-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None and not self._cancelled:
+                    self._write(*item)
+            finally:
+                item = None  # released before wait() returns: the caller's memory stays bounded
+                self._queue.task_done()
+
+    def _write(self, offset: int, data) -> None:
+        try:
+            write_at(self._fd, offset, data)
+        except OSError as error:
+            self._error = _failed(self._name, "writing", error)
+            return
+        try:
+            self._sync.wrote(memoryview(data).nbytes)
+        except OSError as error:  # a failed flush, already named
+            self._error = error
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, offset: int, data) -> None:
+        """Queue ``data`` (C-contiguous; unmodified until :meth:`wait`) for ``offset``.
+
+        Raises
+        ------
+        OSError
+            An earlier write or flush failed.
+        """
+        self._raise()
+        self._queue.put((offset, data))
+
+    def write_now(self, offset: int, data) -> None:
+        """Write ``data`` at ``offset`` in the calling thread (nothing may be queued).
+
+        Raises
+        ------
+        OSError
+            This write, or an earlier write or flush, failed.
+        """
+        self._raise()
+        self._write(offset, data)
+        self._raise()
+
+    def wait(self) -> None:
+        """Return once every queued part is written (then the caller may reuse them).
+
+        Raises
+        ------
+        OSError
+            A write or flush failed.
+        """
+        self._queue.join()
+        self._raise()
+
+    def stop(self, *, check: bool = True) -> None:
+        """Write what is queued (``check=False``: drop it), then end both threads.
+
+        Raises
+        ------
+        OSError
+            A write or flush failed (unless ``check=False``).
+        """
+        self._cancelled = not check
+        self._queue.put(None)
+        self._thread.join()
+        try:
+            self._sync.stop(check=check)
+        finally:
+            if check:
+                self._raise()
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:

@@ -582,7 +582,8 @@ def dump_hidden_states(
                     h = hidden[i]
                     h = h.float() if h.dtype not in (torch.float32, torch.float64) else h
                     arrays.append(_pooled(h.cpu().numpy(), mask, pool, stored))
-                writer.append(arrays, mask if pool == "none" else None)
+                # The arrays are this batch's own: written while the next batch runs.
+                writer.append(arrays, mask if pool == "none" else None, wait=False)
                 bar.update(stop - start)
         return writer.close()
     except BaseException as exc:

@@ -1030,14 +1030,15 @@ def _batches(rng, sizes, lengths, widths=(6, 4), dtype=np.float32):
         yield [rng.standard_normal((b, t, d)).astype(dtype) for d in widths], mask
 
 
+@pytest.mark.parametrize("wait", [True, False])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_dump_writer_pads_batches_to_seq_len(tmp_path, side):
+def test_dump_writer_pads_batches_to_seq_len(tmp_path, side, wait):
     rng = np.random.default_rng(30)
     batches = list(_batches(rng, [3, 2, 4], [5, 7, 2]))
     path = tmp_path / "w.safetensors"
     with io.DumpWriter(path, 9, seq_len=7, metadata={"k": "v"}, padding_side=side) as writer:
         for layers, mask in batches:
-            writer.append(layers, attention_mask=mask)
+            writer.append(layers, attention_mask=mask, wait=wait)
     # Witness: the padded arrays built here, written by safetensors' own writer and read back.
     want, want_mask = [np.zeros((9, 7, d), np.float32) for d in (6, 4)], np.zeros((9, 7), bool)
     row = 0
@@ -1083,7 +1084,8 @@ def test_dump_writer_casts_a_short_batch_into_its_padded_block(tmp_path):
 
 
 def _sync_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "pkd-sync"]
+    """DumpWriter's threads still alive: the flushing one and the writing one."""
+    return [t for t in threading.enumerate() if t.name in ("pkd-sync", "pkd-write")]
 
 
 def test_dump_writer_flushes_in_the_background_and_fsyncs_before_the_rename(tmp_path,
@@ -1117,7 +1119,7 @@ def test_dump_writer_flushes_in_the_background_and_fsyncs_before_the_rename(tmp_
                 if any(e[0] == "fdatasync" for e in events):
                     break
                 threading.Event().wait(0.01)
-        assert len(_sync_threads()) == 1
+        assert len(_sync_threads()) == 2
     inode = path.stat().st_ino
     background = [e for e in events if e[0] == "fdatasync"]
     assert background and all(e[1:] == ("pkd-sync", inode) for e in background)
@@ -1127,6 +1129,68 @@ def test_dump_writer_flushes_in_the_background_and_fsyncs_before_the_rename(tmp_
     assert _sync_threads() == []
     with load_dump(path) as dump:
         assert dump.lead_shape == (16, 6)
+
+
+def test_dump_writer_writes_in_its_thread_one_batch_in_flight(tmp_path, monkeypatch):
+    """wait=False returns before the batch is written; the next append waits for it."""
+    gate, written, pwrite = threading.Event(), [], os.pwrite
+
+    def gated_pwrite(fd, data, offset):
+        if threading.current_thread().name == "pkd-write":
+            assert gate.wait(10)
+        n = pwrite(fd, data, offset)
+        written.append((threading.current_thread().name, offset))
+        return n
+
+    monkeypatch.setattr(os, "pwrite", gated_pwrite)
+    rng = np.random.default_rng(39)
+    batches = list(_batches(rng, [3, 3], [4, 2], widths=(5, 2, 3)))
+    path = tmp_path / "b.safetensors"
+    with io.DumpWriter(path, 6, seq_len=4) as writer:
+        writer.append(*batches[0], wait=False)
+        assert [name for name, _ in written] == ["MainThread"]  # the header; the batch waits
+        threading.Timer(0.2, gate.set).start()
+        writer.append(*batches[1], wait=False)
+        # Returned: the first batch's 3 layers and mask were written by the thread.
+        assert [name for name, _ in written[1:5]] == ["pkd-write"] * 4
+    assert len(written) == 9 and {name for name, _ in written[1:]} == {"pkd-write"}
+    with load_dump(path) as dump:
+        np.testing.assert_array_equal(dump[0][3:, :2], batches[1][0][0])
+        np.testing.assert_array_equal(dump[2][:3], batches[0][0][2])
+
+
+def test_a_failed_background_write_fails_the_dump_and_an_abort_drops_the_queue(tmp_path,
+                                                                               monkeypatch):
+    pwrite = os.pwrite
+
+    def full(fd, data, offset):
+        if threading.current_thread().name == "pkd-write":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full)
+    rng = np.random.default_rng(40)
+    path = tmp_path / "n.safetensors"
+    with pytest.raises(OSError, match="n.safetensors: writing failed: No space left"):
+        with io.DumpWriter(path, 8, seq_len=4) as writer:
+            for layers, mask in _batches(rng, [4, 4], [4, 2]):
+                writer.append(layers, attention_mask=mask, wait=False)
+    assert list(tmp_path.iterdir()) == [] and _sync_threads() == []
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    entered, gate, calls = threading.Event(), threading.Event(), []
+
+    def held(*args):
+        entered.set()
+        calls.append(gate.wait(10))
+
+    monkeypatch.setattr(_atomic, "write_at", held)
+    with pytest.raises(KeyboardInterrupt), io.DumpWriter(path, 8, seq_len=4) as writer:
+        writer.append(*next(_batches(rng, [4], [4])), wait=False)  # 3 writes, held at the gate
+        assert entered.wait(10)
+        threading.Timer(0.2, gate.set).start()
+        raise KeyboardInterrupt
+    assert calls == [True]  # the write under way finished, the 2 queued were dropped
+    assert list(tmp_path.iterdir()) == [] and _sync_threads() == []
 
 
 def test_a_failed_background_flush_fails_the_dump(tmp_path, monkeypatch):
