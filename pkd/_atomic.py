@@ -208,8 +208,8 @@ def write_at(fd: int, offset: int, data) -> None:
 class BackgroundWriter:
     """Write parts of a file in a thread (``pkd-write``), flushing them in another.
 
-    :meth:`write` queues a buffer for its offset and returns; the thread
-    writes it (the GIL is released in ``pwrite``, so the copy into the page
+    :meth:`write` queues buffers for their offsets and returns; the thread
+    writes them (the GIL is released in ``pwrite``, so the copy into the page
     cache overlaps the caller's work) and counts it for a
     :class:`BackgroundSync`. :meth:`write_now` writes in the caller's thread
     instead (a buffer the caller will reuse, with no copy held). A failed
@@ -242,11 +242,16 @@ class BackgroundWriter:
             try:
                 if item is None:
                     return
-                if self._error is None and not self._cancelled:
-                    self._write(*item)
+                self._write_all(item)
             finally:
                 item = None  # released before wait() returns: the caller's memory stays bounded
                 self._queue.task_done()
+
+    def _write_all(self, parts: list) -> None:
+        for offset, data in parts:  # a batch's parts in one item: one wake-up of the thread
+            if self._error is not None or self._cancelled:
+                return
+            self._write(offset, data)
 
     def _write(self, offset: int, data) -> None:
         try:
@@ -263,8 +268,10 @@ class BackgroundWriter:
         if self._error is not None:
             raise self._error
 
-    def write(self, offset: int, data) -> None:
-        """Queue ``data`` (C-contiguous; unmodified until :meth:`wait`) for ``offset``.
+    def write(self, parts) -> None:
+        """Queue ``(offset, data)`` pairs to be written in order, and return.
+
+        Each ``data`` is C-contiguous and must stay unmodified until :meth:`wait`.
 
         Raises
         ------
@@ -272,7 +279,7 @@ class BackgroundWriter:
             An earlier write or flush failed.
         """
         self._raise()
-        self._queue.put((offset, data))
+        self._queue.put(list(parts))
 
     def write_now(self, offset: int, data) -> None:
         """Write ``data`` at ``offset`` in the calling thread (nothing may be queued).

@@ -1319,6 +1319,7 @@ class DumpWriter:
             self._start(arrays, mask)
         self._io.wait()  # the previous batch is written (and released): one at a time in flight
         values = arrays + ([mask.astype(np.uint8)] if mask is not None else [])
+        parts = []
         for slot, value in zip(self._layout, values, strict=True):
             if seq is not None and seq < self.seq_len:  # padded to seq_len: one block, one write
                 block = np.zeros((batch, *slot.shape[1:]), dtype=slot.dtype)
@@ -1330,7 +1331,9 @@ class DumpWriter:
             if wait:  # one layer's copy at a time, as memory goes
                 self._io.write_now(offset, block)
             else:
-                self._io.write(offset, block)
+                parts.append((offset, block))
+        if parts:
+            self._io.write(parts)
         self.rows_written += batch
 
     # -- finishing ---------------------------------------------------------
