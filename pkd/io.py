@@ -1346,7 +1346,7 @@ class DumpWriter:
         DumpError
             Fewer than ``n_rows`` rows were appended (nothing is written).
         OSError
-            Flushing to disk failed (nothing is written).
+            Writing or flushing to disk failed (nothing is written).
         """
         if self.closed:
             return self.path
