@@ -788,7 +788,9 @@ def bench_dump(n_texts=2048, memory_texts=(1000, 20_000), batch_size=DUMP_BATCH,
     process with ``torch_threads`` torch threads (one by default: a width-64
     model's forward is too small for torch's intra-op pool, whose waits then
     make the figure the machine's load; see docs/performance.md): ``dump``,
-    the whole call writing its ``.safetensors``; ``forward``, the model alone under
+    the whole call writing its ``.safetensors`` (a new file each run, as a dump
+    to a new path: overwriting a dump adds the file system's deletion of the
+    old one, see docs/performance.md); ``forward``, the model alone under
     ``torch.inference_mode()`` with ``output_hidden_states=True`` on the
     same padded batches, prepared beforehand; ``tokenise``, what a plain
     loop pays for those batches (``tokenizer(batch, padding=True,
@@ -828,15 +830,17 @@ def bench_dump(n_texts=2048, memory_texts=(1000, 20_000), batch_size=DUMP_BATCH,
 
         def tokenise_once():  # the dump's way: every text tokenised once, batches padded
             tokens = _tokenise(tokenizer, texts, None)
-            return [_padded_batch(tokenizer, tokens, s, e) for s, e in spans]
+            return [_padded_batch(tokenizer, tokens, s, e)[0] for s, e in spans]
 
         def forward():
             with torch.inference_mode():
                 for batch in batches:
                     model(**batch, output_hidden_states=True)
 
-        def dump():
-            dump_hidden_states(model, tokenizer, texts, tmp / "timed.safetensors",
+        runs = iter(range(1_000_000))
+
+        def dump():  # a new file each run: replacing the last would time its deletion too
+            dump_hidden_states(model, tokenizer, texts, tmp / f"timed{next(runs)}.safetensors",
                                batch_size=batch_size, pool="none", progress=False)
 
         threads = torch.get_num_threads()

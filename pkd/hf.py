@@ -295,28 +295,80 @@ def _tokenise(tokenizer, texts, max_length: int | None, chunk_size: int = 1024) 
                    offsets)
 
 
+# What each tokenizer output is padded with, as transformers pads it (its ``_pad`` and the
+# fast tokenizers' backend): the main input gets the pad token, ``token_type_ids`` the pad
+# type id, ``special_tokens_mask`` 1 (padding is special).
+_PADDED_KEYS = ("token_type_ids", "special_tokens_mask")
+
+
+def _pad_values(tokenizer, keys) -> dict[str, int]:
+    """The value padding takes in each of ``keys`` (a tokenizer's outputs), as it pads them.
+
+    Raises
+    ------
+    ValueError
+        The tokenizer has no padding token (it refuses ``padding=True`` too), or
+        returns an output it does not pad (a batch of it could not be a tensor).
+    """
+    main = tokenizer.model_input_names[0]
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if getattr(tokenizer, "pad_token", None) is None or pad_id is None or pad_id < 0:
+        raise ValueError(
+            f"{type(tokenizer).__name__} has no padding token, and a token-level dump pads "
+            "every batch: set one (e.g. tokenizer.pad_token = tokenizer.eos_token, then "
+            "tokenizer.save_pretrained(MODEL_DIR))"
+        )
+    values = {}
+    for key in keys:
+        if key == main:
+            values[key] = int(pad_id)
+        elif key == "token_type_ids":
+            values[key] = int(tokenizer.pad_token_type_id)
+        elif key == "special_tokens_mask":
+            values[key] = 1
+        else:
+            raise ValueError(
+                f"{type(tokenizer).__name__} returns {key!r}, which it does not pad (it pads "
+                f"{main!r} and {', '.join(map(repr, _PADDED_KEYS))}): pkd cannot batch it"
+            )
+    return values
+
+
 def _padded_batch(tokenizer, tokens: _Tokens, start: int, stop: int):
-    """Texts ``start:stop`` as model input, padded to their longest by ``tokenizer.pad``.
+    """Texts ``start:stop`` as model input, padded in NumPy to their longest.
 
     The same tensors as ``tokenizer(texts[start:stop], padding=True,
-    return_tensors="pt")`` (on the tokenizer's ``padding_side``), without
-    tokenising again: ``input_ids`` etc. ``(B, T_batch)`` int64 and
-    ``attention_mask``.
+    return_tensors="pt")`` (on the tokenizer's ``padding_side``, with its pad
+    token and pad token type id, an ``attention_mask`` when the model takes
+    one), without tokenising again or building Python lists.
+
+    Returns
+    -------
+    batch : dict of str to torch.Tensor
+        ``input_ids`` etc. ``(B, T_batch)`` int64, and ``attention_mask``
+        when ``"attention_mask"`` is one of ``tokenizer.model_input_names``.
+    real : numpy.ndarray
+        ``(B, T_batch)`` bool, True on the texts' own tokens.
     """
-    offsets = tokens.offsets
-    features = {key: [ids[offsets[i]:offsets[i + 1]].tolist() for i in range(start, stop)]
-                for key, ids in tokens.ids.items()}
-    warned = getattr(tokenizer, "deprecation_warnings", None)
-    if warned is None:
-        return tokenizer.pad(features, padding=True, return_tensors="pt")
-    # transformers 4 advises fast tokenizers to pad by __call__, which would tokenise again.
-    key = "Asking-to-pad-a-fast-tokenizer"
-    before = warned.get(key, False)
-    warned[key] = True
-    try:
-        return tokenizer.pad(features, padding=True, return_tensors="pt")
-    finally:
-        warned[key] = before
+    import torch
+
+    lengths = tokens.offsets[start + 1:stop + 1] - tokens.offsets[start:stop]
+    width = int(lengths.max())
+    positions = np.arange(width)
+    if getattr(tokenizer, "padding_side", "right") == "left":
+        real = positions >= (width - lengths)[:, None]
+    else:
+        real = positions < lengths[:, None]
+    # Row-major order of the True cells is the texts' tokens end to end, for either side.
+    first, last = tokens.offsets[start], tokens.offsets[stop]
+    batch = {}
+    for key, value in _pad_values(tokenizer, tokens.ids).items():
+        padded = np.full(real.shape, value, dtype=np.int64)
+        padded[real] = tokens.ids[key][first:last]
+        batch[key] = torch.from_numpy(padded)
+    if "attention_mask" in tokenizer.model_input_names:
+        batch["attention_mask"] = torch.from_numpy(real.astype(np.int64))
+    return batch, real
 
 
 def _check_lengths(lengths: np.ndarray, limit: int | None, first: int) -> None:
@@ -461,6 +513,7 @@ def dump_hidden_states(
     tokens = longest = None
     if pool == "none":  # T, the stored length, is needed first; pooled dumps check each batch
         tokens = _tokenise(tokenizer, texts, max_length)
+        _pad_values(tokenizer, tokens.ids)  # refuse a tokenizer that cannot pad, before the model
         lengths = tokens.lengths
         longest = int(lengths.max())
         _check_lengths(lengths, limit, 0)
@@ -505,11 +558,12 @@ def dump_hidden_states(
             for start in range(0, len(texts), batch_size):
                 stop = min(start + batch_size, len(texts))
                 if tokens is not None:  # each text is tokenised once
-                    batch = _padded_batch(tokenizer, tokens, start, stop)
+                    batch, mask = _padded_batch(tokenizer, tokens, start, stop)
                 else:
                     batch = tokenizer(list(texts[start:stop]), padding=True,
                                       truncation=max_length is not None, max_length=max_length,
                                       return_tensors="pt")
+                    mask = batch["attention_mask"].numpy().astype(bool)
                 if tokens is None and limit is not None and batch["input_ids"].shape[1] > limit:
                     _check_lengths(batch["attention_mask"].sum(dim=1).numpy(), limit, start)
                 batch = {k: v.to(device) for k, v in batch.items()}
@@ -523,13 +577,13 @@ def dump_hidden_states(
                     writer = DumpWriter(path, len(texts),
                                         seq_len=longest if pool == "none" else None,
                                         metadata=info, padding_side=side)
-                mask = batch["attention_mask"].cpu().numpy().astype(bool)
                 arrays = []
                 for i in layers:
                     h = hidden[i]
                     h = h.float() if h.dtype not in (torch.float32, torch.float64) else h
                     arrays.append(_pooled(h.cpu().numpy(), mask, pool, stored))
-                writer.append(arrays, mask if pool == "none" else None)
+                # The arrays are this batch's own: written while the next batch runs.
+                writer.append(arrays, mask if pool == "none" else None, wait=False)
                 bar.update(stop - start)
         return writer.close()
     except BaseException as exc:

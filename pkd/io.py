@@ -99,7 +99,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from pkd._atomic import atomic_open, atomic_path
+from pkd._atomic import BackgroundWriter, atomic_open, atomic_path, write_at
 from pkd._validation import as_layers, check_float_array, check_mask, check_positive_int
 
 __all__ = [
@@ -1116,8 +1116,14 @@ class DumpWriter:
     its place in a temporary file next to ``path``; :meth:`close` renames it
     into place once all ``n_rows`` rows are written. An error, an interrupt,
     or a writer closed early leaves no file (and an existing ``path``
-    untouched). Memory: one batch (plus a cast copy of one layer of it when
-    its dtype differs from the stored one).
+    untouched). Memory: one batch (plus a copy of one layer of it when it is
+    padded to ``seq_len`` or cast to the stored dtype; with ``wait=False``,
+    the batch being written and its copies as well). Each layer of a batch is
+    one write (its rows are contiguous in the file), made by a thread with
+    ``wait=False``, and another thread flushes what was written to disk while
+    the caller computes the next batch (:class:`pkd._atomic.BackgroundWriter`),
+    so :meth:`close` (which still calls ``fsync`` before the rename) finds
+    little left to flush.
 
     Token-level batches may be shorter than ``seq_len``: each is padded to
     ``seq_len`` on ``padding_side`` with zeros, and the stored
@@ -1186,6 +1192,7 @@ class DumpWriter:
         self.rows_written = 0
         self._layout: list[_Slot] | None = None
         self._file = None
+        self._io: BackgroundWriter | None = None
         self._stack = contextlib.ExitStack()
         self._tmp = self._stack.enter_context(atomic_path(self.path))
         self.closed = False
@@ -1216,21 +1223,11 @@ class DumpWriter:
         raw += b" " * (-len(raw) % 8)  # the format allows space padding; 8-byte aligned data
         start = 8 + len(raw)
         self._file = open(self._tmp, "r+b", buffering=0)  # noqa: SIM115 - closed in close()
-        self._write_at(0, len(raw).to_bytes(8, "little") + raw)
-        # The data region reads as zeros until written: padding is never written at all.
-        self._file.truncate(start + offset)
+        write_at(self._file.fileno(), 0, len(raw).to_bytes(8, "little") + raw)
+        self._file.truncate(start + offset)  # the whole size at once; the batches fill it
+        self._io = BackgroundWriter(self._file.fileno(), str(self.path))
         self._layout = [_Slot(k, s, d.newbyteorder("<"), start + o,
                               int(np.prod(s[1:])) * d.itemsize) for k, s, d, o in layout]
-
-    def _write_at(self, offset: int, data) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            if hasattr(os, "pwrite"):
-                n = os.pwrite(self._file.fileno(), view, offset)
-            else:  # pragma: no cover - Windows
-                self._file.seek(offset)
-                n = self._file.write(view)
-            view, offset = view[n:], offset + n
 
     def _check_batch(self, layers, attention_mask):
         _refuse_torch(layers, "layers")
@@ -1276,7 +1273,7 @@ class DumpWriter:
             )
         return arrays, mask, batch
 
-    def append(self, layers, attention_mask=None) -> None:
+    def append(self, layers, attention_mask=None, *, wait: bool = True) -> None:
         """Write the next batch of rows.
 
         Parameters
@@ -1287,6 +1284,12 @@ class DumpWriter:
         attention_mask : array_like, optional
             0/1 of shape ``(b, t)`` (or ``(b,)``); needed when ``t < seq_len``.
             Give it for every batch or for none.
+        wait : bool
+            Return once the batch is written (the default). ``False``: return
+            at once, a thread writing it while the caller computes the next
+            batch; the arrays must then stay unmodified until the next
+            :meth:`append` or :meth:`close` (which wait for it). At most one
+            batch is in flight.
 
         Raises
         ------
@@ -1294,6 +1297,9 @@ class DumpWriter:
             Shapes, dtypes or mask inconsistent with the first batch, more rows
             than ``n_rows``, a shorter batch without a mask. The batch is not
             written; the writer stays usable.
+        OSError
+            Writing, or flushing earlier batches to disk, failed. The writer
+            will not produce a file: :meth:`close` raises too.
         """
         if self.closed:
             raise DumpError(f"{self.path}: the writer is closed")
@@ -1311,17 +1317,23 @@ class DumpWriter:
             )
         if self._layout is None:
             self._start(arrays, mask)
+        self._io.wait()  # the previous batch is written (and released): one at a time in flight
         values = arrays + ([mask.astype(np.uint8)] if mask is not None else [])
+        parts = []
         for slot, value in zip(self._layout, values, strict=True):
-            value = np.ascontiguousarray(value, dtype=slot.dtype)
-            base = slot.offset + self.rows_written * slot.row_bytes
-            if seq is not None and seq < self.seq_len:  # one write per sequence
-                shift = 0 if self.padding_side == "right" else (
-                    (self.seq_len - seq) * (slot.row_bytes // self.seq_len))
-                for b in range(batch):
-                    self._write_at(base + b * slot.row_bytes + shift, value[b])
+            if seq is not None and seq < self.seq_len:  # padded to seq_len: one block, one write
+                block = np.zeros((batch, *slot.shape[1:]), dtype=slot.dtype)
+                at = slice(0, seq) if self.padding_side == "right" else slice(-seq, None)
+                block[:, at] = value
             else:
-                self._write_at(base, value)
+                block = np.ascontiguousarray(value, dtype=slot.dtype)
+            offset = slot.offset + self.rows_written * slot.row_bytes
+            if wait:  # one layer's copy at a time, as memory goes
+                self._io.write_now(offset, block)
+            else:
+                parts.append((offset, block))
+        if parts:
+            self._io.write(parts)
         self.rows_written += batch
 
     # -- finishing ---------------------------------------------------------
@@ -1333,6 +1345,8 @@ class DumpWriter:
         ------
         DumpError
             Fewer than ``n_rows`` rows were appended (nothing is written).
+        OSError
+            Writing or flushing to disk failed (nothing is written).
         """
         if self.closed:
             return self.path
@@ -1343,9 +1357,14 @@ class DumpWriter:
             )
             self.abort(error)
             raise error
+        try:
+            self._io.stop()
+        except OSError as error:
+            self.abort(error)
+            raise
         self._file.close()
         self.closed = True
-        self._stack.close()  # fsync and rename
+        self._stack.close()  # fsync (the tail the thread did not flush) and rename
         return self.path
 
     def abort(self, error: BaseException | None = None) -> None:
@@ -1353,6 +1372,8 @@ class DumpWriter:
         if self.closed:
             return
         self.closed = True
+        if self._io is not None:
+            self._io.stop(check=False)
         if self._file is not None:
             self._file.close()
         error = error or DumpError(f"{self.path}: writing aborted")

@@ -212,11 +212,78 @@ def test_each_text_is_tokenised_once(hf_models, tmp_path, monkeypatch, pool):
     assert sorted(seen) == sorted(TEXTS)
 
 
-@pytest.mark.parametrize(("side", "max_length"), [("right", None), ("left", None), ("left", 6)])
+def _retokenizer(tokenizer, variant: str):
+    """The tokenizer changed as ``variant`` says: how other models' tokenizers differ."""
+    if variant == "no token_type_ids":  # e.g. RoBERTa's, GPT-2's
+        tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    elif variant == "pad token 4, type 1":  # padding that is not id 0
+        tokenizer.pad_token = "[MASK]"
+        tokenizer._pad_token_type_id = 1  # no public setter; what the tokenizer pads with
+        assert (tokenizer.pad_token_id, tokenizer.pad_token_type_id) == (4, 1)
+    elif variant == "no attention_mask":
+        tokenizer.model_input_names = ["input_ids", "token_type_ids"]
+    return tokenizer
+
+
+@pytest.mark.parametrize("variant", ["", "no token_type_ids", "pad token 4, type 1",
+                                     "no attention_mask"])
+@pytest.mark.parametrize(("side", "max_length"), [("right", None), ("left", None), ("right", 6),
+                                                  ("left", 6)])
+def test_numpy_padding_is_the_tokenizers(hf_models, side, max_length, variant):
+    """_padded_batch against tokenizer(batch, padding=True, truncation, max_length) itself."""
+    _, tokenizer = hf.load_model(hf_models["teacher"])
+    tokenizer = _retokenizer(tokenizer, variant)
+    tokenizer.padding_side = side
+    tokens = hf._tokenise(tokenizer, TEXTS, max_length, chunk_size=7)  # chunks meet mid-batch
+    for start in range(0, len(TEXTS), BATCH):
+        stop = min(start + BATCH, len(TEXTS))
+        kwargs = {"truncation": max_length is not None, "max_length": max_length}
+        want = tokenizer(TEXTS[start:stop], padding=True, return_tensors="pt", **kwargs)
+        got, real = hf._padded_batch(tokenizer, tokens, start, stop)
+        assert sorted(got) == sorted(want)
+        for key, value in want.items():
+            assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+        mask = tokenizer(TEXTS[start:stop], padding=True, return_attention_mask=True,
+                         return_tensors="np", **kwargs)["attention_mask"]
+        np.testing.assert_array_equal(real, mask.astype(bool))
+        assert (real[:, 0] if side == "right" else real[:, -1]).all()
+
+
+def test_numpy_padding_of_special_tokens_mask_and_an_output_it_cannot_pad(hf_models):
+    _, tokenizer = hf.load_model(hf_models["teacher"])
+    tokenizer.padding_side = "left"
+    enc = tokenizer(TEXTS, return_special_tokens_mask=True, return_attention_mask=False)
+    offsets = np.concatenate([[0], np.cumsum([len(ids) for ids in enc["input_ids"]])])
+    tokens = hf._Tokens({key: np.concatenate(values).astype(np.int32)
+                         for key, values in enc.items()}, offsets)
+    want = tokenizer(TEXTS[:BATCH], padding=True, return_special_tokens_mask=True,
+                     return_tensors="pt")
+    got, _ = hf._padded_batch(tokenizer, tokens, 0, BATCH)
+    assert sorted(got) == sorted(want) and "special_tokens_mask" in got
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+    tokens.ids["word_ids"] = tokens.ids["input_ids"]
+    with pytest.raises(ValueError, match="returns 'word_ids', which it does not pad"):
+        hf._padded_batch(tokenizer, tokens, 0, BATCH)
+
+
+def test_a_token_level_dump_needs_a_padding_token(hf_models, tmp_path):
+    model, tokenizer = hf.load_model(hf_models["student"])
+    tokenizer.pad_token = None
+    with pytest.raises(ValueError, match="BertTokenizer has no padding token.*pad_token"):
+        hf.dump_hidden_states(model, tokenizer, TEXTS, tmp_path / "x.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("side", "max_length", "variant"),
+                         [("right", None, ""), ("left", None, ""), ("left", 6, ""),
+                          ("right", None, "no token_type_ids"),
+                          ("left", None, "pad token 4, type 1")])
 def test_token_level_batches_are_the_tokenizers_own(hf_models, tmp_path, monkeypatch, side,
-                                                    max_length):
+                                                    max_length, variant):
     """Padded from the stored token ids: the model gets tokenizer(batch, padding=True), exactly."""
     model, tokenizer = hf.load_model(hf_models["teacher"])
+    tokenizer = _retokenizer(tokenizer, variant)
     tokenizer.padding_side = side
     want = [tokenizer(TEXTS[start:start + BATCH], padding=True, return_tensors="pt",
                       truncation=max_length is not None, max_length=max_length)
@@ -360,6 +427,10 @@ def test_an_error_mid_dump_leaves_no_file(hf_models, tmp_path):
     assert path.read_bytes() == b"previous content"
     no_leftovers(tmp_path, ["s.safetensors"])
     assert not model.training
+    import threading
+
+    assert not [t for t in threading.enumerate()  # the writing and flushing threads
+                if t.name in ("pkd-write", "pkd-sync")]
 
 
 def test_dump_hidden_states_argument_errors(hf_models, tmp_path):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
 import tempfile
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file as st_save_file
 
-from pkd import io
+from pkd import _atomic, io
 from pkd._atomic import atomic_open, atomic_path, atomic_write, write_together
 from pkd.io import DumpError, LazyLayer, load_dump, save_dump
 
@@ -1028,14 +1030,15 @@ def _batches(rng, sizes, lengths, widths=(6, 4), dtype=np.float32):
         yield [rng.standard_normal((b, t, d)).astype(dtype) for d in widths], mask
 
 
+@pytest.mark.parametrize("wait", [True, False])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_dump_writer_pads_batches_to_seq_len(tmp_path, side):
+def test_dump_writer_pads_batches_to_seq_len(tmp_path, side, wait):
     rng = np.random.default_rng(30)
     batches = list(_batches(rng, [3, 2, 4], [5, 7, 2]))
     path = tmp_path / "w.safetensors"
     with io.DumpWriter(path, 9, seq_len=7, metadata={"k": "v"}, padding_side=side) as writer:
         for layers, mask in batches:
-            writer.append(layers, attention_mask=mask)
+            writer.append(layers, attention_mask=mask, wait=wait)
     # Witness: the padded arrays built here, written by safetensors' own writer and read back.
     want, want_mask = [np.zeros((9, 7, d), np.float32) for d in (6, 4)], np.zeros((9, 7), bool)
     row = 0
@@ -1059,6 +1062,158 @@ def test_dump_writer_pads_batches_to_seq_len(tmp_path, side):
     with load_dump(path) as dump:
         np.testing.assert_array_equal(dump.attention_mask, want_mask)
         np.testing.assert_array_equal(dump[1][:], want[1])
+
+
+def test_dump_writer_casts_a_short_batch_into_its_padded_block(tmp_path):
+    """A later float64 batch, shorter than seq_len, is rounded to the first batch's float16."""
+    rng = np.random.default_rng(36)
+    first = rng.standard_normal((2, 5, 3)).astype(np.float16)
+    later = rng.standard_normal((3, 2, 3))  # float64, 2 of 5 positions, left padding
+    path = tmp_path / "c.safetensors"
+    with io.DumpWriter(path, 5, seq_len=5, padding_side="left") as writer:
+        writer.append([first], attention_mask=np.ones((2, 5)))
+        writer.append([later], attention_mask=np.ones((3, 2)))
+    from safetensors.numpy import load_file
+
+    want = np.zeros((5, 5, 3), np.float16)
+    want[:2], want[2:, 3:] = first, later.astype(np.float16)
+    raw = load_file(path)
+    assert raw["hidden_states.0"].dtype == np.float16
+    np.testing.assert_array_equal(raw["hidden_states.0"], want)
+    np.testing.assert_array_equal(raw["attention_mask"][2:], [[0, 0, 0, 1, 1]] * 3)
+
+
+def _sync_threads() -> list[threading.Thread]:
+    """DumpWriter's threads still alive: the flushing one and the writing one."""
+    return [t for t in threading.enumerate() if t.name in ("pkd-sync", "pkd-write")]
+
+
+def test_dump_writer_flushes_in_the_background_and_fsyncs_before_the_rename(tmp_path,
+                                                                             monkeypatch):
+    """Written batches are fdatasync'ed by the pkd-sync thread; close() still fsyncs first."""
+    monkeypatch.setattr(_atomic, "SYNC_EVERY_BYTES", 1000)
+    events, fdatasync, fsync, replace = [], os.fdatasync, os.fsync, os.replace
+
+    def recording_fdatasync(fd):
+        events.append(("fdatasync", threading.current_thread().name, os.fstat(fd).st_ino))
+        fdatasync(fd)
+
+    def recording_fsync(fd):
+        events.append(("fsync", threading.current_thread().name, os.fstat(fd).st_ino))
+        fsync(fd)
+
+    def recording_replace(src, dst):
+        events.append(("replace", threading.current_thread().name, os.stat(src).st_ino))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fdatasync", recording_fdatasync)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    rng = np.random.default_rng(37)
+    path = tmp_path / "s.safetensors"
+    batches = list(_batches(rng, [4, 4, 4, 4], [6, 3, 6, 5]))
+    with io.DumpWriter(path, 16, seq_len=6) as writer:
+        for layers, mask in batches:
+            writer.append(layers, attention_mask=mask)
+            for _ in range(200):  # the model's forward, during which the thread flushes
+                if any(e[0] == "fdatasync" for e in events):
+                    break
+                threading.Event().wait(0.01)
+        assert len(_sync_threads()) == 2
+    inode = path.stat().st_ino
+    background = [e for e in events if e[0] == "fdatasync"]
+    assert background and all(e[1:] == ("pkd-sync", inode) for e in background)
+    final = events.index(("fsync", "MainThread", inode))  # the file's own, in close()
+    assert events.index(("replace", "MainThread", inode)) > final
+    assert not [e for e in events[final:] if e[0] == "fdatasync"]  # the thread ended first
+    assert _sync_threads() == []
+    with load_dump(path) as dump:
+        assert dump.lead_shape == (16, 6)
+
+
+def test_dump_writer_writes_in_its_thread_one_batch_in_flight(tmp_path, monkeypatch):
+    """wait=False returns before the batch is written; the next append waits for it."""
+    gate, written, pwrite = threading.Event(), [], os.pwrite
+
+    def gated_pwrite(fd, data, offset):
+        if threading.current_thread().name == "pkd-write":
+            assert gate.wait(10)
+        n = pwrite(fd, data, offset)
+        written.append((threading.current_thread().name, offset))
+        return n
+
+    monkeypatch.setattr(os, "pwrite", gated_pwrite)
+    rng = np.random.default_rng(39)
+    batches = list(_batches(rng, [3, 3], [4, 2], widths=(5, 2, 3)))
+    path = tmp_path / "b.safetensors"
+    with io.DumpWriter(path, 6, seq_len=4) as writer:
+        writer.append(*batches[0], wait=False)
+        assert [name for name, _ in written] == ["MainThread"]  # the header; the batch waits
+        threading.Timer(0.2, gate.set).start()
+        writer.append(*batches[1], wait=False)
+        # Returned: the first batch's 3 layers and mask were written by the thread.
+        assert [name for name, _ in written[1:5]] == ["pkd-write"] * 4
+    assert len(written) == 9 and {name for name, _ in written[1:]} == {"pkd-write"}
+    with load_dump(path) as dump:
+        np.testing.assert_array_equal(dump[0][3:, :2], batches[1][0][0])
+        np.testing.assert_array_equal(dump[2][:3], batches[0][0][2])
+
+
+def test_a_failed_background_write_fails_the_dump_and_an_abort_drops_the_queue(tmp_path,
+                                                                               monkeypatch):
+    pwrite = os.pwrite
+
+    def full(fd, data, offset):
+        if threading.current_thread().name == "pkd-write":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full)
+    rng = np.random.default_rng(40)
+    path = tmp_path / "n.safetensors"
+    with pytest.raises(OSError, match="n.safetensors: writing failed: No space left"):
+        with io.DumpWriter(path, 8, seq_len=4) as writer:
+            for layers, mask in _batches(rng, [4, 4], [4, 2]):
+                writer.append(layers, attention_mask=mask, wait=False)
+    assert list(tmp_path.iterdir()) == [] and _sync_threads() == []
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    entered, gate, calls = threading.Event(), threading.Event(), []
+
+    def held(*args):
+        entered.set()
+        calls.append(gate.wait(10))
+
+    monkeypatch.setattr(_atomic, "write_at", held)
+    with pytest.raises(KeyboardInterrupt), io.DumpWriter(path, 8, seq_len=4) as writer:
+        writer.append(*next(_batches(rng, [4], [4])), wait=False)  # 3 writes, held at the gate
+        assert entered.wait(10)
+        threading.Timer(0.2, gate.set).start()
+        raise KeyboardInterrupt
+    assert calls == [True]  # the write under way finished, the 2 queued were dropped
+    assert list(tmp_path.iterdir()) == [] and _sync_threads() == []
+
+
+def test_a_failed_background_flush_fails_the_dump(tmp_path, monkeypatch):
+    """An I/O error of the flush thread is raised, and no file is left (nor a thread)."""
+    monkeypatch.setattr(_atomic, "SYNC_EVERY_BYTES", 1)
+    failed = threading.Event()
+
+    def failing(fd):
+        failed.set()
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    rng = np.random.default_rng(38)
+    path = tmp_path / "f.safetensors"
+    path.write_bytes(b"old")
+    with pytest.raises(OSError, match="f.safetensors: flushing to disk failed: Input/output"):
+        with io.DumpWriter(path, 8, seq_len=4) as writer:
+            for layers, mask in _batches(rng, [4, 4], [4, 2]):
+                writer.append(layers, attention_mask=mask)
+                assert failed.wait(10)  # the thread tried (a stop before it would skip it)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.safetensors"]
+    assert _sync_threads() == []
 
 
 def test_dump_writer_pooled_rows_and_dtypes(tmp_path):
@@ -1123,6 +1278,7 @@ def test_dump_writer_leaves_nothing_on_error_and_keeps_an_old_file(tmp_path):
         raise KeyboardInterrupt
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+    assert _sync_threads() == []  # the flush thread ended with the writer
     writer = io.DumpWriter(tmp_path / "x.safetensors", 4)
     writer.append(_layers(rng, (2,)))
     del writer  # dropped without close: its temporary file goes too
