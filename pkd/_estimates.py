@@ -116,13 +116,15 @@ def heldout_residuals(total: Moments, test: Moments, s: int, solver: Solver,
     basis = solver.basis
     block = layout.block("student", s)
     c_s, c_t = test.shift["student"][block], test.shift["teacher"]
-    w = basis.T @ symmetric(test.gram["student"][s]) @ basis  # Bᵀ G'_test B
+    # Bᵀ G'_test B; every product here in scipy's BLAS (one thread pool: docs/performance.md).
+    w = blas.dgemm(1.0, basis, blas.dgemm(1.0, symmetric(test.gram["student"][s]), basis),
+                   trans_a=True)
     ridge_free = bool(np.all(solver.inverse == 1.0))
     if ridge_free:
         # Rotate B (still G_train-orthonormal) to diagonalise W: tr(PᵀG'P) needs no GEMM.
         with threadpool_limits(1, user_api="blas"):  # as Solver's: see closed_form.py
             w, rotation = scipy.linalg.eigh(w, driver="evd")
-        basis = basis @ rotation
+        basis = blas.dgemm(1.0, basis, rotation)
     shape = (basis.shape[1], layout.total["teacher"])
     y, z = (buffer[: shape[0] * shape[1]].reshape(shape, order="F") for buffer in scratch)
     y = blas.dgemm(1.0, basis, test.cross[block].T, beta=0.0, c=y, trans_a=True,
@@ -141,11 +143,11 @@ def heldout_residuals(total: Moments, test: Moments, s: int, solver: Solver,
         quad = np.einsum("i,ij,ij->j", w, z, z)
     else:
         z *= solver.inverse[:, None]
-        quad = np.einsum("ij,ij->j", z, w @ z)
+        quad = np.einsum("ij,ij->j", z, blas.dgemm(1.0, w, z))
     quad -= 2.0 * np.einsum("ij,ij->j", z, y)  # tr(Pᵀ G'_test P) − 2 tr(Pᵀ C'_test)
     # Pᵀ c_s and Pᵀ a'_test in one pass over Z.
-    fitted = blas.dgemm(1.0, z, basis.T @ np.column_stack([c_s, test.sum["student"][block]]),
-                        trans_a=True)
+    sums = np.column_stack([c_s, test.sum["student"][block]])
+    fitted = blas.dgemm(1.0, z, blas.dgemm(1.0, basis, sums, trans_a=True), trans_a=True)
     delta = c_t - fitted[:, 0]
     per_column = quad + 2.0 * delta * (test.sum["teacher"] - fitted[:, 1]) + test.n * delta**2
     return test_traces + layout.reduce("teacher", per_column)

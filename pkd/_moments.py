@@ -101,6 +101,8 @@ class Moments:
         """
         from scipy.linalg import blas
 
+        # Every product in scipy's BLAS: NumPy's own OpenBLAS (`@`) has a thread pool of
+        # its own, whose spinning workers slow scipy's next call (docs/performance.md).
         layout = self.layout
         norms = {}
         for side, x in (("student", xs), ("teacher", xt)):
@@ -111,15 +113,16 @@ class Moments:
                 grams[k] = blas.dsyrk(1.0, block, beta=1.0, c=grams[k], trans=1,
                                       overwrite_c=True)
                 squares[:, k] = np.einsum("ij,ij->i", block, block)
-                self.cubic[side][layout.block(side, k)] += squares[:, k] @ block
+                self.cubic[side][layout.block(side, k)] += blas.dgemv(1.0, block,
+                                                                      squares[:, k], trans=1)
             norms[side] = squares
             self.quartic[side] += np.einsum("ij,ij->j", squares, squares)
         # All n_s·n_t cross products in one GEMM: C'ᵀ += X_Tᵀ X_S.
         self.cross = blas.dgemm(1.0, xt, xs, beta=1.0, c=self.cross.T, trans_a=True,
                                 overwrite_c=True).T
-        self.quartic_cross += norms["student"].T @ norms["teacher"]
-        self.cubic_cross["student"] += norms["student"].T @ xt
-        self.cubic_cross["teacher"] += norms["teacher"].T @ xs
+        self.quartic_cross += blas.dgemm(1.0, norms["student"], norms["teacher"], trans_a=True)
+        self.cubic_cross["student"] += blas.dgemm(1.0, norms["student"], xt, trans_a=True)
+        self.cubic_cross["teacher"] += blas.dgemm(1.0, norms["teacher"], xs, trans_a=True)
         self.sum["student"] += sum_s
         self.sum["teacher"] += sum_t
         self.n += xs.shape[0]
