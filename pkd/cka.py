@@ -76,6 +76,12 @@ PARALLEL_MIN_ENTRIES = 1 << 17
 # The median search partitions at most this many entries, narrowing its range until then.
 _MEDIAN_CANDIDATES = 1 << 16
 _MAX_NARROWING = 3
+# The median's bracket: quantiles of this many sampled entries, ± this many binomial
+# standard deviations (a bracket that misses costs a histogram search, never a wrong value).
+_MEDIAN_SAMPLE = 1 << 16
+_BRACKET_SIGMAS = 6.0
+# Packed entries per NumPy call of the exp pass: the divide's output is still in cache.
+_EXP_CHUNK = 1 << 15
 # MinibatchCKA compares examples' Gram matrices when they are cheaper and fit in this.
 _GRAM_PATH_MAX_BYTES = 256 << 20
 
@@ -324,6 +330,10 @@ class _RBFWorkspace:
         self.row_sums = np.empty(n)
         self.column_partials = np.empty((-(-n // rbf.BLOCK_ROWS), n))
         self.counts = np.empty((rbf.N_GROUPS, rbf.N_BINS + 2), dtype=np.int64)
+        self.window_counts = np.empty((rbf.N_GROUPS, 2), dtype=np.int64)
+        self._sample = None  # the median's sample of packed entries: (rows, columns)
+        self._sample_values = None
+        self._window_buffer = None
         self.ones = np.ones(n)
 
     def kept_stack(self, count: int) -> np.ndarray:
@@ -331,11 +341,24 @@ class _RBFWorkspace:
         return self.kept if count == 1 else np.empty((count, self.n_entries))
 
     def centred_kernel(self, x: np.ndarray, bandwidth: float, name: str,
-                       packed: np.ndarray, diagonal: np.ndarray) -> None:
+                       packed: np.ndarray, diagonal: np.ndarray) -> float:
         """Write the centred RBF kernel of centred rows ``x`` (n, d) into ``packed``/``diagonal``.
 
         packed : (n(n−1)/2,) float64, the strict lower triangle, row by row;
         diagonal : (n,) float64.
+        Returns ``⟨K̃, K̃⟩_F``, the kernel's HSIC with itself (times n²).
+        """
+        row_means, grand_mean = self.kernel(x, bandwidth, name, packed, diagonal)
+        return _twin("centre_packed", self.n_entries, self.parallel)(
+            packed, self.n, row_means, grand_mean, self.ones, diagonal)
+
+    def kernel(self, x: np.ndarray, bandwidth: float, name: str, packed: np.ndarray,
+               diagonal: np.ndarray) -> tuple[np.ndarray, float]:
+        """Write the RBF kernel of centred rows ``x`` (n, d), not centred, into ``packed``.
+
+        packed : (n(n−1)/2,) float64, the strict lower triangle, row by row.
+        diagonal : (n,) float64, receives the centred kernel's diagonal ``1 − 2μ_i + μ̄``.
+        Returns ``(μ, μ̄)``: the row means (n,) and the grand mean of the full kernel.
         """
         from scipy.linalg import blas
 
@@ -346,36 +369,144 @@ class _RBFWorkspace:
         norms = np.diagonal(gram).copy()
         if not np.isfinite(norms).all():
             raise ValueError(f"{name}: squared row norms overflow float64; rescale the layer")
-        # The rows are centred, so the distances sum to n·Σ‖x_i‖² and their mean is known.
-        hi = 2.0 * n * math.fsum(norms) / m
-        _twin("squared_distances", m, self.parallel)(gram, norms, 0.0, hi if hi > 0 else 1.0,
-                                                     packed, self.counts)
-        median = self._median(packed, hi if hi > 0 else 1.0)
+        median = self.distances_and_median(gram, norms, packed)
         if median == 0.0:
             raise ValueError(
                 f"{name} (shape {x.shape}): the median squared distance between rows is 0 (a "
                 "constant layer, or most rows identical), so the bandwidth rule gives σ = 0 and "
                 "RBF CKA is undefined; drop repeated rows (padding?) or the layer"
             )
-        denominator = 2.0 * bandwidth * bandwidth * median
-        _twin("rbf_row_sums", m, self.parallel)(packed, n, denominator, self.row_sums,
-                                                self.column_partials)
+        _kernel_values(packed, n, -2.0 * bandwidth * bandwidth * median, self.row_sums,
+                       self.column_partials, self._threads(m))
         row_means = self.row_sums / n
         grand_mean = math.fsum(self.row_sums) / (n * n)
-        _twin("centre_packed", m, self.parallel)(packed, n, row_means, grand_mean, self.ones,
-                                                 diagonal)
+        # 1 + (μ̄ − μ_i) − μ_i, in centre_packed's order of operations.
+        np.subtract(self.ones + (grand_mean - row_means), row_means, out=diagonal)
+        return row_means, grand_mean
+
+    def distances_and_median(self, gram: np.ndarray, norms: np.ndarray,
+                             packed: np.ndarray) -> float:
+        """Write the packed squared distances; return the median of all n² of them.
+
+        gram : (n, n) float64, C-contiguous, the rows' Gram matrix (its lower triangle).
+        norms : (n,) float64, its diagonal, finite.
+        packed : (n(n−1)/2,) float64, receives the distances.
+        """
+        n, m = self.n, self.n_entries
+        positions = self._median_positions()
+        lo, hi = self._bracket(gram, norms, positions)
+        window = self._window(lo, hi)
+        _twin("squared_distances", m, self.parallel)(gram, norms, lo, hi, packed,
+                                                     self.window_counts, window)
+        values = self._order_statistics_in_bracket(packed, positions, lo, hi, window)
+        if values is None:  # the bracket missed the median, or holds too many ties
+            # The rows are centred, so the distances sum to n·Σ‖x_i‖² and their mean is known.
+            first_hi = 2.0 * n * math.fsum(norms) / m
+            first_hi = first_hi if first_hi > 0 else 1.0
+            _twin("histogram", m, self.parallel)(packed, n, 0.0, first_hi, self.counts)
+            values = self._order_statistics(packed, positions, first_hi)
+        return self._median_of(values)
+
+    def _threads(self, n_entries: int) -> int:
+        """Threads of the NumPy passes: those of the prange twins when they run, else 1."""
+        from .kernels._jit import available_threads
+
+        if self.parallel is None:
+            return available_threads() if n_entries >= PARALLEL_MIN_ENTRIES else 1
+        return available_threads() if self.parallel else 1
+
+    def _median_positions(self) -> list[int]:
+        """Positions in the sorted packed entries of the n² entries' median (one or two)."""
+        n = self.n
+        total = n * n
+        ranks = (total // 2 - 1, total // 2) if total % 2 == 0 else (total // 2,)
+        # Sorted, the n² entries are n zeros then every packed value twice (n ≥ 3: ranks ≥ n).
+        self._ranks = ranks
+        return sorted({(r - n) // 2 for r in ranks})
+
+    def _median_of(self, values: dict) -> float:
+        """The median of the n² entries from the order statistics of the packed ones."""
+        return float(np.mean([values[(r - self.n) // 2] for r in self._ranks]))
+
+    def _bracket(self, gram: np.ndarray, norms: np.ndarray,
+                 positions: list[int]) -> tuple[float, float]:
+        """``[lo, hi)`` holding the entries at ``positions`` with high probability.
+
+        Quantiles of ``_MEDIAN_SAMPLE`` entries drawn uniformly (a fixed draw per n),
+        widened by ``_BRACKET_SIGMAS`` binomial standard deviations; the counts of the
+        distance pass then say whether it holds them (if not, the histogram search runs).
+        """
+        m = self.n_entries
+        if m <= _MEDIAN_SAMPLE:
+            return 0.0, math.inf
+        if self._sample is None:
+            entries = np.random.default_rng(0).integers(0, m, _MEDIAN_SAMPLE)
+            rows = ((1.0 + np.sqrt(1.0 + 8.0 * entries)) / 2.0).astype(np.int64)
+            rows -= rows * (rows - 1) // 2 > entries  # the square root's rounding, either way
+            rows += (rows + 1) * rows // 2 <= entries
+            self._sample = rows, entries - rows * (rows - 1) // 2
+        rows, columns = self._sample
+        sample = np.maximum(norms[rows] + norms[columns] - 2.0 * gram[rows, columns], 0.0)
+        sample.sort()
+        self._sample_values = sample
+        s = sample.size
+        spread = _BRACKET_SIGMAS * math.sqrt(s * 0.25) + 1.0
+        first = math.floor(positions[0] / m * s - spread)
+        last = math.ceil((positions[-1] + 1) / m * s + spread)
+        lo = float(sample[first]) if first >= 0 else 0.0
+        hi = float(np.nextafter(sample[last], np.inf)) if last < s else math.inf
+        return lo, hi
+
+    def _window(self, lo: float, hi: float) -> np.ndarray:
+        """The distance pass's buffer of the entries in ``[lo, hi)``: (N_GROUPS, capacity + 1).
+
+        Each group's capacity is twice its expected count from the sample, plus a margin.
+        """
+        rbf = _kernels()
+        if self._sample is None:  # every entry is in the bracket: the gather pass copies them
+            return np.empty((rbf.N_GROUPS, 1))
+        sample = self._sample_values
+        expected = np.count_nonzero((sample >= lo) & (sample < hi)) / sample.size
+        per_group = self.n_entries / rbf.N_GROUPS
+        capacity = int(2.0 * expected * per_group) + 1024
+        if self._window_buffer is None or self._window_buffer.shape[1] < capacity + 1:
+            self._window_buffer = np.empty((rbf.N_GROUPS, capacity + 1))
+        return self._window_buffer
+
+    def _order_statistics_in_bracket(self, packed: np.ndarray, positions: list[int],
+                                     lo: float, hi: float, window: np.ndarray) -> dict | None:
+        """``{p: the p-th smallest entry}`` from the entries in ``[lo, hi)``, or None.
+
+        ``self.window_counts`` holds the distance pass's counts below ``lo`` and inside,
+        ``window`` the entries inside (unless a group had more than its capacity).
+        None when the positions are outside the bracket or it holds too many entries.
+        """
+        below = int(self.window_counts[:, 0].sum())
+        inside = self.window_counts[:, 1]
+        n_inside = int(inside.sum())
+        if not below <= positions[0] <= positions[-1] < below + n_inside:
+            return None
+        if n_inside > max(_MEDIAN_CANDIDATES, self.n_entries // 16):
+            return None
+        if inside.max() < window.shape[1]:  # every group's entries fit: no second pass
+            out = np.concatenate([window[g, :c] for g, c in enumerate(inside)])
+        else:
+            sizes = inside + 1  # every group's region ends with a scratch slot
+            offsets = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+            out = np.empty(int(sizes.sum()))
+            _twin("gather_window", self.n_entries, self.parallel)(packed, self.n, lo, hi,
+                                                                  offsets, out)
+            out = np.delete(out, offsets + inside)
+        out.partition([p - below for p in positions])
+        return {p: float(out[p - below]) for p in positions}
 
     def _median(self, packed: np.ndarray, hi: float) -> float:
         """Median of the n² squared distances (diagonal zeros and both triangles included).
 
         ``self.counts`` holds the histogram of ``packed`` over ``[0, hi)``.
         """
-        n = self.n
-        total = n * n
-        ranks = (total // 2 - 1, total // 2) if total % 2 == 0 else (total // 2,)
-        # Sorted, the n² entries are n zeros then every packed value twice (n ≥ 3: ranks ≥ n).
-        values = self._order_statistics(packed, sorted({(r - n) // 2 for r in ranks}), hi)
-        return float(np.mean([values[(r - n) // 2] for r in ranks]))
+        positions = self._median_positions()
+        return self._median_of(self._order_statistics(packed, positions, hi))
 
     def _order_statistics(self, packed: np.ndarray, positions: list[int], hi: float) -> dict:
         """``{p: the p-th smallest entry of packed}`` for adjacent ``positions``.
@@ -425,11 +556,51 @@ class _RBFWorkspace:
             narrowed += 1
 
 
-def _inner_products(stack, stack_diagonal, packed, diagonal, parallel=None) -> np.ndarray:
-    out = np.empty(stack.shape[0])
-    _twin("packed_inner_products", stack.size, parallel)(stack, stack_diagonal, packed,
-                                                         diagonal, out)
-    return out
+def _kernel_values(packed: np.ndarray, n: int, divisor: float, row_sums: np.ndarray,
+                   column_partials: np.ndarray, threads: int) -> None:
+    """``packed ← exp(packed / divisor)`` (``divisor = −2σ²``) and the full kernel's row sums.
+
+    Block by block of ``BLOCK_ROWS`` rows, while the block is in cache: NumPy's ``exp``
+    (on SIMD lanes; Numba's calls the scalar libm one per entry), then
+    :func:`pkd.kernels.rbf.block_row_sums`. ``threads`` threads take the blocks in pairs
+    ``h``, ``n_blocks − 1 − h`` (equal work); the upper parts of the rows are added from
+    the blocks' column sums in block order afterwards, so every value is the same
+    whatever the threads.
+
+    row_sums : (n,) float64, receives ``Σ_j K_ij`` with the unit diagonal.
+    column_partials : (n_blocks, n) float64, scratch.
+    """
+    rbf = _kernels()
+    n_blocks = column_partials.shape[0]
+
+    def work(pairs) -> None:
+        for h in pairs:
+            for block in dict.fromkeys((h, n_blocks - 1 - h)):
+                lo = block * rbf.BLOCK_ROWS
+                lo, hi = lo * (lo - 1) // 2, min(n, lo + rbf.BLOCK_ROWS)
+                hi = hi * (hi - 1) // 2
+                for start in range(max(lo, 0), hi, _EXP_CHUNK):
+                    chunk = packed[start:min(hi, start + _EXP_CHUNK)]
+                    np.divide(chunk, divisor, out=chunk)
+                    np.exp(chunk, out=chunk)
+                rbf.block_row_sums(packed, n, block, row_sums, column_partials)
+
+    pairs = range((n_blocks + 1) // 2)
+    if threads <= 1:
+        work(pairs)
+    else:
+        workers = [threading.Thread(target=work, args=(pairs[t::threads],))
+                   for t in range(1, threads)]
+        for worker in workers:
+            worker.start()
+        try:
+            work(pairs[0::threads])
+        finally:
+            for worker in workers:
+                worker.join()
+    row_sums += 1.0
+    for partial in column_partials:  # in block order
+        row_sums += partial
 
 
 def rbf_cka(X, Y, *, bandwidth: float = DEFAULT_BANDWIDTH, max_rows: int | None = None,
@@ -523,20 +694,20 @@ def _rbf_matrix(student: list, teacher: list, mask, bandwidth: float, max_rows, 
     stack, stack_diagonal = workspace.kept_stack(len(kept)), np.empty((len(kept), n))
     kept_self = np.empty(len(kept))
     for k, layer in enumerate(kept):
-        workspace.centred_kernel(rows_of(layer), bandwidth, _layer_name(kept_name, k),
-                                 stack[k], stack_diagonal[k])
-        kept_self[k] = _inner_products(stack[k:k + 1], stack_diagonal[k:k + 1],
-                                       stack[k], stack_diagonal[k], parallel)[0]
+        kept_self[k] = workspace.centred_kernel(rows_of(layer), bandwidth,
+                                                _layer_name(kept_name, k), stack[k],
+                                                stack_diagonal[k])
     cross = np.empty((len(streamed), len(kept)))
     streamed_self = np.empty(len(streamed))
-    packed, diagonal = workspace.packed, np.empty(n)
+    packed, diagonal, products = workspace.packed, np.empty(n), np.empty(len(kept) + 1)
     for k, layer in enumerate(streamed):
-        workspace.centred_kernel(rows_of(layer), bandwidth,
-                                 _layer_name(streamed_name, k),
-                                 packed, diagonal)
-        streamed_self[k] = _inner_products(packed[None], diagonal[None], packed, diagonal,
-                                           parallel)[0]
-        cross[k] = _inner_products(stack, stack_diagonal, packed, diagonal, parallel)
+        # Not centred in memory: the inner-product pass centres each row as it reads it.
+        row_means, grand_mean = workspace.kernel(rows_of(layer), bandwidth,
+                                                 _layer_name(streamed_name, k), packed,
+                                                 diagonal)
+        _twin("centred_inner_products", stack.size, parallel)(
+            stack, stack_diagonal, packed, n, row_means, grand_mean, diagonal, products)
+        cross[k], streamed_self[k] = products[:-1], products[-1]
     value = cross / np.sqrt(np.outer(streamed_self, kept_self))
     if not np.isfinite(value).all():
         raise ValueError("RBF CKA is not finite for some pair: a layer's values are too large "
