@@ -340,18 +340,6 @@ class _RBFWorkspace:
         """``(count, n(n−1)/2)`` buffer for the kept side's kernels (new unless count is 1)."""
         return self.kept if count == 1 else np.empty((count, self.n_entries))
 
-    def centred_kernel(self, x: np.ndarray, bandwidth: float, name: str,
-                       packed: np.ndarray, diagonal: np.ndarray) -> float:
-        """Write the centred RBF kernel of centred rows ``x`` (n, d) into ``packed``/``diagonal``.
-
-        packed : (n(n−1)/2,) float64, the strict lower triangle, row by row;
-        diagonal : (n,) float64.
-        Returns ``⟨K̃, K̃⟩_F``, the kernel's HSIC with itself (times n²).
-        """
-        row_means, grand_mean = self.kernel(x, bandwidth, name, packed, diagonal)
-        return _twin("centre_packed", self.n_entries, self.parallel)(
-            packed, self.n, row_means, grand_mean, self.ones, diagonal)
-
     def kernel(self, x: np.ndarray, bandwidth: float, name: str, packed: np.ndarray,
                diagonal: np.ndarray) -> tuple[np.ndarray, float]:
         """Write the RBF kernel of centred rows ``x`` (n, d), not centred, into ``packed``.
@@ -380,7 +368,7 @@ class _RBFWorkspace:
                        self.column_partials, self._threads(m))
         row_means = self.row_sums / n
         grand_mean = math.fsum(self.row_sums) / (n * n)
-        # 1 + (μ̄ − μ_i) − μ_i, in centre_packed's order of operations.
+        # 1 + (μ̄ − μ_i) − μ_i: the diagonal as rbf._centre_row centres the rest.
         np.subtract(self.ones + (grand_mean - row_means), row_means, out=diagonal)
         return row_means, grand_mean
 
@@ -691,22 +679,29 @@ def _rbf_matrix(student: list, teacher: list, mask, bandwidth: float, max_rows, 
     kept, streamed = (student, teacher) if len(student) <= len(teacher) else (teacher, student)
     kept_name, streamed_name = names if kept is student else names[::-1]
     workspace = _workspace(n, parallel)
-    stack, stack_diagonal = workspace.kept_stack(len(kept)), np.empty((len(kept), n))
-    kept_self = np.empty(len(kept))
+    n_kept = len(kept)
+    stack, stack_diagonal = workspace.kept_stack(n_kept), np.empty((n_kept, n))
+    stack_means, stack_grand_means = np.empty((n_kept, n)), np.empty(n_kept)
+    products = np.empty(n_kept + 1)
+    inner_products = _twin("centred_inner_products", stack.size, parallel)
+    # No kernel is centred in memory: the inner-product pass centres rows as it reads them.
+    kept_self = np.empty(n_kept)
     for k, layer in enumerate(kept):
-        kept_self[k] = workspace.centred_kernel(rows_of(layer), bandwidth,
-                                                _layer_name(kept_name, k), stack[k],
-                                                stack_diagonal[k])
-    cross = np.empty((len(streamed), len(kept)))
+        stack_means[k], stack_grand_means[k] = workspace.kernel(
+            rows_of(layer), bandwidth, _layer_name(kept_name, k), stack[k], stack_diagonal[k])
+        inner_products(stack[:0], stack_means[:0], stack_grand_means[:0], stack_diagonal[:0],
+                       stack[k], n, stack_means[k], stack_grand_means[k], stack_diagonal[k],
+                       products[:1])
+        kept_self[k] = products[0]
+    cross = np.empty((len(streamed), n_kept))
     streamed_self = np.empty(len(streamed))
-    packed, diagonal, products = workspace.packed, np.empty(n), np.empty(len(kept) + 1)
+    packed, diagonal = workspace.packed, np.empty(n)
     for k, layer in enumerate(streamed):
-        # Not centred in memory: the inner-product pass centres each row as it reads it.
         row_means, grand_mean = workspace.kernel(rows_of(layer), bandwidth,
                                                  _layer_name(streamed_name, k), packed,
                                                  diagonal)
-        _twin("centred_inner_products", stack.size, parallel)(
-            stack, stack_diagonal, packed, n, row_means, grand_mean, diagonal, products)
+        inner_products(stack, stack_means, stack_grand_means, stack_diagonal, packed, n,
+                       row_means, grand_mean, diagonal, products)
         cross[k], streamed_self[k] = products[:-1], products[-1]
     value = cross / np.sqrt(np.outer(streamed_self, kept_self))
     if not np.isfinite(value).all():

@@ -176,7 +176,7 @@ def block_row_sums(packed, n, block, block_rows):
 
 
 def centre_packed(packed, n, row_means, grand_mean, diagonal):
-    """Twin of centre_packed: returns (packed K_ij − μ_i − μ_j + μ̄, centred diagonal)."""
+    """Twin of rbf._centre_row on every row: (packed K_ij − μ_i − μ_j + μ̄, centred diagonal)."""
     out = np.array(packed, dtype=np.float64)
     for i in range(n):
         for j in range(i):

@@ -235,51 +235,57 @@ def test_kernel_values_match_their_twin_and_not_the_threads(threads, n, monkeypa
 
 
 @pytest.mark.parametrize("twin", ["serial", "parallel"])
-def test_centre_packed_kernel_matches_its_twin(twin):
-    n = 131
-    rng = np.random.default_rng(1)
-    packed, diagonal = rng.random(n * (n - 1) // 2), rng.random(n)
-    row_means, grand_mean = rng.random(n), 0.37
-    out, centred_diagonal = packed.copy(), np.full(n, np.nan)
-    square = getattr(rbf, f"centre_packed_{twin}")(out, n, row_means, grand_mean, diagonal,
-                                                   centred_diagonal)
-    expected, expected_diagonal = naive.centre_packed(packed, n, row_means, grand_mean, diagonal)
-    np.testing.assert_allclose(out, expected, rtol=1e-14, atol=1e-15)
-    np.testing.assert_allclose(centred_diagonal, expected_diagonal, rtol=1e-14, atol=1e-15)
-    np.testing.assert_allclose(square, naive.packed_inner_products(
-        expected[None], expected_diagonal[None], expected, expected_diagonal)[0], rtol=1e-12)
-
-
-@pytest.mark.parametrize("twin", ["serial", "parallel"])
 @pytest.mark.parametrize("n", [5, 200])  # 200: more rows than groups
 def test_centred_inner_products_kernel_matches_its_twin(twin, n):
     m = n * (n - 1) // 2
     rng = np.random.default_rng(2)
-    stack, stack_diagonal = rng.standard_normal((3, m)), rng.standard_normal((3, n))
+    stack, means, grand_means = rng.random((3, m)), rng.random((3, n)), rng.random(3)
+    stack_diagonal = rng.standard_normal((3, n))
     packed, row_means, grand_mean = rng.random(m), rng.random(n), 0.41
     centred, diagonal = naive.centre_packed(packed, n, row_means, grand_mean, np.ones(n))
+    centred_stack = np.array([naive.centre_packed(stack[k], n, means[k], grand_means[k],
+                                                  np.ones(n))[0] for k in range(3)])
+    kernel = getattr(rbf, f"centred_inner_products_{twin}")
     out = np.full(4, np.nan)
-    getattr(rbf, f"centred_inner_products_{twin}")(stack, stack_diagonal, packed, n, row_means,
-                                                   grand_mean, diagonal, out)
-    expected = naive.packed_inner_products(np.vstack([stack, centred]),
+    kernel(stack, means, grand_means, stack_diagonal, packed, n, row_means, grand_mean,
+           diagonal, out)
+    expected = naive.packed_inner_products(np.vstack([centred_stack, centred]),
                                            np.vstack([stack_diagonal, diagonal]), centred,
                                            diagonal)
     np.testing.assert_allclose(out, expected, rtol=1e-12)
+    alone = np.full(1, np.nan)  # no stack: the same self product, bit for bit
+    kernel(stack[:0], means[:0], grand_means[:0], stack_diagonal[:0], packed, n, row_means,
+           grand_mean, diagonal, alone)
+    assert alone[0] == out[3]
+    swapped = np.full(2, np.nan)  # the roles swapped: the same cross product
+    kernel(packed[None], row_means[None], np.array([grand_mean]), diagonal[None], stack[1], n,
+           means[1], grand_means[1], stack_diagonal[1], swapped)
+    assert swapped[0] == out[1]
 
 
 def test_packed_storage_holds_the_full_symmetric_matrix():
-    """The passes chained give the full centred kernel's Frobenius products."""
+    """The passes chained give the full kernel, its centring and the Frobenius products."""
     rng = np.random.default_rng(3)
-    X = rng.standard_normal((40, 5))
-    K = reference_rbf_kernel(X, 0.8)
+    X, Y = rng.standard_normal((40, 5)), rng.standard_normal((40, 3))
     H = _centring(40)
-    Kc = H @ K @ H
     ws = cka._RBFWorkspace(40)
-    packed, diagonal = np.empty(ws.n_entries), np.empty(40)
-    ws.centred_kernel(cka._centred(X), 0.8, "X", packed, diagonal)
     rows, cols = np.tril_indices(40, -1)
-    np.testing.assert_allclose(packed, Kc[rows, cols], atol=1e-14)
-    np.testing.assert_allclose(diagonal, np.diagonal(Kc), atol=1e-14)
+    packed, diagonals, means = {}, {}, {}
+    for name, A, bandwidth in (("X", X, 0.8), ("Y", Y, 0.3)):
+        K = reference_rbf_kernel(A, bandwidth)
+        packed[name], diagonals[name] = np.empty(ws.n_entries), np.empty(40)
+        means[name] = ws.kernel(cka._centred(A), bandwidth, name, packed[name], diagonals[name])
+        np.testing.assert_allclose(packed[name], K[rows, cols], rtol=1e-13)
+        np.testing.assert_allclose(means[name][0], K.mean(axis=1), rtol=1e-13)
+        np.testing.assert_allclose(means[name][1], K.mean(), rtol=1e-13)
+        np.testing.assert_allclose(diagonals[name], np.diagonal(H @ K @ H), atol=1e-14)
+    out = np.empty(2)
+    rbf.centred_inner_products_serial(
+        packed["X"][None], means["X"][0][None], np.array([means["X"][1]]), diagonals["X"][None],
+        packed["Y"], 40, means["Y"][0], means["Y"][1], diagonals["Y"], out)
+    Kc = H @ reference_rbf_kernel(X, 0.8) @ H
+    Lc = H @ reference_rbf_kernel(Y, 0.3) @ H
+    np.testing.assert_allclose(out, [(Kc * Lc).sum(), (Lc * Lc).sum()], rtol=1e-12)
 
 
 @pytest.mark.parametrize("parallel", [False, True])
@@ -668,16 +674,14 @@ rbf.histogram_parallel(packed, n, 0.0, 20.0, counts)
 sizes = counts[:, 1:3].sum(axis=1)
 rbf.gather_parallel(packed, n, 0.0, 20.0, 1, 2, np.concatenate(([0], np.cumsum(sizes)[:-1])),
                     np.empty(sizes.sum()))
-diagonal = np.empty(n)
-rbf.centred_inner_products_parallel(packed[None], diagonal[None], packed, n, np.ones(n), 1.0,
-                                    diagonal, np.empty(2))
-rbf.centre_packed_parallel(packed, n, np.ones(n), 1.0, np.ones(n), diagonal)
+rbf.centred_inner_products_parallel(packed[None], np.ones((1, n)), np.ones(1), np.ones((1, n)),
+                                    packed, n, np.ones(n), 1.0, np.ones(n), np.empty(2))
 print("compiled")
 """
 
 
-@pytest.mark.parametrize("name", ["squared_distances", "gather_window", "centre_packed",
-                                  "histogram", "gather", "centred_inner_products"])
+@pytest.mark.parametrize("name", ["squared_distances", "gather_window", "histogram", "gather",
+                                  "centred_inner_products"])
 def test_twins_have_cache_files_of_their_own(name):
     """Numba names cache files after the function: twins of one function would share them."""
     serial, parallel = getattr(rbf, f"{name}_serial"), getattr(rbf, f"{name}_parallel")

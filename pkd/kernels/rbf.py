@@ -17,21 +17,20 @@ contiguous rows. The passes (the algebra is in :mod:`pkd.cka`):
 2. ``block_row_sums``: after NumPy's ``exp`` of one block of ``BLOCK_ROWS``
    rows (:func:`pkd.cka._kernel_values`), the block's row sums and column
    sums, while the block is in cache;
-3. ``centre_packed`` (the kept kernels): ``K_ij − μ_i − μ_j + μ̄`` in place
-   (double centring, ``μ`` the row means, ``μ̄`` the grand mean), the centred
-   diagonal, and ``⟨K̃, K̃⟩``;
-4. ``centred_inner_products`` (each streamed kernel ``L``): ``⟨K̃_k, L̃⟩`` for
-   every kept ``K̃_k`` and ``⟨L̃, L̃⟩``, centring ``L`` row by row as it is
-   read (``L`` itself is never centred in memory): the HSIC sums.
+3. ``centred_inner_products``: ``⟨K̃_k, L̃⟩`` for every kept kernel ``K_k``
+   and ``⟨L̃, L̃⟩`` of the streamed one, double-centring each row as it is read
+   (``K_ij − μ_i − μ_j + μ̄``, ``μ`` the row means, ``μ̄`` the grand mean;
+   no kernel is centred in memory): the HSIC sums. The kept kernels' own
+   sums are the same pass with no kept kernel.
 
 Results do not depend on the thread count. Every entry is written by one
 thread. Counts are integers, per fixed group of rows (``N_GROUPS``), and
 each group's gathered entries go to its own buffer row (or at offsets taken
-from the counts). Sums are taken per fixed group of rows (or per row pair,
-or per block of ``BLOCK_ROWS`` rows) and those partial sums are added in
-order after the parallel loop. Rows (or blocks) ``h`` and ``n − 1 − h`` go
-to the same iteration, so that every iteration over a triangle has the same
-work (prange hands each thread a contiguous range of iterations).
+from the counts). Sums are taken per fixed group of rows (or per block of
+``BLOCK_ROWS`` rows) and those partial sums are added in order after the
+parallel loop. Rows (or blocks) ``h`` and ``n − 1 − h`` go to the same
+iteration, so that every iteration over a triangle has the same work
+(prange hands each thread a contiguous range of iterations).
 
 Every prange kernel has a serial twin (:func:`pkd.kernels._jit.twins`);
 :mod:`pkd.cka` picks one by a documented rule. ``block_row_sums`` is one
@@ -126,92 +125,71 @@ def block_row_sums(packed, n, block, row_sums, column_partials):
         row_sums[i] = acc
 
 
-def _centre_packed(packed, n, row_means, grand_mean, diagonal, centred_diagonal):
-    """Double-centre a packed symmetric matrix in place: ``K_ij − μ_i − μ_j + μ̄``.
-
-    packed : (n(n−1)/2,) float64, overwritten.
-    n : int.
-    row_means : (n,) float64, ``μ_i = Σ_j K_ij / n``.
-    grand_mean : float, ``μ̄ = Σ_ij K_ij / n²``.
-    diagonal : (n,) float64, ``K_ii``.
-    centred_diagonal : (n,) float64, receives ``K_ii − 2μ_i + μ̄``.
-
-    Returns ``⟨K̃, K̃⟩_F`` of the full centred matrix (``2 Σ_packed + Σ_diagonal``),
-    summed as :func:`_centred_inner_products` sums ``⟨B̃, B̃⟩``: the same bits.
-    """
-    squares = np.zeros(N_GROUPS)  # per group, added in order after the loop
-    for task in prange(N_GROUPS):
-        g = np.int64(task)  # prange's index may be unsigned: keep the arithmetic signed
-        for i in _group_rows(n, g):
-            start = i * (i - 1) // 2
-            shift = grand_mean - row_means[i]
-            squares[g] += _centre_row(packed, start, i, shift, row_means, packed, start)
-    for i in range(n):
-        centred_diagonal[i] = diagonal[i] + (grand_mean - row_means[i]) - row_means[i]
-    total = 0.0
-    for g in range(N_GROUPS):
-        total += squares[g]
-    diagonal_sum = 0.0
-    for i in range(n):
-        diagonal_sum += centred_diagonal[i] * centred_diagonal[i]
-    return 2.0 * total + diagonal_sum
-
-
 @kernel(reassociate=True, fuse_multiply_add=True)
-def _centre_row(packed, start, length, shift, row_means, out, out_start):
-    """``out[out_start + j] = packed[start + j] + shift − μ_j`` for ``j < length``; ``Σ out²``.
+def _centre_row(packed, start, length, shift, row_means, out):
+    """``out[j] = packed[start + j] + shift − μ_j`` for ``j < length``; returns ``Σ out_j²``.
 
-    One function for the two kernels that centre rows, so that both sum the same way.
+    With ``shift = μ̄ − μ_i``: row i of the double-centred matrix, ``K_ij − μ_i − μ_j + μ̄``.
     """
     square = 0.0
     for j in range(length):
         value = packed[start + j] + shift - row_means[j]
-        out[out_start + j] = value
+        out[j] = value
         square += value * value
     return square
 
 
-def _centred_inner_products(stack, stack_diagonal, packed, n, row_means, grand_mean,
-                            diagonal, out):
-    """``⟨A_k, B̃⟩_F`` and ``⟨B̃, B̃⟩_F``, with ``B`` double-centred on the fly.
+def _centred_inner_products(stack, stack_means, stack_grand_means, stack_diagonal, packed, n,
+                            row_means, grand_mean, diagonal, out):
+    """``⟨Ã_k, B̃⟩_F`` and ``⟨B̃, B̃⟩_F``, every matrix double-centred on the fly.
 
-    stack : (p, n(n−1)/2) float64, the packed strict lower triangles of ``A_0 … A_{p−1}``.
-    stack_diagonal : (p, n) float64, their diagonals.
+    stack : (p, n(n−1)/2) float64, the packed strict lower triangles of ``A_0 … A_{p−1}``
+        (not centred; read only).
+    stack_means : (p, n) float64, their row means; stack_grand_means : (p,) float64.
+    stack_diagonal : (p, n) float64, the diagonals of the centred ``Ã_k``.
     packed : (n(n−1)/2,) float64, the strict lower triangle of ``B`` (not centred; read only).
     n : int.
     row_means : (n,) float64, ``μ_i`` of ``B``; grand_mean : float, ``μ̄``.
-    diagonal : (n,) float64, the centred diagonal of ``B̃``.
-    out : (p + 1,) float64, receives ``⟨A_k, B̃⟩`` for k < p, then ``⟨B̃, B̃⟩``, each
-        ``2 Σ_packed + Σ_diagonal``. ``B̃_ij = B_ij − μ_i − μ_j + μ̄`` as in
-        :func:`_centre_packed`.
+    diagonal : (n,) float64, the diagonal of ``B̃``.
+    out : (p + 1,) float64, receives ``⟨Ã_k, B̃⟩`` for k < p, then ``⟨B̃, B̃⟩``, each
+        ``2 Σ_packed + Σ_diagonal``, with ``B̃_ij = B_ij − μ_i − μ_j + μ̄`` (:func:`_centre_row`).
+
+    ``⟨Ã, B̃⟩`` is the same float as ``⟨B̃, Ã⟩`` (``A`` and ``B`` swapped), and
+    ``⟨B̃, B̃⟩`` with p = 0 the same as with any p.
     """
     p = stack.shape[0]
     partials = np.zeros((N_GROUPS, p + 1))
-    rows = np.empty((N_GROUPS, n))  # each group's centred row, reused row after row
+    rows = np.empty((N_GROUPS, 2, n))  # each group's centred rows, reused row after row
     for task in prange(N_GROUPS):
         g = np.int64(task)  # prange's index may be unsigned: keep the arithmetic signed
-        row = rows[g]
+        row, other = rows[g, 0], rows[g, 1]
         sums = partials[g]
         for i in _group_rows(n, g):
             start = i * (i - 1) // 2
-            shift = grand_mean - row_means[i]
-            sums[p] += _centre_row(packed, start, i, shift, row_means, row, 0)
+            sums[p] += _centre_row(packed, start, i, grand_mean - row_means[i], row_means,
+                                   row)
             for k in range(p):
-                acc = 0.0
-                for j in range(i):
-                    acc += stack[k, start + j] * row[j]
-                sums[k] += acc
+                means = stack_means[k]
+                _centre_row(stack[k], start, i, stack_grand_means[k] - means[i], means, other)
+                sums[k] += _dot(row, other, i)
     for k in range(p + 1):
         total = 0.0
         for g in range(N_GROUPS):
             total += partials[g, k]
-        diagonal_sum = 0.0
-        for i in range(n):
-            if k < p:
-                diagonal_sum += stack_diagonal[k, i] * diagonal[i]
-            else:
-                diagonal_sum += diagonal[i] * diagonal[i]
+        if k < p:
+            diagonal_sum = _dot(stack_diagonal[k], diagonal, n)
+        else:
+            diagonal_sum = _dot(diagonal, diagonal, n)
         out[k] = 2.0 * total + diagonal_sum
+
+
+@kernel(reassociate=True, fuse_multiply_add=True)
+def _dot(a, b, length):
+    """``Σ_{j<length} a_j b_j`` (the same float with ``a`` and ``b`` swapped)."""
+    acc = 0.0
+    for j in range(length):
+        acc += a[j] * b[j]
+    return acc
 
 
 @kernel
@@ -332,9 +310,6 @@ def _gather_window(packed, n, lo, hi, offsets, out):
 squared_distances_serial, squared_distances_parallel = twins(
     _squared_distances)
 gather_window_serial, gather_window_parallel = twins(_gather_window)
-# Sums of products only, so FMAs and split SIMD lanes are safe (see _jit).
-centre_packed_serial, centre_packed_parallel = twins(
-    _centre_packed, reassociate=True, fuse_multiply_add=True)
 histogram_serial, histogram_parallel = twins(_histogram)
 gather_serial, gather_parallel = twins(_gather)
 # Sums of products only, so FMAs and split SIMD lanes are safe (see _jit).
