@@ -550,42 +550,39 @@ def _kernel_values(packed: np.ndarray, n: int, divisor: float, row_sums: np.ndar
 
     Block by block of ``BLOCK_ROWS`` rows, while the block is in cache: NumPy's ``exp``
     (on SIMD lanes; Numba's calls the scalar libm one per entry), then
-    :func:`pkd.kernels.rbf.block_row_sums`. ``threads`` threads take the blocks in pairs
-    ``h``, ``n_blocks − 1 − h`` (equal work); the upper parts of the rows are added from
-    the blocks' column sums in block order afterwards, so every value is the same
-    whatever the threads.
+    :func:`pkd.kernels.rbf.block_row_sums`. ``threads`` threads take the next pair of
+    blocks ``h``, ``n_blocks − 1 − h`` (equal work) as they finish one, so a thread
+    that shares its core goes on with fewer; the upper parts of the rows are added
+    from the blocks' column sums in block order afterwards, so every value is the
+    same whatever the threads.
 
     row_sums : (n,) float64, receives ``Σ_j K_ij`` with the unit diagonal.
     column_partials : (n_blocks, n) float64, scratch.
     """
     rbf = _kernels()
     n_blocks = column_partials.shape[0]
+    pairs = iter(range((n_blocks + 1) // 2))  # shared: next() on it is atomic
 
-    def work(pairs) -> None:
+    def work() -> None:
         for h in pairs:
             for block in dict.fromkeys((h, n_blocks - 1 - h)):
-                lo = block * rbf.BLOCK_ROWS
-                lo, hi = lo * (lo - 1) // 2, min(n, lo + rbf.BLOCK_ROWS)
-                hi = hi * (hi - 1) // 2
-                for start in range(max(lo, 0), hi, _EXP_CHUNK):
+                first = block * rbf.BLOCK_ROWS
+                stop = min(n, first + rbf.BLOCK_ROWS)
+                lo, hi = first * (first - 1) // 2, stop * (stop - 1) // 2
+                for start in range(lo, hi, _EXP_CHUNK):
                     chunk = packed[start:min(hi, start + _EXP_CHUNK)]
                     np.divide(chunk, divisor, out=chunk)
                     np.exp(chunk, out=chunk)
                 rbf.block_row_sums(packed, n, block, row_sums, column_partials)
 
-    pairs = range((n_blocks + 1) // 2)
-    if threads <= 1:
-        work(pairs)
-    else:
-        workers = [threading.Thread(target=work, args=(pairs[t::threads],))
-                   for t in range(1, threads)]
+    workers = [threading.Thread(target=work) for _ in range(threads - 1)]
+    for worker in workers:
+        worker.start()
+    try:
+        work()
+    finally:
         for worker in workers:
-            worker.start()
-        try:
-            work(pairs[0::threads])
-        finally:
-            for worker in workers:
-                worker.join()
+            worker.join()
     row_sums += 1.0
     for partial in column_partials:  # in block order
         row_sums += partial
