@@ -227,7 +227,9 @@ def test_kernel_values_match_their_twin_and_not_the_threads(threads, n, monkeypa
     partials = np.full((-(-n // rbf.BLOCK_ROWS), n), np.nan)
     cka._kernel_values(packed, n, -3.5, row_sums, partials, threads)
     kernel, expected_sums = naive.rbf_row_sums(distances, n, 3.5)
-    np.testing.assert_allclose(packed, kernel, rtol=1e-15)
+    # exp(D · (1/3.5)) against exp(−D/3.5): the argument may differ in its last bit,
+    # which moves the value by up to |D/3.5| ulps (arguments up to about 15 here).
+    np.testing.assert_allclose(packed, kernel, rtol=4e-15)
     np.testing.assert_allclose(row_sums, expected_sums, rtol=1e-13)
     single, single_sums = distances.copy(), np.empty(n)
     cka._kernel_values(single, n, -3.5, single_sums, partials, 1)
@@ -246,21 +248,24 @@ def test_centred_inner_products_kernel_matches_its_twin(twin, n):
     centred_stack = np.array([naive.centre_packed(stack[k], n, means[k], grand_means[k],
                                                   np.ones(n))[0] for k in range(3)])
     kernel = getattr(rbf, f"centred_inner_products_{twin}")
-    out = np.full(4, np.nan)
+    out = np.full(7, np.nan)
     kernel(stack, means, grand_means, stack_diagonal, packed, n, row_means, grand_mean,
            diagonal, out)
     expected = naive.packed_inner_products(np.vstack([centred_stack, centred]),
                                            np.vstack([stack_diagonal, diagonal]), centred,
                                            diagonal)
-    np.testing.assert_allclose(out, expected, rtol=1e-12)
+    np.testing.assert_allclose(out[:4], expected, rtol=1e-12)
+    np.testing.assert_allclose(out[4:], [naive.packed_inner_products(
+        centred_stack[k:k + 1], stack_diagonal[k:k + 1], centred_stack[k], stack_diagonal[k])[0]
+        for k in range(3)], rtol=1e-12)
     alone = np.full(1, np.nan)  # no stack: the same self product, bit for bit
     kernel(stack[:0], means[:0], grand_means[:0], stack_diagonal[:0], packed, n, row_means,
            grand_mean, diagonal, alone)
     assert alone[0] == out[3]
-    swapped = np.full(2, np.nan)  # the roles swapped: the same cross product
+    swapped = np.full(3, np.nan)  # the roles swapped: the same products, bit for bit
     kernel(packed[None], row_means[None], np.array([grand_mean]), diagonal[None], stack[1], n,
            means[1], grand_means[1], stack_diagonal[1], swapped)
-    assert swapped[0] == out[1]
+    assert (swapped[0], swapped[1], swapped[2]) == (out[1], out[5], out[3])
 
 
 def test_packed_storage_holds_the_full_symmetric_matrix():
@@ -279,13 +284,14 @@ def test_packed_storage_holds_the_full_symmetric_matrix():
         np.testing.assert_allclose(means[name][0], K.mean(axis=1), rtol=1e-13)
         np.testing.assert_allclose(means[name][1], K.mean(), rtol=1e-13)
         np.testing.assert_allclose(diagonals[name], np.diagonal(H @ K @ H), atol=1e-14)
-    out = np.empty(2)
+    out = np.empty(3)
     rbf.centred_inner_products_serial(
         packed["X"][None], means["X"][0][None], np.array([means["X"][1]]), diagonals["X"][None],
         packed["Y"], 40, means["Y"][0], means["Y"][1], diagonals["Y"], out)
     Kc = H @ reference_rbf_kernel(X, 0.8) @ H
     Lc = H @ reference_rbf_kernel(Y, 0.3) @ H
-    np.testing.assert_allclose(out, [(Kc * Lc).sum(), (Lc * Lc).sum()], rtol=1e-12)
+    np.testing.assert_allclose(out, [(Kc * Lc).sum(), (Lc * Lc).sum(), (Kc * Kc).sum()],
+                               rtol=1e-12)
 
 
 @pytest.mark.parametrize("parallel", [False, True])
@@ -675,7 +681,7 @@ sizes = counts[:, 1:3].sum(axis=1)
 rbf.gather_parallel(packed, n, 0.0, 20.0, 1, 2, np.concatenate(([0], np.cumsum(sizes)[:-1])),
                     np.empty(sizes.sum()))
 rbf.centred_inner_products_parallel(packed[None], np.ones((1, n)), np.ones(1), np.ones((1, n)),
-                                    packed, n, np.ones(n), 1.0, np.ones(n), np.empty(2))
+                                    packed, n, np.ones(n), 1.0, np.ones(n), np.empty(3))
 print("compiled")
 """
 

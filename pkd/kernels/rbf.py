@@ -20,8 +20,8 @@ contiguous rows. The passes (the algebra is in :mod:`pkd.cka`):
 3. ``centred_inner_products``: ``⟨K̃_k, L̃⟩`` for every kept kernel ``K_k``
    and ``⟨L̃, L̃⟩`` of the streamed one, double-centring each row as it is read
    (``K_ij − μ_i − μ_j + μ̄``, ``μ`` the row means, ``μ̄`` the grand mean;
-   no kernel is centred in memory): the HSIC sums. The kept kernels' own
-   sums are the same pass with no kept kernel.
+   no kernel is centred in memory), and the kept kernels' ``⟨K̃_k, K̃_k⟩``
+   on the way: the HSIC sums.
 
 Results do not depend on the thread count. Every entry is written by one
 thread. Counts are integers, per fixed group of rows (``N_GROUPS``), and
@@ -141,7 +141,7 @@ def _centre_row(packed, start, length, shift, row_means, out):
 
 def _centred_inner_products(stack, stack_means, stack_grand_means, stack_diagonal, packed, n,
                             row_means, grand_mean, diagonal, out):
-    """``⟨Ã_k, B̃⟩_F`` and ``⟨B̃, B̃⟩_F``, every matrix double-centred on the fly.
+    """``⟨Ã_k, B̃⟩_F``, ``⟨B̃, B̃⟩_F`` and ``⟨Ã_k, Ã_k⟩_F``, every matrix double-centred on the fly.
 
     stack : (p, n(n−1)/2) float64, the packed strict lower triangles of ``A_0 … A_{p−1}``
         (not centred; read only).
@@ -151,14 +151,15 @@ def _centred_inner_products(stack, stack_means, stack_grand_means, stack_diagona
     n : int.
     row_means : (n,) float64, ``μ_i`` of ``B``; grand_mean : float, ``μ̄``.
     diagonal : (n,) float64, the diagonal of ``B̃``.
-    out : (p + 1,) float64, receives ``⟨Ã_k, B̃⟩`` for k < p, then ``⟨B̃, B̃⟩``, each
-        ``2 Σ_packed + Σ_diagonal``, with ``B̃_ij = B_ij − μ_i − μ_j + μ̄`` (:func:`_centre_row`).
+    out : (2p + 1,) float64, receives ``⟨Ã_k, B̃⟩`` for k < p, then ``⟨B̃, B̃⟩``, then
+        ``⟨Ã_k, Ã_k⟩`` for k < p; each ``2 Σ_packed + Σ_diagonal``, with
+        ``B̃_ij = B_ij − μ_i − μ_j + μ̄`` (:func:`_centre_row`).
 
-    ``⟨Ã, B̃⟩`` is the same float as ``⟨B̃, Ã⟩`` (``A`` and ``B`` swapped), and
-    ``⟨B̃, B̃⟩`` with p = 0 the same as with any p.
+    ``⟨Ã, B̃⟩`` is the same float as ``⟨B̃, Ã⟩`` (``A`` and ``B`` swapped), and a
+    matrix's ``⟨B̃, B̃⟩`` the same whether it is ``B`` or one of the ``A_k``.
     """
     p = stack.shape[0]
-    partials = np.zeros((N_GROUPS, p + 1))
+    partials = np.zeros((N_GROUPS, 2 * p + 1))
     rows = np.empty((N_GROUPS, 2, n))  # each group's centred rows, reused row after row
     for task in prange(N_GROUPS):
         g = np.int64(task)  # prange's index may be unsigned: keep the arithmetic signed
@@ -170,16 +171,19 @@ def _centred_inner_products(stack, stack_means, stack_grand_means, stack_diagona
                                    row)
             for k in range(p):
                 means = stack_means[k]
-                _centre_row(stack[k], start, i, stack_grand_means[k] - means[i], means, other)
+                sums[p + 1 + k] += _centre_row(stack[k], start, i,
+                                               stack_grand_means[k] - means[i], means, other)
                 sums[k] += _dot(row, other, i)
-    for k in range(p + 1):
+    for k in range(2 * p + 1):
         total = 0.0
         for g in range(N_GROUPS):
             total += partials[g, k]
         if k < p:
             diagonal_sum = _dot(stack_diagonal[k], diagonal, n)
-        else:
+        elif k == p:
             diagonal_sum = _dot(diagonal, diagonal, n)
+        else:
+            diagonal_sum = _dot(stack_diagonal[k - p - 1], stack_diagonal[k - p - 1], n)
         out[k] = 2.0 * total + diagonal_sum
 
 
