@@ -80,7 +80,7 @@ _MAX_NARROWING = 3
 # standard deviations (a bracket that misses costs a histogram search, never a wrong value).
 _MEDIAN_SAMPLE = 1 << 16
 _BRACKET_SIGMAS = 6.0
-# Packed entries per NumPy call of the exp pass: the divide's output is still in cache.
+# Packed entries per NumPy call of the exp pass: the product's output is still in cache.
 _EXP_CHUNK = 1 << 15
 # MinibatchCKA compares examples' Gram matrices when they are cheaper and fit in this.
 _GRAM_PATH_MAX_BYTES = 256 << 20
@@ -565,26 +565,33 @@ def _kernel_values(packed: np.ndarray, n: int, divisor: float, row_sums: np.ndar
     # A product by the reciprocal: a third of a division's time, the argument within an ulp.
     scale = 1.0 / divisor
 
+    errors = []
+
     def work() -> None:
-        for h in pairs:
-            for block in dict.fromkeys((h, n_blocks - 1 - h)):
-                first = block * rbf.BLOCK_ROWS
-                stop = min(n, first + rbf.BLOCK_ROWS)
-                lo, hi = first * (first - 1) // 2, stop * (stop - 1) // 2
-                for start in range(lo, hi, _EXP_CHUNK):
-                    chunk = packed[start:min(hi, start + _EXP_CHUNK)]
-                    np.multiply(chunk, scale, out=chunk)
-                    np.exp(chunk, out=chunk)
-                rbf.block_row_sums(packed, n, block, row_sums, column_partials)
+        try:
+            # Far entries underflow to 0 by design, whatever the caller's np.seterr says.
+            with np.errstate(under="ignore"):
+                for h in pairs:
+                    for block in dict.fromkeys((h, n_blocks - 1 - h)):
+                        first = block * rbf.BLOCK_ROWS
+                        stop = min(n, first + rbf.BLOCK_ROWS)
+                        lo, hi = first * (first - 1) // 2, stop * (stop - 1) // 2
+                        for start in range(lo, hi, _EXP_CHUNK):
+                            chunk = packed[start:min(hi, start + _EXP_CHUNK)]
+                            np.multiply(chunk, scale, out=chunk)
+                            np.exp(chunk, out=chunk)
+                        rbf.block_row_sums(packed, n, block, row_sums, column_partials)
+        except BaseException as error:  # re-raised by the calling thread
+            errors.append(error)
 
     workers = [threading.Thread(target=work) for _ in range(threads - 1)]
     for worker in workers:
         worker.start()
-    try:
-        work()
-    finally:
-        for worker in workers:
-            worker.join()
+    work()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]
     row_sums += 1.0
     for partial in column_partials:  # in block order
         row_sums += partial

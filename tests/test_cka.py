@@ -236,6 +236,20 @@ def test_kernel_values_match_their_twin_and_not_the_threads(threads, n, monkeypa
     assert packed.tobytes() == single.tobytes() and row_sums.tobytes() == single_sums.tobytes()
 
 
+@pytest.mark.parametrize("parallel", [False, True])
+def test_kernel_underflow_is_not_an_error_even_when_numpy_raises(parallel):
+    """Far rows' kernel values underflow to 0 by design, whatever np.seterr says."""
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((600, 5))
+    X[:3] *= 100.0  # exp(−D/2σ²) below the smallest float64 for their pairs
+    expected = cka._rbf_matrix([X], [X[:, :3]], None, 0.05, None, 0, ("X", "Y"), parallel)
+    with np.errstate(all="raise"):
+        value = cka._rbf_matrix([X], [X[:, :3]], None, 0.05, None, 0, ("X", "Y"), parallel)
+    assert value.tobytes() == expected.tobytes()
+    with np.errstate(all="raise"), pytest.raises(FloatingPointError):
+        np.exp(np.array([-800.0]))  # the inputs do underflow
+
+
 @pytest.mark.parametrize("twin", ["serial", "parallel"])
 @pytest.mark.parametrize("n", [5, 200])  # 200: more rows than groups
 def test_centred_inner_products_kernel_matches_its_twin(twin, n):
