@@ -82,6 +82,9 @@ _MEDIAN_SAMPLE = 1 << 16
 _BRACKET_SIGMAS = 6.0
 # Packed entries per NumPy call of the exp pass: the product's output is still in cache.
 _EXP_CHUNK = 1 << 15
+# Rows of the Gram matrix per BLAS call (x[lo:hi] x[:hi]ᵀ, see _gram_lower): 1/16 more
+# flops than the triangle at 4,096 rows, and blocks enough to share among threads.
+_GRAM_BLOCK_ROWS = 256
 # MinibatchCKA compares examples' Gram matrices when they are cheaper and fit in this.
 _GRAM_PATH_MAX_BYTES = 256 << 20
 
@@ -295,6 +298,13 @@ def _ratio(cross: float, self_x: float, self_y: float, what: str) -> float:
 _local = threading.local()
 
 
+def _blas_controller():
+    """threadpoolctl's controller of the BLAS libraries loaded now (NumPy's among them)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController().select(user_api="blas")
+
+
 def _workspace(n: int, parallel: bool | None) -> _RBFWorkspace:
     """This thread's RBF buffers for ``n`` rows, kept from the last call when ``n`` matches."""
     workspace = getattr(_local, "rbf", None)
@@ -324,7 +334,8 @@ class _RBFWorkspace:
         self.n = n
         self.parallel = parallel  # None: the rule of _twin
         self.n_entries = n * (n - 1) // 2
-        self.gram = np.empty((n, n), order="F")  # dsyrk's output
+        self.gram = np.empty((n, n))  # its lower triangle: the rows' Gram matrix
+        self.blas = _blas_controller()  # renewed per call: libraries may load in between
         self.packed = np.empty(self.n_entries)  # the streamed layer's kernel
         self.kept = np.empty((1, self.n_entries))  # the kept layer's kernel, when only one
         self.row_sums = np.empty(n)
@@ -348,12 +359,9 @@ class _RBFWorkspace:
         diagonal : (n,) float64, receives the centred kernel's diagonal ``1 − 2μ_i + μ̄``.
         Returns ``(μ, μ̄)``: the row means (n,) and the grand mean of the full kernel.
         """
-        from scipy.linalg import blas
-
         n, m = self.n, self.n_entries
-        # x Xᵀ into the upper triangle of a Fortran array = the lower one of its C view.
-        blas.dsyrk(1.0, x.T, trans=1, c=self.gram, overwrite_c=1, beta=0.0)
-        gram = self.gram.T
+        gram = self.gram
+        _gram_lower(x, gram, self.blas)
         norms = np.diagonal(gram).copy()
         if not np.isfinite(norms).all():
             raise ValueError(f"{name}: squared row norms overflow float64; rescale the layer")
@@ -544,6 +552,46 @@ class _RBFWorkspace:
             narrowed += 1
 
 
+def _gram_lower(x: np.ndarray, gram: np.ndarray, blas) -> None:
+    """The lower triangle of ``x xᵀ`` into ``gram``, one BLAS call per block of rows.
+
+    Block ``[lo, hi)`` of ``_GRAM_BLOCK_ROWS`` rows gets ``x[lo:hi] x[:hi]ᵀ`` from one
+    ``matmul`` into its place, with BLAS limited to one thread, on as many Python
+    threads as BLAS had (they take the next block, largest first, as they finish):
+    every entry comes from the same call whatever the threads, and no BLAS worker is
+    left spinning on a core the Numba passes that follow need (docs/performance.md,
+    "RBF CKA").
+
+    x : (n, d) float64, C-contiguous.
+    gram : (n, n) float64, C-contiguous; its upper triangle above the diagonal blocks
+        is left as it was.
+    blas : a ``threadpoolctl.ThreadpoolController`` restricted to the BLAS libraries.
+    """
+    n = x.shape[0]
+    starts = iter(range((n - 1) // _GRAM_BLOCK_ROWS * _GRAM_BLOCK_ROWS, -1,
+                        -_GRAM_BLOCK_ROWS))  # shared: next() on it is atomic
+    threads = max(1, min((lib.num_threads or 1 for lib in blas.lib_controllers), default=1))
+    errors = []
+
+    def work() -> None:
+        try:
+            for lo in starts:
+                hi = min(n, lo + _GRAM_BLOCK_ROWS)
+                np.matmul(x[lo:hi], x[:hi].T, out=gram[lo:hi, :hi])
+        except BaseException as error:  # re-raised by the calling thread
+            errors.append(error)
+
+    with blas.limit(limits=1):
+        workers = [threading.Thread(target=work) for _ in range(threads - 1)]
+        for worker in workers:
+            worker.start()
+        work()
+        for worker in workers:
+            worker.join()
+    if errors:
+        raise errors[0]
+
+
 def _kernel_values(packed: np.ndarray, n: int, divisor: float, row_sums: np.ndarray,
                    column_partials: np.ndarray, threads: int) -> None:
     """``packed ← exp(packed · (1 / divisor))`` (``divisor = −2σ²``), the full kernel's row sums.
@@ -685,6 +733,7 @@ def _rbf_matrix(student: list, teacher: list, mask, bandwidth: float, max_rows, 
     kept, streamed = (student, teacher) if len(student) <= len(teacher) else (teacher, student)
     kept_name, streamed_name = names if kept is student else names[::-1]
     workspace = _workspace(n, parallel)
+    workspace.blas = _blas_controller()
     n_kept = len(kept)
     stack, stack_diagonal = workspace.kept_stack(n_kept), np.empty((n_kept, n))
     stack_means, stack_grand_means = np.empty((n_kept, n)), np.empty(n_kept)
