@@ -361,7 +361,12 @@ class _RBFWorkspace:
         """
         n, m = self.n, self.n_entries
         gram = self.gram
-        _gram_lower(x, gram, self.blas)
+        # BLAS on one thread per call and our threads instead: its own idle workers would
+        # keep spinning on the core the Numba passes below need (docs/performance.md).
+        threads = max(1, min((lib.num_threads or 1 for lib in self.blas.lib_controllers),
+                             default=1))
+        with self.blas.limit(limits=1):
+            _gram_lower(x, gram, threads)
         norms = np.diagonal(gram).copy()
         if not np.isfinite(norms).all():
             raise ValueError(f"{name}: squared row norms overflow float64; rescale the layer")
@@ -552,25 +557,20 @@ class _RBFWorkspace:
             narrowed += 1
 
 
-def _gram_lower(x: np.ndarray, gram: np.ndarray, blas) -> None:
+def _gram_lower(x: np.ndarray, gram: np.ndarray, threads: int) -> None:
     """The lower triangle of ``x xᵀ`` into ``gram``, one BLAS call per block of rows.
 
     Block ``[lo, hi)`` of ``_GRAM_BLOCK_ROWS`` rows gets ``x[lo:hi] x[:hi]ᵀ`` from one
-    ``matmul`` into its place, with BLAS limited to one thread, on as many Python
-    threads as BLAS had (they take the next block, largest first, as they finish):
-    every entry comes from the same call whatever the threads, and no BLAS worker is
-    left spinning on a core the Numba passes that follow need (docs/performance.md,
-    "RBF CKA").
+    ``matmul`` into its place; ``threads`` Python threads take the next block, largest
+    first, as they finish. Every entry comes from the same call whatever the threads,
+    so with BLAS on one thread (the caller limits it) the values do not depend on them.
 
     x : (n, d) float64, C-contiguous.
-    gram : (n, n) float64, C-contiguous; its upper triangle above the diagonal blocks
-        is left as it was.
-    blas : a ``threadpoolctl.ThreadpoolController`` restricted to the BLAS libraries.
+    gram : (n, n) float64, C-contiguous; above the diagonal blocks it is left as it was.
     """
     n = x.shape[0]
     starts = iter(range((n - 1) // _GRAM_BLOCK_ROWS * _GRAM_BLOCK_ROWS, -1,
                         -_GRAM_BLOCK_ROWS))  # shared: next() on it is atomic
-    threads = max(1, min((lib.num_threads or 1 for lib in blas.lib_controllers), default=1))
     errors = []
 
     def work() -> None:
@@ -581,13 +581,12 @@ def _gram_lower(x: np.ndarray, gram: np.ndarray, blas) -> None:
         except BaseException as error:  # re-raised by the calling thread
             errors.append(error)
 
-    with blas.limit(limits=1):
-        workers = [threading.Thread(target=work) for _ in range(threads - 1)]
-        for worker in workers:
-            worker.start()
-        work()
-        for worker in workers:
-            worker.join()
+    workers = [threading.Thread(target=work) for _ in range(threads - 1)]
+    for worker in workers:
+        worker.start()
+    work()
+    for worker in workers:
+        worker.join()
     if errors:
         raise errors[0]
 

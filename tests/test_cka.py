@@ -236,6 +236,34 @@ def test_kernel_values_match_their_twin_and_not_the_threads(threads, n, monkeypa
     assert packed.tobytes() == single.tobytes() and row_sums.tobytes() == single_sums.tobytes()
 
 
+@pytest.mark.parametrize("n", [5, 256, 700])  # one block, exactly one, a partial last one
+def test_gram_blocks_give_the_lower_triangle_whatever_the_threads(n):
+    from threadpoolctl import threadpool_limits
+
+    x = cka._centred(np.random.default_rng(n).standard_normal((n, 40)).astype(np.float32))
+    rows, columns = np.tril_indices(n)
+    results = []
+    with threadpool_limits(1, user_api="blas"):
+        for threads in (1, 2, 3):
+            gram = np.full((n, n), np.nan)
+            cka._gram_lower(x, gram, threads)
+            results.append(gram[rows, columns].tobytes())
+    np.testing.assert_allclose(gram[rows, columns], (x @ x.T)[rows, columns], rtol=1e-12,
+                               atol=1e-12 * np.abs(x).max() ** 2 * x.shape[1])
+    assert len(set(results)) == 1
+
+
+def test_gram_limit_on_blas_threads_is_restored():
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+
+    before = blas_threads()
+    cka.rbf_cka(*np.random.default_rng(0).standard_normal((2, 300, 8)))
+    assert blas_threads() == before
+
+
 @pytest.mark.parametrize("parallel", [False, True])
 def test_kernel_underflow_is_not_an_error_even_when_numpy_raises(parallel):
     """Far rows' kernel values underflow to 0 by design, whatever np.seterr says."""
@@ -740,6 +768,11 @@ teacher = [np.tanh(student[0] @ rng.standard_normal((20, 40), dtype=np.float32))
 digest = hashlib.sha256()
 digest.update(cka.rbf_cka_matrix(student, teacher, max_rows=650, seed=1).tobytes())
 digest.update(np.float64(cka.rbf_cka(student[1], teacher[2])).tobytes())
+# Rounding may hide a bit of the Gram matrix in the sums: its own digest too, at a size where
+# one multi-threaded BLAS call per block gives other bits than single-threaded ones.
+wide = rng.standard_normal((950, 40), dtype=np.float32)
+digest.update(np.float64(cka.rbf_cka(wide, wide[:, :30])).tobytes())
+digest.update(np.tril(cka._local.rbf.gram).tobytes())
 print(digest.hexdigest())
 """
 
@@ -747,16 +780,18 @@ print(digest.hexdigest())
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to run 2 threads")
 def test_rbf_bit_identical_with_one_and_two_threads_and_both_twins(tmp_path):
     results = {}
-    for threads in (1, 2):
-        for twin in ("serial", "parallel"):
-            env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
-            if (threads, twin) == (2, "parallel"):
-                # An empty cache makes the parallel twins the first to compile in the process,
-                # which once failed to type (an unsigned prange index mixed with int64).
-                env["NUMBA_CACHE_DIR"] = str(tmp_path / "numba-cache")
-            out = subprocess.run([sys.executable, "-c", SCRIPT, twin], capture_output=True,
-                                 text=True, env=env, timeout=300)
-            assert out.returncode == 0, out.stderr
-            results[(threads, twin)] = out.stdout.strip()
-    assert len(results[(1, "serial")]) == len(hashlib.sha256().hexdigest())
+    # Numba threads, twin, BLAS threads (and so the Gram matrix's Python threads).
+    for threads, twin, blas in [(1, "serial", 2), (1, "parallel", 2), (2, "serial", 2),
+                                (2, "parallel", 2), (2, "parallel", 1), (1, "serial", 1)]:
+        env = dict(os.environ, NUMBA_NUM_THREADS=str(threads),
+                   OPENBLAS_NUM_THREADS=str(blas))
+        if (threads, twin, blas) == (2, "parallel", 2):
+            # An empty cache makes the parallel twins the first to compile in the process,
+            # which once failed to type (an unsigned prange index mixed with int64).
+            env["NUMBA_CACHE_DIR"] = str(tmp_path / "numba-cache")
+        out = subprocess.run([sys.executable, "-c", SCRIPT, twin], capture_output=True,
+                             text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr
+        results[(threads, twin, blas)] = out.stdout.strip()
+    assert len(results[(1, "serial", 2)]) == len(hashlib.sha256().hexdigest())
     assert len(set(results.values())) == 1, results
