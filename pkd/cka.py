@@ -43,6 +43,9 @@ The CKA authors' demo input and their published values:
 RBF memory: ``n(n−1)/2`` float64 per kept kernel (64 MiB at 4,096 rows) for
 the side with fewer layers, plus an n × n Gram buffer and one more kernel,
 which are kept per thread for the next call (:func:`release_buffers`).
+The RBF Gram matrices are single-threaded BLAS calls on pkd's own threads; while
+they run, BLAS is limited to one thread for the whole process (``threadpoolctl``,
+restored after), so another thread's BLAS calls meanwhile run single-threaded.
 
 Every layer is centred in float64 after subtracting its first row, so a
 constant layer (or a dead column) centres to exactly 0: CKA is then
