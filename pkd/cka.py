@@ -43,9 +43,10 @@ The CKA authors' demo input and their published values:
 RBF memory: ``n(n−1)/2`` float64 per kept kernel (64 MiB at 4,096 rows) for
 the side with fewer layers, plus an n × n Gram buffer and one more kernel,
 which are kept per thread for the next call (:func:`release_buffers`).
-The RBF Gram matrices are single-threaded BLAS calls on pkd's own threads; while
-they run, BLAS is limited to one thread for the whole process (``threadpoolctl``,
-restored after), so another thread's BLAS calls meanwhile run single-threaded.
+The RBF Gram matrices are single-threaded BLAS calls on pkd's own threads: while
+an RBF function runs, BLAS is limited to one thread for the whole process
+(``threadpoolctl``, restored after), so another thread's BLAS calls meanwhile run
+single-threaded.
 
 Every layer is centred in float64 after subtracting its first row, so a
 constant layer (or a dead column) centres to exactly 0: CKA is then
@@ -301,11 +302,41 @@ def _ratio(cross: float, self_x: float, self_y: float, what: str) -> float:
 _local = threading.local()
 
 
-def _blas_controller():
-    """threadpoolctl's controller of the BLAS libraries loaded now (NumPy's among them)."""
-    from threadpoolctl import ThreadpoolController
+class _SingleThreadedBlas:
+    """BLAS limited to one thread, process-wide, while any RBF call runs (``threadpoolctl``).
 
-    return ThreadpoolController().select(user_api="blas")
+    The first call in sets the limit and the last one out restores it, so that
+    concurrent calls neither take another's limit for the original nor restore it early.
+    ``with`` gives the thread count BLAS had before the first call set the limit.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls = 0
+        self._limiter = None
+        self._threads = 1
+
+    def __enter__(self) -> int:
+        with self._lock:
+            if self._calls == 0:
+                from threadpoolctl import ThreadpoolController
+
+                blas = ThreadpoolController().select(user_api="blas")
+                self._threads = max(1, min((lib.num_threads or 1
+                                            for lib in blas.lib_controllers), default=1))
+                self._limiter = blas.limit(limits=1)
+            self._calls += 1
+            return self._threads
+
+    def __exit__(self, *exc_info) -> None:
+        with self._lock:
+            self._calls -= 1
+            if self._calls == 0:
+                self._limiter.restore_original_limits()
+                self._limiter = None
+
+
+_single_threaded_blas = _SingleThreadedBlas()
 
 
 def _workspace(n: int, parallel: bool | None) -> _RBFWorkspace:
@@ -338,7 +369,7 @@ class _RBFWorkspace:
         self.parallel = parallel  # None: the rule of _twin
         self.n_entries = n * (n - 1) // 2
         self.gram = np.empty((n, n))  # its lower triangle: the rows' Gram matrix
-        self.blas = _blas_controller()  # renewed per call: libraries may load in between
+        self.gram_threads = 1  # threads of the Gram matrix's BLAS calls, set per call
         self.packed = np.empty(self.n_entries)  # the streamed layer's kernel
         self.kept = np.empty((1, self.n_entries))  # the kept layer's kernel, when only one
         self.row_sums = np.empty(n)
@@ -364,12 +395,7 @@ class _RBFWorkspace:
         """
         n, m = self.n, self.n_entries
         gram = self.gram
-        # BLAS on one thread per call and our threads instead: its own idle workers would
-        # keep spinning on the core the Numba passes below need (docs/performance.md).
-        threads = max(1, min((lib.num_threads or 1 for lib in self.blas.lib_controllers),
-                             default=1))
-        with self.blas.limit(limits=1):
-            _gram_lower(x, gram, threads)
+        _gram_lower(x, gram, self.gram_threads)
         norms = np.diagonal(gram).copy()
         if not np.isfinite(norms).all():
             raise ValueError(f"{name}: squared row norms overflow float64; rescale the layer")
@@ -734,8 +760,21 @@ def _rbf_matrix(student: list, teacher: list, mask, bandwidth: float, max_rows, 
     # Keep the side with fewer layers; the other streams through.
     kept, streamed = (student, teacher) if len(student) <= len(teacher) else (teacher, student)
     kept_name, streamed_name = names if kept is student else names[::-1]
-    workspace = _workspace(n, parallel)
-    workspace.blas = _blas_controller()
+    # BLAS on one thread per call and our threads instead: its own idle workers would keep
+    # spinning on the core the Numba passes need (docs/performance.md, "RBF CKA").
+    with _single_threaded_blas as blas_threads:
+        workspace = _workspace(n, parallel)
+        workspace.gram_threads = blas_threads
+        return _rbf_values(workspace, kept, streamed, (kept_name, streamed_name), bandwidth,
+                           rows_of, parallel, kept is student)
+
+
+def _rbf_values(workspace: _RBFWorkspace, kept: list, streamed: list, names: tuple[str, str],
+                bandwidth: float, rows_of, parallel: bool | None,
+                kept_is_student: bool) -> np.ndarray:
+    """The (n_s, n_t) RBF CKA of :func:`_rbf_matrix` once the rows are chosen."""
+    n = workspace.n
+    kept_name, streamed_name = names
     n_kept = len(kept)
     stack, stack_diagonal = workspace.kept_stack(n_kept), np.empty((n_kept, n))
     stack_means, stack_grand_means = np.empty((n_kept, n)), np.empty(n_kept)
@@ -761,7 +800,7 @@ def _rbf_matrix(student: list, teacher: list, mask, bandwidth: float, max_rows, 
     if not np.isfinite(value).all():
         raise ValueError("RBF CKA is not finite for some pair: a layer's values are too large "
                          "for float64; rescale it")
-    return value.T if kept is student else value
+    return value.T if kept_is_student else value
 
 
 def _layer_name(side: str, k: int) -> str:

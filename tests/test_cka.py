@@ -253,15 +253,42 @@ def test_gram_blocks_give_the_lower_triangle_whatever_the_threads(n):
     assert len(set(results)) == 1
 
 
-def test_gram_limit_on_blas_threads_is_restored():
+def _blas_threads(libraries=None):
+    """Thread limit of each BLAS library loaded (or of ``libraries``), by file."""
     from threadpoolctl import threadpool_info
 
-    def blas_threads():
-        return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+    limits = {info["filepath"]: info["num_threads"] for info in threadpool_info()
+              if info["user_api"] == "blas"}
+    return limits if libraries is None else {name: limits[name] for name in libraries}
 
-    before = blas_threads()
+
+def test_gram_limit_on_blas_threads_is_restored():
+    before = _blas_threads()
     cka.rbf_cka(*np.random.default_rng(0).standard_normal((2, 300, 8)))
-    assert blas_threads() == before
+    assert _blas_threads(before) == before
+
+
+def test_concurrent_rbf_calls_give_the_same_bits_and_restore_the_blas_limit():
+    """Calls from several threads share one limit: the last one out restores it."""
+    import threading
+
+    rng = np.random.default_rng(5)
+    pairs = [(rng.standard_normal((700, 30)), rng.standard_normal((700, 50))) for _ in range(4)]
+    before = _blas_threads()
+    alone = [cka.rbf_cka(X, Y).hex() for X, Y in pairs]
+    results = {}
+
+    def call(k):
+        for _ in range(3):
+            results.setdefault(k, set()).add(cka.rbf_cka(*pairs[k]).hex())
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [results[k] for k in range(4)] == [{value} for value in alone]
+    assert _blas_threads(before) == before
 
 
 @pytest.mark.parametrize("parallel", [False, True])
