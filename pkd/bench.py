@@ -598,10 +598,13 @@ def _numpy_rbf_cka(X, Y, bandwidth=0.5) -> float:
 def bench_rbf_cka(n=4096, d_s=384, d_t=768, repeats=5, out=None) -> dict:
     """RBF CKA of one pair, N rows (float32): the parallel twin vs the serial one, NumPy, GEMMs.
 
-    ``gemm``, the floor: the two float64 ``X Xᵀ`` (scipy's dsyrk, as the
-    computation calls it, into a preallocated output) that give the
-    distance matrices. ``parallel`` / ``serial``: :func:`pkd.cka.rbf_cka`
-    with every Numba pass forced to one twin. ``numpy``: :func:`_numpy_rbf_cka`.
+    ``gemm``, the floor: the two float64 ``X Xᵀ`` (scipy's dsyrk on all of
+    OpenBLAS's threads, into a preallocated output) that give the distance
+    matrices. ``parallel`` / ``serial``: :func:`pkd.cka.rbf_cka` with every
+    Numba pass forced to one twin (both compute the Gram matrices on NumPy's
+    OpenBLAS, one thread per call). ``numpy``: :func:`_numpy_rbf_cka`. The
+    floor is timed in a block of its own: scipy's OpenBLAS threads spin after
+    each call and would take a core from the pkd call after it.
     """
     out = sys.stdout if out is None else out
     import numba
@@ -623,7 +626,7 @@ def bench_rbf_cka(n=4096, d_s=384, d_t=768, repeats=5, out=None) -> dict:
     def ours(parallel):
         return lambda: cka._rbf_matrix([X], [Y], None, 0.5, None, 0, ("X", "Y"), parallel)
 
-    times = _median_times([{"parallel": ours(True), "serial": ours(False), "gemm": gemms},
+    times = _median_times([{"parallel": ours(True), "serial": ours(False)}, {"gemm": gemms},
                            {"numpy": lambda: _numpy_rbf_cka(X, Y)}], repeats)
     value, expected = float(ours(None)()[0, 0]), _numpy_rbf_cka(X, Y)
     result = {"n_rows": n, "d_s": d_s, "d_t": d_t, "numba_threads": numba.get_num_threads(),

@@ -43,6 +43,10 @@ The CKA authors' demo input and their published values:
 RBF memory: ``n(n−1)/2`` float64 per kept kernel (64 MiB at 4,096 rows) for
 the side with fewer layers, plus an n × n Gram buffer and one more kernel,
 which are kept per thread for the next call (:func:`release_buffers`).
+The RBF Gram matrices are single-threaded BLAS calls on pkd's own threads: while
+an RBF function runs, BLAS is limited to one thread for the whole process
+(``threadpoolctl``, restored after), so another thread's BLAS calls meanwhile run
+single-threaded.
 
 Every layer is centred in float64 after subtracting its first row, so a
 constant layer (or a dead column) centres to exactly 0: CKA is then
@@ -76,6 +80,15 @@ PARALLEL_MIN_ENTRIES = 1 << 17
 # The median search partitions at most this many entries, narrowing its range until then.
 _MEDIAN_CANDIDATES = 1 << 16
 _MAX_NARROWING = 3
+# The median's bracket: quantiles of this many sampled entries, ± this many binomial
+# standard deviations (a bracket that misses costs a histogram search, never a wrong value).
+_MEDIAN_SAMPLE = 1 << 16
+_BRACKET_SIGMAS = 6.0
+# Packed entries per NumPy call of the exp pass: the product's output is still in cache.
+_EXP_CHUNK = 1 << 15
+# Rows of the Gram matrix per BLAS call (x[lo:hi] x[:hi]ᵀ, see _gram_lower): 1/16 more
+# flops than the triangle at 4,096 rows, and blocks enough to share among threads.
+_GRAM_BLOCK_ROWS = 256
 # MinibatchCKA compares examples' Gram matrices when they are cheaper and fit in this.
 _GRAM_PATH_MAX_BYTES = 256 << 20
 
@@ -289,6 +302,43 @@ def _ratio(cross: float, self_x: float, self_y: float, what: str) -> float:
 _local = threading.local()
 
 
+class _SingleThreadedBlas:
+    """BLAS limited to one thread, process-wide, while any RBF call runs (``threadpoolctl``).
+
+    The first call in sets the limit and the last one out restores it, so that
+    concurrent calls neither take another's limit for the original nor restore it early.
+    ``with`` gives the thread count BLAS had before the first call set the limit.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls = 0
+        self._limiter = None
+        self._threads = 1
+
+    def __enter__(self) -> int:
+        with self._lock:
+            if self._calls == 0:
+                from threadpoolctl import ThreadpoolController
+
+                blas = ThreadpoolController().select(user_api="blas")
+                self._threads = max(1, min((lib.num_threads or 1
+                                            for lib in blas.lib_controllers), default=1))
+                self._limiter = blas.limit(limits=1)
+            self._calls += 1
+            return self._threads
+
+    def __exit__(self, *exc_info) -> None:
+        with self._lock:
+            self._calls -= 1
+            if self._calls == 0:
+                self._limiter.restore_original_limits()
+                self._limiter = None
+
+
+_single_threaded_blas = _SingleThreadedBlas()
+
+
 def _workspace(n: int, parallel: bool | None) -> _RBFWorkspace:
     """This thread's RBF buffers for ``n`` rows, kept from the last call when ``n`` matches."""
     workspace = getattr(_local, "rbf", None)
@@ -318,64 +368,175 @@ class _RBFWorkspace:
         self.n = n
         self.parallel = parallel  # None: the rule of _twin
         self.n_entries = n * (n - 1) // 2
-        self.gram = np.empty((n, n), order="F")  # dsyrk's output
+        self.gram = np.empty((n, n))  # its lower triangle: the rows' Gram matrix
+        self.gram_threads = 1  # threads of the Gram matrix's BLAS calls, set per call
         self.packed = np.empty(self.n_entries)  # the streamed layer's kernel
         self.kept = np.empty((1, self.n_entries))  # the kept layer's kernel, when only one
         self.row_sums = np.empty(n)
         self.column_partials = np.empty((-(-n // rbf.BLOCK_ROWS), n))
         self.counts = np.empty((rbf.N_GROUPS, rbf.N_BINS + 2), dtype=np.int64)
+        self.window_counts = np.empty((rbf.N_GROUPS, 2), dtype=np.int64)
+        self._sample = None  # the median's sample of packed entries: (rows, columns)
+        self._sample_values = None
+        self._window_buffer = None
         self.ones = np.ones(n)
 
     def kept_stack(self, count: int) -> np.ndarray:
         """``(count, n(n−1)/2)`` buffer for the kept side's kernels (new unless count is 1)."""
         return self.kept if count == 1 else np.empty((count, self.n_entries))
 
-    def centred_kernel(self, x: np.ndarray, bandwidth: float, name: str,
-                       packed: np.ndarray, diagonal: np.ndarray) -> None:
-        """Write the centred RBF kernel of centred rows ``x`` (n, d) into ``packed``/``diagonal``.
+    def kernel(self, x: np.ndarray, bandwidth: float, name: str, packed: np.ndarray,
+               diagonal: np.ndarray) -> tuple[np.ndarray, float]:
+        """Write the RBF kernel of centred rows ``x`` (n, d), not centred, into ``packed``.
 
-        packed : (n(n−1)/2,) float64, the strict lower triangle, row by row;
-        diagonal : (n,) float64.
+        packed : (n(n−1)/2,) float64, the strict lower triangle, row by row.
+        diagonal : (n,) float64, receives the centred kernel's diagonal ``1 − 2μ_i + μ̄``.
+        Returns ``(μ, μ̄)``: the row means (n,) and the grand mean of the full kernel.
         """
-        from scipy.linalg import blas
-
         n, m = self.n, self.n_entries
-        # x Xᵀ into the upper triangle of a Fortran array = the lower one of its C view.
-        blas.dsyrk(1.0, x.T, trans=1, c=self.gram, overwrite_c=1, beta=0.0)
-        gram = self.gram.T
+        gram = self.gram
+        _gram_lower(x, gram, self.gram_threads)
         norms = np.diagonal(gram).copy()
         if not np.isfinite(norms).all():
             raise ValueError(f"{name}: squared row norms overflow float64; rescale the layer")
-        # The rows are centred, so the distances sum to n·Σ‖x_i‖² and their mean is known.
-        hi = 2.0 * n * math.fsum(norms) / m
-        _twin("squared_distances", m, self.parallel)(gram, norms, 0.0, hi if hi > 0 else 1.0,
-                                                     packed, self.counts)
-        median = self._median(packed, hi if hi > 0 else 1.0)
+        median = self.distances_and_median(gram, norms, packed)
         if median == 0.0:
             raise ValueError(
                 f"{name} (shape {x.shape}): the median squared distance between rows is 0 (a "
                 "constant layer, or most rows identical), so the bandwidth rule gives σ = 0 and "
                 "RBF CKA is undefined; drop repeated rows (padding?) or the layer"
             )
-        denominator = 2.0 * bandwidth * bandwidth * median
-        _twin("rbf_row_sums", m, self.parallel)(packed, n, denominator, self.row_sums,
-                                                self.column_partials)
+        _kernel_values(packed, n, -2.0 * bandwidth * bandwidth * median, self.row_sums,
+                       self.column_partials, self._threads(m))
         row_means = self.row_sums / n
         grand_mean = math.fsum(self.row_sums) / (n * n)
-        _twin("centre_packed", m, self.parallel)(packed, n, row_means, grand_mean, self.ones,
-                                                 diagonal)
+        # 1 + (μ̄ − μ_i) − μ_i: the diagonal as rbf._centre_row centres the rest.
+        np.subtract(self.ones + (grand_mean - row_means), row_means, out=diagonal)
+        return row_means, grand_mean
+
+    def distances_and_median(self, gram: np.ndarray, norms: np.ndarray,
+                             packed: np.ndarray) -> float:
+        """Write the packed squared distances; return the median of all n² of them.
+
+        gram : (n, n) float64, C-contiguous, the rows' Gram matrix (its lower triangle).
+        norms : (n,) float64, its diagonal, finite.
+        packed : (n(n−1)/2,) float64, receives the distances.
+        """
+        n, m = self.n, self.n_entries
+        positions = self._median_positions()
+        lo, hi = self._bracket(gram, norms, positions)
+        window = self._window(lo, hi)
+        _twin("squared_distances", m, self.parallel)(gram, norms, lo, hi, packed,
+                                                     self.window_counts, window)
+        values = self._order_statistics_in_bracket(packed, positions, lo, hi, window)
+        if values is None:  # the bracket missed the median, or holds too many ties
+            # The rows are centred, so the distances sum to n·Σ‖x_i‖² and their mean is known.
+            first_hi = 2.0 * n * math.fsum(norms) / m
+            first_hi = first_hi if first_hi > 0 else 1.0
+            _twin("histogram", m, self.parallel)(packed, n, 0.0, first_hi, self.counts)
+            values = self._order_statistics(packed, positions, first_hi)
+        return self._median_of(values)
+
+    def _threads(self, n_entries: int) -> int:
+        """Threads of the NumPy passes: those of the prange twins when they run, else 1."""
+        from .kernels._jit import available_threads
+
+        if self.parallel is None:
+            return available_threads() if n_entries >= PARALLEL_MIN_ENTRIES else 1
+        return available_threads() if self.parallel else 1
+
+    def _median_positions(self) -> list[int]:
+        """Positions in the sorted packed entries of the n² entries' median (one or two)."""
+        n = self.n
+        total = n * n
+        ranks = (total // 2 - 1, total // 2) if total % 2 == 0 else (total // 2,)
+        # Sorted, the n² entries are n zeros then every packed value twice (n ≥ 3: ranks ≥ n).
+        self._ranks = ranks
+        return sorted({(r - n) // 2 for r in ranks})
+
+    def _median_of(self, values: dict) -> float:
+        """The median of the n² entries from the order statistics of the packed ones."""
+        return float(np.mean([values[(r - self.n) // 2] for r in self._ranks]))
+
+    def _bracket(self, gram: np.ndarray, norms: np.ndarray,
+                 positions: list[int]) -> tuple[float, float]:
+        """``[lo, hi)`` holding the entries at ``positions`` with high probability.
+
+        Quantiles of ``_MEDIAN_SAMPLE`` entries drawn uniformly (a fixed draw per n),
+        widened by ``_BRACKET_SIGMAS`` binomial standard deviations; the counts of the
+        distance pass then say whether it holds them (if not, the histogram search runs).
+        """
+        m = self.n_entries
+        if m <= _MEDIAN_SAMPLE:
+            return 0.0, math.inf
+        if self._sample is None:
+            entries = np.random.default_rng(0).integers(0, m, _MEDIAN_SAMPLE)
+            rows = ((1.0 + np.sqrt(1.0 + 8.0 * entries)) / 2.0).astype(np.int64)
+            rows -= rows * (rows - 1) // 2 > entries  # the square root's rounding, either way
+            rows += (rows + 1) * rows // 2 <= entries
+            self._sample = rows, entries - rows * (rows - 1) // 2
+        rows, columns = self._sample
+        sample = np.maximum(norms[rows] + norms[columns] - 2.0 * gram[rows, columns], 0.0)
+        sample.sort()
+        self._sample_values = sample
+        s = sample.size
+        spread = _BRACKET_SIGMAS * math.sqrt(s * 0.25) + 1.0
+        first = math.floor(positions[0] / m * s - spread)
+        last = math.ceil((positions[-1] + 1) / m * s + spread)
+        lo = float(sample[first]) if first >= 0 else 0.0
+        hi = float(np.nextafter(sample[last], np.inf)) if last < s else math.inf
+        return lo, hi
+
+    def _window(self, lo: float, hi: float) -> np.ndarray:
+        """The distance pass's buffer of the entries in ``[lo, hi)``: (N_GROUPS, capacity + 1).
+
+        Each group's capacity is twice its expected count from the sample, plus a margin.
+        """
+        rbf = _kernels()
+        if self._sample is None:  # every entry is in the bracket: the gather pass copies them
+            return np.empty((rbf.N_GROUPS, 1))
+        sample = self._sample_values
+        expected = np.count_nonzero((sample >= lo) & (sample < hi)) / sample.size
+        per_group = self.n_entries / rbf.N_GROUPS
+        capacity = int(2.0 * expected * per_group) + 1024
+        if self._window_buffer is None or self._window_buffer.shape[1] < capacity + 1:
+            self._window_buffer = np.empty((rbf.N_GROUPS, capacity + 1))
+        return self._window_buffer
+
+    def _order_statistics_in_bracket(self, packed: np.ndarray, positions: list[int],
+                                     lo: float, hi: float, window: np.ndarray) -> dict | None:
+        """``{p: the p-th smallest entry}`` from the entries in ``[lo, hi)``, or None.
+
+        ``self.window_counts`` holds the distance pass's counts below ``lo`` and inside,
+        ``window`` the entries inside (unless a group had more than its capacity).
+        None when the positions are outside the bracket or it holds too many entries.
+        """
+        below = int(self.window_counts[:, 0].sum())
+        inside = self.window_counts[:, 1]
+        n_inside = int(inside.sum())
+        if not below <= positions[0] <= positions[-1] < below + n_inside:
+            return None
+        if n_inside > max(_MEDIAN_CANDIDATES, self.n_entries // 16):
+            return None
+        if inside.max() < window.shape[1]:  # every group's entries fit: no second pass
+            out = np.concatenate([window[g, :c] for g, c in enumerate(inside)])
+        else:
+            sizes = inside + 1  # every group's region ends with a scratch slot
+            offsets = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+            out = np.empty(int(sizes.sum()))
+            _twin("gather_window", self.n_entries, self.parallel)(packed, self.n, lo, hi,
+                                                                  offsets, out)
+            out = np.delete(out, offsets + inside)
+        out.partition([p - below for p in positions])
+        return {p: float(out[p - below]) for p in positions}
 
     def _median(self, packed: np.ndarray, hi: float) -> float:
         """Median of the n² squared distances (diagonal zeros and both triangles included).
 
         ``self.counts`` holds the histogram of ``packed`` over ``[0, hi)``.
         """
-        n = self.n
-        total = n * n
-        ranks = (total // 2 - 1, total // 2) if total % 2 == 0 else (total // 2,)
-        # Sorted, the n² entries are n zeros then every packed value twice (n ≥ 3: ranks ≥ n).
-        values = self._order_statistics(packed, sorted({(r - n) // 2 for r in ranks}), hi)
-        return float(np.mean([values[(r - n) // 2] for r in ranks]))
+        positions = self._median_positions()
+        return self._median_of(self._order_statistics(packed, positions, hi))
 
     def _order_statistics(self, packed: np.ndarray, positions: list[int], hi: float) -> dict:
         """``{p: the p-th smallest entry of packed}`` for adjacent ``positions``.
@@ -425,11 +586,91 @@ class _RBFWorkspace:
             narrowed += 1
 
 
-def _inner_products(stack, stack_diagonal, packed, diagonal, parallel=None) -> np.ndarray:
-    out = np.empty(stack.shape[0])
-    _twin("packed_inner_products", stack.size, parallel)(stack, stack_diagonal, packed,
-                                                         diagonal, out)
-    return out
+def _gram_lower(x: np.ndarray, gram: np.ndarray, threads: int) -> None:
+    """The lower triangle of ``x xᵀ`` into ``gram``, one BLAS call per block of rows.
+
+    Block ``[lo, hi)`` of ``_GRAM_BLOCK_ROWS`` rows gets ``x[lo:hi] x[:hi]ᵀ`` from one
+    ``matmul`` into its place; ``threads`` Python threads take the next block, largest
+    first, as they finish. Every entry comes from the same call whatever the threads,
+    so with BLAS on one thread (the caller limits it) the values do not depend on them.
+
+    x : (n, d) float64, C-contiguous.
+    gram : (n, n) float64, C-contiguous; above the diagonal blocks it is left as it was.
+    """
+    n = x.shape[0]
+    starts = iter(range((n - 1) // _GRAM_BLOCK_ROWS * _GRAM_BLOCK_ROWS, -1,
+                        -_GRAM_BLOCK_ROWS))  # shared: next() on it is atomic
+    errors = []
+
+    def work() -> None:
+        try:
+            for lo in starts:
+                hi = min(n, lo + _GRAM_BLOCK_ROWS)
+                np.matmul(x[lo:hi], x[:hi].T, out=gram[lo:hi, :hi])
+        except BaseException as error:  # re-raised by the calling thread
+            errors.append(error)
+
+    workers = [threading.Thread(target=work) for _ in range(threads - 1)]
+    for worker in workers:
+        worker.start()
+    work()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]
+
+
+def _kernel_values(packed: np.ndarray, n: int, divisor: float, row_sums: np.ndarray,
+                   column_partials: np.ndarray, threads: int) -> None:
+    """``packed ← exp(packed · (1 / divisor))`` (``divisor = −2σ²``), the full kernel's row sums.
+
+    Block by block of ``BLOCK_ROWS`` rows, while the block is in cache: NumPy's ``exp``
+    (on SIMD lanes; Numba's calls the scalar libm one per entry), then
+    :func:`pkd.kernels.rbf.block_row_sums`. ``threads`` threads take the next pair of
+    blocks ``h``, ``n_blocks − 1 − h`` (equal work) as they finish one, so a thread
+    that shares its core goes on with fewer; the upper parts of the rows are added
+    from the blocks' column sums in block order afterwards, so every value is the
+    same whatever the threads.
+
+    row_sums : (n,) float64, receives ``Σ_j K_ij`` with the unit diagonal.
+    column_partials : (n_blocks, n) float64, scratch.
+    """
+    rbf = _kernels()
+    n_blocks = column_partials.shape[0]
+    pairs = iter(range((n_blocks + 1) // 2))  # shared: next() on it is atomic
+    # A product by the reciprocal: a third of a division's time, the argument within an ulp.
+    scale = 1.0 / divisor
+
+    errors = []
+
+    def work() -> None:
+        try:
+            # Far entries underflow to 0 by design, whatever the caller's np.seterr says.
+            with np.errstate(under="ignore"):
+                for h in pairs:
+                    for block in dict.fromkeys((h, n_blocks - 1 - h)):
+                        first = block * rbf.BLOCK_ROWS
+                        stop = min(n, first + rbf.BLOCK_ROWS)
+                        lo, hi = first * (first - 1) // 2, stop * (stop - 1) // 2
+                        for start in range(lo, hi, _EXP_CHUNK):
+                            chunk = packed[start:min(hi, start + _EXP_CHUNK)]
+                            np.multiply(chunk, scale, out=chunk)
+                            np.exp(chunk, out=chunk)
+                        rbf.block_row_sums(packed, n, block, row_sums, column_partials)
+        except BaseException as error:  # re-raised by the calling thread
+            errors.append(error)
+
+    workers = [threading.Thread(target=work) for _ in range(threads - 1)]
+    for worker in workers:
+        worker.start()
+    work()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]
+    row_sums += 1.0
+    for partial in column_partials:  # in block order
+        row_sums += partial
 
 
 def rbf_cka(X, Y, *, bandwidth: float = DEFAULT_BANDWIDTH, max_rows: int | None = None,
@@ -519,29 +760,47 @@ def _rbf_matrix(student: list, teacher: list, mask, bandwidth: float, max_rows, 
     # Keep the side with fewer layers; the other streams through.
     kept, streamed = (student, teacher) if len(student) <= len(teacher) else (teacher, student)
     kept_name, streamed_name = names if kept is student else names[::-1]
-    workspace = _workspace(n, parallel)
-    stack, stack_diagonal = workspace.kept_stack(len(kept)), np.empty((len(kept), n))
-    kept_self = np.empty(len(kept))
+    # BLAS on one thread per call and our threads instead: its own idle workers would keep
+    # spinning on the core the Numba passes need (docs/performance.md, "RBF CKA").
+    with _single_threaded_blas as blas_threads:
+        workspace = _workspace(n, parallel)
+        workspace.gram_threads = blas_threads
+        return _rbf_values(workspace, kept, streamed, (kept_name, streamed_name), bandwidth,
+                           rows_of, parallel, kept is student)
+
+
+def _rbf_values(workspace: _RBFWorkspace, kept: list, streamed: list, names: tuple[str, str],
+                bandwidth: float, rows_of, parallel: bool | None,
+                kept_is_student: bool) -> np.ndarray:
+    """The (n_s, n_t) RBF CKA of :func:`_rbf_matrix` once the rows are chosen."""
+    n = workspace.n
+    kept_name, streamed_name = names
+    n_kept = len(kept)
+    stack, stack_diagonal = workspace.kept_stack(n_kept), np.empty((n_kept, n))
+    stack_means, stack_grand_means = np.empty((n_kept, n)), np.empty(n_kept)
     for k, layer in enumerate(kept):
-        workspace.centred_kernel(rows_of(layer), bandwidth, _layer_name(kept_name, k),
-                                 stack[k], stack_diagonal[k])
-        kept_self[k] = _inner_products(stack[k:k + 1], stack_diagonal[k:k + 1],
-                                       stack[k], stack_diagonal[k], parallel)[0]
-    cross = np.empty((len(streamed), len(kept)))
+        stack_means[k], stack_grand_means[k] = workspace.kernel(
+            rows_of(layer), bandwidth, _layer_name(kept_name, k), stack[k], stack_diagonal[k])
+    # No kernel is centred in memory: the inner-product pass centres rows as it reads them,
+    # and sums the kept kernels' own products on the way (the same bits in every pass).
+    inner_products = _twin("centred_inner_products", stack.size, parallel)
+    products = np.empty(2 * n_kept + 1)
+    cross = np.empty((len(streamed), n_kept))
     streamed_self = np.empty(len(streamed))
     packed, diagonal = workspace.packed, np.empty(n)
     for k, layer in enumerate(streamed):
-        workspace.centred_kernel(rows_of(layer), bandwidth,
-                                 _layer_name(streamed_name, k),
-                                 packed, diagonal)
-        streamed_self[k] = _inner_products(packed[None], diagonal[None], packed, diagonal,
-                                           parallel)[0]
-        cross[k] = _inner_products(stack, stack_diagonal, packed, diagonal, parallel)
+        row_means, grand_mean = workspace.kernel(rows_of(layer), bandwidth,
+                                                 _layer_name(streamed_name, k), packed,
+                                                 diagonal)
+        inner_products(stack, stack_means, stack_grand_means, stack_diagonal, packed, n,
+                       row_means, grand_mean, diagonal, products)
+        cross[k], streamed_self[k] = products[:n_kept], products[n_kept]
+    kept_self = products[n_kept + 1:]
     value = cross / np.sqrt(np.outer(streamed_self, kept_self))
     if not np.isfinite(value).all():
         raise ValueError("RBF CKA is not finite for some pair: a layer's values are too large "
                          "for float64; rescale it")
-    return value.T if kept is student else value
+    return value.T if kept_is_student else value
 
 
 def _layer_name(side: str, k: int) -> str:

@@ -167,19 +167,35 @@ def squared_distances(gram, norms):
 
 
 def rbf_row_sums(packed, n, denominator):
-    """Twin of rbf_row_sums: returns (packed kernel values, row sums of the full matrix)."""
+    """Twin of pkd.cka._kernel_values: (packed kernel values, row sums of the full matrix)."""
     import math
 
-    kernel = [math.exp(-float(v) / denominator) for v in packed]
-    row_sums = np.zeros(n)
+    kernel = np.array([math.exp(-float(v) / denominator) for v in packed])
+    return kernel, row_sums(kernel, n)
+
+
+def row_sums(packed, n):
+    """Row sums of the full symmetric matrix of ``packed`` with a unit diagonal."""
+    sums = np.zeros(n)
     for i in range(n):
         for j in range(n):
-            row_sums[i] += 1.0 if i == j else kernel[_packed_index(max(i, j), min(i, j))]
-    return np.array(kernel), row_sums
+            sums[i] += 1.0 if i == j else packed[_packed_index(max(i, j), min(i, j))]
+    return sums
+
+
+def block_row_sums(packed, n, block, block_rows):
+    """Twin of rbf.block_row_sums: (lower row sums of the block's rows, its column sums)."""
+    rows = range(block * block_rows, min(n, (block + 1) * block_rows))
+    lower = {i: sum(float(packed[_packed_index(i, j)]) for j in range(i)) for i in rows}
+    columns = np.zeros(n)
+    for i in rows:
+        for j in range(i):
+            columns[j] += packed[_packed_index(i, j)]
+    return lower, columns
 
 
 def centre_packed(packed, n, row_means, grand_mean, diagonal):
-    """Twin of centre_packed: returns (packed K_ij − μ_i − μ_j + μ̄, centred diagonal)."""
+    """Twin of rbf._centre_row on every row: (packed K_ij − μ_i − μ_j + μ̄, centred diagonal)."""
     out = np.array(packed, dtype=np.float64)
     for i in range(n):
         for j in range(i):
@@ -240,3 +256,22 @@ def gather(packed, n, lo, hi, first_slot, last_slot, n_groups, n_bins):
                 if first_slot <= histogram_slot(value, lo, hi, n_bins) <= last_slot:
                     out.append(value)
     return np.array(out)
+
+
+def bracket_entries(packed, n, lo, hi, n_groups):
+    """Twin of the counts and the copies of rbf.squared_distances and rbf.gather_window.
+
+    Returns ``(below, inside)``: per group, the count of entries below ``lo`` and the list
+    of entries in ``[lo, hi)``, rows in the kernels' order (h, n − 1 − h, h + 1, …).
+    """
+    below, inside = np.zeros(n_groups, dtype=np.int64), []
+    for g, rows in enumerate(row_groups(n, n_groups)):
+        entries = []
+        for i in sorted(rows, key=lambda r: (min(r, n - 1 - r), r != min(r, n - 1 - r))):
+            for j in range(i):
+                value = packed[_packed_index(i, j)]
+                below[g] += value < lo
+                if lo <= value < hi:
+                    entries.append(value)
+        inside.append(entries)
+    return below, inside

@@ -144,17 +144,43 @@ def _gram_and_norms(n, seed=0):
 
 @pytest.mark.parametrize("twin", ["serial", "parallel"])
 @pytest.mark.parametrize("n", [4, 150, 151])  # odd n: a middle row alone in its pair
-def test_squared_distances_kernel_and_its_histogram_match_their_twins(twin, n):
+@pytest.mark.parametrize("capacity", [10**6, 3])  # 3: groups overflow their buffer rows
+def test_squared_distances_kernel_and_its_bracket_match_their_twins(twin, n, capacity):
     gram, norms = _gram_and_norms(n)
     out = np.full(n * (n - 1) // 2, np.nan)
-    counts = np.full((rbf.N_GROUPS, rbf.N_BINS + 2), -1, dtype=np.int64)
-    lo, hi = 0.0, float(np.median(naive.squared_distances(gram, norms)))  # half above hi
-    getattr(rbf, f"squared_distances_{twin}")(gram, norms, lo, hi, out, counts)
-    np.testing.assert_array_equal(out, naive.squared_distances(gram, norms))
+    counts = np.full((rbf.N_GROUPS, 2), -1, dtype=np.int64)
+    window = np.full((rbf.N_GROUPS, min(capacity, out.size) + 1), np.nan)
+    distances = naive.squared_distances(gram, norms)
+    lo, hi = np.quantile(distances, [0.3, 0.6])  # entries below, inside and above
+    getattr(rbf, f"squared_distances_{twin}")(gram, norms, lo, hi, out, counts, window)
+    np.testing.assert_array_equal(out, distances)
     assert out[naive._packed_index(3, 1)] == 0.0
-    expected = naive.histogram(out, n, lo, hi, rbf.N_GROUPS, rbf.N_BINS)
-    np.testing.assert_array_equal(counts, expected)
-    assert counts.sum() == out.size and counts[:, -1].sum() > 0
+    below, inside = naive.bracket_entries(out, n, lo, hi, rbf.N_GROUPS)
+    np.testing.assert_array_equal(counts[:, 0], below)
+    np.testing.assert_array_equal(counts[:, 1], [len(entries) for entries in inside])
+    assert counts[:, 0].sum() > 0 and counts[:, 1].sum() > 0
+    assert counts.sum() < out.size or n == 4
+    kept = window.shape[1] - 1
+    for g, entries in enumerate(inside):
+        np.testing.assert_array_equal(window[g, :min(len(entries), kept)], entries[:kept])
+    if capacity == 3 and n > 4:
+        assert counts[:, 1].max() > kept  # the overflow the caller must detect
+
+
+@pytest.mark.parametrize("twin", ["serial", "parallel"])
+def test_gather_window_kernel_matches_its_twin(twin):
+    n = 151
+    rng = np.random.default_rng(8)
+    packed = np.round(rng.random(n * (n - 1) // 2) * 50) / 7  # ties, values on the edges
+    for lo, hi in ((1.0, 5.0), (3.0, 3.0 + 1e-12), (0.0, np.inf)):
+        _, inside = naive.bracket_entries(packed, n, lo, hi, rbf.N_GROUPS)
+        sizes = np.array([len(entries) + 1 for entries in inside])
+        offsets = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+        out = np.full(sizes.sum(), np.nan)
+        getattr(rbf, f"gather_window_{twin}")(packed, n, lo, hi, offsets, out)
+        for g, entries in enumerate(inside):
+            np.testing.assert_array_equal(out[offsets[g]:offsets[g] + len(entries)], entries)
+        assert sum(map(len, inside)) > 0
 
 
 @pytest.mark.parametrize("twin", ["serial", "parallel"])
@@ -177,62 +203,164 @@ def test_histogram_and_gather_kernels_match_their_twins(twin):
         np.testing.assert_array_equal(out, expected)
 
 
-@pytest.mark.parametrize("twin", ["serial", "parallel"])
 @pytest.mark.parametrize("n", [5, 64, 150])
-def test_rbf_row_sums_kernel_matches_its_twin(twin, n):
+def test_block_row_sums_kernel_matches_its_twin(n):
+    gram, norms = _gram_and_norms(n, seed=n)
+    packed = np.exp(-naive.squared_distances(gram, norms) / 3.5)
+    n_blocks = -(-n // rbf.BLOCK_ROWS)
+    row_sums, partials = np.full(n, np.nan), np.full((n_blocks, n), np.nan)
+    for block in range(n_blocks):
+        rbf.block_row_sums(packed, n, block, row_sums, partials)
+        lower, columns = naive.block_row_sums(packed, n, block, rbf.BLOCK_ROWS)
+        np.testing.assert_allclose([row_sums[i] for i in lower], list(lower.values()),
+                                   rtol=1e-14)
+        np.testing.assert_allclose(partials[block], columns, rtol=1e-14)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n", [5, 64, 150])
+def test_kernel_values_match_their_twin_and_not_the_threads(threads, n, monkeypatch):
+    monkeypatch.setattr(cka, "_EXP_CHUNK", 1000)  # several NumPy calls per block
     gram, norms = _gram_and_norms(n, seed=n)
     distances = naive.squared_distances(gram, norms)
     packed, row_sums = distances.copy(), np.full(n, np.nan)
     partials = np.full((-(-n // rbf.BLOCK_ROWS), n), np.nan)
-    getattr(rbf, f"rbf_row_sums_{twin}")(packed, n, 3.5, row_sums, partials)
+    cka._kernel_values(packed, n, -3.5, row_sums, partials, threads)
     kernel, expected_sums = naive.rbf_row_sums(distances, n, 3.5)
-    np.testing.assert_allclose(packed, kernel, rtol=1e-15)
+    # exp(D · (1/3.5)) against exp(−D/3.5): the argument may differ in its last bit,
+    # which moves the value by up to |D/3.5| ulps (arguments up to about 15 here).
+    np.testing.assert_allclose(packed, kernel, rtol=4e-15)
     np.testing.assert_allclose(row_sums, expected_sums, rtol=1e-13)
+    single, single_sums = distances.copy(), np.empty(n)
+    cka._kernel_values(single, n, -3.5, single_sums, partials, 1)
+    assert packed.tobytes() == single.tobytes() and row_sums.tobytes() == single_sums.tobytes()
+
+
+@pytest.mark.parametrize("n", [5, 256, 700])  # one block, exactly one, a partial last one
+def test_gram_blocks_give_the_lower_triangle_whatever_the_threads(n):
+    from threadpoolctl import threadpool_limits
+
+    x = cka._centred(np.random.default_rng(n).standard_normal((n, 40)).astype(np.float32))
+    rows, columns = np.tril_indices(n)
+    results = []
+    with threadpool_limits(1, user_api="blas"):
+        for threads in (1, 2, 3):
+            gram = np.full((n, n), np.nan)
+            cka._gram_lower(x, gram, threads)
+            results.append(gram[rows, columns].tobytes())
+    np.testing.assert_allclose(gram[rows, columns], (x @ x.T)[rows, columns], rtol=1e-12,
+                               atol=1e-12 * np.abs(x).max() ** 2 * x.shape[1])
+    assert len(set(results)) == 1
+
+
+def _blas_threads(libraries=None):
+    """Thread limit of each BLAS library loaded (or of ``libraries``), by file."""
+    from threadpoolctl import threadpool_info
+
+    limits = {info["filepath"]: info["num_threads"] for info in threadpool_info()
+              if info["user_api"] == "blas"}
+    return limits if libraries is None else {name: limits[name] for name in libraries}
+
+
+def test_gram_limit_on_blas_threads_is_restored():
+    before = _blas_threads()
+    cka.rbf_cka(*np.random.default_rng(0).standard_normal((2, 300, 8)))
+    assert _blas_threads(before) == before
+
+
+def test_concurrent_rbf_calls_give_the_same_bits_and_restore_the_blas_limit():
+    """Calls from several threads share one limit: the last one out restores it."""
+    import threading
+
+    rng = np.random.default_rng(5)
+    pairs = [(rng.standard_normal((700, 30)), rng.standard_normal((700, 50))) for _ in range(4)]
+    before = _blas_threads()
+    alone = [cka.rbf_cka(X, Y).hex() for X, Y in pairs]
+    results = {}
+
+    def call(k):
+        for _ in range(3):
+            results.setdefault(k, set()).add(cka.rbf_cka(*pairs[k]).hex())
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [results[k] for k in range(4)] == [{value} for value in alone]
+    assert _blas_threads(before) == before
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_kernel_underflow_is_not_an_error_even_when_numpy_raises(parallel):
+    """Far rows' kernel values underflow to 0 by design, whatever np.seterr says."""
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((600, 5))
+    X[:3] *= 100.0  # exp(−D/2σ²) below the smallest float64 for their pairs
+    expected = cka._rbf_matrix([X], [X[:, :3]], None, 0.05, None, 0, ("X", "Y"), parallel)
+    with np.errstate(all="raise"):
+        value = cka._rbf_matrix([X], [X[:, :3]], None, 0.05, None, 0, ("X", "Y"), parallel)
+    assert value.tobytes() == expected.tobytes()
+    with np.errstate(all="raise"), pytest.raises(FloatingPointError):
+        np.exp(np.array([-800.0]))  # the inputs do underflow
 
 
 @pytest.mark.parametrize("twin", ["serial", "parallel"])
-def test_centre_packed_kernel_matches_its_twin(twin):
-    n = 131
-    rng = np.random.default_rng(1)
-    packed, diagonal = rng.random(n * (n - 1) // 2), rng.random(n)
-    row_means, grand_mean = rng.random(n), 0.37
-    out, centred_diagonal = packed.copy(), np.full(n, np.nan)
-    getattr(rbf, f"centre_packed_{twin}")(out, n, row_means, grand_mean, diagonal,
-                                          centred_diagonal)
-    expected, expected_diagonal = naive.centre_packed(packed, n, row_means, grand_mean, diagonal)
-    np.testing.assert_allclose(out, expected, rtol=1e-14, atol=1e-15)
-    np.testing.assert_allclose(centred_diagonal, expected_diagonal, rtol=1e-14, atol=1e-15)
-
-
-@pytest.mark.parametrize("twin", ["serial", "parallel"])
-def test_packed_inner_products_kernel_matches_its_twin(twin):
-    n = 200  # 19,900 packed entries: two chunks, the second partial
+@pytest.mark.parametrize("n", [5, 200])  # 200: more rows than groups
+def test_centred_inner_products_kernel_matches_its_twin(twin, n):
     m = n * (n - 1) // 2
-    assert m > rbf.CHUNK
     rng = np.random.default_rng(2)
-    stack, stack_diagonal = rng.standard_normal((3, m)), rng.standard_normal((3, n))
-    vector, vector_diagonal = rng.standard_normal(m), rng.standard_normal(n)
-    out = np.full(3, np.nan)
-    getattr(rbf, f"packed_inner_products_{twin}")(stack, stack_diagonal, vector,
-                                                  vector_diagonal, out)
-    np.testing.assert_allclose(
-        out, naive.packed_inner_products(stack, stack_diagonal, vector, vector_diagonal),
-        rtol=1e-12)
+    stack, means, grand_means = rng.random((3, m)), rng.random((3, n)), rng.random(3)
+    stack_diagonal = rng.standard_normal((3, n))
+    packed, row_means, grand_mean = rng.random(m), rng.random(n), 0.41
+    centred, diagonal = naive.centre_packed(packed, n, row_means, grand_mean, np.ones(n))
+    centred_stack = np.array([naive.centre_packed(stack[k], n, means[k], grand_means[k],
+                                                  np.ones(n))[0] for k in range(3)])
+    kernel = getattr(rbf, f"centred_inner_products_{twin}")
+    out = np.full(7, np.nan)
+    kernel(stack, means, grand_means, stack_diagonal, packed, n, row_means, grand_mean,
+           diagonal, out)
+    expected = naive.packed_inner_products(np.vstack([centred_stack, centred]),
+                                           np.vstack([stack_diagonal, diagonal]), centred,
+                                           diagonal)
+    np.testing.assert_allclose(out[:4], expected, rtol=1e-12)
+    np.testing.assert_allclose(out[4:], [naive.packed_inner_products(
+        centred_stack[k:k + 1], stack_diagonal[k:k + 1], centred_stack[k], stack_diagonal[k])[0]
+        for k in range(3)], rtol=1e-12)
+    alone = np.full(1, np.nan)  # no stack: the same self product, bit for bit
+    kernel(stack[:0], means[:0], grand_means[:0], stack_diagonal[:0], packed, n, row_means,
+           grand_mean, diagonal, alone)
+    assert alone[0] == out[3]
+    swapped = np.full(3, np.nan)  # the roles swapped: the same products, bit for bit
+    kernel(packed[None], row_means[None], np.array([grand_mean]), diagonal[None], stack[1], n,
+           means[1], grand_means[1], stack_diagonal[1], swapped)
+    assert (swapped[0], swapped[1], swapped[2]) == (out[1], out[5], out[3])
 
 
 def test_packed_storage_holds_the_full_symmetric_matrix():
-    """The passes chained give the full centred kernel's Frobenius products."""
+    """The passes chained give the full kernel, its centring and the Frobenius products."""
     rng = np.random.default_rng(3)
-    X = rng.standard_normal((40, 5))
-    K = reference_rbf_kernel(X, 0.8)
+    X, Y = rng.standard_normal((40, 5)), rng.standard_normal((40, 3))
     H = _centring(40)
-    Kc = H @ K @ H
     ws = cka._RBFWorkspace(40)
-    packed, diagonal = np.empty(ws.n_entries), np.empty(40)
-    ws.centred_kernel(cka._centred(X), 0.8, "X", packed, diagonal)
     rows, cols = np.tril_indices(40, -1)
-    np.testing.assert_allclose(packed, Kc[rows, cols], atol=1e-14)
-    np.testing.assert_allclose(diagonal, np.diagonal(Kc), atol=1e-14)
+    packed, diagonals, means = {}, {}, {}
+    for name, A, bandwidth in (("X", X, 0.8), ("Y", Y, 0.3)):
+        K = reference_rbf_kernel(A, bandwidth)
+        packed[name], diagonals[name] = np.empty(ws.n_entries), np.empty(40)
+        means[name] = ws.kernel(cka._centred(A), bandwidth, name, packed[name], diagonals[name])
+        np.testing.assert_allclose(packed[name], K[rows, cols], rtol=1e-13)
+        np.testing.assert_allclose(means[name][0], K.mean(axis=1), rtol=1e-13)
+        np.testing.assert_allclose(means[name][1], K.mean(), rtol=1e-13)
+        np.testing.assert_allclose(diagonals[name], np.diagonal(H @ K @ H), atol=1e-14)
+    out = np.empty(3)
+    rbf.centred_inner_products_serial(
+        packed["X"][None], means["X"][0][None], np.array([means["X"][1]]), diagonals["X"][None],
+        packed["Y"], 40, means["Y"][0], means["Y"][1], diagonals["Y"], out)
+    Kc = H @ reference_rbf_kernel(X, 0.8) @ H
+    Lc = H @ reference_rbf_kernel(Y, 0.3) @ H
+    np.testing.assert_allclose(out, [(Kc * Lc).sum(), (Lc * Lc).sum(), (Kc * Kc).sum()],
+                               rtol=1e-12)
 
 
 @pytest.mark.parametrize("parallel", [False, True])
@@ -259,6 +387,66 @@ def test_median_of_the_distances_is_numpys_over_the_full_matrix(n, kind, paralle
     getattr(rbf, f"histogram_{'parallel' if parallel else 'serial'}")(packed, n, 0.0, hi,
                                                                      ws.counts)
     assert ws._median(packed, hi) == np.median(full)
+
+
+def _full_from_packed(packed, n):
+    """The symmetric n × n matrix (zero diagonal) of a packed strict lower triangle."""
+    full = np.zeros((n, n))
+    full[np.tril_indices(n, -1)] = packed
+    return full + full.T
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("sigmas", [6.0, 0.0])  # 0: a bracket that often misses the median
+@pytest.mark.parametrize("kind", ["normal", "repeated rows", "outlier", "integers", "zeros"])
+@pytest.mark.parametrize("n", [5, 120, 301])
+def test_median_from_a_sampled_bracket_is_numpys(n, kind, sigmas, parallel, monkeypatch):
+    """The bracket drawn from a sample; a miss, a full buffer or ties fall back, never err."""
+    monkeypatch.setattr(cka, "_MEDIAN_SAMPLE", 64)  # the sampled path from 12 rows on
+    monkeypatch.setattr(cka, "_BRACKET_SIGMAS", sigmas)
+    fallbacks = []
+    search = cka._RBFWorkspace._order_statistics
+    monkeypatch.setattr(cka._RBFWorkspace, "_order_statistics",
+                        lambda self, *args: fallbacks.append(1) or search(self, *args))
+    rng = np.random.default_rng(n)
+    X = rng.standard_normal((n, 5))
+    if kind == "repeated rows":
+        X[: n // 2 + 1] = X[0]
+    elif kind == "outlier":
+        X[-1] *= 1e6
+    elif kind == "integers":
+        X = np.round(X)
+    elif kind == "zeros":
+        X[:] = 0.0
+    gram = X @ X.T
+    full = _full_from_packed(naive.squared_distances(gram, np.diagonal(gram)), n)
+    ws = cka._RBFWorkspace(n, parallel)
+    packed = np.empty(ws.n_entries)
+    for _ in range(2):  # the second call reuses the sample and the buffer
+        assert ws.distances_and_median(gram, np.diagonal(gram).copy(), packed) == np.median(full)
+    np.testing.assert_array_equal(packed, naive.squared_distances(gram, np.diagonal(gram)))
+    if (n, kind, sigmas) == (301, "normal", 6.0):
+        assert not fallbacks  # the fast path is the one taken
+    if (n, kind, sigmas) == (301, "normal", 0.0):
+        assert fallbacks
+
+
+def test_median_bracket_buffer_overflow_takes_the_gather_pass(monkeypatch):
+    n = 301
+    X = np.random.default_rng(0).standard_normal((n, 5))
+    gram = X @ X.T
+    full = _full_from_packed(naive.squared_distances(gram, np.diagonal(gram)), n)
+    monkeypatch.setattr(cka, "_MEDIAN_SAMPLE", 64)
+    ws = cka._RBFWorkspace(n)
+    monkeypatch.setattr(ws, "_window", lambda lo, hi: np.empty((rbf.N_GROUPS, 2)))
+    gathered = []
+    gather = rbf.gather_window_serial
+    monkeypatch.setattr(rbf, "gather_window_serial",
+                        lambda *args: gathered.append(1) or gather(*args))
+    ws.parallel = False
+    assert ws.distances_and_median(gram, np.diagonal(gram).copy(),
+                                   np.empty(ws.n_entries)) == np.median(full)
+    assert gathered
 
 
 # --- all pairs, subsample, mask ----------------------------------------------------------
@@ -551,22 +739,24 @@ rng = np.random.default_rng(0)
 gram = rng.standard_normal((n, 5)); gram = gram @ gram.T
 norms = np.diagonal(gram).copy()
 packed = np.empty(m)
+rbf.squared_distances_parallel(gram, norms, 0.0, 20.0, packed,
+                               np.empty((rbf.N_GROUPS, 2), dtype=np.int64),
+                               np.empty((rbf.N_GROUPS, 100)))
+rbf.gather_window_parallel(packed, n, 0.0, 1.0, np.zeros(rbf.N_GROUPS, dtype=np.int64),
+                           np.empty(packed.size + 1))
 counts = np.empty((rbf.N_GROUPS, rbf.N_BINS + 2), dtype=np.int64)
-rbf.squared_distances_parallel(gram, norms, 0.0, 20.0, packed, counts)
 rbf.histogram_parallel(packed, n, 0.0, 20.0, counts)
 sizes = counts[:, 1:3].sum(axis=1)
 rbf.gather_parallel(packed, n, 0.0, 20.0, 1, 2, np.concatenate(([0], np.cumsum(sizes)[:-1])),
                     np.empty(sizes.sum()))
-rbf.rbf_row_sums_parallel(packed, n, 5.0, np.empty(n), np.empty((-(-n // rbf.BLOCK_ROWS), n)))
-diagonal = np.empty(n)
-rbf.centre_packed_parallel(packed, n, np.ones(n), 1.0, np.ones(n), diagonal)
-rbf.packed_inner_products_parallel(packed[None], diagonal[None], packed, diagonal, np.empty(1))
+rbf.centred_inner_products_parallel(packed[None], np.ones((1, n)), np.ones(1), np.ones((1, n)),
+                                    packed, n, np.ones(n), 1.0, np.ones(n), np.empty(3))
 print("compiled")
 """
 
 
-@pytest.mark.parametrize("name", ["squared_distances", "rbf_row_sums", "centre_packed",
-                                  "histogram", "gather", "packed_inner_products"])
+@pytest.mark.parametrize("name", ["squared_distances", "gather_window", "histogram", "gather",
+                                  "centred_inner_products"])
 def test_twins_have_cache_files_of_their_own(name):
     """Numba names cache files after the function: twins of one function would share them."""
     serial, parallel = getattr(rbf, f"{name}_serial"), getattr(rbf, f"{name}_parallel")
@@ -605,6 +795,11 @@ teacher = [np.tanh(student[0] @ rng.standard_normal((20, 40), dtype=np.float32))
 digest = hashlib.sha256()
 digest.update(cka.rbf_cka_matrix(student, teacher, max_rows=650, seed=1).tobytes())
 digest.update(np.float64(cka.rbf_cka(student[1], teacher[2])).tobytes())
+# Rounding may hide a bit of the Gram matrix in the sums: its own digest too, at a size where
+# one multi-threaded BLAS call per block gives other bits than single-threaded ones.
+wide = rng.standard_normal((950, 40), dtype=np.float32)
+digest.update(np.float64(cka.rbf_cka(wide, wide[:, :30])).tobytes())
+digest.update(np.tril(cka._local.rbf.gram).tobytes())
 print(digest.hexdigest())
 """
 
@@ -612,16 +807,18 @@ print(digest.hexdigest())
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to run 2 threads")
 def test_rbf_bit_identical_with_one_and_two_threads_and_both_twins(tmp_path):
     results = {}
-    for threads in (1, 2):
-        for twin in ("serial", "parallel"):
-            env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
-            if (threads, twin) == (2, "parallel"):
-                # An empty cache makes the parallel twins the first to compile in the process,
-                # which once failed to type (an unsigned prange index mixed with int64).
-                env["NUMBA_CACHE_DIR"] = str(tmp_path / "numba-cache")
-            out = subprocess.run([sys.executable, "-c", SCRIPT, twin], capture_output=True,
-                                 text=True, env=env, timeout=300)
-            assert out.returncode == 0, out.stderr
-            results[(threads, twin)] = out.stdout.strip()
-    assert len(results[(1, "serial")]) == len(hashlib.sha256().hexdigest())
+    # Numba threads, twin, BLAS threads (and so the Gram matrix's Python threads).
+    for threads, twin, blas in [(1, "serial", 2), (1, "parallel", 2), (2, "serial", 2),
+                                (2, "parallel", 2), (2, "parallel", 1), (1, "serial", 1)]:
+        env = dict(os.environ, NUMBA_NUM_THREADS=str(threads),
+                   OPENBLAS_NUM_THREADS=str(blas))
+        if (threads, twin, blas) == (2, "parallel", 2):
+            # An empty cache makes the parallel twins the first to compile in the process,
+            # which once failed to type (an unsigned prange index mixed with int64).
+            env["NUMBA_CACHE_DIR"] = str(tmp_path / "numba-cache")
+        out = subprocess.run([sys.executable, "-c", SCRIPT, twin], capture_output=True,
+                             text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr
+        results[(threads, twin, blas)] = out.stdout.strip()
+    assert len(results[(1, "serial", 2)]) == len(hashlib.sha256().hexdigest())
     assert len(set(results.values())) == 1, results

@@ -7,32 +7,35 @@ contiguous rows. The passes (the algebra is in :mod:`pkd.cka`):
 
 1. ``squared_distances``: ``D_ij = G_ii + G_jj − 2 G_ij`` from the lower
    triangle of the float64 Gram matrix (clamped at 0: rounding may leave
-   ``−1e−16`` where two rows coincide), counted in a histogram as written;
-2. the median of D: ``gather`` copies out the few entries in the
-   histogram's median bin, which NumPy partitions (``histogram`` recounts a
-   narrower range when the bin holds too many): no copy of D, and one
-   parallel pass instead of a serial partition of n(n−1)/2 entries;
-3. ``rbf_row_sums``: ``K_ij = exp(−D_ij / denominator)`` in place, and the row
-   sums of the full symmetric ``K`` (unit diagonal);
-4. ``centre_packed``: ``K_ij − μ_i − μ_j + μ̄`` in place (double centring,
-   ``μ`` the row means, ``μ̄`` the grand mean), and the centred diagonal;
-5. ``packed_inner_products``: the Frobenius inner products ``⟨A_k, B⟩`` of
-   symmetric matrices, ``2 Σ_packed + Σ_diagonal``: the HSIC sums.
+   ``−1e−16`` where two rows coincide). It counts the entries below and
+   inside a bracket ``[lo, hi)`` that a sample says holds the median, and
+   copies those inside to a small buffer, which NumPy partitions: the exact
+   median without a copy or a sort of the n(n−1)/2 entries. When the bracket
+   misses (or a buffer overflows), ``gather_window`` copies the bracket's
+   entries in a second pass, or ``histogram`` and ``gather`` search the
+   median bin by bin;
+2. ``block_row_sums``: after NumPy's ``exp`` of one block of ``BLOCK_ROWS``
+   rows (:func:`pkd.cka._kernel_values`), the block's row sums and column
+   sums, while the block is in cache;
+3. ``centred_inner_products``: ``⟨K̃_k, L̃⟩`` for every kept kernel ``K_k``
+   and ``⟨L̃, L̃⟩`` of the streamed one, double-centring each row as it is read
+   (``K_ij − μ_i − μ_j + μ̄``, ``μ`` the row means, ``μ̄`` the grand mean;
+   no kernel is centred in memory), and the kept kernels' ``⟨K̃_k, K̃_k⟩``
+   on the way: the HSIC sums.
 
 Results do not depend on the thread count. Every entry is written by one
-thread. The histogram counts are integers, per fixed group of rows
-(``N_GROUPS``), and ``gather`` writes each group's entries at offsets taken
-from those counts. ``rbf_row_sums`` sums each row's lower part in one
-thread, and its upper part (a column of the triangle) in fixed blocks of
-``BLOCK_ROWS`` rows whose partial sums are added in block order after the
-parallel loop. ``packed_inner_products`` splits the packed vectors into
-fixed chunks of ``CHUNK`` entries and adds the chunks' sums in order. Rows
-(or blocks) ``h`` and ``n − 1 − h`` go to the same iteration, so that every
-iteration over a triangle has the same work (prange hands each thread a
-contiguous range of iterations).
+thread. Counts are integers, per fixed group of rows (``N_GROUPS``), and
+each group's gathered entries go to its own buffer row (or at offsets taken
+from the counts). Sums are taken per fixed group of rows (or per block of
+``BLOCK_ROWS`` rows) and those partial sums are added in order after the
+parallel loop. Rows (or blocks) ``h`` and ``n − 1 − h`` go to the same
+iteration, so that every iteration over a triangle has the same work
+(prange hands each thread a contiguous range of iterations).
 
-Every kernel has a serial and a ``prange`` twin (:func:`pkd.kernels._jit.twins`);
-:mod:`pkd.cka` picks one by a documented rule.
+Every prange kernel has a serial twin (:func:`pkd.kernels._jit.twins`);
+:mod:`pkd.cka` picks one by a documented rule. ``block_row_sums`` is one
+serial kernel that :mod:`pkd.cka` calls from as many threads as that rule
+allows (block by block, interleaved with NumPy's ``exp``).
 """
 
 from __future__ import annotations
@@ -44,131 +47,153 @@ from ._jit import kernel, twins
 
 # Rows per block of the row-sum pass; fixed, so that sums do not depend on the threads.
 BLOCK_ROWS = 64
-# Packed entries per chunk of the inner-product pass (128 KiB of float64, L2-resident).
-CHUNK = 1 << 14
 # The median's histogram: bins over [lo, hi), plus a slot below and one above.
 N_BINS = 4096
-# Fixed groups of rows, each with its own histogram row (exact integer counts).
+# Entries per block of the bracket's gather, skipped as a whole when none is inside.
+GATHER_BLOCK = 16
+# Fixed groups of rows, each with its own counts (exact integers) and partial sums.
 N_GROUPS = 64
 
 
-def _squared_distances(gram, norms, lo, hi, out, counts):
-    """Write the packed squared distances and count them per histogram slot.
+def _squared_distances(gram, norms, lo, hi, out, counts, window):
+    """Write the packed squared distances; count and copy out those in ``[lo, hi)``.
 
     gram : (n, n) float64, C-contiguous; only entries ``(i, j)`` with ``j < i`` are read.
     norms : (n,) float64, the diagonal ``G_ii`` (contiguous: read for every entry).
-    lo, hi : float, ``lo < hi``: the histogram's range (see :func:`_slot`).
+    lo, hi : float, the median's bracket (:mod:`pkd.cka` draws it from a sample).
     out : (n(n−1)/2,) float64, receives ``max(G_ii + G_jj − 2 G_ij, 0)`` (NaN stays NaN).
-    counts : (N_GROUPS, N_BINS + 2) int64, overwritten: row g counts the entries of the
-        rows of group g (:func:`_group_pairs`).
+    counts : (N_GROUPS, 2) int64, overwritten: row g counts the entries below ``lo`` and
+        those in ``[lo, hi)`` of the rows of group g (:func:`_group_pairs`).
+    window : (N_GROUPS, capacity + 1) float64: row g receives group g's first ``capacity``
+        entries in ``[lo, hi)`` (rows in :func:`_group_rows` order); its last slot is
+        scratch. A group with more (``counts[g, 1] > capacity``) needs :func:`_gather_window`.
     """
     n = gram.shape[0]
-    scale = N_BINS / (hi - lo)
-    counts[:] = 0
+    capacity = window.shape[1] - 1
     for task in prange(N_GROUPS):
         g = np.int64(task)  # prange's index may be unsigned: keep the arithmetic signed
-        row = counts[g]
+        below = 0
+        inside = 0
+        slots = window[g]
         for i in _group_rows(n, g):
             start = i * (i - 1) // 2
             g_ii = norms[i]
-            for j in range(i):
-                d = g_ii + norms[j] - 2.0 * gram[i, j]
-                if d < 0.0:
-                    d = 0.0
-                out[start + j] = d
-                row[_slot(d, lo, hi, scale)] += 1
+            for first in range(start, start + i, GATHER_BLOCK):
+                stop = min(start + i, first + GATHER_BLOCK)
+                hits = 0
+                for e in range(first, stop):
+                    d = g_ii + norms[e - start] - 2.0 * gram[i, e - start]
+                    if d < 0.0:
+                        d = 0.0
+                    out[e] = d
+                    # Branch-free counts: the block's loop stays vectorised.
+                    below += d < lo
+                    hits += (d >= lo) & (d < hi)
+                if hits == 0:  # most blocks hold no entry of the bracket
+                    continue
+                for e in range(first, stop):
+                    d = out[e]
+                    # Stored always, kept by advancing the slot: no branch per entry.
+                    slots[min(inside, capacity)] = d
+                    inside += (d >= lo) & (d < hi)
+        counts[g, 0] = below
+        counts[g, 1] = inside
 
 
-def _rbf_row_sums(packed, n, denominator, row_sums, column_partials):
-    """Replace ``packed`` by ``exp(−packed / denominator)``; row sums of the full kernel.
+@kernel(reassociate=True)
+def block_row_sums(packed, n, block, row_sums, column_partials):
+    """Sums of one block of rows of the packed kernel: the rows' own and the columns'.
 
-    packed : (n(n−1)/2,) float64, the squared distances, overwritten by the kernel values.
+    packed : (n(n−1)/2,) float64, the kernel values (only block ``block``'s rows are read).
     n : int, the matrix's order.
-    denominator : float, ``2σ²``.
-    row_sums : (n,) float64, receives ``Σ_j K_ij`` over the full symmetric matrix, the
-        unit diagonal included.
-    column_partials : (ceil(n / BLOCK_ROWS), n) float64, scratch.
+    block : int, rows ``block·BLOCK_ROWS`` up to ``(block + 1)·BLOCK_ROWS`` (or n).
+    row_sums : (n,) float64, receives ``Σ_{j<i} K_ij`` for the block's rows i.
+    column_partials : (ceil(n / BLOCK_ROWS), n) float64, row ``block`` receives
+        ``Σ_{i in block, i>j} K_ij`` for every column j (0 where no row of the block is
+        below j): the upper part of row j, one block at a time.
     """
-    n_blocks = column_partials.shape[0]
-    for task in prange((n_blocks + 1) // 2):
-        h = np.int64(task)  # prange's index may be unsigned: keep the arithmetic signed
-        for side in range(2):
-            b = np.int64(h) if side == 0 else n_blocks - 1 - np.int64(h)
-            if side == 1 and b == h:
-                break
-            partial = column_partials[b]
-            for j in range(n):
-                partial[j] = 0.0
-            for i in range(b * BLOCK_ROWS, min(n, (b + 1) * BLOCK_ROWS)):
-                start = i * (i - 1) // 2
-                acc = 0.0
-                for j in range(i):
-                    k = np.exp(-packed[start + j] / denominator)
-                    packed[start + j] = k
-                    acc += k
-                    partial[j] += k
-                row_sums[i] = acc
-    # Serial, in block order: the upper part of row i is column i of the lower triangle.
-    # Block-outer, so that the partials are read along their rows.
-    for i in range(n):
-        row_sums[i] = 1.0 + row_sums[i]
-    for b in range(n_blocks):
-        for i in range(n):
-            row_sums[i] += column_partials[b, i]
+    partial = column_partials[block]
+    for j in range(n):
+        partial[j] = 0.0
+    for i in range(block * BLOCK_ROWS, min(n, (block + 1) * BLOCK_ROWS)):
+        start = i * (i - 1) // 2
+        acc = 0.0
+        for j in range(i):
+            k = packed[start + j]
+            acc += k
+            partial[j] += k
+        row_sums[i] = acc
 
 
-def _centre_packed(packed, n, row_means, grand_mean, diagonal, centred_diagonal):
-    """Double-centre a packed symmetric matrix in place: ``K_ij − μ_i − μ_j + μ̄``.
+@kernel(reassociate=True, fuse_multiply_add=True)
+def _centre_row(packed, start, length, shift, row_means, out):
+    """``out[j] = packed[start + j] + shift − μ_j`` for ``j < length``; returns ``Σ out_j²``.
 
-    packed : (n(n−1)/2,) float64, overwritten.
+    With ``shift = μ̄ − μ_i``: row i of the double-centred matrix, ``K_ij − μ_i − μ_j + μ̄``.
+    """
+    square = 0.0
+    for j in range(length):
+        value = packed[start + j] + shift - row_means[j]
+        out[j] = value
+        square += value * value
+    return square
+
+
+def _centred_inner_products(stack, stack_means, stack_grand_means, stack_diagonal, packed, n,
+                            row_means, grand_mean, diagonal, out):
+    """``⟨Ã_k, B̃⟩_F``, ``⟨B̃, B̃⟩_F`` and ``⟨Ã_k, Ã_k⟩_F``, every matrix double-centred on the fly.
+
+    stack : (p, n(n−1)/2) float64, the packed strict lower triangles of ``A_0 … A_{p−1}``
+        (not centred; read only).
+    stack_means : (p, n) float64, their row means; stack_grand_means : (p,) float64.
+    stack_diagonal : (p, n) float64, the diagonals of the centred ``Ã_k``.
+    packed : (n(n−1)/2,) float64, the strict lower triangle of ``B`` (not centred; read only).
     n : int.
-    row_means : (n,) float64, ``μ_i = Σ_j K_ij / n``.
-    grand_mean : float, ``μ̄ = Σ_ij K_ij / n²``.
-    diagonal : (n,) float64, ``K_ii``.
-    centred_diagonal : (n,) float64, receives ``K_ii − 2μ_i + μ̄``.
+    row_means : (n,) float64, ``μ_i`` of ``B``; grand_mean : float, ``μ̄``.
+    diagonal : (n,) float64, the diagonal of ``B̃``.
+    out : (2p + 1,) float64, receives ``⟨Ã_k, B̃⟩`` for k < p, then ``⟨B̃, B̃⟩``, then
+        ``⟨Ã_k, Ã_k⟩`` for k < p; each ``2 Σ_packed + Σ_diagonal``, with
+        ``B̃_ij = B_ij − μ_i − μ_j + μ̄`` (:func:`_centre_row`).
+
+    ``⟨Ã, B̃⟩`` is the same float as ``⟨B̃, Ã⟩`` (``A`` and ``B`` swapped), and a
+    matrix's ``⟨B̃, B̃⟩`` the same whether it is ``B`` or one of the ``A_k``.
     """
-    for task in prange((n + 1) // 2):
-        h = np.int64(task)  # prange's index may be unsigned: keep the arithmetic signed
-        for side in range(2):
-            i = np.int64(h) if side == 0 else n - 1 - np.int64(h)
-            if side == 1 and i == h:
-                break
+    p = stack.shape[0]
+    partials = np.zeros((N_GROUPS, 2 * p + 1))
+    rows = np.empty((N_GROUPS, 2, n))  # each group's centred rows, reused row after row
+    for task in prange(N_GROUPS):
+        g = np.int64(task)  # prange's index may be unsigned: keep the arithmetic signed
+        row, other = rows[g, 0], rows[g, 1]
+        sums = partials[g]
+        for i in _group_rows(n, g):
             start = i * (i - 1) // 2
-            shift = grand_mean - row_means[i]
-            for j in range(i):
-                packed[start + j] = packed[start + j] + shift - row_means[j]
-            centred_diagonal[i] = diagonal[i] + shift - row_means[i]
-
-
-def _packed_inner_products(stack, stack_diagonal, vector, vector_diagonal, out):
-    """``out[k] = ⟨A_k, B⟩_F`` for symmetric matrices stored packed.
-
-    stack : (p, m) float64, the packed strict lower triangles of ``A_0 … A_{p−1}``.
-    stack_diagonal : (p, n) float64, their diagonals.
-    vector : (m,) float64, the packed strict lower triangle of ``B``.
-    vector_diagonal : (n,) float64, its diagonal.
-    out : (p,) float64, receives ``2 Σ_e stack[k, e]·vector[e] + Σ_i diag_k[i]·diag_B[i]``.
-    """
-    p, m = stack.shape
-    n_chunks = (m + CHUNK - 1) // CHUNK
-    partials = np.zeros((max(n_chunks, 1), p))
-    for task in prange(n_chunks):
-        c = np.int64(task)  # prange's index may be unsigned: keep the arithmetic signed
-        lo = c * CHUNK
-        hi = min(m, lo + CHUNK)
-        for k in range(p):
-            acc = 0.0
-            for e in range(lo, hi):
-                acc += stack[k, e] * vector[e]
-            partials[c, k] = acc
-    for k in range(p):
+            sums[p] += _centre_row(packed, start, i, grand_mean - row_means[i], row_means,
+                                   row)
+            for k in range(p):
+                means = stack_means[k]
+                sums[p + 1 + k] += _centre_row(stack[k], start, i,
+                                               stack_grand_means[k] - means[i], means, other)
+                sums[k] += _dot(row, other, i)
+    for k in range(2 * p + 1):
         total = 0.0
-        for c in range(n_chunks):
-            total += partials[c, k]
-        diagonal = 0.0
-        for i in range(vector_diagonal.shape[0]):
-            diagonal += stack_diagonal[k, i] * vector_diagonal[i]
-        out[k] = 2.0 * total + diagonal
+        for g in range(N_GROUPS):
+            total += partials[g, k]
+        if k < p:
+            diagonal_sum = _dot(stack_diagonal[k], diagonal, n)
+        elif k == p:
+            diagonal_sum = _dot(diagonal, diagonal, n)
+        else:
+            diagonal_sum = _dot(stack_diagonal[k - p - 1], stack_diagonal[k - p - 1], n)
+        out[k] = 2.0 * total + diagonal_sum
+
+
+@kernel(reassociate=True, fuse_multiply_add=True)
+def _dot(a, b, length):
+    """``Σ_{j<length} a_j b_j`` (the same float with ``a`` and ``b`` swapped)."""
+    acc = 0.0
+    for j in range(length):
+        acc += a[j] * b[j]
+    return acc
 
 
 @kernel
@@ -254,12 +279,43 @@ def _gather(packed, n, lo, hi, first_slot, last_slot, offsets, out):
                         k += 1
 
 
+def _gather_window(packed, n, lo, hi, offsets, out):
+    """Copy the entries in ``[lo, hi)`` to ``out``, group by group, each with a spare slot.
+
+    packed : (n(n−1)/2,) float64.
+    n : int.
+    lo, hi : float.
+    offsets : (N_GROUPS,) int64, where group g's entries start in ``out``; its slots are
+        ``offsets[g] … offsets[g] + c_g``, ``c_g`` its count in ``[lo, hi)``: the last slot
+        receives scratch values.
+    out : (Σ (c_g + 1),) float64.
+    """
+    for task in prange(N_GROUPS):
+        g = np.int64(task)  # prange's index may be unsigned: keep the arithmetic signed
+        k = offsets[g]
+        for i in _group_rows(n, g):
+            start = i * (i - 1) // 2
+            for first in range(start, start + i, GATHER_BLOCK):
+                stop = min(start + i, first + GATHER_BLOCK)
+                # A vectorised count first: most blocks hold no entry of the window.
+                hits = 0
+                for e in range(first, stop):
+                    value = packed[e]
+                    hits += (value >= lo) & (value < hi)
+                if hits == 0:
+                    continue
+                for e in range(first, stop):
+                    value = packed[e]
+                    # Stored always, kept by advancing k: no branch per entry.
+                    out[k] = value
+                    k += (value >= lo) & (value < hi)
+
+
 squared_distances_serial, squared_distances_parallel = twins(
     _squared_distances)
-rbf_row_sums_serial, rbf_row_sums_parallel = twins(_rbf_row_sums)
-centre_packed_serial, centre_packed_parallel = twins(_centre_packed)
+gather_window_serial, gather_window_parallel = twins(_gather_window)
 histogram_serial, histogram_parallel = twins(_histogram)
 gather_serial, gather_parallel = twins(_gather)
 # Sums of products only, so FMAs and split SIMD lanes are safe (see _jit).
-packed_inner_products_serial, packed_inner_products_parallel = twins(
-    _packed_inner_products, reassociate=True, fuse_multiply_add=True)
+centred_inner_products_serial, centred_inner_products_parallel = twins(
+    _centred_inner_products, reassociate=True, fuse_multiply_add=True)
