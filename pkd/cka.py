@@ -598,16 +598,29 @@ def _gram_lower(x: np.ndarray, gram: np.ndarray, threads: int) -> None:
     gram : (n, n) float64, C-contiguous; above the diagonal blocks it is left as it was.
     """
     n = x.shape[0]
-    starts = iter(range((n - 1) // _GRAM_BLOCK_ROWS * _GRAM_BLOCK_ROWS, -1,
-                        -_GRAM_BLOCK_ROWS))  # shared: next() on it is atomic
-    errors = []
+
+    def block(lo: int) -> None:
+        hi = min(n, lo + _GRAM_BLOCK_ROWS)
+        np.matmul(x[lo:hi], x[:hi].T, out=gram[lo:hi, :hi])
+
+    _on_threads(range((n - 1) // _GRAM_BLOCK_ROWS * _GRAM_BLOCK_ROWS, -1, -_GRAM_BLOCK_ROWS),
+                block, threads)
+
+
+def _on_threads(items, task, threads: int) -> None:
+    """Call ``task(item)`` for every item, on ``threads`` threads (the caller's among them).
+
+    Each thread takes the next item as it finishes one (``next()`` on a shared
+    iterator is atomic), so a thread that shares its core does fewer; the first
+    error is re-raised in the calling thread once all have stopped.
+    """
+    items, errors = iter(items), []
 
     def work() -> None:
         try:
-            for lo in starts:
-                hi = min(n, lo + _GRAM_BLOCK_ROWS)
-                np.matmul(x[lo:hi], x[:hi].T, out=gram[lo:hi, :hi])
-        except BaseException as error:  # re-raised by the calling thread
+            for item in items:
+                task(item)
+        except BaseException as error:
             errors.append(error)
 
     workers = [threading.Thread(target=work) for _ in range(threads - 1)]
@@ -637,37 +650,23 @@ def _kernel_values(packed: np.ndarray, n: int, divisor: float, row_sums: np.ndar
     """
     rbf = _kernels()
     n_blocks = column_partials.shape[0]
-    pairs = iter(range((n_blocks + 1) // 2))  # shared: next() on it is atomic
     # A product by the reciprocal: a third of a division's time, the argument within an ulp.
     scale = 1.0 / divisor
 
-    errors = []
+    def pair(h: int) -> None:
+        # Far entries underflow to 0 by design, whatever the caller's np.seterr says.
+        with np.errstate(under="ignore"):
+            for block in dict.fromkeys((h, n_blocks - 1 - h)):
+                first = block * rbf.BLOCK_ROWS
+                stop = min(n, first + rbf.BLOCK_ROWS)
+                lo, hi = first * (first - 1) // 2, stop * (stop - 1) // 2
+                for start in range(lo, hi, _EXP_CHUNK):
+                    chunk = packed[start:min(hi, start + _EXP_CHUNK)]
+                    np.multiply(chunk, scale, out=chunk)
+                    np.exp(chunk, out=chunk)
+                rbf.block_row_sums(packed, n, block, row_sums, column_partials)
 
-    def work() -> None:
-        try:
-            # Far entries underflow to 0 by design, whatever the caller's np.seterr says.
-            with np.errstate(under="ignore"):
-                for h in pairs:
-                    for block in dict.fromkeys((h, n_blocks - 1 - h)):
-                        first = block * rbf.BLOCK_ROWS
-                        stop = min(n, first + rbf.BLOCK_ROWS)
-                        lo, hi = first * (first - 1) // 2, stop * (stop - 1) // 2
-                        for start in range(lo, hi, _EXP_CHUNK):
-                            chunk = packed[start:min(hi, start + _EXP_CHUNK)]
-                            np.multiply(chunk, scale, out=chunk)
-                            np.exp(chunk, out=chunk)
-                        rbf.block_row_sums(packed, n, block, row_sums, column_partials)
-        except BaseException as error:  # re-raised by the calling thread
-            errors.append(error)
-
-    workers = [threading.Thread(target=work) for _ in range(threads - 1)]
-    for worker in workers:
-        worker.start()
-    work()
-    for worker in workers:
-        worker.join()
-    if errors:
-        raise errors[0]
+    _on_threads(range((n_blocks + 1) // 2), pair, threads)
     row_sums += 1.0
     for partial in column_partials:  # in block order
         row_sums += partial
