@@ -108,7 +108,8 @@ def heldout_residuals(total: Moments, test: Moments, s: int, solver: Solver,
     """
     import scipy.linalg
     from scipy.linalg import blas
-    from threadpoolctl import threadpool_limits
+
+    from ._threads import single_threaded_blas
 
     layout = test.layout
     if solver.rank == 0:
@@ -122,7 +123,7 @@ def heldout_residuals(total: Moments, test: Moments, s: int, solver: Solver,
     ridge_free = bool(np.all(solver.inverse == 1.0))
     if ridge_free:
         # Rotate B (still G_train-orthonormal) to diagonalise W: tr(PᵀG'P) needs no GEMM.
-        with threadpool_limits(1, user_api="blas"):  # as Solver's: see closed_form.py
+        with single_threaded_blas:  # as Solver's: see closed_form.py
             w, rotation = scipy.linalg.eigh(w, driver="evd")
         basis = blas.dgemm(1.0, basis, rotation)
     shape = (basis.shape[1], layout.total["teacher"])

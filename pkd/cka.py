@@ -65,6 +65,7 @@ import threading
 import numpy as np
 
 from . import _validation as V
+from ._threads import on_threads, single_threaded_blas
 
 # Every estimator here needs 4 rows: the unbiased HSIC divides by n(n−3).
 MIN_ROWS = 4
@@ -302,41 +303,6 @@ def _ratio(cross: float, self_x: float, self_y: float, what: str) -> float:
 _local = threading.local()
 
 
-class _SingleThreadedBlas:
-    """BLAS limited to one thread, process-wide, while any RBF call runs (``threadpoolctl``).
-
-    The first call in sets the limit and the last one out restores it, so that
-    concurrent calls neither take another's limit for the original nor restore it early.
-    ``with`` gives the thread count BLAS had before the first call set the limit.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._calls = 0
-        self._limiter = None
-        self._threads = 1
-
-    def __enter__(self) -> int:
-        with self._lock:
-            if self._calls == 0:
-                from threadpoolctl import ThreadpoolController
-
-                blas = ThreadpoolController().select(user_api="blas")
-                self._threads = max(1, min((lib.num_threads or 1
-                                            for lib in blas.lib_controllers), default=1))
-                self._limiter = blas.limit(limits=1)
-            self._calls += 1
-            return self._threads
-
-    def __exit__(self, *exc_info) -> None:
-        with self._lock:
-            self._calls -= 1
-            if self._calls == 0:
-                self._limiter.restore_original_limits()
-                self._limiter = None
-
-
-_single_threaded_blas = _SingleThreadedBlas()
 
 
 def _workspace(n: int, parallel: bool | None) -> _RBFWorkspace:
@@ -603,34 +569,8 @@ def _gram_lower(x: np.ndarray, gram: np.ndarray, threads: int) -> None:
         hi = min(n, lo + _GRAM_BLOCK_ROWS)
         np.matmul(x[lo:hi], x[:hi].T, out=gram[lo:hi, :hi])
 
-    _on_threads(range((n - 1) // _GRAM_BLOCK_ROWS * _GRAM_BLOCK_ROWS, -1, -_GRAM_BLOCK_ROWS),
+    on_threads(range((n - 1) // _GRAM_BLOCK_ROWS * _GRAM_BLOCK_ROWS, -1, -_GRAM_BLOCK_ROWS),
                 block, threads)
-
-
-def _on_threads(items, task, threads: int) -> None:
-    """Call ``task(item)`` for every item, on ``threads`` threads (the caller's among them).
-
-    Each thread takes the next item as it finishes one (``next()`` on a shared
-    iterator is atomic), so a thread that shares its core does fewer; the first
-    error is re-raised in the calling thread once all have stopped.
-    """
-    items, errors = iter(items), []
-
-    def work() -> None:
-        try:
-            for item in items:
-                task(item)
-        except BaseException as error:
-            errors.append(error)
-
-    workers = [threading.Thread(target=work) for _ in range(threads - 1)]
-    for worker in workers:
-        worker.start()
-    work()
-    for worker in workers:
-        worker.join()
-    if errors:
-        raise errors[0]
 
 
 def _kernel_values(packed: np.ndarray, n: int, divisor: float, row_sums: np.ndarray,
@@ -666,7 +606,7 @@ def _kernel_values(packed: np.ndarray, n: int, divisor: float, row_sums: np.ndar
                     np.exp(chunk, out=chunk)
                 rbf.block_row_sums(packed, n, block, row_sums, column_partials)
 
-    _on_threads(range((n_blocks + 1) // 2), pair, threads)
+    on_threads(range((n_blocks + 1) // 2), pair, threads)
     row_sums += 1.0
     for partial in column_partials:  # in block order
         row_sums += partial
@@ -761,7 +701,7 @@ def _rbf_matrix(student: list, teacher: list, mask, bandwidth: float, max_rows, 
     kept_name, streamed_name = names if kept is student else names[::-1]
     # BLAS on one thread per call and our threads instead: its own idle workers would keep
     # spinning on the core the Numba passes need (docs/performance.md, "RBF CKA").
-    with _single_threaded_blas as blas_threads:
+    with single_threaded_blas as blas_threads:
         workspace = _workspace(n, parallel)
         workspace.gram_threads = blas_threads
         return _rbf_values(workspace, kept, streamed, (kept_name, streamed_name), bandwidth,

@@ -100,11 +100,11 @@ class Solver:
 
     def __init__(self, gram: np.ndarray, ridge: float, cutoff: float, *,
                  triangular: bool = True):
-        from threadpoolctl import threadpool_limits
+        from ._threads import single_threaded_blas
 
         # One BLAS thread for these d × d decompositions: LAPACK's threaded eigh was several
         # times slower than one thread whenever the cores were busy (docs/performance.md).
-        with threadpool_limits(1, user_api="blas"):
+        with single_threaded_blas:
             self._decompose(gram, ridge, cutoff, triangular)
 
     def _decompose(self, gram: np.ndarray, ridge: float, cutoff: float,

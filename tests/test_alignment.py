@@ -867,3 +867,42 @@ def test_queries_after_update_or_merge_see_the_new_rows(monkeypatch):
                                    whole.relative_min_mse(heldout=True).mean, rtol=1e-10)
         assert not np.allclose(fresh.relative_min_mse(), early_relative)
     np.testing.assert_array_equal(copied.relative_min_mse(), early_relative)
+
+
+def test_solvers_leave_blas_thread_limits_as_they_were_even_when_run_concurrently():
+    """The solvers hold BLAS to one thread (pkd._threads) and restore it, from any thread."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    def limits():
+        return {i["filepath"]: i["num_threads"] for i in threadpool_info()
+                if i["user_api"] == "blas"}
+
+    rng = np.random.default_rng(6)
+    student, teacher = make_layers(rng, 200, [24, 16], [20])
+    before = limits()
+    inside = []
+
+    def query():
+        stats = AlignmentStats.from_arrays(student, teacher, folds=2)
+        stats.min_mse()
+        stats.relative_min_mse(heldout=True)
+
+    original = Solver._decompose
+
+    def spy(self, *args):
+        inside.append(set(limits().values()))
+        return original(self, *args)
+
+    Solver._decompose = spy
+    try:
+        threads = [threading.Thread(target=query) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        Solver._decompose = original
+    assert inside and all(seen == {1} for seen in inside)
+    assert limits() == before
