@@ -46,6 +46,7 @@ sub-millisecond cases) and :func:`startup_times` the start-up costs.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -840,7 +841,7 @@ def bench_dump(n_texts=2048, memory_texts=(1000, 20_000), batch_size=DUMP_BATCH,
                 for batch in batches:
                     model(**batch, output_hidden_states=True)
 
-        runs = iter(range(1_000_000))
+        runs = itertools.count()
 
         def dump():  # a new file each run: replacing the last would time its deletion too
             dump_hidden_states(model, tokenizer, texts, tmp / f"timed{next(runs)}.safetensors",

@@ -398,9 +398,7 @@ class _RBFWorkspace:
         if values is None:  # the bracket missed the median, or holds too many ties
             # The rows are centred, so the distances sum to n·Σ‖x_i‖² and their mean is known.
             first_hi = 2.0 * n * math.fsum(norms) / m
-            first_hi = first_hi if first_hi > 0 else 1.0
-            _twin("histogram", m, self.parallel)(packed, n, 0.0, first_hi, self.counts)
-            values = self._order_statistics(packed, positions, first_hi)
+            return self._median_by_histogram(packed, first_hi if first_hi > 0 else 1.0)
         return self._median_of(values)
 
     def _threads(self, n_entries: int) -> int:
@@ -496,11 +494,10 @@ class _RBFWorkspace:
         out.partition([p - below for p in positions])
         return {p: float(out[p - below]) for p in positions}
 
-    def _median(self, packed: np.ndarray, hi: float) -> float:
-        """Median of the n² squared distances (diagonal zeros and both triangles included).
-
-        ``self.counts`` holds the histogram of ``packed`` over ``[0, hi)``.
-        """
+    def _median_by_histogram(self, packed: np.ndarray, hi: float) -> float:
+        """Median of the n² squared distances (diagonal zeros and both triangles included)
+        by the histogram search, starting from ``[0, hi)``: the bracket's fallback."""
+        _twin("histogram", self.n_entries, self.parallel)(packed, self.n, 0.0, hi, self.counts)
         positions = self._median_positions()
         return self._median_of(self._order_statistics(packed, positions, hi))
 

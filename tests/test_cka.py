@@ -383,10 +383,8 @@ def test_median_of_the_distances_is_numpys_over_the_full_matrix(n, kind, paralle
     full = ((X[:, None, :] - X[None, :, :]) ** 2).sum(-1)
     rows, cols = np.tril_indices(n, -1)
     packed = full[rows, cols].copy()
-    hi = 2.0 * packed.mean() or 1.0  # the first range, as centred_kernel counts it
-    getattr(rbf, f"histogram_{'parallel' if parallel else 'serial'}")(packed, n, 0.0, hi,
-                                                                     ws.counts)
-    assert ws._median(packed, hi) == np.median(full)
+    hi = 2.0 * packed.mean() or 1.0  # the first range, as distances_and_median starts it
+    assert ws._median_by_histogram(packed, hi) == np.median(full)
 
 
 def _full_from_packed(packed, n):
