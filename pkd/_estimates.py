@@ -21,29 +21,41 @@ PARALLEL_MIN_ENTRIES = 1 << 17
 
 
 def basis_times_cross(m: Moments, solver: Solver, s: int) -> np.ndarray:
-    """``Bᵀ C_s·`` for every teacher column, (rank, Σd_t), without forming ``C_s·``.
+    """``Bᵀ C_s·`` for every teacher column, (rank, Σd_t), from the shifted ``C'_s·``."""
+    block = m.layout.block("student", s)
+    product = cross_times_basis(np.array(m.cross[block].T, order="F"), solver,
+                                m.sum["student"][block], m.sum["teacher"], float(m.n),
+                                m.shift["student"][block], m.shift["teacher"])
+    return product.T
 
-    ``C_s· = C'_s· + a'_s c_tᵀ + c_s (b' + n c_t)ᵀ``: one product on the contiguous
-    rows of ``C'`` (triangular when the solver's basis is, see :class:`Solver`) and a
-    rank-2 update, all in scipy's BLAS (one thread pool).
+
+def cross_times_basis(cross_t: np.ndarray, solver: Solver, a: np.ndarray, b: np.ndarray,
+                      n: float, c_s: np.ndarray, c_t: np.ndarray) -> np.ndarray:
+    """``(Bᵀ C)ᵀ`` (Σd_t, rank) from ``C'ᵀ`` (Σd_t, d), Fortran, whose memory it reuses.
+
+    ``C = C' + a' c_tᵀ + c_s (b' + n c_t)ᵀ`` with ``a'``, ``b'`` the shifted sums of
+    the ``n`` rows: the rank-2 part is added after the product, where its terms are
+    the basis's size (before it, the shift terms would round ``Bᵀ C'``).
     """
     from scipy.linalg import blas
 
-    block = m.layout.block("student", s)
-    c_s, c_t = m.shift["student"][block], m.shift["teacher"]
-    right = np.asfortranarray(np.vstack([c_t, m.sum["teacher"] + float(m.n) * c_t]))
-    sums = np.column_stack([m.sum["student"][block], c_s])
+    product = times_basis(cross_t, solver)
+    right = np.vstack([c_t, b + n * c_t])  # (2, Σd_t)
+    left = solver.basis.T @ np.column_stack([a, c_s])  # (rank, 2)
+    return blas.dgemm(1.0, right, left, trans_a=True, trans_b=True, beta=1.0, c=product,
+                      overwrite_c=True)  # in place: one pass over the product
+
+
+def times_basis(product_t: np.ndarray, solver: Solver) -> np.ndarray:
+    """``(Bᵀ X)ᵀ`` for ``Xᵀ`` (Σd_t, d), Fortran: (Σd_t, rank), in ``product_t``'s memory
+    when the basis is triangular. Both products release the GIL (pkd's threads)."""
+    from ._blas import trmm_right
+
     if solver.upper is None:
-        product = blas.dgemm(1.0, solver.basis, m.cross[block].T, trans_a=True, trans_b=True)
-        left = blas.dgemm(1.0, solver.basis, sums, trans_a=True)
-        return blas.dgemm(1.0, left, right, beta=1.0, c=product, overwrite_c=True)
-    # Transposed, (Σd_t, d): C'ᵀ Uᵀ with C'ᵀ the Fortran view of C's rows; the rows of U
-    # past the rank are zero, so are those columns.
-    product = blas.dtrmm(1.0, solver.upper, m.cross[block].T, side=1, trans_a=1)
-    left = blas.dgemm(1.0, solver.upper, sums)  # scipy's BLAS: one thread pool
-    product = blas.dgemm(1.0, right, left, trans_a=True, trans_b=True, beta=1.0, c=product,
-                         overwrite_c=True)
-    return product[:, : solver.rank].T
+        out = np.empty((product_t.shape[0], solver.rank), order="F")
+        return np.matmul(product_t, solver.basis, out=out)
+    # B = Uᵀ[:, :rank] with U upper triangular: Xᵀ Uᵀ, whose columns past the rank are 0.
+    return trmm_right(product_t, solver.upper, upper=True, transpose=True)[:, : solver.rank]
 
 
 def residual_sum(m: Moments, s: int, t: int, P: np.ndarray) -> float:
@@ -99,59 +111,74 @@ def heldout_residuals(total: Moments, test: Moments, s: int, solver: Solver,
     """``Σ_test w ‖Pᵀ s − t‖²`` for every teacher layer, ``P`` fitted on ``total − test``: (n_t,).
 
     ``P = B Z`` with ``Z = diag(inverse) Bᵀ C_train``; the residual on the test rows
-    is :func:`residual_sum`'s formula for every teacher column at once. Two GEMMs
-    over all teacher columns, ``Y = Bᵀ C'_test`` and ``Bᵀ C'_total`` (``Z`` is their
-    difference plus a rank-2 update); for ``ridge = 0`` the basis is rotated to
-    diagonalise ``Bᵀ G'_test B``, so ``tr(Pᵀ G'_test P)`` is a weighted sum of
-    ``Z ∘ Z``. ``test_traces`` is ``test.teacher_traces()``; ``scratch`` two flat
-    float64 buffers of at least ``d_s · Σd_t`` values, reused by every fold (``Y``, ``Z``).
+    is :func:`residual_sum`'s formula for every teacher column at once, with
+    ``tr(Pᵀ G'_test P) = ‖Lᵀ Z‖²`` for ``Bᵀ G'_test B = L Lᵀ`` (Cholesky). Three
+    products over all teacher columns, all triangular for ``ridge = 0`` (the basis is
+    lower trapezoidal, :class:`Solver`): ``Z``, ``Y = Bᵀ C'_test`` and ``Lᵀ Z``.
+    ``test_traces`` is ``test.teacher_traces()``; ``scratch`` two flat float64 buffers
+    of at least ``d_s · Σd_t`` values (``Zᵀ``, ``Yᵀ``), reused by the calls of a thread.
     """
-    import scipy.linalg
-    from scipy.linalg import blas
-
-    from ._threads import single_threaded_blas
+    from ._blas import trmm_right
 
     layout = test.layout
     if solver.rank == 0:
         return test.teacher_sq_norms()
-    basis = solver.basis
     block = layout.block("student", s)
     c_s, c_t = test.shift["student"][block], test.shift["teacher"]
-    # Bᵀ G'_test B; every product here in scipy's BLAS (one thread pool: docs/performance.md).
-    w = blas.dgemm(1.0, basis, blas.dgemm(1.0, symmetric(test.gram["student"][s]), basis),
-                   trans_a=True)
-    ridge_free = bool(np.all(solver.inverse == 1.0))
-    if ridge_free:
-        # Rotate B (still G_train-orthonormal) to diagonalise W: tr(PᵀG'P) needs no GEMM.
-        with single_threaded_blas:  # as Solver's: see closed_form.py
-            w, rotation = scipy.linalg.eigh(w, driver="evd")
-        basis = blas.dgemm(1.0, basis, rotation)
-    shape = (basis.shape[1], layout.total["teacher"])
-    y, z = (buffer[: shape[0] * shape[1]].reshape(shape, order="F") for buffer in scratch)
-    y = blas.dgemm(1.0, basis, test.cross[block].T, beta=0.0, c=y, trans_a=True,
-                   trans_b=True, overwrite_c=True)
-    z = blas.dgemm(1.0, basis, total.cross[block].T, beta=0.0, c=z, trans_a=True,
-                   trans_b=True, overwrite_c=True)
-    np.subtract(z, y, out=z)  # Bᵀ C'_train
-    # C_train = C'_train + a'_train c_tᵀ + c_s (b'_train + n_train c_t)ᵀ (a rank-2 update).
-    n_train = float(total.n - test.n)
-    a_train = total.sum["student"][block] - test.sum["student"][block]
-    b_train = total.sum["teacher"] - test.sum["teacher"]
-    left = blas.dgemm(1.0, basis, np.column_stack([a_train, c_s]), trans_a=True)
-    right = np.asfortranarray(np.vstack([c_t, b_train + n_train * c_t]))
-    z = blas.dgemm(1.0, left, right, beta=1.0, c=z, overwrite_c=True)
-    if ridge_free:
-        quad = np.einsum("i,ij,ij->j", w, z, z)
-    else:
-        z *= solver.inverse[:, None]
-        quad = np.einsum("ij,ij->j", z, blas.dgemm(1.0, w, z))
-    quad -= 2.0 * np.einsum("ij,ij->j", z, y)  # tr(Pᵀ G'_test P) − 2 tr(Pᵀ C'_test)
-    # Pᵀ c_s and Pᵀ a'_test in one pass over Z.
+    shape = (layout.total["teacher"], block.stop - block.start)
+    z, y = (buffer[: shape[0] * shape[1]].reshape(shape, order="F") for buffer in scratch)
+    np.subtract(total.cross[block].T, test.cross[block].T, out=z)  # C'_trainᵀ
+    z = cross_times_basis(z, solver, total.sum["student"][block] - test.sum["student"][block],
+                          total.sum["teacher"] - test.sum["teacher"], float(total.n - test.n),
+                          c_s, c_t)  # Zᵀ (before the ridge's scaling)
+    np.copyto(y, test.cross[block].T)
+    y = times_basis(y, solver)  # Yᵀ
+    if not np.all(solver.inverse == 1.0):
+        z *= solver.inverse
+    per_column = -2.0 * np.einsum("jk,jk->j", z, y)  # −2 tr(Pᵀ C'_test)
     sums = np.column_stack([c_s, test.sum["student"][block]])
-    fitted = blas.dgemm(1.0, z, blas.dgemm(1.0, basis, sums, trans_a=True), trans_a=True)
+    fitted = z @ (solver.basis.T @ sums)  # Pᵀ c_s and Pᵀ a'_test
     delta = c_t - fitted[:, 0]
-    per_column = quad + 2.0 * delta * (test.sum["teacher"] - fitted[:, 1]) + test.n * delta**2
+    per_column += 2.0 * delta * (test.sum["teacher"] - fitted[:, 1]) + test.n * delta**2
+    # tr(Pᵀ G'_test P) = ‖R Z‖², one more triangular product, in Z's memory (Z is done).
+    factor = gram_factor(basis_gram(symmetric(test.gram["student"][s]), solver))
+    z = trmm_right(z, factor, upper=True, transpose=True)  # Zᵀ Rᵀ
+    per_column += np.einsum("jk,jk->j", z, z)
     return test_traces + layout.reduce("teacher", per_column)
+
+
+def basis_gram(gram: np.ndarray, solver: Solver) -> np.ndarray:
+    """``Bᵀ G B``, (rank, rank), for ``G`` (d, d) symmetric: two triangular products for
+    the triangular basis (``U G Uᵀ`` with ``B = Uᵀ[:, :rank]``)."""
+    from ._blas import trmm_right
+
+    if solver.upper is None:
+        return solver.basis.T @ (gram @ solver.basis)
+    half = trmm_right(np.array(gram, order="F"), solver.upper, upper=True, transpose=True)
+    half = trmm_right(np.asfortranarray(half.T), solver.upper, upper=True, transpose=True)
+    return half[: solver.rank, : solver.rank]  # (G Uᵀ)ᵀ Uᵀ = U G Uᵀ
+
+
+def gram_factor(w: np.ndarray) -> np.ndarray:
+    """Upper-triangular ``R`` (r, r), Fortran, with ``w = Rᵀ R`` for ``w`` symmetric PSD.
+
+    Cholesky when ``w`` is positive definite. Otherwise (a test fold with fewer
+    rows than the basis has directions) pivoted Cholesky, ``w = Aᵀ A`` with
+    ``A = Lᵀ Πᵀ``, and ``R`` from ``A = Q R``: still triangular, whatever the rank.
+    """
+    import scipy.linalg
+    from scipy.linalg import lapack
+
+    try:
+        return np.linalg.cholesky(w).T  # Fortran: the transpose of NumPy's C-ordered L
+    except np.linalg.LinAlgError:
+        pass
+    lower, pivots, rank, _ = lapack.dpstrf(w, lower=1)
+    lower = np.tril(lower)
+    lower[:, rank:] = 0.0  # the trailing block is not factored
+    a = np.empty_like(lower)
+    a[:, pivots - 1] = lower.T
+    return np.asfortranarray(scipy.linalg.qr(a, mode="r", check_finite=False)[0])
 
 
 def teacher_variance(m: Moments) -> np.ndarray:
@@ -218,22 +245,43 @@ def linear_cka(m: Moments, debiased: bool, constant: str = "nan") -> np.ndarray:
 
 def residuals(total: Moments, folds, ridge: float, cutoffs) -> np.ndarray:
     """Best residual sums of every pair: (n_s, n_t) in-sample (``folds`` None), else
-    (k, n_s, n_t) on each held-out fold with ``P`` fitted on the other folds."""
-    n_s = total.layout.count("student")
+    (k, n_s, n_t) on each held-out fold with ``P`` fitted on the other folds.
+
+    One task per student layer (and fold), on pkd's threads with single-threaded BLAS:
+    each task's decompositions are serial, and its products are as fast on one thread
+    (docs/performance.md, "Alignment statistics"); every value is computed by one
+    thread, so the bits do not depend on the thread count.
+    """
+    import threading
+
+    from ._threads import on_threads, single_threaded_blas
+
+    n_s, n_t = total.layout.count("student"), total.layout.count("teacher")
     if folds is None:
-        return np.stack([min_residuals(total, s, Solver(total.gram_of("student", s, False),
-                                                        ridge, cutoffs[s]))
-                         for s in range(n_s)])
-    out = np.empty((len(folds), n_s, total.layout.count("teacher")))
+        out = np.empty((n_s, n_t))
+
+        def in_sample(s: int) -> None:
+            gram = total.gram_of("student", s, False)
+            out[s] = min_residuals(total, s, Solver(gram, ridge, cutoffs[s]))
+
+        with single_threaded_blas as threads:
+            on_threads(range(n_s), in_sample, threads)
+        return out
+    out = np.empty((len(folds), n_s, n_t))
     traces = [test.teacher_traces() for test in folds]
+    grams = [symmetric(total.gram["student"][s]) for s in range(n_s)]
     size = max(total.layout.widths["student"]) * total.layout.total["teacher"]
-    scratch = (np.empty(size), np.empty(size))
-    for s in range(n_s):
-        total_gram = symmetric(total.gram["student"][s])
-        for f, test in enumerate(folds):
-            solver = Solver(difference_gram(total_gram, total, test, s), ridge, cutoffs[s],
-                            triangular=False)
-            out[f, s] = heldout_residuals(total, test, s, solver, traces[f], scratch)
+    local = threading.local()
+
+    def held_out(item: tuple[int, int]) -> None:
+        s, f = item
+        if not hasattr(local, "scratch"):  # Zᵀ and Yᵀ, reused by the thread's next tasks
+            local.scratch = (np.empty(size), np.empty(size))
+        solver = Solver(difference_gram(grams[s], total, folds[f], s), ridge, cutoffs[s])
+        out[f, s] = heldout_residuals(total, folds[f], s, solver, traces[f], local.scratch)
+
+    with single_threaded_blas as threads:
+        on_threads([(s, f) for s in range(n_s) for f in range(len(folds))], held_out, threads)
     return out
 
 

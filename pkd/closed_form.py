@@ -93,26 +93,21 @@ class Solver:
         ρ ≥ 0.
     cutoff : float
         Relative singular-value cutoff for ``ridge = 0``.
-    triangular : bool
-        Rotate the basis (``ridge = 0``) to lower-trapezoidal form; callers that rotate
-        it their own way (the held-out query) skip that QR.
     """
 
-    def __init__(self, gram: np.ndarray, ridge: float, cutoff: float, *,
-                 triangular: bool = True):
+    def __init__(self, gram: np.ndarray, ridge: float, cutoff: float):
         from ._threads import single_threaded_blas
 
         # One BLAS thread for these d × d decompositions: LAPACK's threaded eigh was several
         # times slower than one thread whenever the cores were busy (docs/performance.md).
         with single_threaded_blas:
-            self._decompose(gram, ridge, cutoff, triangular)
+            self._decompose(gram, ridge, cutoff)
 
-    def _decompose(self, gram: np.ndarray, ridge: float, cutoff: float,
-                   triangular: bool) -> None:
+    def _decompose(self, gram: np.ndarray, ridge: float, cutoff: float) -> None:
         import scipy.linalg
 
         if ridge > 0:
-            eigenvalues, vectors = scipy.linalg.eigh(gram, driver="evd")
+            eigenvalues, vectors = np.linalg.eigh(gram)  # NumPy's releases the GIL
             eigenvalues = np.maximum(eigenvalues, 0.0)  # -tiny from rounding: G is PSD
             self.basis, self.upper = vectors, None
             self.inverse = 1.0 / (eigenvalues + ridge)
@@ -122,9 +117,6 @@ class Solver:
         basis = self._truncated_basis(gram, cutoff, scipy.linalg)
         rank, d = basis.shape[1], basis.shape[0]
         self.inverse = self.gain = np.ones(rank)
-        if not triangular:
-            self.basis, self.upper = basis, None
-            return
         # Rotate to the lower-trapezoidal basis Rᵀ, from Bᵀ = Q R (Householder, column-wise
         # backward stable: each feature's products keep the accuracy of Bᵀ C's).
         self.upper = np.zeros((d, d), order="F")
@@ -146,7 +138,7 @@ class Solver:
             return empty
         scale = 1.0 / np.sqrt(diagonal[live])
         scaled = gram[np.ix_(live, live)] * scale[:, None] * scale[None, :]
-        eigenvalues, vectors = linalg.eigh(scaled, driver="evd")
+        eigenvalues, vectors = np.linalg.eigh(scaled)  # NumPy's releases the GIL
         keep = eigenvalues > SCALED_RESOLUTION * eigenvalues[-1]  # rule 2
         # Unscaled coordinates: G-orthonormal directions, and an orthonormal basis of the
         # directions cut by rule 2, which the minimum-norm solution must be orthogonal to.

@@ -104,6 +104,47 @@ def test_triangular_basis_gives_the_products_of_the_rotated_basis():
                                solver.basis.T @ cross, rtol=1e-10,
                                atol=1e-10 * np.abs(solver.basis.T @ cross).max())
 
+    np.testing.assert_allclose(_estimates.basis_gram(gram, solver),
+                               solver.basis.T @ gram @ solver.basis, atol=1e-12)
+
+
+@pytest.mark.parametrize("upper", [True, False])
+@pytest.mark.parametrize("transpose", [True, False])
+def test_trmm_right_is_scipys_dtrmm_without_the_gil(upper, transpose):
+    from scipy.linalg import blas
+
+    from pkd._blas import trmm_right
+
+    rng = np.random.default_rng(6)
+    a, b = np.asfortranarray(rng.standard_normal((6, 6))), np.asfortranarray(
+        rng.standard_normal((9, 6)))
+    expected = blas.dtrmm(1.0, a, b, side=1, lower=not upper, trans_a=transpose)
+    triangle = np.triu(a) if upper else np.tril(a)  # the other triangle is not read
+    np.testing.assert_allclose(expected, b @ (triangle.T if transpose else triangle),
+                               rtol=1e-13)
+    out = trmm_right(b, a, upper=upper, transpose=transpose)
+    assert out is b
+    np.testing.assert_array_equal(out, expected)
+    with pytest.raises(ValueError, match="b must be a Fortran-contiguous"):
+        trmm_right(np.ascontiguousarray(b), a, upper=upper, transpose=transpose)
+    with pytest.raises(ValueError, match=r"a must be \(6, 6\)"):
+        trmm_right(b, np.asfortranarray(a[:5, :5]), upper=upper, transpose=transpose)
+
+
+@pytest.mark.parametrize("rank", [7, 4, 0])
+def test_gram_factor_is_triangular_whatever_the_rank(rank):
+    """``w = Rᵀ R`` with R upper triangular: Cholesky, or pivoted Cholesky and a QR."""
+    rng = np.random.default_rng(7)
+    root = rng.standard_normal((rank, 7)) * np.logspace(0, -4, 7)  # badly scaled columns
+    w = root.T @ root
+    factor = _estimates.gram_factor(w)
+    assert factor.flags.f_contiguous and factor.shape == (7, 7)
+    np.testing.assert_array_equal(factor, np.triu(factor))
+    np.testing.assert_allclose(factor.T @ factor, w, rtol=0, atol=1e-14 * max(w.max(), 1.0))
+    z = rng.standard_normal((7, 3))  # the quadratic forms the held-out query reads
+    np.testing.assert_allclose(np.sum((factor @ z) ** 2, axis=0),
+                               np.einsum("ij,ik,kj->j", z, w, z), rtol=1e-10, atol=1e-14)
+
 
 # ------------------------------------------------------------------ statistics
 

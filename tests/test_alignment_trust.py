@@ -336,3 +336,26 @@ def test_heldout_with_ridge_equals_a_two_pass_ridge_fit():
     estimate = stats.min_mse(ridge, heldout=True)
     assert relative(estimate.mean[0, 0], np.mean(losses)) < 1e-10
     assert relative(estimate.std[0, 0], np.std(losses, ddof=1)) < 1e-8
+
+
+def test_heldout_on_few_real_like_rows_equals_a_two_pass_fit(layernorm_states, monkeypatch):
+    """Test folds with fewer rows than the live directions of the student (dead columns,
+    a LayerNorm hyperplane): ``Bᵀ G_test B`` is singular and takes the pivoted factor."""
+    from pkd import _estimates
+
+    S, T = (x[:60] for x in layernorm_states)
+    factored = []
+
+    def spy(w):
+        factored.append((np.linalg.matrix_rank(w), w.shape[0]))
+        return factor(w)
+
+    factor = _estimates.gram_factor
+    monkeypatch.setattr(_estimates, "gram_factor", spy)
+    stats = AlignmentStats.from_arrays([S], [T], folds=5)
+    mse, rel = stats.min_mse(heldout=True), stats.relative_min_mse(heldout=True)
+    assert len(factored) == 5 and all(rank < size for rank, size in factored), factored
+    (m, sd), (r, rsd) = two_pass_heldout(S.astype(np.float64), T.astype(np.float64),
+                                         np.ones(60, bool), np.arange(60) % 5, 5)
+    assert relative(mse.mean[0, 0], m) < 1e-8 and relative(mse.std[0, 0], sd) < 1e-6
+    assert relative(rel.mean[0, 0], r) < 1e-8 and relative(rel.std[0, 0], rsd) < 1e-6

@@ -41,12 +41,16 @@ digest.update(out.grad_logits.tobytes())
 stats = pkd.AlignmentStats.from_arrays(student, teacher, mask=mask, chunk_rows=64)
 digest.update(stats.min_mse().tobytes())
 digest.update(stats.cka().tobytes())
+folds = pkd.AlignmentStats.from_arrays(student, teacher, mask=mask, chunk_rows=64, folds=3)
+held_out = folds.relative_min_mse(heldout=True)  # tasks on pkd's threads, one per BLAS thread
+digest.update(held_out.mean.tobytes())
+digest.update(held_out.std.tobytes())
 print(digest.hexdigest())
 """
 
 
 def _run(threads: int, twin: str) -> str:
-    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
     out = subprocess.run([sys.executable, "-c", SCRIPT, twin], capture_output=True, text=True,
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr
