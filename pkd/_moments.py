@@ -104,13 +104,16 @@ class Moments:
         # Every product in scipy's BLAS: NumPy's own OpenBLAS (`@`) has a thread pool of
         # its own, whose spinning workers slow scipy's next call (docs/performance.md).
         layout = self.layout
+        # The first chunk writes G' and C' without reading them: their zeros are untouched
+        # pages, and a read then a write would fault each page twice (docs/performance.md).
+        beta = 1.0 if self.n else 0.0
         norms = {}
         for side, x in (("student", xs), ("teacher", xt)):
             grams = self.gram[side]
             squares = np.empty((x.shape[0], len(grams)), order="F")
             for k in range(len(grams)):
                 block = x[:, layout.block(side, k)]  # Fortran-contiguous (m, d)
-                grams[k] = blas.dsyrk(1.0, block, beta=1.0, c=grams[k], trans=1,
+                grams[k] = blas.dsyrk(1.0, block, beta=beta, c=grams[k], trans=1,
                                       overwrite_c=True)
                 squares[:, k] = np.einsum("ij,ij->i", block, block)
                 self.cubic[side][layout.block(side, k)] += blas.dgemv(1.0, block,
@@ -118,7 +121,7 @@ class Moments:
             norms[side] = squares
             self.quartic[side] += np.einsum("ij,ij->j", squares, squares)
         # All n_s·n_t cross products in one GEMM: C'ᵀ += X_Tᵀ X_S.
-        self.cross = blas.dgemm(1.0, xt, xs, beta=1.0, c=self.cross.T, trans_a=True,
+        self.cross = blas.dgemm(1.0, xt, xs, beta=beta, c=self.cross.T, trans_a=True,
                                 overwrite_c=True).T
         self.quartic_cross += blas.dgemm(1.0, norms["student"], norms["teacher"], trans_a=True)
         self.cubic_cross["student"] += blas.dgemm(1.0, norms["student"], xt, trans_a=True)
