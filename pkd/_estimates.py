@@ -20,10 +20,19 @@ NEAR_EXACT_FIT = 1e-6
 PARALLEL_MIN_ENTRIES = 1 << 17
 
 
-def basis_times_cross(m: Moments, solver: Solver, s: int) -> np.ndarray:
-    """``Bᵀ C_s·`` for every teacher column, (rank, Σd_t), from the shifted ``C'_s·``."""
+def basis_times_cross(m: Moments, solver: Solver, s: int,
+                      scratch: np.ndarray | None = None) -> np.ndarray:
+    """``Bᵀ C_s·`` for every teacher column, (rank, Σd_t), from the shifted ``C'_s·``.
+
+    ``scratch``: a flat float64 buffer of at least ``d_s · Σd_t`` values to work in
+    (the result is a view of it), or None for new memory.
+    """
     block = m.layout.block("student", s)
-    product = cross_times_basis(np.array(m.cross[block].T, order="F"), solver,
+    shape = (m.layout.total["teacher"], block.stop - block.start)
+    cross_t = (np.empty(shape, order="F") if scratch is None
+               else scratch[: shape[0] * shape[1]].reshape(shape, order="F"))
+    np.copyto(cross_t, m.cross[block].T)
+    product = cross_times_basis(cross_t, solver,
                                 m.sum["student"][block], m.sum["teacher"], float(m.n),
                                 m.shift["student"][block], m.shift["teacher"])
     return product.T
@@ -73,13 +82,17 @@ def residual_sum(m: Moments, s: int, t: int, P: np.ndarray) -> float:
                  + m.n * (delta @ delta))
 
 
-def min_residuals(m: Moments, s: int, solver: Solver) -> np.ndarray:
-    """Smallest ``Σ w ‖Pᵀ s − t‖²`` of student layer ``s`` for every teacher layer: (n_t,)."""
+def min_residuals(m: Moments, s: int, solver: Solver,
+                  scratch: np.ndarray | None = None) -> np.ndarray:
+    """Smallest ``Σ w ‖Pᵀ s − t‖²`` of student layer ``s`` for every teacher layer: (n_t,).
+
+    ``scratch`` as in :func:`basis_times_cross`.
+    """
     layout = m.layout
     q = m.teacher_sq_norms()
     if solver.rank == 0:  # an all-zero layer explains nothing
         return q.copy()
-    z = basis_times_cross(m, solver, s)
+    z = basis_times_cross(m, solver, s, scratch)
     explained = (np.einsum("ij,ij->j", z, z) if np.all(solver.gain == 1.0)
                  else np.einsum("ij,ij->j", z, z * solver.gain[:, None]))  # (Σd_t,)
     residual = q - layout.reduce("teacher", explained)
@@ -257,12 +270,21 @@ def residuals(total: Moments, folds, ridge: float, cutoffs) -> np.ndarray:
     from ._threads import on_threads, single_threaded_blas
 
     n_s, n_t = total.layout.count("student"), total.layout.count("teacher")
+    size = max(total.layout.widths["student"]) * total.layout.total["teacher"]
+    local = threading.local()
+
+    def scratch() -> tuple[np.ndarray, np.ndarray]:
+        """Two buffers of the calling thread, reused by its next tasks (fewer page faults)."""
+        if not hasattr(local, "buffers"):
+            local.buffers = (np.empty(size), np.empty(size) if folds else np.empty(0))
+        return local.buffers
+
     if folds is None:
         out = np.empty((n_s, n_t))
 
         def in_sample(s: int) -> None:
-            gram = total.gram_of("student", s, False)
-            out[s] = min_residuals(total, s, Solver(gram, ridge, cutoffs[s]))
+            solver = Solver(total.gram_of("student", s, False), ridge, cutoffs[s])
+            out[s] = min_residuals(total, s, solver, scratch()[0])
 
         with single_threaded_blas as threads:
             on_threads(range(n_s), in_sample, threads)
@@ -270,15 +292,11 @@ def residuals(total: Moments, folds, ridge: float, cutoffs) -> np.ndarray:
     out = np.empty((len(folds), n_s, n_t))
     traces = [test.teacher_traces() for test in folds]
     grams = [symmetric(total.gram["student"][s]) for s in range(n_s)]
-    size = max(total.layout.widths["student"]) * total.layout.total["teacher"]
-    local = threading.local()
 
     def held_out(item: tuple[int, int]) -> None:
         s, f = item
-        if not hasattr(local, "scratch"):  # Zᵀ and Yᵀ, reused by the thread's next tasks
-            local.scratch = (np.empty(size), np.empty(size))
         solver = Solver(difference_gram(grams[s], total, folds[f], s), ridge, cutoffs[s])
-        out[f, s] = heldout_residuals(total, folds[f], s, solver, traces[f], local.scratch)
+        out[f, s] = heldout_residuals(total, folds[f], s, solver, traces[f], scratch())
 
     with single_threaded_blas as threads:
         on_threads([(s, f) for s in range(n_s) for f in range(len(folds))], held_out, threads)
