@@ -149,16 +149,22 @@ class ChunkBuffers:
         return (flat_s[: m * total_s].reshape((m, total_s), order="F"),
                 flat_t[: m * total_t].reshape((m, total_t), order="F"))
 
-    def fill(self, side: str, layers, shift, rows, buffer) -> np.ndarray:
-        """Shifted, float64, feature-major copy of the rows; returns their column sums."""
+    def fill(self, side: str, layers, shift, rows, buffer):
+        """Shifted, float64, feature-major copy of the rows.
+
+        Returns their column sums (Σd,) and each layer's squared row norms (m, n_layers),
+        Fortran order.
+        """
         from .kernels.gram import fill_shifted_transposed
 
         sums = np.zeros(self.layout.total[side])
+        squares = np.empty((rows.size, len(layers)), order="F")
         transposed = buffer.T  # (Σd, m), C-contiguous: row j is feature j
         for k, values in enumerate(layers):
             block = self.layout.block(side, k)
-            fill_shifted_transposed(values, rows, shift[block], transposed[block], sums[block])
-        return sums
+            fill_shifted_transposed(values, rows, shift[block], transposed[block], sums[block],
+                                    squares[:, k])
+        return sums, squares
 
     def first_shift(self, students, teachers, rows) -> dict[str, np.ndarray]:
         """Column means of the rows, rounded to each layer's dtype (exact shifted copies).
@@ -181,9 +187,9 @@ class ChunkBuffers:
     def add_rows(self, moments, students, teachers, rows) -> None:
         """Accumulate ``rows`` of the layers into ``moments``."""
         xs, xt = self.views(rows.size)
-        sum_s = self.fill("student", students, moments.shift["student"], rows, xs)
-        sum_t = self.fill("teacher", teachers, moments.shift["teacher"], rows, xt)
-        moments.add_chunk(xs, xt, sum_s, sum_t)
+        sum_s, squares_s = self.fill("student", students, moments.shift["student"], rows, xs)
+        sum_t, squares_t = self.fill("teacher", teachers, moments.shift["teacher"], rows, xt)
+        moments.add_chunk(xs, xt, (sum_s, sum_t), (squares_s, squares_t))
 
 
 def accumulate_chunks(stats, chunks, check_finite: bool, progress: bool) -> None:

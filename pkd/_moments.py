@@ -93,11 +93,13 @@ class Moments:
 
     # ------------------------------------------------------------------ accumulation
 
-    def add_chunk(self, xs: np.ndarray, xt: np.ndarray, sum_s: np.ndarray,
-                  sum_t: np.ndarray) -> None:
+    def add_chunk(self, xs: np.ndarray, xt: np.ndarray, sums: tuple[np.ndarray, np.ndarray],
+                  squares: tuple[np.ndarray, np.ndarray]) -> None:
         """Add ``m`` shifted rows: ``xs`` (m, Σd_s) and ``xt`` (m, Σd_t), Fortran order.
 
-        ``sum_s``/``sum_t`` are the chunk's column sums (computed by the fill kernel).
+        ``sums``: the chunk's column sums (Σd_s,) and (Σd_t,); ``squares``: each
+        layer's squared row norms ``‖x'_i‖²``, (m, n_s) and (m, n_t) Fortran (both
+        computed by the fill kernel).
         """
         from scipy.linalg import blas
 
@@ -107,27 +109,23 @@ class Moments:
         # The first chunk writes G' and C' without reading them: their zeros are untouched
         # pages, and a read then a write would fault each page twice (docs/performance.md).
         beta = 1.0 if self.n else 0.0
-        norms = {}
-        for side, x in (("student", xs), ("teacher", xt)):
+        for side, x, norms in (("student", xs, squares[0]), ("teacher", xt, squares[1])):
             grams = self.gram[side]
-            squares = np.empty((x.shape[0], len(grams)), order="F")
             for k in range(len(grams)):
                 block = x[:, layout.block(side, k)]  # Fortran-contiguous (m, d)
                 grams[k] = blas.dsyrk(1.0, block, beta=beta, c=grams[k], trans=1,
                                       overwrite_c=True)
-                squares[:, k] = np.einsum("ij,ij->i", block, block)
-                self.cubic[side][layout.block(side, k)] += blas.dgemv(1.0, block,
-                                                                      squares[:, k], trans=1)
-            norms[side] = squares
-            self.quartic[side] += np.einsum("ij,ij->j", squares, squares)
+                self.cubic[side][layout.block(side, k)] += blas.dgemv(1.0, block, norms[:, k],
+                                                                      trans=1)
+            self.quartic[side] += np.einsum("ij,ij->j", norms, norms)
         # All n_s·n_t cross products in one GEMM: C'ᵀ += X_Tᵀ X_S.
         self.cross = blas.dgemm(1.0, xt, xs, beta=beta, c=self.cross.T, trans_a=True,
                                 overwrite_c=True).T
-        self.quartic_cross += blas.dgemm(1.0, norms["student"], norms["teacher"], trans_a=True)
-        self.cubic_cross["student"] += blas.dgemm(1.0, norms["student"], xt, trans_a=True)
-        self.cubic_cross["teacher"] += blas.dgemm(1.0, norms["teacher"], xs, trans_a=True)
-        self.sum["student"] += sum_s
-        self.sum["teacher"] += sum_t
+        self.quartic_cross += blas.dgemm(1.0, squares[0], squares[1], trans_a=True)
+        self.cubic_cross["student"] += blas.dgemm(1.0, squares[0], xt, trans_a=True)
+        self.cubic_cross["teacher"] += blas.dgemm(1.0, squares[1], xs, trans_a=True)
+        self.sum["student"] += sums[0]
+        self.sum["teacher"] += sums[1]
         self.n += xs.shape[0]
 
     # ------------------------------------------------------------------ shifts

@@ -690,7 +690,7 @@ def bench_layer_analysis(n=3000, n_s=7, n_t=13, d_s=384, d_t=768, repeats=5,
               "heldout_added": times["heldout"] / times["pkd"] - 1,
               "heldout_floor_added": _heldout_floor(n, n_s, n_t, d_s, d_t)}
     folds = (f"; with {HELDOUT_FOLDS}-fold held-out estimates {times['heldout']:.2f} s "
-             f"(+{100 * result['heldout_added']:.0f}%; the held-out query's GEMMs alone are "
+             f"(+{100 * result['heldout_added']:.0f}%; the held-out query's products alone are "
              f"+{100 * result['heldout_floor_added']:.0f}% of the accumulation's at N={n})")
     print(f"\nlayer analysis, {n_s}×{n_t} layers, N={n}, {d_s}→{d_t}, float32: statistics + "
           f"min_mse + cka {times['pkd']:.2f} s = {result['analysis_vs_gemm']:.2f}× its float64 "
@@ -700,13 +700,13 @@ def bench_layer_analysis(n=3000, n_s=7, n_t=13, d_s=384, d_t=768, repeats=5,
 
 
 def _heldout_floor(n, n_s, n_t, d_s, d_t) -> float:
-    """The held-out query's GEMM flops over the accumulation's (docs/numerics.md, §3).
+    """The held-out query's product flops over the accumulation's (docs/numerics.md, §3).
 
-    Per fold and student layer, two products of the (d_s × d_s) basis with the
-    (d_s × Σd_t) cross statistics, whatever the row count; the accumulation is a
-    dsyrk per layer and the cross dgemm over the ``n`` rows.
+    Per fold and student layer, three products of a (d_s × d_s) triangular matrix
+    with a (d_s × Σd_t) matrix (``d_s² Σd_t`` flops each), whatever the row count;
+    the accumulation is a dsyrk per layer and the cross dgemm over the ``n`` rows.
     """
-    query = HELDOUT_FOLDS * n_s * 2 * 2 * d_s * d_s * n_t * d_t
+    query = HELDOUT_FOLDS * n_s * 3 * d_s * d_s * n_t * d_t
     accumulation = n * (n_s * d_s**2 + n_t * d_t**2 + 2 * n_s * d_s * n_t * d_t)
     return query / accumulation
 

@@ -119,7 +119,7 @@ def logit_loss_grad(student, teacher, labels, tau, ce_coef, kd_coef):
     return grad, ce_rows, kl_rows
 
 
-def fill_shifted_transposed(values, rows, shift, out, column_sums):
+def fill_shifted_transposed(values, rows, shift, out, column_sums, row_squares):
     """Twin of ``pkd.kernels.gram.fill_shifted_transposed``: gather, shift, transpose, sum."""
     for j in range(values.shape[1]):
         total = 0.0
@@ -127,6 +127,8 @@ def fill_shifted_transposed(values, rows, shift, out, column_sums):
             out[j, i] = float(values[r, j]) - shift[j]
             total += out[j, i]
         column_sums[j] += total
+    for i in range(len(rows)):
+        row_squares[i] = sum(out[j, i] ** 2 for j in range(values.shape[1]))
 
 
 def centred_gram_square_norm(upper, column_sums, n):

@@ -59,10 +59,15 @@ def test_fill_kernel_matches_naive_twin(dtype):
     out, expected_out = big[2:9], np.zeros((7, 6))
     sums = rng.standard_normal(7)
     expected_sums = sums.copy()
-    fill_shifted_transposed(values, rows, shift, out, sums)
-    naive.fill_shifted_transposed(values, rows, shift, expected_out, expected_sums)
+    squares_of_columns = np.full((6, 3), 5.0, order="F")  # stale values are overwritten
+    squares, expected_squares = squares_of_columns[:, 1], np.empty(6)
+    fill_shifted_transposed(values, rows, shift, out, sums, squares)
+    naive.fill_shifted_transposed(values, rows, shift, expected_out, expected_sums,
+                                  expected_squares)
     np.testing.assert_array_equal(out, expected_out)
     np.testing.assert_array_equal(sums, expected_sums)
+    np.testing.assert_allclose(squares, expected_squares, rtol=1e-14)
+    assert np.all(squares_of_columns[:, [0, 2]] == 5.0)
     assert np.all(big[:2] == 0) and np.all(big[9:] == 0)
 
 

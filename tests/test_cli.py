@@ -719,9 +719,9 @@ def test_bench_layer_analysis_times_every_contender():
     assert result["heldout_s"] > 0
     assert result["heldout_added"] == result["heldout_s"] / result["analysis_s"] - 1
     assert "5-fold held-out estimates" in out.getvalue()
-    # The query's GEMM floor: 5 folds × 2 students × 2 GEMMs of 2·4·4·18 flops over the
-    # accumulation's 30·(2·16 + 3·36 + 2·8·18) flops.
-    assert result["heldout_floor_added"] == pytest.approx(5 * 2 * 2 * 2 * 16 * 18
+    # The query's floor: 5 folds × 2 students × 3 triangular products of 4·4·18 flops
+    # over the accumulation's 30·(2·16 + 3·36 + 2·8·18) flops.
+    assert result["heldout_floor_added"] == pytest.approx(5 * 2 * 3 * 16 * 18
                                                           / (30 * (32 + 108 + 288)))
 
 

@@ -6,7 +6,7 @@ One chunk of ``m`` selected rows is accumulated as (docs/numerics.md, shifted fo
     X_S = [S_0 - c_0 | ... | S_{n_s-1} - c_{n_s-1}]        (m × Σd_s, float64)
     X_T = [T_0 - c'_0 | ... | T_{n_t-1} - c'_{n_t-1}]      (m × Σd_t, float64)
     G'_s += X_sᵀ X_s   (dsyrk)   H'_t += X_tᵀ X_t   (dsyrk)   C' += X_Sᵀ X_T   (one dgemm)
-    a' += X_Sᵀ 1       b' += X_Tᵀ 1                          (this kernel, fused in the copy)
+    a' += X_Sᵀ 1       b' += X_Tᵀ 1       ‖x'_i‖² per layer      (this kernel, fused in the copy)
 
 The kernel below does everything but the BLAS calls, in one pass over the
 input: gathers the selected rows (0/1 mask → row indices), subtracts the
@@ -46,8 +46,8 @@ from ._jit import kernel, twins
 
 
 @kernel
-def fill_shifted_transposed(values, rows, shift, out, column_sums):
-    """Write ``out[j, i] = values[rows[i], j] - shift[j]`` and add its row sums.
+def fill_shifted_transposed(values, rows, shift, out, column_sums, row_squares):
+    """Write ``out[j, i] = values[rows[i], j] - shift[j]``; add its row sums and squared norms.
 
     Parameters
     ----------
@@ -61,9 +61,13 @@ def fill_shifted_transposed(values, rows, shift, out, column_sums):
         Receives the shifted chunk, transposed (feature-major).
     column_sums : ndarray, shape (d,), float64
         Incremented by ``Σ_i out[j, i]`` for every feature ``j``.
+    row_squares : ndarray, shape (m,), float64
+        Set to ``Σ_j out[j, i]²`` for every row ``i`` (the third- and fourth-order
+        moments' ``‖x'_i‖²``, here while the values are in registers).
     """
     m = rows.shape[0]
     d = values.shape[1]
+    row_squares[:] = 0.0
     # Feature-outer order: the writes are contiguous, and the m input cache lines a
     # feature reads stay in L2 for the next features of the same lines (several
     # times faster than row-outer order: docs/performance.md).
@@ -74,6 +78,7 @@ def fill_shifted_transposed(values, rows, shift, out, column_sums):
             v = np.float64(values[rows[i], j]) - c
             out[j, i] = v
             total += v
+            row_squares[i] += v * v
         column_sums[j] += total
 
 
