@@ -20,21 +20,23 @@ NEAR_EXACT_FIT = 1e-6
 PARALLEL_MIN_ENTRIES = 1 << 17
 
 
-def basis_times_cross(m: Moments, solver: Solver, s: int,
-                      scratch: np.ndarray | None = None) -> np.ndarray:
-    """``Bᵀ C_s·`` for every teacher column, (rank, Σd_t), from the shifted ``C'_s·``.
+def basis_times_cross(m: Moments, solver: Solver, s: int, scratch: np.ndarray | None = None,
+                      columns: slice = slice(None)) -> np.ndarray:
+    """``Bᵀ C_s·`` for the teacher ``columns`` (default all), (rank, n_columns), from the
+    shifted ``C'_s·``.
 
-    ``scratch``: a flat float64 buffer of at least ``d_s · Σd_t`` values to work in
+    ``scratch``: a flat float64 buffer of at least ``d_s · n_columns`` values to work in
     (the result is a view of it), or None for new memory.
     """
     block = m.layout.block("student", s)
-    shape = (m.layout.total["teacher"], block.stop - block.start)
+    cross = m.cross[block, columns]
+    shape = cross.shape[::-1]
     cross_t = (np.empty(shape, order="F") if scratch is None
                else scratch[: shape[0] * shape[1]].reshape(shape, order="F"))
-    np.copyto(cross_t, m.cross[block].T)
-    product = cross_times_basis(cross_t, solver,
-                                m.sum["student"][block], m.sum["teacher"], float(m.n),
-                                m.shift["student"][block], m.shift["teacher"])
+    np.copyto(cross_t, cross.T)
+    product = cross_times_basis(cross_t, solver, m.sum["student"][block],
+                                m.sum["teacher"][columns], float(m.n),
+                                m.shift["student"][block], m.shift["teacher"][columns])
     return product.T
 
 
@@ -82,26 +84,29 @@ def residual_sum(m: Moments, s: int, t: int, P: np.ndarray) -> float:
                  + m.n * (delta @ delta))
 
 
-def min_residuals(m: Moments, s: int, solver: Solver,
-                  scratch: np.ndarray | None = None) -> np.ndarray:
-    """Smallest ``Σ w ‖Pᵀ s − t‖²`` of student layer ``s`` for every teacher layer: (n_t,).
+def min_residuals(m: Moments, s: int, solver: Solver, scratch: np.ndarray | None = None,
+                  teachers: range | None = None) -> np.ndarray:
+    """Smallest ``Σ w ‖Pᵀ s − t‖²`` of student layer ``s`` for each teacher layer of
+    ``teachers`` (default all, a range): (len(teachers),).
 
     ``scratch`` as in :func:`basis_times_cross`.
     """
     layout = m.layout
-    q = m.teacher_sq_norms()
+    teachers = range(layout.count("teacher")) if teachers is None else teachers
+    q = m.teacher_sq_norms()[teachers.start:teachers.stop]
     if solver.rank == 0:  # an all-zero layer explains nothing
         return q.copy()
-    z = basis_times_cross(m, solver, s, scratch)
+    offsets = layout.offsets["teacher"][teachers.start:teachers.stop + 1]
+    z = basis_times_cross(m, solver, s, scratch, slice(int(offsets[0]), int(offsets[-1])))
     explained = (np.einsum("ij,ij->j", z, z) if np.all(solver.gain == 1.0)
-                 else np.einsum("ij,ij->j", z, z * solver.gain[:, None]))  # (Σd_t,)
-    residual = q - layout.reduce("teacher", explained)
+                 else np.einsum("ij,ij->j", z, z * solver.gain[:, None]))  # (n_columns,)
+    residual = q - np.add.reduceat(explained, offsets[:-1] - offsets[0])
     # q − explained cancels when the fit is nearly exact: those pairs are recomputed from
     # P* in the shifted coordinates of residual_sum.
-    for t in np.flatnonzero(residual < NEAR_EXACT_FIT * q):
-        block = layout.block("teacher", t)
+    for k in np.flatnonzero(residual < NEAR_EXACT_FIT * q):
+        block = slice(int(offsets[k] - offsets[0]), int(offsets[k + 1] - offsets[0]))
         P = solver.basis @ (z[:, block] * solver.inverse[:, None])
-        residual[t] = residual_sum(m, s, t, P)
+        residual[k] = residual_sum(m, s, teachers.start + int(k), P)
     return residual
 
 
@@ -280,14 +285,23 @@ def residuals(total: Moments, folds, ridge: float, cutoffs) -> np.ndarray:
         return local.buffers
 
     if folds is None:
-        out = np.empty((n_s, n_t))
+        out, solvers = np.empty((n_s, n_t)), [None] * n_s
 
-        def in_sample(s: int) -> None:
-            solver = Solver(total.gram_of("student", s, False), ridge, cutoffs[s])
-            out[s] = min_residuals(total, s, solver, scratch()[0])
+        def solve(s: int) -> None:
+            solvers[s] = Solver(total.gram_of("student", s, False), ridge, cutoffs[s])
+
+        def in_sample(item: tuple[int, range]) -> None:
+            s, teachers = item
+            out[s, teachers.start:teachers.stop] = min_residuals(total, s, solvers[s],
+                                                                 scratch()[0], teachers)
 
         with single_threaded_blas as threads:
-            on_threads(range(n_s), in_sample, threads)
+            on_threads(range(n_s), solve, threads)
+            # The products in halves of the teacher layers: more tasks than threads, so
+            # that the threads finish together.
+            halves = [range(t[0], t[-1] + 1) for t in np.array_split(np.arange(n_t), 2)
+                      if t.size]
+            on_threads([(s, half) for s in range(n_s) for half in halves], in_sample, threads)
         return out
     out = np.empty((len(folds), n_s, n_t))
     traces = [test.teacher_traces() for test in folds]

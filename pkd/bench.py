@@ -676,7 +676,9 @@ def bench_layer_analysis(n=3000, n_s=7, n_t=13, d_s=384, d_t=768, repeats=5,
         stats = AlignmentStats.from_arrays(student, teacher, folds=HELDOUT_FOLDS)
         return stats.min_mse(), stats.cka(), stats.relative_min_mse(heldout=True)
 
-    times = _median_times([{"pkd": analysis, "gemm": gemms, "heldout": heldout}], repeats)
+    # The held-out run in a block of its own: its fold statistics (1.7 GB here), freed after
+    # each run, slowed the first touches of the run after it (docs/performance.md).
+    times = _median_times([{"pkd": analysis, "gemm": gemms}, {"heldout": heldout}], repeats)
     start = time.perf_counter()
     for S in s64:
         for T in t64:
