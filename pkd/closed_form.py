@@ -51,6 +51,8 @@ DEFAULT_CUTOFFS = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 2e-15}
 # Rule 2: eigenvalues of the Jacobi-scaled Gram below this fraction of the largest are not
 # resolved by float64 sums of products (a cancellation to 1e-6 of the columns' sizes).
 SCALED_RESOLUTION = 1e-12
+# The Cholesky shortcut needs its bounds to clear both cuts by this factor (rounding).
+CERTAINTY = 4.0
 
 
 def default_cutoff(dtype) -> float:
@@ -114,6 +116,11 @@ class Solver:
             # Unpenalised MSE of (G+ρI)⁻¹C: q − Σ_k z_k² (λ_k + 2ρ)/(λ_k + ρ)².
             self.gain = (eigenvalues + 2.0 * ridge) * self.inverse**2
             return
+        upper = _certain_full_rank_factor(gram, cutoff)
+        if upper is not None:  # nothing can be cut: the Cholesky factor is the basis
+            self.upper, self.basis = upper, upper.T
+            self.inverse = self.gain = np.ones(gram.shape[0])
+            return
         basis = self._truncated_basis(gram, cutoff, scipy.linalg)
         rank, d = basis.shape[1], basis.shape[0]
         self.inverse = self.gain = np.ones(rank)
@@ -172,6 +179,37 @@ class Solver:
         """``P`` (d_s, d_t) for ``C`` (d_s, d_t)."""
         z = self.basis.T @ cross
         return self.basis @ (z * self.inverse[:, None])
+
+
+def _certain_full_rank_factor(gram: np.ndarray, cutoff: float) -> np.ndarray | None:
+    """Upper-triangular ``U`` (d, d), Fortran, with ``Uᵀ U = G⁻¹``, when neither rule can cut
+    a direction of ``G``; None when that is not certain (then the eigendecomposition decides).
+
+    With ``G̃ = D G D = Ũ Ũᵀ`` (``D = diag(G)^(-1/2)``; Cholesky in reversed order, so
+    that ``Ũ`` is upper triangular), ``U = Ũ⁻¹ D``. ``1/‖Ũ⁻¹‖_F² ≤ λ̃_min`` and
+    ``λ̃_max ≤ d`` bound the eigenvalues the two rules test, with a margin of
+    ``CERTAINTY`` for rounding: a fifth of the flops of the eigendecomposition and QR.
+    """
+    from scipy.linalg import lapack
+
+    diagonal = np.diag(gram)
+    if not diagonal.min() > 0:
+        return None
+    scale = 1.0 / np.sqrt(diagonal)
+    scaled = gram * scale[:, None] * scale[None, :]
+    try:
+        lower = np.linalg.cholesky(scaled[::-1, ::-1])  # NumPy's releases the GIL
+    except np.linalg.LinAlgError:
+        return None
+    inverse, info = lapack.dtrtri(lower, lower=1)
+    if info != 0:
+        return None
+    smallest = 1.0 / float(np.sum(np.tril(inverse) ** 2))  # a lower bound of λ̃_min
+    d = gram.shape[0]
+    if not (smallest > CERTAINTY * SCALED_RESOLUTION * d  # rule 2
+            and smallest * diagonal.min() > CERTAINTY * cutoff**2 * _largest_eigenvalue(gram)):
+        return None  # rule 1 ^
+    return np.asfortranarray(np.triu(inverse[::-1, ::-1]) * scale[None, :])
 
 
 def _largest_eigenvalue(gram: np.ndarray, steps: int = 40) -> float:

@@ -113,6 +113,38 @@ def test_triangular_basis_gives_the_products_of_the_rotated_basis():
                                solver.basis.T @ gram @ solver.basis, atol=1e-12)
 
 
+def test_cholesky_shortcut_is_the_eigendecomposition_where_nothing_can_be_cut(monkeypatch):
+    """Full rank, no cut possible: the Cholesky factor gives the same numbers as the
+    eigendecomposition; wherever a rule could cut, the shortcut declines."""
+    from pkd import closed_form
+
+    rng = np.random.default_rng(8)
+    X = rng.standard_normal((500, 6)) @ rng.standard_normal((6, 6)) + 3.0
+    T = [X @ rng.standard_normal((6, 4)) + rng.standard_normal((500, 4)) for _ in range(2)]
+    factor = closed_form._certain_full_rank_factor(X.T @ X, 1e-6)
+    assert factor is not None and factor.flags.f_contiguous
+    np.testing.assert_array_equal(factor, np.triu(factor))
+    np.testing.assert_allclose(factor.T @ factor, np.linalg.inv(X.T @ X), rtol=1e-9)
+    fast = AlignmentStats.from_arrays([X], T, folds=3)
+    values = (fast.min_mse(), fast.projection(0, 1), fast.min_mse(heldout=True).mean)
+    monkeypatch.setattr(closed_form, "_certain_full_rank_factor", lambda gram, cutoff: None)
+    slow = AlignmentStats.from_arrays([X], T, folds=3)
+    expected = (slow.min_mse(), slow.projection(0, 1), slow.min_mse(heldout=True).mean)
+    for got, want in zip(values, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-11)
+    monkeypatch.undo()
+    declined = {
+        "dead column": np.column_stack([X, np.full(500, 1e-30)]),
+        "rank deficient": np.column_stack([X, X[:, 0] - 2 * X[:, 1]]),
+        "below the float32 cut": X * np.r_[np.ones(5), 1e-8],
+    }
+    for name, S in declined.items():
+        assert closed_form._certain_full_rank_factor(S.T @ S, 1e-6) is None, name
+    # The float64 cut keeps the column at 1e-8: no direction is near it.
+    S = declined["below the float32 cut"]
+    assert closed_form._certain_full_rank_factor(S.T @ S, 2e-15) is not None
+
+
 @pytest.mark.parametrize("upper", [True, False])
 @pytest.mark.parametrize("transpose", [True, False])
 def test_trmm_right_is_scipys_dtrmm_without_the_gil(upper, transpose):
