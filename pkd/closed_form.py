@@ -32,7 +32,9 @@ applied exactly, in the unscaled metric, by a small generalized
 eigenproblem on the kept subspace (see ``docs/numerics.md``). The result is
 the truncated-SVD (minimum-norm) solution on the kept directions: its loss is
 reachable in the data's own dtype, and its norm is that of ``lstsq(rcond=
-cutoff)``.
+cutoff)``. When a Cholesky factor of ``G̃`` proves that neither rule can cut
+anything (the common full-rank case), that factor is the basis, at a fifth of
+the cost (``docs/numerics.md``, "The shortcut when nothing can be cut").
 
 With ``ridge = ρ > 0`` the projection is ``(G + ρI)⁻¹ C`` exactly (no cut).
 """
