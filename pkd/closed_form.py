@@ -33,8 +33,8 @@ eigenproblem on the kept subspace (see ``docs/numerics.md``). The result is
 the truncated-SVD (minimum-norm) solution on the kept directions: its loss is
 reachable in the data's own dtype, and its norm is that of ``lstsq(rcond=
 cutoff)``. When a Cholesky factor of ``G̃`` proves that neither rule can cut
-anything (the common full-rank case), that factor is the basis, at a fifth of
-the cost (``docs/numerics.md``, "The shortcut when nothing can be cut").
+anything (the common full-rank case), that factor is the basis, in less than half
+the time (``docs/numerics.md``, "The shortcut when nothing can be cut").
 
 With ``ridge = ρ > 0`` the projection is ``(G + ρI)⁻¹ C`` exactly (no cut).
 """
@@ -190,7 +190,7 @@ def _certain_full_rank_factor(gram: np.ndarray, cutoff: float) -> np.ndarray | N
     With ``G̃ = D G D = Ũ Ũᵀ`` (``D = diag(G)^(-1/2)``; Cholesky in reversed order, so
     that ``Ũ`` is upper triangular), ``U = Ũ⁻¹ D``. ``1/‖Ũ⁻¹‖_F² ≤ λ̃_min`` and
     ``λ̃_max ≤ d`` bound the eigenvalues the two rules test, with a margin of
-    ``CERTAINTY`` for rounding: a fifth of the flops of the eigendecomposition and QR.
+    ``CERTAINTY`` for rounding. A fraction of the eigendecomposition's and QR's flops.
     """
     from scipy.linalg import lapack
 
