@@ -7,7 +7,8 @@ the same shapes. Where that matters (RBF CKA's Gram blocks, the closed form's
 d × d decompositions, the alignment queries' tasks), pkd makes single-threaded
 BLAS calls, on its own threads when there are several (docs/performance.md,
 "RBF CKA" and "Alignment statistics"). Those calls must release the GIL:
-NumPy's do, ``scipy.linalg.blas``'s do not (``pkd._blas`` has the exception).
+NumPy's do, ``scipy.linalg.blas``'s do not (so :mod:`pkd._blas` reaches scipy's
+``dtrmm`` through ctypes).
 """
 
 from __future__ import annotations
