@@ -130,9 +130,9 @@ def heldout_residuals(total: Moments, test: Moments, s: int, solver: Solver,
 
     ``P = B Z`` with ``Z = diag(inverse) Bᵀ C_train``; the residual on the test rows
     is :func:`residual_sum`'s formula for every teacher column at once, with
-    ``tr(Pᵀ G'_test P) = ‖Lᵀ Z‖²`` for ``Bᵀ G'_test B = L Lᵀ`` (Cholesky). Three
-    products over all teacher columns, all triangular for ``ridge = 0`` (the basis is
-    lower trapezoidal, :class:`Solver`): ``Z``, ``Y = Bᵀ C'_test`` and ``Lᵀ Z``.
+    ``tr(Pᵀ G'_test P) = ‖R Z‖²`` for ``Bᵀ G'_test B = Rᵀ R`` (:func:`gram_factor`).
+    Three products over all teacher columns, all triangular for ``ridge = 0`` (the
+    basis is lower trapezoidal, :class:`Solver`): ``Z``, ``Y = Bᵀ C'_test`` and ``R Z``.
     ``test_traces`` is ``test.teacher_traces()``; ``scratch`` two flat float64 buffers
     of at least ``d_s · Σd_t`` values (``Zᵀ``, ``Yᵀ``), reused by the calls of a thread.
     """
