@@ -21,13 +21,13 @@ from pkd._dump_format import NPZ_METADATA_KEY, STACKED_KEY, DumpError
 
 # safetensors dtype codes of the floats we read; everything else is refused.
 ST_FLOATS = {"F16": np.dtype(np.float16), "F32": np.dtype(np.float32),
-              "F64": np.dtype(np.float64)}
+             "F64": np.dtype(np.float64)}
 ST_MASK = {"BOOL": np.dtype(bool), "U8": np.dtype(np.uint8), "I8": np.dtype(np.int8),
-            "U16": np.dtype(np.uint16), "I16": np.dtype(np.int16),
-            "U32": np.dtype(np.uint32), "I32": np.dtype(np.int32),
-            "U64": np.dtype(np.uint64), "I64": np.dtype(np.int64),
-            "F16": np.dtype(np.float16), "F32": np.dtype(np.float32),
-            "F64": np.dtype(np.float64)}
+           "U16": np.dtype(np.uint16), "I16": np.dtype(np.int16),
+           "U32": np.dtype(np.uint32), "I32": np.dtype(np.int32),
+           "U64": np.dtype(np.uint64), "I64": np.dtype(np.int64),
+           "F16": np.dtype(np.float16), "F32": np.dtype(np.float32),
+           "F64": np.dtype(np.float64)}
 # What a damaged file can raise from the zip / npy / safetensors readers.
 _NPZ_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError)
 
