@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file as st_save_file
 
-from pkd import _atomic, io
+from pkd import _atomic, _dump_sources, io
 from pkd._atomic import atomic_open, atomic_path, atomic_write, write_together
 from pkd.io import DumpError, LazyLayer, load_dump, save_dump
 
@@ -567,7 +567,7 @@ def test_npz_object_array_refused_at_read_too(tmp_path):
     """Defence in depth: numpy's own refusal is reworded if the header check is bypassed."""
     path = tmp_path / "d.npz"
     np.savez(path, hidden_states=np.empty((2, 3, 4), dtype=object))
-    source = io._NpzSource(path)
+    source = _dump_sources.NpzSource(path)
     try:
         with pytest.raises(DumpError, match="refusing to unpickle"):
             source.load("hidden_states")
