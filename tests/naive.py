@@ -169,7 +169,7 @@ def squared_distances(gram, norms):
 
 
 def rbf_row_sums(packed, n, denominator):
-    """Twin of pkd.cka._kernel_values: (packed kernel values, row sums of the full matrix)."""
+    """Twin of pkd._rbf_workspace.kernel_values: (packed kernel values, full matrix's row sums)."""
     import math
 
     kernel = np.array([math.exp(-float(v) / denominator) for v in packed])

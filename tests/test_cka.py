@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import naive
-from pkd import cka
+from pkd import _rbf_workspace, cka
 from pkd.kernels import rbf
 
 # --- independent witnesses: full n × n matrices, the centring matrix H, np.median -----------
@@ -220,19 +220,19 @@ def test_block_row_sums_kernel_matches_its_twin(n):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("n", [5, 64, 150])
 def test_kernel_values_match_their_twin_and_not_the_threads(threads, n, monkeypatch):
-    monkeypatch.setattr(cka, "_EXP_CHUNK", 1000)  # several NumPy calls per block
+    monkeypatch.setattr(_rbf_workspace, "_EXP_CHUNK", 1000)  # several NumPy calls per block
     gram, norms = _gram_and_norms(n, seed=n)
     distances = naive.squared_distances(gram, norms)
     packed, row_sums = distances.copy(), np.full(n, np.nan)
     partials = np.full((-(-n // rbf.BLOCK_ROWS), n), np.nan)
-    cka._kernel_values(packed, n, -3.5, row_sums, partials, threads)
+    _rbf_workspace.kernel_values(packed, n, -3.5, row_sums, partials, threads)
     kernel, expected_sums = naive.rbf_row_sums(distances, n, 3.5)
     # exp(D · (1/3.5)) against exp(−D/3.5): the argument may differ in its last bit,
     # which moves the value by up to |D/3.5| ulps (arguments up to about 15 here).
     np.testing.assert_allclose(packed, kernel, rtol=4e-15)
     np.testing.assert_allclose(row_sums, expected_sums, rtol=1e-13)
     single, single_sums = distances.copy(), np.empty(n)
-    cka._kernel_values(single, n, -3.5, single_sums, partials, 1)
+    _rbf_workspace.kernel_values(single, n, -3.5, single_sums, partials, 1)
     assert packed.tobytes() == single.tobytes() and row_sums.tobytes() == single_sums.tobytes()
 
 
@@ -246,7 +246,7 @@ def test_gram_blocks_give_the_lower_triangle_whatever_the_threads(n):
     with threadpool_limits(1, user_api="blas"):
         for threads in (1, 2, 3):
             gram = np.full((n, n), np.nan)
-            cka._gram_lower(x, gram, threads)
+            _rbf_workspace.gram_lower(x, gram, threads)
             results.append(gram[rows, columns].tobytes())
     np.testing.assert_allclose(gram[rows, columns], (x @ x.T)[rows, columns], rtol=1e-12,
                                atol=1e-12 * np.abs(x).max() ** 2 * x.shape[1])
@@ -342,7 +342,7 @@ def test_packed_storage_holds_the_full_symmetric_matrix():
     rng = np.random.default_rng(3)
     X, Y = rng.standard_normal((40, 5)), rng.standard_normal((40, 3))
     H = _centring(40)
-    ws = cka._RBFWorkspace(40)
+    ws = _rbf_workspace.RBFWorkspace(40)
     rows, cols = np.tril_indices(40, -1)
     packed, diagonals, means = {}, {}, {}
     for name, A, bandwidth in (("X", X, 0.8), ("Y", Y, 0.3)):
@@ -368,7 +368,7 @@ def test_packed_storage_holds_the_full_symmetric_matrix():
 @pytest.mark.parametrize("n", [4, 5, 120, 301])
 def test_median_of_the_distances_is_numpys_over_the_full_matrix(n, kind, parallel, monkeypatch):
     """The histogram search: narrowing (few candidates allowed), widening, ties, all zeros."""
-    monkeypatch.setattr(cka, "_MEDIAN_CANDIDATES", 7)
+    monkeypatch.setattr(_rbf_workspace, "_MEDIAN_CANDIDATES", 7)
     rng = np.random.default_rng(n)
     X = rng.standard_normal((n, 5))
     if kind == "repeated rows":
@@ -379,7 +379,7 @@ def test_median_of_the_distances_is_numpys_over_the_full_matrix(n, kind, paralle
         X = np.round(X)  # many exactly equal distances
     elif kind == "zeros":
         X[:] = 0.0
-    ws = cka._RBFWorkspace(n, parallel)
+    ws = _rbf_workspace.RBFWorkspace(n, parallel)
     full = ((X[:, None, :] - X[None, :, :]) ** 2).sum(-1)
     rows, cols = np.tril_indices(n, -1)
     packed = full[rows, cols].copy()
@@ -400,11 +400,11 @@ def _full_from_packed(packed, n):
 @pytest.mark.parametrize("n", [5, 120, 301])
 def test_median_from_a_sampled_bracket_is_numpys(n, kind, sigmas, parallel, monkeypatch):
     """The bracket drawn from a sample; a miss, a full buffer or ties fall back, never err."""
-    monkeypatch.setattr(cka, "_MEDIAN_SAMPLE", 64)  # the sampled path from 12 rows on
-    monkeypatch.setattr(cka, "_BRACKET_SIGMAS", sigmas)
+    monkeypatch.setattr(_rbf_workspace, "_MEDIAN_SAMPLE", 64)  # the sampled path from 12 rows on
+    monkeypatch.setattr(_rbf_workspace, "_BRACKET_SIGMAS", sigmas)
     fallbacks = []
-    search = cka._RBFWorkspace._order_statistics
-    monkeypatch.setattr(cka._RBFWorkspace, "_order_statistics",
+    search = _rbf_workspace.RBFWorkspace._order_statistics
+    monkeypatch.setattr(_rbf_workspace.RBFWorkspace, "_order_statistics",
                         lambda self, *args: fallbacks.append(1) or search(self, *args))
     rng = np.random.default_rng(n)
     X = rng.standard_normal((n, 5))
@@ -418,7 +418,7 @@ def test_median_from_a_sampled_bracket_is_numpys(n, kind, sigmas, parallel, monk
         X[:] = 0.0
     gram = X @ X.T
     full = _full_from_packed(naive.squared_distances(gram, np.diagonal(gram)), n)
-    ws = cka._RBFWorkspace(n, parallel)
+    ws = _rbf_workspace.RBFWorkspace(n, parallel)
     packed = np.empty(ws.n_entries)
     for _ in range(2):  # the second call reuses the sample and the buffer
         assert ws.distances_and_median(gram, np.diagonal(gram).copy(), packed) == np.median(full)
@@ -434,8 +434,8 @@ def test_median_bracket_buffer_overflow_takes_the_gather_pass(monkeypatch):
     X = np.random.default_rng(0).standard_normal((n, 5))
     gram = X @ X.T
     full = _full_from_packed(naive.squared_distances(gram, np.diagonal(gram)), n)
-    monkeypatch.setattr(cka, "_MEDIAN_SAMPLE", 64)
-    ws = cka._RBFWorkspace(n)
+    monkeypatch.setattr(_rbf_workspace, "_MEDIAN_SAMPLE", 64)
+    ws = _rbf_workspace.RBFWorkspace(n)
     monkeypatch.setattr(ws, "_window", lambda lo, hi: np.empty((rbf.N_GROUPS, 2)))
     gathered = []
     gather = rbf.gather_window_serial
@@ -505,13 +505,13 @@ def test_rbf_default_uses_at_most_4096_rows():
 def test_buffers_kept_between_calls_change_nothing_and_can_be_released():
     student, teacher = _layers(n=80, widths=(5, 6)), _layers(n=80, widths=(7,), seed=9)
     first = cka.rbf_cka_matrix(student, teacher)
-    kept = cka._local.rbf
+    kept = _rbf_workspace._local.rbf
     assert kept is not None and kept.n == 80
     cka.rbf_cka(student[0][:50], teacher[0][:50])  # other rows: new buffers
-    assert cka._local.rbf is not kept and cka._local.rbf.n == 50
+    assert _rbf_workspace._local.rbf is not kept and _rbf_workspace._local.rbf.n == 50
     np.testing.assert_array_equal(cka.rbf_cka_matrix(student, teacher), first)
     cka.release_buffers()
-    assert cka._local.rbf is None
+    assert _rbf_workspace._local.rbf is None
     np.testing.assert_array_equal(cka.rbf_cka_matrix(student, teacher), first)
 
 
@@ -783,9 +783,9 @@ def test_parallel_twins_compile_first_in_a_fresh_cache(tmp_path):
 SCRIPT = r"""
 import hashlib, sys
 import numpy as np
-from pkd import cka
+from pkd import _rbf_workspace, cka
 
-cka.PARALLEL_MIN_ENTRIES = 0 if sys.argv[1] == "parallel" else 1 << 62
+_rbf_workspace.PARALLEL_MIN_ENTRIES = 0 if sys.argv[1] == "parallel" else 1 << 62
 rng = np.random.default_rng(0)
 student = [rng.standard_normal((700, w), dtype=np.float32) for w in (20, 30)]
 teacher = [np.tanh(student[0] @ rng.standard_normal((20, 40), dtype=np.float32))
@@ -797,7 +797,7 @@ digest.update(np.float64(cka.rbf_cka(student[1], teacher[2])).tobytes())
 # one multi-threaded BLAS call per block gives other bits than single-threaded ones.
 wide = rng.standard_normal((950, 40), dtype=np.float32)
 digest.update(np.float64(cka.rbf_cka(wide, wide[:, :30])).tobytes())
-digest.update(np.tril(cka._local.rbf.gram).tobytes())
+digest.update(np.tril(_rbf_workspace._local.rbf.gram).tobytes())
 print(digest.hexdigest())
 """
 

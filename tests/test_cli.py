@@ -1348,7 +1348,7 @@ def test_scheduler_path_gives_the_local_numbers(tmp_path, capsys):
 
 
 def test_rbf_cka_on_enough_rows_for_the_parallel_kernels(tmp_path):
-    """600 rows: past pkd.cka's parallel threshold, the path real dumps take."""
+    """600 rows: past the RBF passes' parallel threshold, the path real dumps take."""
 
     from pkd.io import load_dump
 

@@ -3,7 +3,8 @@
 A symmetric n × n matrix is kept as its strict lower triangle, packed row
 by row (``packed[i(i−1)/2 + j]`` holds entry ``(i, j)``, ``j < i``), with its
 diagonal apart: half the memory of the full matrix, and every pass reads
-contiguous rows. The passes (the algebra is in :mod:`pkd.cka`):
+contiguous rows. The passes (the algebra is in :mod:`pkd.cka`, their driver in
+:mod:`pkd._rbf_workspace`):
 
 1. ``squared_distances``: ``D_ij = G_ii + G_jj − 2 G_ij`` from the lower
    triangle of the float64 Gram matrix (clamped at 0: rounding may leave
@@ -15,7 +16,7 @@ contiguous rows. The passes (the algebra is in :mod:`pkd.cka`):
    entries in a second pass, or ``histogram`` and ``gather`` search the
    median bin by bin;
 2. ``block_row_sums``: after NumPy's ``exp`` of one block of ``BLOCK_ROWS``
-   rows (:func:`pkd.cka._kernel_values`), the block's row sums and column
+   rows (:func:`pkd._rbf_workspace.kernel_values`), the block's row sums and column
    sums, while the block is in cache;
 3. ``centred_inner_products``: ``⟨K̃_k, L̃⟩`` for every kept kernel ``K_k``
    and ``⟨L̃, L̃⟩`` of the streamed one, double-centring each row as it is read
@@ -33,8 +34,8 @@ iteration, so that every iteration over a triangle has the same work
 (prange hands each thread a contiguous range of iterations).
 
 Every prange kernel has a serial twin (:func:`pkd.kernels._jit.twins`);
-:mod:`pkd.cka` picks one by a documented rule. ``block_row_sums`` is one
-serial kernel that :mod:`pkd.cka` calls from as many threads as that rule
+:func:`pkd._rbf_workspace.twin` picks one by a documented rule. ``block_row_sums`` is
+one serial kernel that :mod:`pkd._rbf_workspace` calls from as many threads as that rule
 allows (block by block, interleaved with NumPy's ``exp``).
 """
 
@@ -60,7 +61,7 @@ def _squared_distances(gram, norms, lo, hi, out, counts, window):
 
     gram : (n, n) float64, C-contiguous; only entries ``(i, j)`` with ``j < i`` are read.
     norms : (n,) float64, the diagonal ``G_ii`` (contiguous: read for every entry).
-    lo, hi : float, the median's bracket (:mod:`pkd.cka` draws it from a sample).
+    lo, hi : float, the median's bracket (:mod:`pkd._rbf_workspace` draws it from a sample).
     out : (n(n−1)/2,) float64, receives ``max(G_ii + G_jj − 2 G_ij, 0)`` (NaN stays NaN).
     counts : (N_GROUPS, 2) int64, overwritten: row g counts the entries below ``lo`` and
         those in ``[lo, hi)`` of the rows of group g (:func:`_group_pairs`).
