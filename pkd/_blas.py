@@ -20,10 +20,12 @@ def _dtrmm():
     from scipy.linalg import cython_blas
 
     capsule = cython_blas.__pyx_capi__["dtrmm"]
-    name = ctypes.pythonapi.PyCapsule_GetName
-    name.restype, name.argtypes = ctypes.c_char_p, [ctypes.py_object]
-    pointer = ctypes.pythonapi.PyCapsule_GetPointer
-    pointer.restype, pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    # Prototypes of our own: setting restype on ctypes.pythonapi's shared functions would
+    # change them for every other user in the process.
+    name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(
+        ("PyCapsule_GetName", ctypes.pythonapi))
+    pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+        ("PyCapsule_GetPointer", ctypes.pythonapi))
     integer, real = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_double)
     char = ctypes.c_char_p
     prototype = ctypes.CFUNCTYPE(None, char, char, char, char, integer, integer, real, real,

@@ -118,12 +118,13 @@ class Solver:
             # Unpenalised MSE of (G+ρI)⁻¹C: q − Σ_k z_k² (λ_k + 2ρ)/(λ_k + ρ)².
             self.gain = (eigenvalues + 2.0 * ridge) * self.inverse**2
             return
-        upper = _certain_full_rank_factor(gram, cutoff)
+        top = _largest_eigenvalue(gram)  # σ₁², which both cuts compare with
+        upper = _certain_full_rank_factor(gram, cutoff, top)
         if upper is not None:  # nothing can be cut: the Cholesky factor is the basis
             self.upper, self.basis = upper, upper.T
             self.inverse = self.gain = np.ones(gram.shape[0])
             return
-        basis = self._truncated_basis(gram, cutoff, scipy.linalg)
+        basis = self._truncated_basis(gram, cutoff, top, scipy.linalg)
         rank, d = basis.shape[1], basis.shape[0]
         self.inverse = self.gain = np.ones(rank)
         # Rotate to the lower-trapezoidal basis Rᵀ, from Bᵀ = Q R (Householder, column-wise
@@ -134,10 +135,9 @@ class Solver:
         self.basis = self.upper[:rank].T
 
     @staticmethod
-    def _truncated_basis(gram: np.ndarray, cutoff: float, linalg) -> np.ndarray:
+    def _truncated_basis(gram: np.ndarray, cutoff: float, top: float, linalg) -> np.ndarray:
         d = gram.shape[0]
         empty = np.zeros((d, 0))
-        top = _largest_eigenvalue(gram)
         if not top > 0:  # an all-zero layer explains nothing
             return empty
         diagonal = np.diag(gram)
@@ -183,9 +183,11 @@ class Solver:
         return self.basis @ (z * self.inverse[:, None])
 
 
-def _certain_full_rank_factor(gram: np.ndarray, cutoff: float) -> np.ndarray | None:
+def _certain_full_rank_factor(gram: np.ndarray, cutoff: float,
+                              top: float) -> np.ndarray | None:
     """Upper-triangular ``U`` (d, d), Fortran, with ``Uᵀ U = G⁻¹``, when neither rule can cut
     a direction of ``G``; None when that is not certain (then the eigendecomposition decides).
+    ``top`` is :func:`_largest_eigenvalue` of ``G``.
 
     With ``G̃ = D G D = Ũ Ũᵀ`` (``D = diag(G)^(-1/2)``; Cholesky in reversed order, so
     that ``Ũ`` is upper triangular), ``U = Ũ⁻¹ D``. ``1/‖Ũ⁻¹‖_F² ≤ λ̃_min`` and
@@ -209,7 +211,7 @@ def _certain_full_rank_factor(gram: np.ndarray, cutoff: float) -> np.ndarray | N
     smallest = 1.0 / float(np.sum(np.tril(inverse) ** 2))  # a lower bound of λ̃_min
     d = gram.shape[0]
     if not (smallest > CERTAINTY * SCALED_RESOLUTION * d  # rule 2
-            and smallest * diagonal.min() > CERTAINTY * cutoff**2 * _largest_eigenvalue(gram)):
+            and smallest * diagonal.min() > CERTAINTY * cutoff**2 * top):
         return None  # rule 1 ^
     return np.asfortranarray(np.triu(inverse[::-1, ::-1]) * scale[None, :])
 

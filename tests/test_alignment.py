@@ -118,16 +118,20 @@ def test_cholesky_shortcut_is_the_eigendecomposition_where_nothing_can_be_cut(mo
     eigendecomposition; wherever a rule could cut, the shortcut declines."""
     from pkd import closed_form
 
+    def shortcut(gram, cutoff):
+        return closed_form._certain_full_rank_factor(gram, cutoff,
+                                                     closed_form._largest_eigenvalue(gram))
+
     rng = np.random.default_rng(8)
     X = rng.standard_normal((500, 6)) @ rng.standard_normal((6, 6)) + 3.0
     T = [X @ rng.standard_normal((6, 4)) + rng.standard_normal((500, 4)) for _ in range(2)]
-    factor = closed_form._certain_full_rank_factor(X.T @ X, 1e-6)
+    factor = shortcut(X.T @ X, 1e-6)
     assert factor is not None and factor.flags.f_contiguous
     np.testing.assert_array_equal(factor, np.triu(factor))
     np.testing.assert_allclose(factor.T @ factor, np.linalg.inv(X.T @ X), rtol=1e-9)
     fast = AlignmentStats.from_arrays([X], T, folds=3)
     values = (fast.min_mse(), fast.projection(0, 1), fast.min_mse(heldout=True).mean)
-    monkeypatch.setattr(closed_form, "_certain_full_rank_factor", lambda gram, cutoff: None)
+    monkeypatch.setattr(closed_form, "_certain_full_rank_factor", lambda *args: None)
     slow = AlignmentStats.from_arrays([X], T, folds=3)
     expected = (slow.min_mse(), slow.projection(0, 1), slow.min_mse(heldout=True).mean)
     for got, want in zip(values, expected, strict=True):
@@ -139,10 +143,10 @@ def test_cholesky_shortcut_is_the_eigendecomposition_where_nothing_can_be_cut(mo
         "below the float32 cut": X * np.r_[np.ones(5), 1e-8],
     }
     for name, S in declined.items():
-        assert closed_form._certain_full_rank_factor(S.T @ S, 1e-6) is None, name
+        assert shortcut(S.T @ S, 1e-6) is None, name
     # The float64 cut keeps the column at 1e-8: no direction is near it.
     S = declined["below the float32 cut"]
-    assert closed_form._certain_full_rank_factor(S.T @ S, 2e-15) is not None
+    assert shortcut(S.T @ S, 2e-15) is not None
 
 
 @pytest.mark.parametrize("upper", [True, False])
