@@ -23,6 +23,9 @@ from ._validation import (
 )
 
 _SIDES = ("student", "teacher")
+# Updates whose cross product has at least this many multiply-adds run on pkd's threads
+# (below it, starting threads and limiting BLAS cost more than they save).
+PARALLEL_MIN_WORK = 1 << 28
 
 
 def check_widths(widths, name: str) -> tuple[int, ...]:
@@ -149,21 +152,31 @@ class ChunkBuffers:
         return (flat_s[: m * total_s].reshape((m, total_s), order="F"),
                 flat_t[: m * total_t].reshape((m, total_t), order="F"))
 
-    def fill(self, side: str, layers, shift, rows, buffer):
-        """Shifted, float64, feature-major copy of the rows.
+    def fill(self, students, teachers, shift, rows, buffers, threads: int = 1):
+        """Shifted, float64, feature-major copy of the rows into ``buffers`` (xs, xt).
 
-        Returns their column sums (Σd,) and each layer's squared row norms (m, n_layers),
-        Fortran order.
+        One task per layer on ``threads`` threads (each writes its own block). Returns,
+        per side, the column sums (Σd,) and each layer's squared row norms
+        (m, n_layers), Fortran order.
         """
+        from ._threads import on_threads
         from .kernels.gram import fill_shifted_transposed
 
-        sums = np.zeros(self.layout.total[side])
-        squares = np.empty((rows.size, len(layers)), order="F")
-        transposed = buffer.T  # (Σd, m), C-contiguous: row j is feature j
-        for k, values in enumerate(layers):
+        layers = {"student": students, "teacher": teachers}
+        buffer = dict(zip(_SIDES, buffers, strict=True))
+        sums = {side: np.zeros(self.layout.total[side]) for side in _SIDES}
+        squares = {side: np.empty((rows.size, len(layers[side])), order="F")
+                   for side in _SIDES}
+
+        def task(item: tuple[str, int]) -> None:
+            side, k = item
             block = self.layout.block(side, k)
-            fill_shifted_transposed(values, rows, shift[block], transposed[block], sums[block],
-                                    squares[:, k])
+            transposed = buffer[side].T  # (Σd, m), C-contiguous: row j is feature j
+            fill_shifted_transposed(layers[side][k], rows, shift[side][block],
+                                    transposed[block], sums[side][block], squares[side][:, k])
+
+        on_threads([(side, k) for side in ("teacher", "student")
+                    for k in range(len(layers[side]))], task, threads)
         return sums, squares
 
     def first_shift(self, students, teachers, rows) -> dict[str, np.ndarray]:
@@ -184,12 +197,30 @@ class ChunkBuffers:
             shift[side] = means
         return shift
 
-    def add_rows(self, moments, students, teachers, rows) -> None:
-        """Accumulate ``rows`` of the layers into ``moments``."""
+    def add_rows(self, moments, students, teachers, rows, threads: int = 1) -> None:
+        """Accumulate ``rows`` of the layers into ``moments``, on ``threads`` threads."""
         xs, xt = self.views(rows.size)
-        sum_s, squares_s = self.fill("student", students, moments.shift["student"], rows, xs)
-        sum_t, squares_t = self.fill("teacher", teachers, moments.shift["teacher"], rows, xt)
-        moments.add_chunk(xs, xt, (sum_s, sum_t), (squares_s, squares_t))
+        sums, squares = self.fill(students, teachers, moments.shift, rows, (xs, xt), threads)
+        moments.add_chunk(xs, xt, (sums["student"], sums["teacher"]),
+                          (squares["student"], squares["teacher"]), threads)
+
+
+def update_threads(layout, n_rows: int):
+    """``with update_threads(...) as threads``: the threads of an update of ``n_rows`` rows.
+
+    pkd's threads, with BLAS held to one thread while they run, when the update's
+    cross product has at least ``PARALLEL_MIN_WORK`` multiply-adds and it is called
+    from the main thread; else one thread, and BLAS as the user set it (a thread
+    limit set from another thread does not hold for OpenBLAS: :mod:`pkd._threads`).
+    """
+    import threading
+
+    from ._threads import single_threaded_blas
+
+    work = n_rows * layout.total["student"] * layout.total["teacher"]
+    if work < PARALLEL_MIN_WORK or threading.current_thread() is not threading.main_thread():
+        return contextlib.nullcontext(1)
+    return single_threaded_blas
 
 
 def accumulate_chunks(stats, chunks, check_finite: bool, progress: bool) -> None:

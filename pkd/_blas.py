@@ -1,9 +1,14 @@
-"""A triangular product from scipy's BLAS that releases the GIL, for pkd's own threads.
+"""Products from scipy's BLAS that release the GIL, for pkd's own threads.
 
 ``scipy.linalg.blas`` holds the GIL for the whole of each call, so two Python
 threads calling it run one after the other; ``scipy.linalg.cython_blas``
 exports the same routines as C function pointers, and ctypes releases the GIL
-while it calls one. NumPy's ``@`` releases it too, but has no triangular product.
+while it calls one. NumPy's ``@`` releases it too, but has no triangular
+product and no ``C += AᵀB`` in place.
+
+Every array is column-major (Fortran) with unit element stride; its leading
+dimension is its column stride, so column slices of a Fortran array are
+accepted as they are (no copy).
 """
 
 from __future__ import annotations
@@ -13,24 +18,53 @@ from functools import cache
 
 import numpy as np
 
+_INT, _REAL, _CHAR = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_double), ctypes.c_char_p
+# Argument types of each routine, in the reference BLAS's order (LP64 ``int``).
+_SIGNATURES = {
+    "dtrmm": (_CHAR, _CHAR, _CHAR, _CHAR, _INT, _INT, _REAL, _REAL, _INT, _REAL, _INT),
+    "dgemm": (_CHAR, _CHAR, _INT, _INT, _INT, _REAL, _REAL, _INT, _REAL, _INT, _REAL, _REAL,
+              _INT),
+    "dsyrk": (_CHAR, _CHAR, _INT, _INT, _REAL, _REAL, _INT, _REAL, _REAL, _INT),
+}
+
 
 @cache
-def _dtrmm():
-    """``dtrmm`` of scipy's BLAS as a ctypes function (GIL released during the call)."""
+def _routine(name: str):
+    """``name`` of scipy's BLAS as a ctypes function (GIL released during the call)."""
     from scipy.linalg import cython_blas
 
-    capsule = cython_blas.__pyx_capi__["dtrmm"]
+    capsule = cython_blas.__pyx_capi__[name]
     # Prototypes of our own: setting restype on ctypes.pythonapi's shared functions would
     # change them for every other user in the process.
-    name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(
+    capsule_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(
         ("PyCapsule_GetName", ctypes.pythonapi))
     pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
         ("PyCapsule_GetPointer", ctypes.pythonapi))
-    integer, real = ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_double)
-    char = ctypes.c_char_p
-    prototype = ctypes.CFUNCTYPE(None, char, char, char, char, integer, integer, real, real,
-                                 integer, real, integer)
-    return prototype(pointer(capsule, name(capsule)))
+    prototype = ctypes.CFUNCTYPE(None, *_SIGNATURES[name])
+    return prototype(pointer(capsule, capsule_name(capsule)))
+
+
+def _leading_dimension(array: np.ndarray, name: str, caller: str) -> int:
+    """The column stride of a column-major float64 matrix, in elements."""
+    rows = array.shape[0] if array.ndim == 2 else 0
+    if (array.dtype != np.float64 or array.ndim != 2 or array.strides[0] != 8
+            or array.strides[1] % 8 or array.strides[1] < 8 * max(rows, 1)):
+        raise ValueError(f"{caller}: {name} must be a 2-D float64 array in column-major order "
+                         f"(Fortran, or its column slice), got {array.dtype} {array.shape} "
+                         f"with strides {array.strides}")
+    return array.strides[1] // 8
+
+
+def _int(value: int):
+    return ctypes.byref(ctypes.c_int(value))
+
+
+def _real(value: float):
+    return ctypes.byref(ctypes.c_double(value))
+
+
+def _data(array: np.ndarray):
+    return array.ctypes.data_as(_REAL)
 
 
 def trmm_right(b: np.ndarray, a: np.ndarray, *, upper: bool, transpose: bool) -> np.ndarray:
@@ -38,28 +72,62 @@ def trmm_right(b: np.ndarray, a: np.ndarray, *, upper: bool, transpose: bool) ->
 
     Parameters
     ----------
-    b : (m, n) float64 array, Fortran-contiguous
+    b : (m, n) float64 array, column-major
         Overwritten by the product.
-    a : (n, n) float64 array, Fortran-contiguous
+    a : (n, n) float64 array, column-major
         Triangular: only its upper (``upper``) or lower triangle is read.
     upper, transpose : bool
     """
-    for name, array in (("b", b), ("a", a)):
-        if array.dtype != np.float64 or array.ndim != 2 or not array.flags.f_contiguous:
-            raise ValueError(f"trmm_right: {name} must be a Fortran-contiguous 2-D float64 "
-                             f"array, got {array.dtype} {array.shape}")
+    ldb, lda = (_leading_dimension(x, name, "trmm_right") for x, name in ((b, "b"), (a, "a")))
     m, n = b.shape
     if a.shape != (n, n):
         raise ValueError(f"trmm_right: a must be ({n}, {n}) for b of shape {b.shape}, "
                          f"got {a.shape}")
-    if m == 0 or n == 0:
-        return b
-
-    def integer(value: int):
-        return ctypes.byref(ctypes.c_int(value))
-
-    real = ctypes.POINTER(ctypes.c_double)
-    _dtrmm()(b"R", b"U" if upper else b"L", b"T" if transpose else b"N", b"N", integer(m),
-             integer(n), ctypes.byref(ctypes.c_double(1.0)), a.ctypes.data_as(real),
-             integer(n), b.ctypes.data_as(real), integer(m))
+    if m and n:
+        _routine("dtrmm")(b"R", b"U" if upper else b"L", b"T" if transpose else b"N", b"N",
+                          _int(m), _int(n), _real(1.0), _data(a), _int(lda), _data(b), _int(ldb))
     return b
+
+
+def gemm_tn(a: np.ndarray, b: np.ndarray, c: np.ndarray, beta: float) -> np.ndarray:
+    """``c ← beta · c + aᵀ b`` in place (``dgemm``); returns ``c``.
+
+    Parameters
+    ----------
+    a : (k, m) float64 array, column-major
+    b : (k, n) float64 array, column-major
+    c : (m, n) float64 array, column-major
+        Read only when ``beta`` is not 0.
+    beta : float
+    """
+    lda, ldb, ldc = (_leading_dimension(x, name, "gemm_tn")
+                     for x, name in ((a, "a"), (b, "b"), (c, "c")))
+    (k, m), n = a.shape, b.shape[1]
+    if b.shape[0] != k or c.shape != (m, n):
+        raise ValueError(f"gemm_tn: shapes a {a.shape}, b {b.shape}, c {c.shape} do not give "
+                         "c = aᵀ b")
+    if m and n:
+        _routine("dgemm")(b"T", b"N", _int(m), _int(n), _int(k), _real(1.0), _data(a),
+                          _int(lda), _data(b), _int(ldb), _real(beta), _data(c), _int(ldc))
+    return c
+
+
+def syrk_t(a: np.ndarray, c: np.ndarray, beta: float) -> np.ndarray:
+    """``c ← beta · c + aᵀ a`` in place, upper triangle only (``dsyrk``); returns ``c``.
+
+    Parameters
+    ----------
+    a : (k, n) float64 array, column-major
+    c : (n, n) float64 array, column-major
+        Its strict lower triangle is neither read nor written.
+    beta : float
+    """
+    lda, ldc = (_leading_dimension(x, name, "syrk_t") for x, name in ((a, "a"), (c, "c")))
+    k, n = a.shape
+    if c.shape != (n, n):
+        raise ValueError(f"syrk_t: c must be ({n}, {n}) for a of shape {a.shape}, got "
+                         f"{c.shape}")
+    if n:
+        _routine("dsyrk")(b"U", b"T", _int(n), _int(k), _real(1.0), _data(a), _int(lda),
+                          _real(beta), _data(c), _int(ldc))
+    return c

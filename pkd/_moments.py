@@ -69,6 +69,9 @@ class Layout:
 
 
 _SIDES = ("student", "teacher")
+# Blocks of student columns of the cross product, each a task of Moments.add_chunk: a
+# fixed number, so that the sums (and their bits) do not depend on the thread count.
+CROSS_BLOCKS = 4
 
 
 class Moments:
@@ -94,36 +97,52 @@ class Moments:
     # ------------------------------------------------------------------ accumulation
 
     def add_chunk(self, xs: np.ndarray, xt: np.ndarray, sums: tuple[np.ndarray, np.ndarray],
-                  squares: tuple[np.ndarray, np.ndarray]) -> None:
+                  squares: tuple[np.ndarray, np.ndarray], threads: int = 1) -> None:
         """Add ``m`` shifted rows: ``xs`` (m, Σd_s) and ``xt`` (m, Σd_t), Fortran order.
 
         ``sums``: the chunk's column sums (Σd_s,) and (Σd_t,); ``squares``: each
         layer's squared row norms ``‖x'_i‖²``, (m, n_s) and (m, n_t) Fortran (both
         computed by the fill kernel).
-        """
-        from scipy.linalg import blas
 
-        # Every product in scipy's BLAS: NumPy's own OpenBLAS (`@`) has a thread pool of
-        # its own, whose spinning workers slow scipy's next call (docs/performance.md).
+        The products are tasks on ``threads`` threads (:func:`pkd._threads.on_threads`):
+        the cross product in ``CROSS_BLOCKS`` blocks of student columns, and each
+        layer's Gram matrix with its third-order sums. Every task writes its own
+        block, and the tasks do not depend on ``threads``, so neither do the bits.
+        With several threads the caller holds BLAS to one (:mod:`pkd._threads`).
+        """
+        from ._blas import gemm_tn, syrk_t
+        from ._threads import on_threads
+
         layout = self.layout
         # The first chunk writes G' and C' without reading them: their zeros are untouched
         # pages, and a read then a write would fault each page twice (docs/performance.md).
         beta = 1.0 if self.n else 0.0
-        for side, x, norms in (("student", xs, squares[0]), ("teacher", xt, squares[1])):
-            grams = self.gram[side]
-            for k in range(len(grams)):
-                block = x[:, layout.block(side, k)]  # Fortran-contiguous (m, d)
-                grams[k] = blas.dsyrk(1.0, block, beta=beta, c=grams[k], trans=1,
-                                      overwrite_c=True)
-                self.cubic[side][layout.block(side, k)] += blas.dgemv(1.0, block, norms[:, k],
-                                                                      trans=1)
-            self.quartic[side] += np.einsum("ij,ij->j", norms, norms)
-        # All n_s·n_t cross products in one GEMM: C'ᵀ += X_Tᵀ X_S.
-        self.cross = blas.dgemm(1.0, xt, xs, beta=beta, c=self.cross.T, trans_a=True,
-                                overwrite_c=True).T
-        self.quartic_cross += blas.dgemm(1.0, squares[0], squares[1], trans_a=True)
-        self.cubic_cross["student"] += blas.dgemm(1.0, squares[0], xt, trans_a=True)
-        self.cubic_cross["teacher"] += blas.dgemm(1.0, squares[1], xs, trans_a=True)
+        cross_t = self.cross.T  # C'ᵀ (Σd_t, Σd_s), Fortran: C'ᵀ += X_Tᵀ X_S in place
+        x = {"student": xs, "teacher": xt}
+        norms = {"student": squares[0], "teacher": squares[1]}
+
+        def task(item: tuple[str, int | slice]) -> None:
+            side, where = item
+            if side == "cross":
+                gemm_tn(xt, xs[:, where], cross_t[:, where], beta)
+                return
+            other = "teacher" if side == "student" else "student"
+            columns = layout.block(side, where)
+            block = x[side][:, columns]  # Fortran-contiguous (m, d)
+            syrk_t(block, self.gram[side][where], beta)
+            # V_l += X_lᵀ r^l and V_{other→side}ᵀ += X_lᵀ r^other, in place.
+            own = self.cubic[side][columns].reshape((-1, 1), order="F")
+            gemm_tn(block, norms[side][:, where:where + 1], own, 1.0)
+            gemm_tn(block, norms[other], self.cubic_cross[other].T[columns], 1.0)
+
+        # Largest first, so that the threads finish together.
+        blocks = [("cross", slice(int(c[0]), int(c[-1]) + 1)) for c in
+                  np.array_split(np.arange(layout.total["student"]), CROSS_BLOCKS) if c.size]
+        layers = [(side, k) for side in ("teacher", "student") for k in range(layout.count(side))]
+        on_threads(blocks + layers, task, threads)
+        for side in _SIDES:
+            self.quartic[side] += np.einsum("ij,ij->j", norms[side], norms[side])
+        gemm_tn(squares[1], squares[0], self.quartic_cross.T, 1.0)
         self.sum["student"] += sums[0]
         self.sum["teacher"] += sums[1]
         self.n += xs.shape[0]
@@ -191,14 +210,17 @@ class Moments:
                 self.cubic[side][block] += (
                     (trace[side][k] + 2 * alpha[side][k] + n * energy[side][k]) * d[block]
                     + 2.0 * symmetric(g) @ d[block] + energy[side][k] * self.sum[side][block])
-        self.quartic_cross, self.quartic["student"], self.quartic["teacher"] = u, q_s, q_t
+        # C order, whatever NumPy made of the mixed layouts: add_chunk writes its transpose.
+        self.quartic_cross = np.ascontiguousarray(u)
+        self.quartic["student"], self.quartic["teacher"] = q_s, q_t
         for side in _SIDES:
             for k, g in enumerate(self.gram[side]):
                 block = layout.block(side, k)
                 a, d = self.sum[side][block], delta[side][block]
                 self.gram[side][k] = np.asfortranarray(shifted_product(symmetric(g), a, a, d, d, n))
-        self.cross = shifted_product(self.cross, self.sum["student"], self.sum["teacher"],
-                                     delta["student"], delta["teacher"], n)
+        # Through C'ᵀ (Fortran), so that C' stays in C order: add_chunk writes its transpose.
+        self.cross = shifted_product(self.cross.T, self.sum["teacher"], self.sum["student"],
+                                     delta["teacher"], delta["student"], n).T
         for side in _SIDES:
             self.sum[side] += n * delta[side]
             self.shift[side] = shift[side].copy()

@@ -4,11 +4,12 @@ OpenBLAS's idle workers keep spinning on a core for about 0.1 s after each
 threaded call, so work that follows a BLAS call on the same cores runs slower;
 and a threaded call does not always give the bits of a single-threaded one of
 the same shapes. Where that matters (RBF CKA's Gram blocks, the closed form's
-d × d decompositions, the alignment queries' tasks), pkd makes single-threaded
-BLAS calls, on its own threads when there are several (docs/performance.md,
-"RBF CKA" and "Alignment statistics"). Those calls must release the GIL:
-NumPy's do, ``scipy.linalg.blas``'s do not (so :mod:`pkd._blas` reaches scipy's
-``dtrmm`` through ctypes).
+d × d decompositions, the alignment statistics' large updates and their
+queries' tasks), pkd makes single-threaded BLAS calls, on its own threads when
+there are several (docs/performance.md, "RBF CKA" and "Alignment statistics").
+Those calls must release the GIL: NumPy's do, ``scipy.linalg.blas``'s do not
+(so :mod:`pkd._blas` reaches scipy's ``dtrmm``, ``dgemm`` and ``dsyrk``
+through ctypes).
 """
 
 from __future__ import annotations

@@ -213,22 +213,25 @@ class AlignmentStats:
         n_total, chunk = students[0].shape[0], self._chunk_rows
         # A window of k chunks, split by fold: each fold gets ~chunk_rows rows per GEMM, so
         # folds cost no more passes over the cross statistics than no folds.
-        for start in range(0, n_total, chunk * self._n_folds):
-            stop = min(start + chunk * self._n_folds, n_total)
-            rows = np.arange(start, stop, dtype=np.int64)
-            if selected is not None:
-                rows = rows[selected[start:stop]]
-            if rows.size and self.n_rows == 0:
-                shift = self._buffers.first_shift(students, teachers, rows[:chunk])
-                for moments in self._folds:  # one shift for every fold: merges are sums
-                    moments.shift = {side: shift[side].copy() for side in _SIDES}
-            folds = fold_of_row[rows]
-            for f, moments in enumerate(self._folds):
-                part = rows[folds == f] if self._n_folds > 1 else rows
-                for lo in range(0, part.size, chunk):
-                    self._buffers.add_rows(moments, students, teachers, part[lo:lo + chunk])
-            if progress is not None:
-                progress.update(stop - start)
+        n_rows = n_total if selected is None else int(np.count_nonzero(selected))
+        with _accumulate.update_threads(self._layout, n_rows) as threads:
+            for start in range(0, n_total, chunk * self._n_folds):
+                stop = min(start + chunk * self._n_folds, n_total)
+                rows = np.arange(start, stop, dtype=np.int64)
+                if selected is not None:
+                    rows = rows[selected[start:stop]]
+                if rows.size and self.n_rows == 0:
+                    shift = self._buffers.first_shift(students, teachers, rows[:chunk])
+                    for moments in self._folds:  # one shift for every fold: merges are sums
+                        moments.shift = {side: shift[side].copy() for side in _SIDES}
+                folds = fold_of_row[rows]
+                for f, moments in enumerate(self._folds):
+                    part = rows[folds == f] if self._n_folds > 1 else rows
+                    for lo in range(0, part.size, chunk):
+                        self._buffers.add_rows(moments, students, teachers, part[lo:lo + chunk],
+                                               threads)
+                if progress is not None:
+                    progress.update(stop - start)
 
     # ------------------------------------------------------------------ constructors
 

@@ -166,10 +166,63 @@ def test_trmm_right_is_scipys_dtrmm_without_the_gil(upper, transpose):
     out = trmm_right(b, a, upper=upper, transpose=transpose)
     assert out is b
     np.testing.assert_array_equal(out, expected)
-    with pytest.raises(ValueError, match="b must be a Fortran-contiguous"):
+    with pytest.raises(ValueError, match="b must be a 2-D float64 array in column-major"):
         trmm_right(np.ascontiguousarray(b), a, upper=upper, transpose=transpose)
     with pytest.raises(ValueError, match=r"a must be \(6, 6\)"):
         trmm_right(b, np.asfortranarray(a[:5, :5]), upper=upper, transpose=transpose)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_gemm_and_syrk_are_scipys_on_column_slices_in_place(beta):
+    """``gemm_tn``/``syrk_t`` equal scipy.linalg.blas's dgemm/dsyrk bit for bit, in place
+    in a column slice of a wider matrix (its leading dimension), and touch nothing else."""
+    from scipy.linalg import blas
+    from threadpoolctl import threadpool_limits
+
+    from pkd._blas import gemm_tn, syrk_t
+
+    rng = np.random.default_rng(8)
+    a = np.asfortranarray(rng.standard_normal((40, 11)))
+    b_wide = np.asfortranarray(rng.standard_normal((40, 9)))
+    c_wide = np.asfortranarray(rng.standard_normal((11, 9)))
+    b, c = b_wide[:, 2:7], c_wide[:, 3:8]  # column slices: leading dimensions 40 and 11
+    before = c_wide.copy()
+    with threadpool_limits(1, user_api="blas"):
+        expected = blas.dgemm(1.0, a, np.asfortranarray(b), beta=beta,
+                              c=np.asfortranarray(c), trans_a=True)
+        out = gemm_tn(a, b, c, beta)
+    assert out is c
+    np.testing.assert_array_equal(c, expected)
+    np.testing.assert_allclose(c, a.T @ b + beta * before[:, 3:8], rtol=1e-13)
+    np.testing.assert_array_equal(np.delete(c_wide, range(3, 8), axis=1),
+                                  np.delete(before, range(3, 8), axis=1))
+    rows, before = c_wide[1:10, 3:8], c_wide.copy()  # leading dimension 11, 9 rows
+    gemm_tn(a[:, 1:10], b, rows, 0.0)
+    np.testing.assert_allclose(rows, a[:, 1:10].T @ b, rtol=1e-13)
+    np.testing.assert_array_equal(c_wide[[0, 10]], before[[0, 10]])
+
+    gram_wide = np.asfortranarray(rng.standard_normal((5, 9)))
+    gram, gram_before = gram_wide[:, 4:9], gram_wide.copy()
+    with threadpool_limits(1, user_api="blas"):
+        expected = blas.dsyrk(1.0, np.asfortranarray(b), beta=beta,
+                              c=np.asfortranarray(gram), trans=1)
+        syrk_t(b, gram, beta)
+    upper = np.triu_indices(5)
+    np.testing.assert_array_equal(gram[upper], expected[upper])
+    np.testing.assert_allclose(gram[upper], (b.T @ b + beta * gram_before[:, 4:9])[upper],
+                               rtol=1e-13)
+    lower = np.tril_indices(5, -1)  # neither read nor written
+    np.testing.assert_array_equal(gram[lower], gram_before[:, 4:9][lower])
+    np.testing.assert_array_equal(gram_wide[:, :4], gram_before[:, :4])
+
+    with pytest.raises(ValueError, match="gemm_tn: a must be a 2-D float64 array in column-"):
+        gemm_tn(np.ascontiguousarray(a), b, c, beta)
+    with pytest.raises(ValueError, match=r"gemm_tn: shapes a \(40, 11\), b \(40, 4\)"):
+        gemm_tn(a, b[:, :4], c, beta)
+    with pytest.raises(ValueError, match="syrk_t: c must be a 2-D float64"):
+        syrk_t(b, gram.astype(np.float32), beta)
+    with pytest.raises(ValueError, match=r"syrk_t: c must be \(5, 5\)"):
+        syrk_t(b, np.asfortranarray(gram[:4, :4]), beta)
 
 
 @pytest.mark.parametrize("rank", [7, 4, 0])
@@ -994,3 +1047,49 @@ def test_solvers_hold_blas_to_one_thread_and_restore_it_even_when_run_concurrent
         Solver._decompose = original
     assert inside and all(seen == {1} for seen in inside)
     assert limits() == before
+
+
+def test_large_updates_run_on_pkd_threads_with_the_same_bits(monkeypatch):
+    """Large updates: fill and products as tasks on pkd's threads, BLAS held to one thread;
+    every statistic bit-identical whatever the thread count (folds, several chunks)."""
+    import contextlib
+    import threading
+
+    from threadpoolctl import threadpool_limits
+
+    import pkd._accumulate as accumulate
+    import pkd._threads as threads_module
+
+    rng = np.random.default_rng(12)
+    students, teachers = make_layers(rng, 700, (24, 40, 8), (56, 32), dtype=np.float32)
+    seen = []
+    real = threads_module.on_threads
+    monkeypatch.setattr(threads_module, "on_threads",
+                        lambda items, task, n: seen.append(n) or real(items, task, n))
+    results = []
+    for count in (1, 2, 3):
+        monkeypatch.setattr(accumulate, "update_threads",
+                            lambda layout, rows, count=count: contextlib.nullcontext(count))
+        seen.clear()
+        with threadpool_limits(1, user_api="blas"):
+            stats = AlignmentStats.from_arrays(students, teachers, folds=3, chunk_rows=128)
+        assert set(seen) == {count}  # the fill and the products of every chunk
+        results.append({key: value.tobytes() for key, value in stats.to_dict().items()})
+    assert results[0] == results[1] == results[2]
+    reference_stats = AlignmentStats.from_arrays(students, teachers, chunk_rows=128)
+    np.testing.assert_allclose(stats.min_mse(), reference_stats.min_mse(), rtol=1e-10)
+
+    # The rule: pkd's threads (BLAS held to one) for large updates from the main thread.
+    monkeypatch.undo()
+    layout = reference_stats._layout
+    work = 700 * layout.total["student"] * layout.total["teacher"]
+    monkeypatch.setattr(accumulate, "PARALLEL_MIN_WORK", work)
+    assert accumulate.update_threads(layout, 700) is threads_module.single_threaded_blas
+    with accumulate.update_threads(layout, 699) as one:
+        assert one == 1
+    elsewhere = []
+    worker = threading.Thread(target=lambda: elsewhere.append(
+        accumulate.update_threads(layout, 700)))
+    worker.start()
+    worker.join()
+    assert isinstance(elsewhere[0], contextlib.nullcontext)
