@@ -1,6 +1,7 @@
-"""``pkd analyze``: every layer pair's measures from a student and a teacher dump,
-the mappings compared, the held-out near-tie check, the figures, summary.json and
-summary.csv, and the table on stdout.
+"""``pkd analyze``: the alignment of every layer pair, from a student and a teacher dump.
+
+The mappings compared by the chosen measure, the held-out near-tie check, the
+figures, summary.json and summary.csv, and the table on stdout.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _as_cost(matrix: np.ndarray, maximize: bool) -> np.ndarray:
 
     A constant layer has no variance, so its measures are NaN: there is
     nothing to distil from it, so its pairs are forbidden rather than the
-    whole matrix refused (:func:`_optimal` does the same).
+    whole matrix refused (``_optimal`` in pkd._cli_mapping does the same).
     """
     cost = -matrix if maximize else matrix
     return np.where(np.isnan(cost), np.inf, cost)

@@ -1,5 +1,6 @@
-"""The ``pkd`` commands that check their options and hand them to one library
-function: ``bench`` (pkd.bench), ``demo`` (pkd.demo) and ``dump`` (pkd.hf).
+"""The ``pkd`` commands that check their options and hand them to one library function.
+
+``bench`` (:mod:`pkd.bench`), ``demo`` (:mod:`pkd.demo`) and ``dump`` (:mod:`pkd.hf`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
-"""Plumbing every ``pkd`` command shares: the user-facing error, the console,
-checks of output paths and options, and opening a student and a teacher dump as
-a pair.
+"""Plumbing every ``pkd`` command shares.
+
+The user-facing error (:class:`CommandError`, exit status 2), the console that
+says warnings on stderr and keeps them for the summary, the checks of output
+paths and options made before any work, and opening a student and a teacher
+dump as a pair (the same texts, the same mask).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""``pkd fit``: the projection(s) of one layer mapping fitted on a student and a
-teacher dump, its options checked under their CLI names, the figures and
-projection.safetensors.
+"""``pkd fit``: the projection(s) of one layer mapping, fitted on two dumps.
+
+Its options checked under their CLI names before any work, the fit and its
+closed-form floor, the figures and projection.safetensors, the table on stdout.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from ._cli_measures import (
 GRADIENT_OPTIONS = ("steps", "lr", "batch_size", "seed")  # what --method closed_form ignores
 DEFAULT_STEPS = 500
 DEFAULT_SEED = 0
-
 
 FIT_OUTPUTS = ("layer_losses.png", "spectra.png", "projection.safetensors")
 FIT_FILES = """\

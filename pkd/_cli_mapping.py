@@ -1,6 +1,8 @@
-"""Which dump indices the ``pkd`` commands map, and the mappings they take: each
-dump's embeddings index, ``--mapping`` by name or as explicit pairs, and the
-optimal mapping by a measure.
+"""Which layers the ``pkd`` commands map, and the mappings they take.
+
+Each dump's embeddings index (its metadata, ``--embeddings-index``, or none,
+said on stderr), ``--mapping`` by name (uniform, skip, last) or as explicit
+pairs, and the optimal mapping by a per-pair measure.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""The per-pair measures of ``pkd analyze`` and ``pkd fit --mapping optimal``:
-what ``--measure`` can choose, the plan decided before streaming, one streaming
-pass over both dumps, RBF CKA on a reproducible sample of the rows, and the
-layers constant over the rows used.
+"""The per-pair measures of ``pkd analyze`` and ``pkd fit --mapping optimal``.
+
+What ``--measure`` can choose, the plan decided before streaming (the measure,
+its bandwidth, whether held-out estimates are computed), the rows the mask and
+``--tokens`` keep, one streaming pass over both dumps, RBF CKA on a
+reproducible sample of those rows, and the layers constant over them.
 """
 
 from __future__ import annotations

@@ -6,6 +6,13 @@ renamed into place once every one is written. An error never leaves partial
 outputs behind, and inputs are never modified. Tables go to stdout; warnings,
 the conventions a command assumes and progress bars (on a terminal only) go to
 stderr.
+
+This module holds the parser and :func:`main`, the entry point. Each command's
+body lives in a module of its own: ``analyze`` in pkd._cli_analyze, ``fit`` in
+pkd._cli_fit, ``bench``, ``demo`` and ``dump`` in pkd._cli_bench_demo_dump.
+What they share: pkd._cli_common (the error, the console, output and option
+checks, opening the dump pair), pkd._cli_mapping (layer conventions, mappings)
+and pkd._cli_measures (the measures, streaming statistics, RBF CKA's sample).
 """
 
 from __future__ import annotations
