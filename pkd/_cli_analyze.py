@@ -29,16 +29,7 @@ from ._cli_mapping import (
     _optimal,
     _parse_mapping_arg,
 )
-from ._cli_measures import (
-    MEASURES,
-    _label,
-    _matrices,
-    _plan,
-    _rbf_cka,
-    _selected_rows,
-    _stream_stats,
-    _warn_constant,
-)
+from ._cli_measures import MEASURES, _label, _measure_layer_pairs, _selected_rows
 
 
 def _as_cost(matrix: np.ndarray, maximize: bool) -> np.ndarray:
@@ -153,13 +144,10 @@ def cmd_analyze(args) -> None:
         custom = _parse_mapping_arg(args.mapping, s_layers, t_layers, args.include_embeddings)
         if chosen_name not in FIXED_MAPPINGS:
             chosen_name = "custom"
-    plan = _plan(args, student, rows, console, report_heldout=True)
-    stats = _stream_stats(student, teacher, rows, chunk_rows, args.scheduler, plan.folds)
-    constant = _warn_constant(stats, console)
+    plan, stats, values = _measure_layer_pairs(args, student, teacher, rows, chunk_rows, ridge,
+                                               console, scheduler=args.scheduler,
+                                               report_heldout=True)
     measure = MEASURES[plan.measure]
-    values = _matrices(stats, ridge, plan.measure, plan.folds,
-                       lambda: _rbf_cka(student, teacher, rows, chunk_rows, plan.bandwidth,
-                                        console, constant))
     main = values[measure.key]
     no_optimal = None  # why there is no optimal mapping, when it is not the one asked for
     try:

@@ -28,15 +28,7 @@ from ._cli_mapping import (
     _optimal,
     _parse_mapping_arg,
 )
-from ._cli_measures import (
-    MEASURES,
-    _matrices,
-    _plan,
-    _rbf_cka,
-    _selected_rows,
-    _stream_stats,
-    _warn_constant,
-)
+from ._cli_measures import MEASURES, _measure_layer_pairs, _selected_rows
 
 GRADIENT_OPTIONS = ("steps", "lr", "batch_size", "seed")  # what --method closed_form ignores
 DEFAULT_STEPS = 500
@@ -111,13 +103,10 @@ def cmd_fit(args) -> None:
         rows_t = t_layers.mappable(args.include_embeddings)
         _check_optimal_exists(len(rows_s), len(rows_t), _EXPLICIT_HINT)
         # Chosen from the rows that are fitted: the mask and --tokens both apply.
-        plan = _plan(args, student, rows, console, report_heldout=False)
-        stats = _stream_stats(student, teacher, rows, chunk_rows, None, plan.folds)
-        constant = _warn_constant(stats, console)
+        plan, _, values = _measure_layer_pairs(args, student, teacher, rows, chunk_rows,
+                                               ridge, console, scheduler=None,
+                                               report_heldout=False)
         measure = MEASURES[plan.measure]
-        values = _matrices(stats, ridge, plan.measure, plan.folds,
-                           lambda: _rbf_cka(student, teacher, rows, chunk_rows,
-                                            plan.bandwidth, console, constant))
         mapping = _optimal(values[measure.key], measure.maximize, rows_s, rows_t,
                            _EXPLICIT_HINT)
         chosen_by = plan.measure

@@ -9,10 +9,14 @@ reproducible sample of those rows, and the layers constant over them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ._cli_common import CommandError, Console, _check_option, _on_terminal
+
+if TYPE_CHECKING:
+    from .alignment import AlignmentStats
 
 # The measure behind ``--mapping optimal`` and the main heatmap when --measure is not
 # given: RBF CKA at σ = 0.2 × the median distance found the corresponding layer of another
@@ -240,3 +244,21 @@ def _plan(args, student, rows, console: Console, report_heldout: bool) -> Plan:
     if reason is None:
         return Plan(measure, None, rows_used, width, bandwidth=bandwidth)
     return Plan(measure, folds, rows_used, width, reason, bandwidth)
+
+
+def _measure_layer_pairs(args, student, teacher, rows, chunk_rows: int, ridge: float,
+                         console: Console, *, scheduler: str | None,
+                         report_heldout: bool) -> tuple[Plan, AlignmentStats, dict]:
+    """Plan, stream both dumps once and measure every layer pair: ``(plan, stats, values)``.
+
+    ``stats`` holds the statistics of the rows used, ``values`` the matrices of
+    :func:`_matrices`; the layers constant over those rows are named on stderr
+    first. ``report_heldout`` as in :func:`_plan`.
+    """
+    plan = _plan(args, student, rows, console, report_heldout=report_heldout)
+    stats = _stream_stats(student, teacher, rows, chunk_rows, scheduler, plan.folds)
+    constant = _warn_constant(stats, console)
+    values = _matrices(stats, ridge, plan.measure, plan.folds,
+                       lambda: _rbf_cka(student, teacher, rows, chunk_rows, plan.bandwidth,
+                                        console, constant))
+    return plan, stats, values
