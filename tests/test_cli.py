@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import pkd
-from pkd import cli
+from pkd import _cli_analyze, _cli_fit, _cli_measures, cli
 from pkd.cka import rbf_cka_matrix
 from pkd.io import save_dump
 
@@ -44,7 +44,7 @@ def test_analyze_writes_every_output_and_matches_alignment_stats(dumps, tmp_path
     out = tmp_path / "analysis"
     assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out),
                      "--chunk-rows", "7"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(cli.ANALYZE_OUTPUTS)
+    assert sorted(p.name for p in out.iterdir()) == sorted(_cli_analyze.ANALYZE_OUTPUTS)
     for name in ("alignment.png", "cka.png", "spectra.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "summary.json").read_text())
@@ -203,7 +203,7 @@ def test_analyze_student_deeper_than_teacher(tmp_path, capsys):
     # The default mapping: every heatmap, a summary saying why there is no mapping, exit 0.
     out = tmp_path / "default"
     assert cli.main(["analyze", str(s_path), str(t_path), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(cli.ANALYZE_OUTPUTS)
+    assert sorted(p.name for p in out.iterdir()) == sorted(_cli_analyze.ANALYZE_OUTPUTS)
     printed = capsys.readouterr().out
     assert "no increasing mapping exists: the student has more layers (4)" in printed
     summary = _strict_json(out / "summary.json")
@@ -222,7 +222,8 @@ def test_arguments_are_checked_before_streaming(dumps, tmp_path, monkeypatch, ca
     def never(*args, **kwargs):
         raise AssertionError("streamed the dumps before checking the arguments")
 
-    monkeypatch.setattr(cli, "_stream_stats", never)
+    # analyze and fit stream through _measure_layer_pairs, which looks this name up here.
+    monkeypatch.setattr(_cli_measures, "_stream_stats", never)
     out = ["--out", str(tmp_path / "o")]
     analyze = ["analyze", str(s_path), str(t_path)] + out
     fit = ["fit", str(s_path), str(t_path), "--mapping", "optimal"] + out
@@ -262,7 +263,7 @@ def test_a_failed_write_leaves_no_output(dumps, tmp_path, monkeypatch):
             raise OSError("disk full")
         return write
 
-    monkeypatch.setattr(cli, "_json_writer", failing_writer)
+    monkeypatch.setattr(_cli_analyze, "_json_writer", failing_writer)
     existing = tmp_path / "existing"
     existing.mkdir()
     for out in (tmp_path / "new" / "deeper", existing):
@@ -290,7 +291,7 @@ def test_fit_saves_projection_with_metadata(dumps, tmp_path, capsys, method, sha
             "--out", str(out)] + ([] if shared else ["--per-pair"])
     args += [] if method == "closed_form" else ["--steps", "50"]
     assert cli.main(args) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(cli.FIT_OUTPUTS)
+    assert sorted(p.name for p in out.iterdir()) == sorted(_cli_fit.FIT_OUTPUTS)
     for name in ("layer_losses.png", "spectra.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with safe_open(out / "projection.safetensors", framework="numpy") as f:
@@ -1042,11 +1043,11 @@ def test_help_gives_every_default_and_the_files_written():
     analyze = _help("analyze")
     assert f"rows per streamed chunk (default: {DEFAULT_CHUNK_ROWS})" in analyze
     assert f"(default: {cli.DEFAULT_MEASURE})" in analyze
-    for name in cli.ANALYZE_OUTPUTS:
+    for name in _cli_analyze.ANALYZE_OUTPUTS:
         assert name in analyze
     fit = _help("fit")
     assert "(default: closed_form)" in fit and "default 500" in fit
-    for name in cli.FIT_OUTPUTS:
+    for name in _cli_fit.FIT_OUTPUTS:
         assert name in fit
     bench = _help("bench")
     assert all(variant in bench for variant in VARIANTS)
@@ -1200,7 +1201,7 @@ def test_mostly_identical_rows_name_the_layer_in_the_dumps(tmp_path, capsys):
 
 def test_layer_constant_on_the_rbf_subsample_only(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("pkd.cka.DEFAULT_MAX_ROWS", 64)
-    index = cli._sample_rows(None, 300, 64)
+    index = _cli_measures._sample_rows(None, 300, 64)
     rng = np.random.default_rng(4)
     student = [rng.standard_normal((300, 6)).astype(np.float32) for _ in range(2)]
     teacher = [rng.standard_normal((300, 10)).astype(np.float32) for _ in range(3)]
@@ -1234,7 +1235,7 @@ def test_rbf_cka_reads_a_reproducible_subsample(tmp_path, monkeypatch):
 
     from pkd.io import load_dump
 
-    index = cli._sample_rows(None, 300, 64)
+    index = _cli_measures._sample_rows(None, 300, 64)
     assert index.size == 64 and np.all(np.diff(index) > 0)
     s, t = load_dump(s_path), load_dump(t_path)
     want = rbf_cka_matrix([np.asarray(x)[index] for x in s.layers],
