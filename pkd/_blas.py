@@ -40,8 +40,27 @@ def _routine(name: str):
         ("PyCapsule_GetName", ctypes.pythonapi))
     pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
         ("PyCapsule_GetPointer", ctypes.pythonapi))
+    signature = capsule_name(capsule)
+    _check_signature(name, signature.decode())
     prototype = ctypes.CFUNCTYPE(None, *_SIGNATURES[name])
-    return prototype(pointer(capsule, capsule_name(capsule)))
+    return prototype(pointer(capsule, signature))
+
+
+def _check_signature(name: str, signature: str) -> None:
+    """Refuse a routine whose C signature (the capsule's name) is not the one pkd declares.
+
+    A scipy built against an ILP64 BLAS would take 64-bit integers: called with
+    ``int`` it would read garbage dimensions.
+    """
+    kinds = {_CHAR: "char *", _INT: "int *", _REAL: "double *"}
+    expected = [kinds[argument] for argument in _SIGNATURES[name]]
+    found = [("double *" if argument.strip().endswith("_d *") else argument.strip())
+             for argument in signature.removeprefix("void (").removesuffix(")").split(",")]
+    if found != expected:
+        raise RuntimeError(
+            f"scipy.linalg.cython_blas.{name} has the C signature {signature!r}, not the "
+            f"LP64 one pkd calls ({', '.join(expected)}); pkd needs a scipy built with a "
+            "32-bit-integer BLAS (the PyPI wheels are)")
 
 
 def _leading_dimension(array: np.ndarray, name: str, caller: str) -> int:

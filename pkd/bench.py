@@ -662,8 +662,6 @@ def bench_layer_analysis(n=3000, n_s=7, n_t=13, d_s=384, d_t=768, repeats=5,
     (``relative_min_mse(heldout=True)``), its cost reported as a fraction added.
     """
     out = sys.stdout if out is None else out
-
-
     from .alignment import AlignmentStats
 
     student, teacher, s64, t64, gemms = _layers_and_gemm_floor(n, n_s, n_t, d_s, d_t)

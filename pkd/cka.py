@@ -64,10 +64,6 @@ import numbers
 import numpy as np
 
 from . import _validation as V
-
-# PARALLEL_MIN_ENTRIES: packed kernel entries from which the RBF passes run their prange
-# twins; the rule reads it in pkd._rbf_workspace (set it there), it is public here.
-from ._rbf_workspace import PARALLEL_MIN_ENTRIES as PARALLEL_MIN_ENTRIES
 from ._rbf_workspace import RBFWorkspace, release, thread_workspace, twin
 from ._threads import single_threaded_blas
 

@@ -1093,3 +1093,19 @@ def test_large_updates_run_on_pkd_threads_with_the_same_bits(monkeypatch):
     worker.start()
     worker.join()
     assert isinstance(elsewhere[0], contextlib.nullcontext)
+
+
+def test_blas_routines_refuse_a_signature_they_do_not_declare():
+    """pkd._blas checks scipy's C signature (LP64 ints) before it calls a routine."""
+    from pkd import _blas
+
+    double = "__pyx_t_5scipy_6linalg_11cython_blas_d *"
+    lp64 = f"void (char *, char *, int *, int *, {double}, {double}, int *, {double}, " \
+           f"{double}, int *)"
+    _blas._check_signature("dsyrk", lp64)
+    with pytest.raises(RuntimeError, match="cython_blas.dsyrk has the C signature"):
+        _blas._check_signature("dsyrk", lp64.replace("int *", "npy_int64 *"))
+    with pytest.raises(RuntimeError, match="not the LP64 one"):
+        _blas._check_signature("dgemm", lp64)
+    for name in _blas._SIGNATURES:  # the scipy installed here passes
+        _blas._routine(name)
