@@ -27,7 +27,7 @@ def _flat(layers):
 
 # --- the reference implementation's own behaviours ---------------------------------------
 
-def test_default_config_is_the_seeds():
+def test_default_config_is_the_reference_implementations():
     cfg = ProgressiveDistillation()
     assert cfg.layer_mapping == [(0, 2), (1, 5), (2, 8), (3, 11)]
     assert cfg.hidden_weight == 1.0
@@ -70,7 +70,7 @@ def test_projection_shape_dtype_and_loss_with_projection():
     assert loss == pytest.approx(want, rel=1e-12)
 
 
-def test_seed_skipping_is_an_error_or_a_warning():
+def test_reference_skipping_is_an_error_or_a_warning():
     student, teacher = _layers(4, (5,), 6), _layers(12, (5,), 8, seed=1)
     cfg = ProgressiveDistillation([(0, 2), (1, 5)])
     with pytest.raises(ValueError, match=r"layer pair \(0, 2\).*width 6 differs.*with_projection"):

@@ -10,7 +10,8 @@ Python layer, and accumulators are explicitly float64.
 ``twins`` builds a serial and a ``parallel=True`` version of the same source,
 and :func:`available_threads` says how many threads the parallel one may use;
 the caller picks one by a rule of thread count and size (the logit pass of
-:mod:`pkd.objective` is the only kernel with twins: docs/performance.md,
+:mod:`pkd.objective`, the centred cross squares of :mod:`pkd.kernels.gram` and
+the RBF passes of :mod:`pkd.kernels.rbf`; the rules are in docs/performance.md,
 "Parallel kernels").
 
 ``reassociate=True`` turns on LLVM's ``reassoc`` flag: it lets the float64
