@@ -241,6 +241,43 @@ def test_kernel_values_match_their_twin_and_not_the_threads(threads, n, monkeypa
         f"{single.ctypes.data % 64}")
 
 
+def test_row_sums_do_not_depend_on_where_the_arrays_lie():
+    """Same bits wherever the arrays sit around each other (docs/numerics.md, §6).
+
+    ``packed[start + j]`` may wrap (Numba allows negative indices), so LLVM's run-time
+    overlap check reaches len(packed) past its end: arrays placed there once sent some
+    rows down the scalar loop, which sums in another order.
+    """
+    n = 150
+    gram, norms = _gram_and_norms(n, seed=n)
+    values = np.exp(naive.squared_distances(gram, norms) * (1 / -3.5))
+    size, n_blocks = values.size, -(-n // rbf.BLOCK_ROWS)
+
+    def block_sums(packed, row_sums, partials):
+        packed[:] = values
+        for block in range(n_blocks):
+            rbf.block_row_sums(packed, n, block, row_sums, partials)
+        return row_sums.tobytes() + partials.tobytes()
+
+    def centred(packed, out):
+        packed[:] = values
+        means = np.linspace(0.0, 0.5, n)
+        squares = [rbf._centre_row(packed, i * (i - 1) // 2, i, 0.25, means, out[:i])
+                   for i in range(1, n)]
+        return np.array(squares).tobytes()
+
+    expected = (block_sums(values.copy(), np.empty(n), np.empty((n_blocks, n))),
+                centred(values.copy(), np.empty(n)))
+    memory = np.empty(2 * size + n_blocks * n + 400)
+    for gap in range(0, 400, 3):  # the other array after the packed one, past its end
+        packed = memory[:size]
+        partials = memory[size + gap: size + gap + n_blocks * n].reshape(n_blocks, n)
+        assert block_sums(packed, np.empty(n), partials) == expected[0], gap
+        assert centred(packed, memory[size + gap: size + gap + n]) == expected[1], gap
+        before = memory[n + 400: n + 400 + size]  # the row sums before the packed array
+        assert block_sums(before, memory[gap: gap + n], np.empty((n_blocks, n))) == expected[0]
+
+
 @pytest.mark.parametrize("n", [5, 256, 700])  # one block, exactly one, a partial last one
 def test_gram_blocks_give_the_lower_triangle_whatever_the_threads(n):
     from threadpoolctl import threadpool_limits

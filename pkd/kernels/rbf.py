@@ -118,12 +118,17 @@ def block_row_sums(packed, n, block, row_sums, column_partials):
         partial[j] = 0.0
     for i in range(block * BLOCK_ROWS, min(n, (block + 1) * BLOCK_ROWS)):
         start = i * (i - 1) // 2
+        # The sum in a loop with no store. In a loop that also stores, LLVM checks at run
+        # time whether the arrays overlap, over every index Numba's wraparound allows
+        # (``start + j`` is not known to be >= 0: up to len(packed) past its end), and
+        # where they might it runs the scalar loop, which adds in another order: the
+        # bits would depend on where the arrays lie in memory (docs/numerics.md).
         acc = 0.0
         for j in range(i):
-            k = packed[start + j]
-            acc += k
-            partial[j] += k
+            acc += packed[start + j]
         row_sums[i] = acc
+        for j in range(i):  # one addition per entry: the same bits on either path
+            partial[j] += packed[start + j]
 
 
 @kernel(reassociate=True, fuse_multiply_add=True)
@@ -132,11 +137,12 @@ def _centre_row(packed, start, length, shift, row_means, out):
 
     With ``shift = μ̄ − μ_i``: row i of the double-centred matrix, ``K_ij − μ_i − μ_j + μ̄``.
     """
+    for j in range(length):
+        out[j] = packed[start + j] + shift - row_means[j]
+    # The sum over the row just written, in a loop with no store (block_row_sums says why).
     square = 0.0
     for j in range(length):
-        value = packed[start + j] + shift - row_means[j]
-        out[j] = value
-        square += value * value
+        square += out[j] * out[j]
     return square
 
 
