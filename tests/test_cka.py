@@ -233,7 +233,8 @@ def test_kernel_values_match_their_twin_and_not_the_threads(threads, n, monkeypa
     np.testing.assert_allclose(row_sums, expected_sums, rtol=1e-13)
     single, single_sums = distances.copy(), np.empty(n)
     _rbf_workspace.kernel_values(single, n, -3.5, single_sums, partials, 1)
-    # Said in full when it fails: a rare failure of this check was seen once and not explained.
+    # Said in full when it fails: its rare failures were row sums that depended on where the
+    # arrays lay in memory (test_row_sums_do_not_depend_on_where_the_arrays_lie).
     differ = {name: np.flatnonzero(a != b)[:5].tolist() for name, a, b in
               (("packed", packed, single), ("row_sums", row_sums, single_sums))}
     assert packed.tobytes() == single.tobytes() and row_sums.tobytes() == single_sums.tobytes(), (
