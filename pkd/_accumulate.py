@@ -210,15 +210,13 @@ def update_threads(layout, n_rows: int):
 
     pkd's threads, with BLAS held to one thread while they run, when the update's
     cross product has at least ``PARALLEL_MIN_WORK`` multiply-adds and it is called
-    from the main thread; else one thread, and BLAS as the user set it (a thread
-    limit set from another thread does not hold for OpenBLAS: :mod:`pkd._threads`).
+    from the main thread; else one thread, and BLAS as the user set it
+    (:func:`pkd._threads.own_threads` says why).
     """
-    import threading
-
-    from ._threads import single_threaded_blas
+    from ._threads import in_main_thread, single_threaded_blas
 
     work = n_rows * layout.total["student"] * layout.total["teacher"]
-    if work < PARALLEL_MIN_WORK or threading.current_thread() is not threading.main_thread():
+    if work < PARALLEL_MIN_WORK or not in_main_thread():
         return contextlib.nullcontext(1)
     return single_threaded_blas
 

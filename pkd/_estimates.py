@@ -272,7 +272,7 @@ def residuals(total: Moments, folds, ridge: float, cutoffs) -> np.ndarray:
     """
     import threading
 
-    from ._threads import on_threads, single_threaded_blas
+    from ._threads import on_threads, own_threads, single_threaded_blas
 
     n_s, n_t = total.layout.count("student"), total.layout.count("teacher")
     size = max(total.layout.widths["student"]) * total.layout.total["teacher"]
@@ -295,7 +295,8 @@ def residuals(total: Moments, folds, ridge: float, cutoffs) -> np.ndarray:
             out[s, teachers.start:teachers.stop] = min_residuals(total, s, solvers[s],
                                                                  scratch()[0], teachers)
 
-        with single_threaded_blas as threads:
+        with single_threaded_blas as blas_threads:
+            threads = own_threads(blas_threads)
             on_threads(range(n_s), solve, threads)
             # The products in halves of the teacher layers: more tasks than threads, so
             # that the threads finish together.
@@ -312,8 +313,9 @@ def residuals(total: Moments, folds, ridge: float, cutoffs) -> np.ndarray:
         solver = Solver(difference_gram(grams[s], total, folds[f], s), ridge, cutoffs[s])
         out[f, s] = heldout_residuals(total, folds[f], s, solver, traces[f], scratch())
 
-    with single_threaded_blas as threads:
-        on_threads([(s, f) for s in range(n_s) for f in range(len(folds))], held_out, threads)
+    with single_threaded_blas as blas_threads:
+        on_threads([(s, f) for s in range(n_s) for f in range(len(folds))], held_out,
+                   own_threads(blas_threads))
     return out
 
 

@@ -34,6 +34,9 @@ class SingleThreadedBlas:
     def __enter__(self) -> int:
         with self._lock:
             if self._calls == 0:
+                # scipy's BLAS (pkd._blas calls it) may not be loaded yet, and a limit set
+                # before it loads would not cover it.
+                import scipy.linalg.cython_blas  # noqa: F401
                 from threadpoolctl import ThreadpoolController
 
                 blas = ThreadpoolController().select(user_api="blas")
@@ -52,6 +55,20 @@ class SingleThreadedBlas:
 
 
 single_threaded_blas = SingleThreadedBlas()
+
+
+def own_threads(blas_threads: int) -> int:
+    """How many of pkd's threads to run: BLAS's former count in the main thread, else 1.
+
+    A threadpoolctl limit set from another thread does not hold for OpenBLAS (it
+    reads back as unset), so there each of pkd's threads would run BLAS on all of
+    its threads: one thread, with BLAS as it is, oversubscribes nothing.
+    """
+    return blas_threads if in_main_thread() else 1
+
+
+def in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def on_threads(items, task, threads: int) -> None:

@@ -65,7 +65,7 @@ import numpy as np
 
 from . import _validation as V
 from ._rbf_workspace import RBFWorkspace, release, thread_workspace, twin
-from ._threads import single_threaded_blas
+from ._threads import own_threads, single_threaded_blas
 
 # Every estimator here needs 4 rows: the unbiased HSIC divides by n(n−3).
 MIN_ROWS = 4
@@ -364,7 +364,7 @@ def _rbf_matrix(student: list, teacher: list, mask, bandwidth: float, max_rows, 
     # spinning on the core the Numba passes need (docs/performance.md, "RBF CKA").
     with single_threaded_blas as blas_threads:
         workspace = thread_workspace(n, parallel)
-        workspace.gram_threads = blas_threads
+        workspace.gram_threads = own_threads(blas_threads)
         return _rbf_values(workspace, kept, streamed, (kept_name, streamed_name), bandwidth,
                            rows_of, parallel, kept is student)
 

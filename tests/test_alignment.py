@@ -7,6 +7,7 @@ for the kernel.
 
 from __future__ import annotations
 
+import os
 import tracemalloc
 
 import numpy as np
@@ -1109,3 +1110,65 @@ def test_blas_routines_refuse_a_signature_they_do_not_declare():
         _blas._check_signature("dgemm", lp64)
     for name in _blas._SIGNATURES:  # the scipy installed here passes
         _blas._routine(name)
+
+
+def test_queries_start_threads_only_from_the_main_thread(monkeypatch):
+    """From another thread (where a BLAS limit does not hold for OpenBLAS) the queries run
+    on the calling thread alone; from the main thread on as many as BLAS had."""
+    import threading
+
+    from threadpoolctl import threadpool_limits
+
+    import pkd._threads as threads_module
+
+    rng = np.random.default_rng(13)
+    student, teacher = make_layers(rng, 200, [24, 16], [20, 12])
+    seen = []
+    real = threads_module.on_threads
+    monkeypatch.setattr(threads_module, "on_threads",
+                        lambda items, task, n: seen.append(n) or real(items, task, n))
+
+    def queries():
+        stats = AlignmentStats.from_arrays(student, teacher, folds=2)  # small: one thread
+        seen.clear()
+        return stats.min_mse(), stats.relative_min_mse(heldout=True).mean
+
+    with threadpool_limits(2, user_api="blas"):
+        in_main = queries()
+        assert seen and set(seen) == {2}
+        results = []
+        worker = threading.Thread(target=lambda: results.append(queries()))
+        worker.start()
+        worker.join()
+    assert seen and set(seen) == {1}
+    for mine, theirs in zip(in_main, results[0], strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+def test_the_first_large_update_of_a_process_holds_every_blas_to_one_thread():
+    """scipy's BLAS, which pkd._blas calls, is loaded before the limit is set, so that the
+    limit covers it even when nothing had imported scipy.linalg (a fresh process)."""
+    import subprocess
+    import sys
+
+    script = """
+import sys, numpy as np
+import pkd, pkd._accumulate as accumulate, pkd._moments as moments
+from threadpoolctl import threadpool_info
+assert "scipy.linalg" not in sys.modules
+accumulate.PARALLEL_MIN_WORK = 0
+seen, real = [], moments.Moments.add_chunk
+def spy(self, *args):
+    seen.append({i["filepath"]: i["num_threads"] for i in threadpool_info()
+                 if i["user_api"] == "blas"})
+    return real(self, *args)
+moments.Moments.add_chunk = spy
+rng = np.random.default_rng(0)
+pkd.AlignmentStats.from_arrays([rng.standard_normal((300, 16)).astype(np.float32)],
+                               [rng.standard_normal((300, 24)).astype(np.float32)])
+print(seen)
+assert len(seen[0]) >= 2 and all(set(s.values()) == {1} for s in seen), seen
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env={**os.environ, "OPENBLAS_NUM_THREADS": "2"})
+    assert run.returncode == 0, run.stdout + run.stderr
