@@ -23,9 +23,6 @@ from ._validation import (
 )
 
 _SIDES = ("student", "teacher")
-# Updates whose cross product has at least this many multiply-adds run on pkd's threads
-# (below it, starting threads and limiting BLAS cost more than they save).
-PARALLEL_MIN_WORK = 1 << 28
 
 
 def check_widths(widths, name: str) -> tuple[int, ...]:
@@ -205,20 +202,26 @@ class ChunkBuffers:
                           (squares["student"], squares["teacher"]), threads)
 
 
-def update_threads(layout, n_rows: int):
-    """``with update_threads(...) as threads``: the threads of an update of ``n_rows`` rows.
+@contextlib.contextmanager
+def update_threads(layout, chunk_rows: int):
+    """``with update_threads(...) as threads``: the threads of an update's chunks.
 
-    pkd's threads, with BLAS held to one thread while they run, when the update's
-    cross product has at least ``PARALLEL_MIN_WORK`` multiply-adds and it is called
-    from the main thread; else one thread, and BLAS as the user set it
+    In the main thread, BLAS is held to one thread for the whole update (a threaded
+    BLAS call need not give the bits of a single-threaded one: docs/performance.md),
+    and the chunks run on pkd's threads when a chunk of ``chunk_rows`` rows is large
+    enough to be split into tasks (``pkd._moments.TASK_MIN_WORK``), else on the
+    calling thread. In another thread, one thread and BLAS as the user set it
     (:func:`pkd._threads.own_threads` says why).
     """
+    from ._moments import TASK_MIN_WORK
     from ._threads import in_main_thread, single_threaded_blas
 
-    work = n_rows * layout.total["student"] * layout.total["teacher"]
-    if work < PARALLEL_MIN_WORK or not in_main_thread():
-        return contextlib.nullcontext(1)
-    return single_threaded_blas
+    if not in_main_thread():
+        yield 1
+        return
+    work = chunk_rows * layout.total["student"] * layout.total["teacher"]
+    with single_threaded_blas as blas_threads:
+        yield blas_threads if work >= TASK_MIN_WORK else 1
 
 
 def accumulate_chunks(stats, chunks, check_finite: bool, progress: bool) -> None:

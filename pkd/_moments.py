@@ -69,8 +69,11 @@ class Layout:
 
 
 _SIDES = ("student", "teacher")
-# Blocks of student columns of the cross product, each a task of Moments.add_chunk: a
-# fixed number, so that the sums (and their bits) do not depend on the thread count.
+# Chunks whose cross product has at least this many multiply-adds (about a millisecond of
+# GEMM on one core) are split into tasks for pkd's threads: below it, the tasks' calls cost
+# more than they save. The cross product's blocks of student columns are a fixed number, so
+# that the sums (and their bits) do not depend on the thread count.
+TASK_MIN_WORK = 1 << 26
 CROSS_BLOCKS = 4
 
 
@@ -104,19 +107,54 @@ class Moments:
         layer's squared row norms ``‖x'_i‖²``, (m, n_s) and (m, n_t) Fortran (both
         computed by the fill kernel).
 
-        The products are tasks on ``threads`` threads (:func:`pkd._threads.on_threads`):
-        the cross product in ``CROSS_BLOCKS`` blocks of student columns, and each
-        layer's Gram matrix with its third-order sums. Every task writes its own
-        block, and the tasks do not depend on ``threads``, so neither do the bits.
-        With several threads the caller holds BLAS to one (:mod:`pkd._threads`).
+        A chunk whose cross product has fewer than ``TASK_MIN_WORK`` multiply-adds
+        takes one BLAS call per product; a larger one is split into tasks on
+        ``threads`` threads (:meth:`_add_products_as_tasks`). The split depends on the
+        chunk's size only, so the bits do not depend on ``threads``.
+        """
+        from scipy.linalg import blas
+
+        # The first chunk writes G' and C' without reading them: their zeros are untouched
+        # pages, and a read then a write would fault each page twice (docs/performance.md).
+        beta = 1.0 if self.n else 0.0
+        if xs.shape[0] * xs.shape[1] * xt.shape[1] >= TASK_MIN_WORK:
+            self._add_products_as_tasks(xs, xt, squares, beta, threads)
+        else:
+            # Whole-array calls: a task's call through ctypes costs more than a small product.
+            layout = self.layout
+            for side, x, norms in (("student", xs, squares[0]), ("teacher", xt, squares[1])):
+                grams = self.gram[side]
+                for k in range(len(grams)):
+                    block = x[:, layout.block(side, k)]  # Fortran-contiguous (m, d)
+                    grams[k] = blas.dsyrk(1.0, block, beta=beta, c=grams[k], trans=1,
+                                          overwrite_c=True)
+                    self.cubic[side][layout.block(side, k)] += blas.dgemv(
+                        1.0, block, norms[:, k], trans=1)
+            self.cross = blas.dgemm(1.0, xt, xs, beta=beta, c=self.cross.T, trans_a=True,
+                                    overwrite_c=True).T
+            self.cubic_cross["student"] += blas.dgemm(1.0, squares[0], xt, trans_a=True)
+            self.cubic_cross["teacher"] += blas.dgemm(1.0, squares[1], xs, trans_a=True)
+        for side, norms in zip(_SIDES, squares, strict=True):
+            self.quartic[side] += np.einsum("ij,ij->j", norms, norms)
+        self.quartic_cross += blas.dgemm(1.0, squares[0], squares[1], trans_a=True)
+        self.sum["student"] += sums[0]
+        self.sum["teacher"] += sums[1]
+        self.n += xs.shape[0]
+
+    def _add_products_as_tasks(self, xs: np.ndarray, xt: np.ndarray,
+                               squares: tuple[np.ndarray, np.ndarray], beta: float,
+                               threads: int) -> None:
+        """The second- and third-order products of :meth:`add_chunk` as tasks.
+
+        The cross product in ``CROSS_BLOCKS`` blocks of student columns, and each
+        layer's Gram matrix with its third-order sums, on ``threads`` threads
+        (:func:`pkd._threads.on_threads`; with several, the caller holds BLAS to one).
+        Every task writes its own block, in place, through :mod:`pkd._blas`.
         """
         from ._blas import gemm_tn, syrk_t
         from ._threads import on_threads
 
         layout = self.layout
-        # The first chunk writes G' and C' without reading them: their zeros are untouched
-        # pages, and a read then a write would fault each page twice (docs/performance.md).
-        beta = 1.0 if self.n else 0.0
         cross_t = self.cross.T  # C'ᵀ (Σd_t, Σd_s), Fortran: C'ᵀ += X_Tᵀ X_S in place
         x = {"student": xs, "teacher": xt}
         norms = {"student": squares[0], "teacher": squares[1]}
@@ -140,12 +178,6 @@ class Moments:
                   np.array_split(np.arange(layout.total["student"]), CROSS_BLOCKS) if c.size]
         layers = [(side, k) for side in ("teacher", "student") for k in range(layout.count(side))]
         on_threads(blocks + layers, task, threads)
-        for side in _SIDES:
-            self.quartic[side] += np.einsum("ij,ij->j", norms[side], norms[side])
-        gemm_tn(squares[1], squares[0], self.quartic_cross.T, 1.0)
-        self.sum["student"] += sums[0]
-        self.sum["teacher"] += sums[1]
-        self.n += xs.shape[0]
 
     # ------------------------------------------------------------------ shifts
 

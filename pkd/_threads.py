@@ -23,26 +23,35 @@ class SingleThreadedBlas:
     The first call in sets the limit and the last one out restores it, so that
     concurrent calls neither take another's limit for the original nor restore it early.
     ``with`` gives the thread count BLAS had before the first call set the limit.
+
+    The BLAS libraries are found once, after scipy's is loaded (a limit set before a
+    library loads does not cover it): the libraries pkd calls, NumPy's and scipy's, are
+    then all known, and a ``with`` costs microseconds instead of a scan of the process.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._calls = 0
-        self._limiter = None
+        self._originals = []  # (library, its thread count) of those the first call limited
         self._threads = 1
+        self._libraries = None
 
     def __enter__(self) -> int:
         with self._lock:
             if self._calls == 0:
-                # scipy's BLAS (pkd._blas calls it) may not be loaded yet, and a limit set
-                # before it loads would not cover it.
-                import scipy.linalg.cython_blas  # noqa: F401
-                from threadpoolctl import ThreadpoolController
+                if self._libraries is None:
+                    import scipy.linalg.cython_blas  # noqa: F401  (loads scipy's BLAS)
+                    from threadpoolctl import ThreadpoolController
 
-                blas = ThreadpoolController().select(user_api="blas")
-                self._threads = max(1, min((lib.num_threads or 1
-                                            for lib in blas.lib_controllers), default=1))
-                self._limiter = blas.limit(limits=1)
+                    self._libraries = ThreadpoolController().select(
+                        user_api="blas").lib_controllers
+                counts = [(lib, lib.num_threads) for lib in self._libraries]
+                self._threads = max(1, min((n or 1 for _, n in counts), default=1))
+                # Each library directly: threadpoolctl's limit() would also gather the
+                # info of every library, tens of microseconds on every update.
+                self._originals = [(lib, n) for lib, n in counts if n and n != 1]
+                for lib, _ in self._originals:
+                    lib.set_num_threads(1)
             self._calls += 1
             return self._threads
 
@@ -50,8 +59,9 @@ class SingleThreadedBlas:
         with self._lock:
             self._calls -= 1
             if self._calls == 0:
-                self._limiter.restore_original_limits()
-                self._limiter = None
+                for lib, n in self._originals:
+                    lib.set_num_threads(n)
+                self._originals = []
 
 
 single_threaded_blas = SingleThreadedBlas()

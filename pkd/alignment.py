@@ -214,7 +214,7 @@ class AlignmentStats:
         # A window of k chunks, split by fold: each fold gets ~chunk_rows rows per GEMM, so
         # folds cost no more passes over the cross statistics than no folds.
         n_rows = n_total if selected is None else int(np.count_nonzero(selected))
-        with _accumulate.update_threads(self._layout, n_rows) as threads:
+        with _accumulate.update_threads(self._layout, min(n_rows, chunk)) as threads:
             for start in range(0, n_total, chunk * self._n_folds):
                 stop = min(start + chunk * self._n_folds, n_total)
                 rows = np.arange(start, stop, dtype=np.int64)

@@ -1059,6 +1059,7 @@ def test_large_updates_run_on_pkd_threads_with_the_same_bits(monkeypatch):
     from threadpoolctl import threadpool_limits
 
     import pkd._accumulate as accumulate
+    import pkd._moments as moments
     import pkd._threads as threads_module
 
     rng = np.random.default_rng(12)
@@ -1067,6 +1068,7 @@ def test_large_updates_run_on_pkd_threads_with_the_same_bits(monkeypatch):
     real = threads_module.on_threads
     monkeypatch.setattr(threads_module, "on_threads",
                         lambda items, task, n: seen.append(n) or real(items, task, n))
+    monkeypatch.setattr(moments, "TASK_MIN_WORK", 0)  # every chunk split into tasks
     results = []
     for count in (1, 2, 3):
         monkeypatch.setattr(accumulate, "update_threads",
@@ -1077,23 +1079,36 @@ def test_large_updates_run_on_pkd_threads_with_the_same_bits(monkeypatch):
         assert set(seen) == {count}  # the fill and the products of every chunk
         results.append({key: value.tobytes() for key, value in stats.to_dict().items()})
     assert results[0] == results[1] == results[2]
+    monkeypatch.undo()  # whole-array calls for these small chunks: the same sums
     reference_stats = AlignmentStats.from_arrays(students, teachers, chunk_rows=128)
     np.testing.assert_allclose(stats.min_mse(), reference_stats.min_mse(), rtol=1e-10)
 
-    # The rule: pkd's threads (BLAS held to one) for large updates from the main thread.
-    monkeypatch.undo()
+    # The rule: from the main thread BLAS is held to one thread for every update, and pkd's
+    # threads run those with chunks large enough for tasks; from another thread, one thread.
+    from threadpoolctl import threadpool_info
+
     layout = reference_stats._layout
     work = 700 * layout.total["student"] * layout.total["teacher"]
-    monkeypatch.setattr(accumulate, "PARALLEL_MIN_WORK", work)
-    assert accumulate.update_threads(layout, 700) is threads_module.single_threaded_blas
-    with accumulate.update_threads(layout, 699) as one:
-        assert one == 1
-    elsewhere = []
-    worker = threading.Thread(target=lambda: elsewhere.append(
-        accumulate.update_threads(layout, 700)))
-    worker.start()
-    worker.join()
-    assert isinstance(elsewhere[0], contextlib.nullcontext)
+    monkeypatch.setattr(moments, "TASK_MIN_WORK", work)
+
+    def blas_limits():
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    with threadpool_limits(2, user_api="blas"):
+        for rows, expected in ((700, 2), (699, 1)):
+            with accumulate.update_threads(layout, rows) as count:
+                assert count == expected and blas_limits() == {1}
+            assert blas_limits() == {2}
+        elsewhere = []
+
+        def worker_task():
+            with accumulate.update_threads(layout, 700) as count:
+                elsewhere.append(count)
+
+        worker = threading.Thread(target=worker_task)
+        worker.start()
+        worker.join()
+    assert elsewhere == [1]
 
 
 def test_blas_routines_refuse_a_signature_they_do_not_declare():
@@ -1145,18 +1160,17 @@ def test_queries_start_threads_only_from_the_main_thread(monkeypatch):
         np.testing.assert_array_equal(mine, theirs)
 
 
-def test_the_first_large_update_of_a_process_holds_every_blas_to_one_thread():
-    """scipy's BLAS, which pkd._blas calls, is loaded before the limit is set, so that the
-    limit covers it even when nothing had imported scipy.linalg (a fresh process)."""
+def test_the_first_update_of_a_process_holds_every_blas_to_one_thread():
+    """scipy's BLAS, which the accumulation calls, is loaded before the limit is set, so that
+    the limit covers it even when nothing had imported scipy.linalg (a fresh process)."""
     import subprocess
     import sys
 
     script = """
 import sys, numpy as np
-import pkd, pkd._accumulate as accumulate, pkd._moments as moments
+import pkd, pkd._moments as moments
 from threadpoolctl import threadpool_info
 assert "scipy.linalg" not in sys.modules
-accumulate.PARALLEL_MIN_WORK = 0
 seen, real = [], moments.Moments.add_chunk
 def spy(self, *args):
     seen.append({i["filepath"]: i["num_threads"] for i in threadpool_info()
