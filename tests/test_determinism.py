@@ -45,6 +45,11 @@ folds = pkd.AlignmentStats.from_arrays(student, teacher, mask=mask, chunk_rows=6
 held_out = folds.relative_min_mse(heldout=True)  # tasks on pkd's threads, one per BLAS thread
 digest.update(held_out.mean.tobytes())
 digest.update(held_out.std.tobytes())
+import pkd._moments
+pkd._moments.TASK_MIN_WORK = 0  # every chunk as tasks on pkd's threads, one per BLAS thread
+tasks = pkd.AlignmentStats.from_arrays(student, teacher, mask=mask, chunk_rows=64, folds=3)
+for value in tasks.to_dict().values():
+    digest.update(value.tobytes())
 print(digest.hexdigest())
 """
 
