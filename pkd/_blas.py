@@ -61,14 +61,19 @@ def _check_signature(name: str, signature: str) -> None:
 
 
 def _leading_dimension(array: np.ndarray, name: str, caller: str) -> int:
-    """The column stride of a column-major float64 matrix, in elements."""
-    rows = array.shape[0] if array.ndim == 2 else 0
-    if (array.dtype != np.float64 or array.ndim != 2 or array.strides[0] != 8
-            or array.strides[1] % 8 or array.strides[1] < 8 * max(rows, 1)):
-        raise ValueError(f"{caller}: {name} must be a 2-D float64 array in column-major order "
-                         f"(Fortran, or its column slice), got {array.dtype} {array.shape} "
-                         f"with strides {array.strides}")
-    return array.strides[1] // 8
+    """The column stride of a column-major float64 matrix, in elements (a dimension of
+    length 1 may have any stride: NumPy does not fix it)."""
+    if array.dtype == np.float64 and array.ndim == 2:
+        (rows, columns), (row_stride, column_stride) = array.shape, array.strides
+        leading = column_stride // 8 if columns > 1 else max(rows, 1)
+        if array.size == 0:
+            return max(rows, 1)
+        if ((rows <= 1 or row_stride == 8) and leading >= max(rows, 1)
+                and (columns <= 1 or column_stride % 8 == 0)):
+            return leading
+    raise ValueError(f"{caller}: {name} must be a 2-D float64 array in column-major order "
+                     f"(Fortran, or its column slice), got {array.dtype} {array.shape} "
+                     f"with strides {array.strides}")
 
 
 def _int(value: int):

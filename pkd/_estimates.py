@@ -48,13 +48,13 @@ def cross_times_basis(cross_t: np.ndarray, solver: Solver, a: np.ndarray, b: np.
     the ``n`` rows: the rank-2 part is added after the product, where its terms are
     the basis's size (before it, the shift terms would round ``Bᵀ C'``).
     """
-    from scipy.linalg import blas
+    from ._blas import gemm_tn
 
     product = times_basis(cross_t, solver)
-    right = np.vstack([c_t, b + n * c_t])  # (2, Σd_t)
+    right = np.asfortranarray(np.vstack([c_t, b + n * c_t]))  # (2, Σd_t)
     left = solver.basis.T @ np.column_stack([a, c_s])  # (rank, 2)
-    return blas.dgemm(1.0, right, left, trans_a=True, trans_b=True, beta=1.0, c=product,
-                      overwrite_c=True)  # in place: one pass over the product
+    # In place (one pass over the product), and releasing the GIL like the product itself.
+    return gemm_tn(right, left.T, product, 1.0)
 
 
 def times_basis(product_t: np.ndarray, solver: Solver) -> np.ndarray:

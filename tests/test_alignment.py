@@ -216,8 +216,13 @@ def test_gemm_and_syrk_are_scipys_on_column_slices_in_place(beta):
     np.testing.assert_array_equal(gram[lower], gram_before[:, 4:9][lower])
     np.testing.assert_array_equal(gram_wide[:, :4], gram_before[:, :4])
 
+    one_column = np.asfortranarray(b[:, :1])  # NumPy gives its columns a stride of 8 bytes
+    column = gemm_tn(a, one_column, np.zeros((11, 1), order="F"), 0.0)
+    np.testing.assert_allclose(column, a.T @ one_column, rtol=1e-13)
     with pytest.raises(ValueError, match="gemm_tn: a must be a 2-D float64 array in column-"):
         gemm_tn(np.ascontiguousarray(a), b, c, beta)
+    with pytest.raises(ValueError, match="gemm_tn: b must be a 2-D float64 array in column-"):
+        gemm_tn(a, b[::-1], c, beta)  # reversed rows
     with pytest.raises(ValueError, match=r"gemm_tn: shapes a \(40, 11\), b \(40, 4\)"):
         gemm_tn(a, b[:, :4], c, beta)
     with pytest.raises(ValueError, match="syrk_t: c must be a 2-D float64"):
@@ -1079,7 +1084,12 @@ def test_large_updates_run_on_pkd_threads_with_the_same_bits(monkeypatch):
         assert set(seen) == {count}  # the fill and the products of every chunk
         results.append({key: value.tobytes() for key, value in stats.to_dict().items()})
     assert results[0] == results[1] == results[2]
-    monkeypatch.undo()  # whole-array calls for these small chunks: the same sums
+    # The tasks compute every statistic the whole-array calls of small chunks do.
+    monkeypatch.undo()
+    whole = AlignmentStats.from_arrays(students, teachers, folds=3, chunk_rows=128).to_dict()
+    for key, value in stats.to_dict().items():
+        scale = max(float(np.abs(whole[key]).max()), 1.0)
+        np.testing.assert_allclose(value, whole[key], rtol=0, atol=1e-13 * scale, err_msg=key)
     reference_stats = AlignmentStats.from_arrays(students, teachers, chunk_rows=128)
     np.testing.assert_allclose(stats.min_mse(), reference_stats.min_mse(), rtol=1e-10)
 
